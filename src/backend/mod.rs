@@ -1,0 +1,235 @@
+//! The backend's current address set: published by a source, read lock-free by every
+//! connection, and the choice of which address a new connection tries first.
+//!
+//! The seam: a source (today [`startup`], which resolves once; later the DNS follower)
+//! calls [`Backends::publish`]; the data path calls [`Backends::current`] and
+//! [`BackendSet::candidates`]. Neither side knows how the other works.
+
+pub mod startup;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+
+/// One backend address and what the proxy knows about it.
+#[derive(Debug)]
+pub struct BackendAddr {
+    pub addr: SocketAddr,
+    healthy: AtomicBool,
+    active: AtomicUsize,
+}
+
+impl BackendAddr {
+    pub fn new(addr: SocketAddr) -> BackendAddr {
+        BackendAddr {
+            addr,
+            healthy: AtomicBool::new(true),
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// Client connections currently proxied to this address.
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection to this address until the guard drops.
+    pub fn track(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(Arc::clone(self))
+    }
+}
+
+/// Decrements the address's active count when the connection ends.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<BackendAddr>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How the current set was obtained, for `/health` and `/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Nothing known yet; the string says why (the last lookup error, or "in progress").
+    Unresolved(String),
+    /// Resolved at this time.
+    Resolved { at: SystemTime },
+}
+
+/// An immutable snapshot of the backend's addresses.
+#[derive(Debug)]
+pub struct BackendSet {
+    pub addrs: Vec<Arc<BackendAddr>>,
+    pub resolution: Resolution,
+}
+
+impl BackendSet {
+    pub fn unresolved(why: impl Into<String>) -> BackendSet {
+        BackendSet {
+            addrs: Vec::new(),
+            resolution: Resolution::Unresolved(why.into()),
+        }
+    }
+
+    /// The order in which a new connection tries addresses: healthy ones first, starting at
+    /// `start` and wrapping (round robin, so each address gets an equal share of new
+    /// connections), then the unhealthy ones as a last resort rather than refusing outright.
+    pub fn candidates(&self, start: usize) -> impl Iterator<Item = &Arc<BackendAddr>> {
+        let n = self.addrs.len();
+        let rotated = (0..n).map(move |i| &self.addrs[(start + i) % n.max(1)]);
+        let healthy = rotated.clone().filter(|a| a.is_healthy());
+        let unhealthy = rotated.filter(|a| !a.is_healthy());
+        healthy.chain(unhealthy)
+    }
+
+    pub fn healthy_count(&self) -> usize {
+        self.addrs.iter().filter(|a| a.is_healthy()).count()
+    }
+}
+
+/// The published address set and the round-robin cursor.
+#[derive(Debug)]
+pub struct Backends {
+    /// `host:port` as configured, for logs and `/status`.
+    pub name: String,
+    current: ArcSwap<BackendSet>,
+    cursor: AtomicUsize,
+}
+
+impl Backends {
+    pub fn new(name: impl Into<String>) -> Backends {
+        Backends {
+            name: name.into(),
+            current: ArcSwap::from_pointee(BackendSet::unresolved("resolution in progress")),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// The current snapshot; cheap and lock-free.
+    pub fn current(&self) -> Arc<BackendSet> {
+        self.current.load_full()
+    }
+
+    /// Replaces the set. Addresses present in both keep their state (health, counters).
+    pub fn publish(&self, addrs: impl IntoIterator<Item = SocketAddr>, resolution: Resolution) {
+        let old = self.current();
+        let mut next: Vec<Arc<BackendAddr>> = Vec::new();
+        for addr in addrs {
+            if next.iter().any(|a| a.addr == addr) {
+                continue;
+            }
+            let kept = old.addrs.iter().find(|a| a.addr == addr).cloned();
+            next.push(kept.unwrap_or_else(|| Arc::new(BackendAddr::new(addr))));
+        }
+        self.current.store(Arc::new(BackendSet {
+            addrs: next,
+            resolution,
+        }));
+    }
+
+    /// Marks the set unresolved without touching a set that already has addresses: a failed
+    /// lookup never empties a working backend.
+    pub fn lookup_failed(&self, why: impl Into<String>) {
+        if self.current().addrs.is_empty() {
+            self.current.store(Arc::new(BackendSet::unresolved(why)));
+        }
+    }
+
+    /// Where the next connection starts in the candidate order.
+    pub fn next_start(&self) -> usize {
+        self.cursor.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn candidates_rotate_and_put_unhealthy_last() {
+        let b = Backends::new("x");
+        b.publish(
+            [addr(1), addr(2), addr(3)],
+            Resolution::Resolved {
+                at: SystemTime::now(),
+            },
+        );
+        let set = b.current();
+        let order = |start| {
+            set.candidates(start)
+                .map(|a| a.addr.port())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(order(0), vec![1, 2, 3]);
+        assert_eq!(order(4), vec![2, 3, 1]);
+        set.addrs[1].set_healthy(false);
+        assert_eq!(order(1), vec![3, 1, 2]);
+    }
+
+    #[test]
+    fn publish_keeps_state_of_surviving_addresses_and_dedups() {
+        let b = Backends::new("x");
+        b.publish(
+            [addr(1), addr(2)],
+            Resolution::Resolved {
+                at: SystemTime::now(),
+            },
+        );
+        b.current().addrs[0].set_healthy(false);
+        b.publish(
+            [addr(1), addr(3), addr(3)],
+            Resolution::Resolved {
+                at: SystemTime::now(),
+            },
+        );
+        let set = b.current();
+        assert_eq!(set.addrs.len(), 2);
+        assert!(!set.addrs[0].is_healthy());
+        assert!(set.addrs[1].is_healthy());
+    }
+
+    #[test]
+    fn a_failed_lookup_never_empties_a_known_set() {
+        let b = Backends::new("x");
+        b.lookup_failed("nxdomain");
+        assert_eq!(
+            b.current().resolution,
+            Resolution::Unresolved("nxdomain".into())
+        );
+        b.publish(
+            [addr(1)],
+            Resolution::Resolved {
+                at: SystemTime::now(),
+            },
+        );
+        b.lookup_failed("servfail");
+        assert_eq!(b.current().addrs.len(), 1);
+    }
+
+    #[test]
+    fn active_guard_counts() {
+        let a = Arc::new(BackendAddr::new(addr(1)));
+        let g = a.track();
+        assert_eq!(a.active_connections(), 1);
+        drop(g);
+        assert_eq!(a.active_connections(), 0);
+    }
+}

@@ -1,0 +1,286 @@
+//! The command line: `run`, `check-config`, and one override flag per configuration key.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::parser::ValueSource;
+use clap::{Arg, ArgMatches, Args, Command, FromArgMatches, Parser, Subcommand};
+
+use crate::config::{self, Config, ConfigErrors, Loaded, Origin, Override, keys};
+use crate::server::{Exit, Server};
+use crate::{lifecycle, logging};
+
+/// Exit codes, as documented in the README.
+pub mod exit {
+    /// Clean exit, including after a complete drain.
+    pub const OK: u8 = 0;
+    /// A runtime failure (a listener could not be bound, ...), or a drain cut short by a second
+    /// signal.
+    pub const FAILURE: u8 = 1;
+    /// The command line could not be parsed (clap's code).
+    pub const USAGE: u8 = 2;
+    /// The configuration is invalid (EX_CONFIG from sysexits.h).
+    pub const CONFIG: u8 = 78;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "static-ingress",
+    version,
+    about = "A TCP passthrough proxy that gives a DNS-addressed backend (such as an AWS ELB) a fixed set of IPs.",
+    after_help = "Every configuration key can be set in the config file, as an environment variable \
+STATIC_INGRESS_<SECTION>_<KEY>, or as a flag --<section>-<key>; a flag beats the environment, \
+which beats the file, which beats the default. `static-ingress run --help` lists them all."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the proxy and its admin server until SIGTERM or SIGINT, then drain.
+    Run(RunArgs),
+    /// Check the configuration and print the effective settings; exit 0 if valid, 78 if not.
+    CheckConfig(CheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Config file. Without it, /etc/static-ingress/static-ingress.toml is read if it exists.
+    #[arg(short, long, env = "STATIC_INGRESS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Config file to check. Without it, /etc/static-ingress/static-ingress.toml is read if it
+    /// exists.
+    #[arg(value_name = "FILE", env = "STATIC_INGRESS_CONFIG")]
+    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+/// One optional flag per key in [`keys::KEYS`], each also readable from its environment variable.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides(pub Vec<Override>);
+
+const OVERRIDE_HEADING: &str = "Configuration (flag > environment > file > default)";
+
+impl Args for Overrides {
+    fn augment_args(mut cmd: Command) -> Command {
+        for key in keys::KEYS {
+            let default = key
+                .default
+                .map_or("required".to_string(), |d| format!("default: {d}"));
+            cmd = cmd.arg(
+                Arg::new(key.name)
+                    .long(key.flag())
+                    .env(key.env())
+                    .value_name(key.kind.value_name())
+                    .help(format!("{} [{default}]", key.doc))
+                    .help_heading(OVERRIDE_HEADING)
+                    .hide_env_values(false),
+            );
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl FromArgMatches for Overrides {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut out = Vec::new();
+        for key in keys::KEYS {
+            if let Some(value) = m.get_one::<String>(key.name) {
+                let origin = match m.value_source(key.name) {
+                    Some(ValueSource::EnvVariable) => Origin::Env(key.env()),
+                    _ => Origin::Flag(key.flag()),
+                };
+                out.push(Override {
+                    key,
+                    value: value.clone(),
+                    origin,
+                });
+            }
+        }
+        Ok(Overrides(out))
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+/// The whole program; `main` only calls this.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::CheckConfig(args) => check_config(args),
+        Cmd::Run(args) => run(args),
+    }
+}
+
+/// The config file to read: the one named, else the default path if it exists, else none.
+fn config_path(named: Option<PathBuf>) -> Option<PathBuf> {
+    named.or_else(|| Some(PathBuf::from(config::DEFAULT_PATH)).filter(|p| p.exists()))
+}
+
+fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Loaded, ConfigErrors> {
+    Config::load(path, &overrides.0)
+}
+
+fn print_errors(errors: &ConfigErrors) {
+    for e in &errors.0 {
+        eprintln!("error: {e}");
+    }
+    let n = errors.0.len();
+    eprintln!(
+        "configuration invalid: {n} error{}",
+        if n == 1 { "" } else { "s" }
+    );
+}
+
+fn check_config(args: CheckArgs) -> ExitCode {
+    let path = config_path(args.file);
+    match load(path.as_deref(), &args.overrides) {
+        Ok(loaded) => {
+            match &path {
+                Some(p) => println!("# effective configuration: {} (valid)", p.display()),
+                None => println!(
+                    "# effective configuration: no config file, defaults and overrides only (valid)"
+                ),
+            }
+            print!("{}", loaded.render());
+            ExitCode::from(exit::OK)
+        }
+        Err(errors) => {
+            print_errors(&errors);
+            ExitCode::from(exit::CONFIG)
+        }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let path = config_path(args.config);
+    let loaded = match load(path.as_deref(), &args.overrides) {
+        Ok(l) => l,
+        Err(errors) => {
+            print_errors(&errors);
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    let config = loaded.config;
+    logging::init(&config.log);
+    match &path {
+        Some(p) => tracing::info!(file = %p.display(), "configuration loaded"),
+        None => tracing::info!("no config file; using defaults and overrides"),
+    }
+    lifecycle::raise_fd_limit(config.proxy.max_connections);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let code = runtime.block_on(async {
+        let server = match Server::bind(config) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "startup failed");
+                return exit::FAILURE;
+            }
+        };
+        let signals = match lifecycle::signals() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install signal handlers");
+                return exit::FAILURE;
+            }
+        };
+        match server.run(signals).await {
+            Exit::Drained => exit::OK,
+            Exit::Forced => exit::FAILURE,
+        }
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ExitCode::from(code)
+}
+
+/// `outer: inner: innermost`, for one-line error reports.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_become_overrides_with_their_origin() {
+        let cli = Cli::try_parse_from([
+            "static-ingress",
+            "run",
+            "--backend-address",
+            "b.example:443",
+            "--proxy-max-connections",
+            "5",
+        ])
+        .unwrap();
+        let Cmd::Run(args) = cli.command else {
+            panic!("expected run")
+        };
+        let got: Vec<(&str, &str, String)> = args
+            .overrides
+            .0
+            .iter()
+            .map(|o| (o.key.name, o.value.as_str(), o.origin.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "proxy.max_connections",
+                    "5",
+                    "flag --proxy-max-connections".to_string()
+                ),
+                (
+                    "backend.address",
+                    "b.example:443",
+                    "flag --backend-address".to_string()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn usage_exit_code_matches_clap() {
+        let err = Cli::try_parse_from(["static-ingress", "run", "--no-such-flag"]).unwrap_err();
+        assert_eq!(err.exit_code(), i32::from(exit::USAGE));
+    }
+}

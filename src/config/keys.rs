@@ -1,0 +1,201 @@
+//! Every configuration key with its kind, default and meaning: the one place defaults live.
+//!
+//! The file parser, the command-line flags, the `STATIC_INGRESS_*` environment variables,
+//! `check-config` and the example config are all derived from [`KEYS`], so a key added here
+//! is accepted everywhere at once.
+
+/// What a key's value must look like; each kind has one parser in `config::value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A duration with a unit, like `5s`, `250ms` or `10m`; zero is refused.
+    Duration,
+    /// A duration that may be zero (`0s` turns the step off).
+    DurationOrZero,
+    /// A whole number within `min..=max`.
+    Count { min: u64, max: u64 },
+    /// One `IP:port` socket address.
+    SocketAddr,
+    /// One or more `IP:port` socket addresses: a TOML array, or a comma-separated string.
+    SocketAddrs,
+    /// A `host:port` pair whose host may be a DNS name or an IP address.
+    HostPort,
+    /// One of a fixed set of words.
+    Choice(&'static [&'static str]),
+    /// A tracing filter such as `info` or `info,static_ingress=debug`.
+    LogFilter,
+}
+
+impl Kind {
+    /// The placeholder shown for the value in `--help`.
+    pub fn value_name(self) -> &'static str {
+        match self {
+            Kind::Duration | Kind::DurationOrZero => "DURATION",
+            Kind::Count { .. } => "N",
+            Kind::SocketAddr => "IP:PORT",
+            Kind::SocketAddrs => "IP:PORT[,IP:PORT...]",
+            Kind::HostPort => "HOST:PORT",
+            Kind::Choice(_) => "WORD",
+            Kind::LogFilter => "FILTER",
+        }
+    }
+}
+
+/// One configuration key.
+#[derive(Debug)]
+pub struct Key {
+    /// `section.name`, as written in the TOML file.
+    pub name: &'static str,
+    pub kind: Kind,
+    /// The value used when neither the file, a flag nor the environment sets one, written as
+    /// a flag would take it. `None` means the key is required.
+    pub default: Option<&'static str>,
+    /// One or two sentences: what it does and why the default is what it is.
+    pub doc: &'static str,
+}
+
+impl Key {
+    pub fn section(&self) -> &'static str {
+        self.name.split_once('.').map_or(self.name, |(s, _)| s)
+    }
+
+    pub fn field(&self) -> &'static str {
+        self.name.split_once('.').map_or(self.name, |(_, f)| f)
+    }
+
+    /// `proxy.connect_timeout` -> `--proxy-connect-timeout`.
+    pub fn flag(&self) -> String {
+        self.name.replace(['.', '_'], "-")
+    }
+
+    /// `proxy.connect_timeout` -> `STATIC_INGRESS_PROXY_CONNECT_TIMEOUT`.
+    pub fn env(&self) -> String {
+        format!(
+            "STATIC_INGRESS_{}",
+            self.name.replace('.', "_").to_uppercase()
+        )
+    }
+}
+
+/// Looks a key up by its dotted name.
+pub fn find(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.name == name)
+}
+
+/// The sections, in the order the keys list them.
+pub fn sections() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for key in KEYS {
+        if !out.contains(&key.section()) {
+            out.push(key.section());
+        }
+    }
+    out
+}
+
+pub const KEYS: &[Key] = &[
+    Key {
+        name: "proxy.listen",
+        kind: Kind::SocketAddrs,
+        default: Some("0.0.0.0:443"),
+        doc: "Addresses the TCP proxy listens on. Ports below 1024 need CAP_NET_BIND_SERVICE.",
+    },
+    Key {
+        name: "proxy.connect_timeout",
+        kind: Kind::Duration,
+        default: Some("3s"),
+        doc: "How long one connect to a backend address may take before the next address is \
+              tried. 3s allows one SYN retransmission (1s) and still leaves time to try \
+              another address inside a client's TLS handshake timeout.",
+    },
+    Key {
+        name: "proxy.idle_timeout",
+        kind: Kind::Duration,
+        default: Some("360s"),
+        doc: "A connection on which neither side sends anything for this long is closed. \
+              Above the 350s of AWS NLB, so clients tuned for AWS load balancers keep working.",
+    },
+    Key {
+        name: "proxy.half_close_timeout",
+        kind: Kind::Duration,
+        default: Some("60s"),
+        doc: "Once one side has closed its sending half, the other direction may stay idle \
+              this long (or idle_timeout, if shorter) before the connection is closed, so \
+              half-closed connections cannot pile up.",
+    },
+    Key {
+        name: "proxy.max_connections",
+        kind: Kind::Count {
+            min: 1,
+            max: 1_000_000,
+        },
+        default: Some("10000"),
+        doc: "Client connections served at once. At the limit a new connection is accepted \
+              and reset at once (counted as over_limit), so the client fails fast and can try \
+              another address of the static name. Each connection holds two file descriptors.",
+    },
+    Key {
+        name: "proxy.tcp_keepalive",
+        kind: Kind::Duration,
+        default: Some("60s"),
+        doc: "Idle time before TCP keepalive probes start on both sides (then every 10s, 6 \
+              probes), so peers that vanished without a FIN are noticed and NAT state stays warm.",
+    },
+    Key {
+        name: "backend.address",
+        kind: Kind::HostPort,
+        default: None,
+        doc: "The backend as host:port, usually the ELB's DNS name and 443. Required.",
+    },
+    Key {
+        name: "admin.listen",
+        kind: Kind::SocketAddr,
+        default: Some("0.0.0.0:9001"),
+        doc: "Address of the admin HTTP server (/health, /live, /metrics, /status). Route 53 \
+              health checks must reach it; keep it closed to everyone else.",
+    },
+    Key {
+        name: "admin.header_timeout",
+        kind: Kind::Duration,
+        default: Some("5s"),
+        doc: "A client must send a whole request header within this time, also between \
+              requests on a kept-alive connection, or it is disconnected.",
+    },
+    Key {
+        name: "admin.max_connections",
+        kind: Kind::Count {
+            min: 1,
+            max: 10_000,
+        },
+        default: Some("64"),
+        doc: "Admin connections served at once; more are closed at once. Route 53 uses \
+              about one per health-checker region.",
+    },
+    Key {
+        name: "lifecycle.drain_delay",
+        kind: Kind::DurationOrZero,
+        default: Some("90s"),
+        doc: "After SIGTERM, /health answers 503 but the proxy keeps accepting for this long, \
+              so Route 53 (3 failed checks at 10s, about 30s) drops this IP and clients' \
+              cached answers (TTL 60s) expire before the listener closes.",
+    },
+    Key {
+        name: "lifecycle.grace_period",
+        kind: Kind::DurationOrZero,
+        default: Some("120s"),
+        doc: "After the listeners close, open connections may finish for this long; those \
+              still open then are closed (counted as shutdown).",
+    },
+    Key {
+        name: "log.format",
+        kind: Kind::Choice(&["text", "json"]),
+        default: Some("text"),
+        doc: "Log line format on stdout: text for people, json for log pipelines.",
+    },
+    Key {
+        name: "log.level",
+        kind: Kind::LogFilter,
+        default: Some("info"),
+        doc: "A tracing filter: a level (error, warn, info, debug, trace) or directives such \
+              as info,static_ingress::proxy=debug.",
+    },
+];

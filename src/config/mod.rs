@@ -1,0 +1,442 @@
+//! Configuration: file, flags and environment merged and checked once into [`Config`], the
+//! type the rest of the program uses.
+//!
+//! Precedence, highest first: command-line flag, `STATIC_INGRESS_*` environment variable,
+//! config file, built-in default (see [`keys::KEYS`]).
+
+pub mod keys;
+pub mod source;
+pub mod value;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+pub use source::{ConfigError, ConfigErrors, FileLayer, Origin, Override};
+pub use value::HostPort;
+use value::{Raw, Value};
+
+/// Where `run` looks for its config file when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/static-ingress/static-ingress.toml";
+
+/// The checked configuration. Every field is final: nothing here needs checking again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub backend: BackendConfig,
+    pub admin: AdminConfig,
+    pub lifecycle: LifecycleConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    pub listen: Vec<SocketAddr>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub half_close_timeout: Duration,
+    pub max_connections: usize,
+    pub tcp_keepalive: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: HostPort,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub header_timeout: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleConfig {
+    pub drain_delay: Duration,
+    pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A checked tracing filter directive.
+    pub filter: String,
+}
+
+/// One key's effective value and where it came from, for `check-config`.
+#[derive(Debug, Clone)]
+pub struct Setting {
+    pub key: &'static keys::Key,
+    pub value: Value,
+    pub origin: Origin,
+}
+
+/// The result of a load: the config and how each key got its value.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub settings: Vec<Setting>,
+}
+
+impl Loaded {
+    /// The effective configuration as TOML, each key commented with where its value came
+    /// from. Feeding it back as a config file gives the same configuration.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut section = "";
+        for s in &self.settings {
+            if s.key.section() != section {
+                section = s.key.section();
+                if !out.is_empty() {
+                    out.push('\n');
+                }
+                out.push_str(&format!("[{section}]\n"));
+            }
+            let line = format!("{} = {}", s.key.field(), s.value);
+            out.push_str(&format!("{line:<44} # {}\n", s.origin));
+        }
+        out
+    }
+}
+
+impl Config {
+    /// Merges the file (if any) with overrides and defaults, and checks every key. All errors
+    /// are returned, not just the first.
+    pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Loaded, ConfigErrors> {
+        let file = file.map(FileLayer::read).transpose()?;
+        Self::from_layers(file.as_ref(), overrides)
+    }
+
+    /// A config from overrides alone, for tests and embedders: `[("backend.address", "...")]`.
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Config, ConfigErrors> {
+        let overrides = pairs
+            .into_iter()
+            .map(|(k, v)| Override::flag(k, v))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigErrors(vec![e]))?;
+        Self::from_layers(None, &overrides).map(|l| l.config)
+    }
+
+    pub fn from_layers(
+        file: Option<&FileLayer>,
+        overrides: &[Override],
+    ) -> Result<Loaded, ConfigErrors> {
+        let mut r = Resolver {
+            file,
+            overrides,
+            errors: Vec::new(),
+            settings: Vec::new(),
+        };
+
+        // Read every key before building, so that all errors are collected.
+        let listen = r.get("proxy.listen", as_addrs);
+        let connect_timeout = r.get("proxy.connect_timeout", as_duration);
+        let idle_timeout = r.get("proxy.idle_timeout", as_duration);
+        let half_close_timeout = r.get("proxy.half_close_timeout", as_duration);
+        let max_connections = r.get("proxy.max_connections", as_count);
+        let tcp_keepalive = r.get("proxy.tcp_keepalive", as_duration);
+        let backend_address = r.get("backend.address", as_host_port);
+        let admin_listen = r.get("admin.listen", as_addr);
+        let admin_header_timeout = r.get("admin.header_timeout", as_duration);
+        let admin_max_connections = r.get("admin.max_connections", as_count);
+        let drain_delay = r.get("lifecycle.drain_delay", as_duration);
+        let grace_period = r.get("lifecycle.grace_period", as_duration);
+        let log_format = r.get("log.format", as_word);
+        let log_filter = r.get("log.level", as_word);
+
+        let config = (|| {
+            Some(Config {
+                proxy: ProxyConfig {
+                    listen: listen?,
+                    connect_timeout: connect_timeout?,
+                    idle_timeout: idle_timeout?,
+                    half_close_timeout: half_close_timeout?,
+                    max_connections: max_connections?,
+                    tcp_keepalive: tcp_keepalive?,
+                },
+                backend: BackendConfig {
+                    address: backend_address?,
+                },
+                admin: AdminConfig {
+                    listen: admin_listen?,
+                    header_timeout: admin_header_timeout?,
+                    max_connections: admin_max_connections?,
+                },
+                lifecycle: LifecycleConfig {
+                    drain_delay: drain_delay?,
+                    grace_period: grace_period?,
+                },
+                log: LogConfig {
+                    format: if log_format? == "json" {
+                        LogFormat::Json
+                    } else {
+                        LogFormat::Text
+                    },
+                    filter: log_filter?,
+                },
+            })
+        })();
+
+        if let Some(config) = &config {
+            r.cross_checks(config);
+        }
+        match config {
+            Some(config) if r.errors.is_empty() => {
+                // Keep check-config's output in the order of the key table.
+                r.settings
+                    .sort_by_key(|s| keys::KEYS.iter().position(|k| std::ptr::eq(k, s.key)));
+                Ok(Loaded {
+                    config,
+                    settings: r.settings,
+                })
+            }
+            _ => Err(ConfigErrors(r.errors)),
+        }
+    }
+}
+
+struct Resolver<'a> {
+    file: Option<&'a FileLayer>,
+    overrides: &'a [Override],
+    errors: Vec<ConfigError>,
+    settings: Vec<Setting>,
+}
+
+impl Resolver<'_> {
+    /// The checked value of `name`, from the highest-precedence place that sets it; `None`
+    /// (with the error recorded) when that value is invalid or a required key is missing.
+    fn get<T>(&mut self, name: &'static str, typed: fn(Value) -> Option<T>) -> Option<T> {
+        let Some(key) = keys::find(name) else {
+            self.errors.push(internal(
+                name,
+                "is read but not listed in config::keys::KEYS",
+            ));
+            return None;
+        };
+        let (raw, origin) =
+            if let Some(o) = self.overrides.iter().rev().find(|o| o.key.name == name) {
+                (Raw::Text(&o.value), o.origin.clone())
+            } else if let Some((file, entry)) =
+                self.file.and_then(|f| f.entries.get(name).map(|e| (f, e)))
+            {
+                (
+                    Raw::Toml(&entry.value),
+                    Origin::File {
+                        path: file.path.clone(),
+                        line: Some(entry.line),
+                    },
+                )
+            } else if let Some(default) = key.default {
+                (Raw::Text(default), Origin::Default)
+            } else {
+                let where_ = match self.file {
+                    Some(f) => format!("in {}", f.path.display()),
+                    None => "in the config file".to_string(),
+                };
+                self.errors.push(ConfigError {
+                    origin: self.file.map_or(Origin::Default, |f| Origin::File {
+                        path: f.path.clone(),
+                        line: None,
+                    }),
+                    key: Some(name.to_string()),
+                    message: format!(
+                        "is required: set it {where_}, with --{}, or with {}",
+                        key.flag(),
+                        key.env()
+                    ),
+                });
+                return None;
+            };
+        match value::parse(key.kind, raw) {
+            Ok(v) => {
+                let Some(t) = typed(v.clone()) else {
+                    self.errors.push(internal(
+                        name,
+                        "is read as a different kind than KEYS declares",
+                    ));
+                    return None;
+                };
+                self.settings.push(Setting {
+                    key,
+                    value: v,
+                    origin,
+                });
+                Some(t)
+            }
+            Err(message) => {
+                self.errors.push(ConfigError {
+                    origin,
+                    key: Some(name.to_string()),
+                    message,
+                });
+                None
+            }
+        }
+    }
+
+    /// Rules that involve more than one key.
+    fn cross_checks(&mut self, c: &Config) {
+        if c.proxy.listen.contains(&c.admin.listen) {
+            let origin = self.origin_of("admin.listen");
+            self.errors.push(ConfigError {
+                origin,
+                key: Some("admin.listen".into()),
+                message: format!(
+                    "{} is also in proxy.listen; the admin server needs its own port",
+                    c.admin.listen
+                ),
+            });
+        }
+    }
+
+    fn origin_of(&self, name: &str) -> Origin {
+        self.settings
+            .iter()
+            .find(|s| s.key.name == name)
+            .map_or(Origin::Default, |s| s.origin.clone())
+    }
+}
+
+fn internal(name: &str, what: &str) -> ConfigError {
+    ConfigError {
+        origin: Origin::Default,
+        key: Some(name.to_string()),
+        message: format!("internal error: {what}"),
+    }
+}
+
+fn as_duration(v: Value) -> Option<Duration> {
+    match v {
+        Value::Duration(d) => Some(d),
+        _ => None,
+    }
+}
+
+fn as_count(v: Value) -> Option<usize> {
+    match v {
+        Value::Count(n) => usize::try_from(n).ok(),
+        _ => None,
+    }
+}
+
+fn as_addr(v: Value) -> Option<SocketAddr> {
+    match v {
+        Value::Addr(a) => Some(a),
+        _ => None,
+    }
+}
+
+fn as_addrs(v: Value) -> Option<Vec<SocketAddr>> {
+    match v {
+        Value::Addrs(a) => Some(a),
+        _ => None,
+    }
+}
+
+fn as_host_port(v: Value) -> Option<HostPort> {
+    match v {
+        Value::HostPort(hp) => Some(hp),
+        _ => None,
+    }
+}
+
+fn as_word(v: Value) -> Option<String> {
+    match v {
+        Value::Word(w) => Some(w),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_default_parses_and_only_the_backend_is_required() {
+        let config = Config::from_pairs([("backend.address", "127.0.0.1:8080")]).unwrap();
+        assert_eq!(
+            config.proxy.listen,
+            vec!["0.0.0.0:443".parse::<SocketAddr>().unwrap()]
+        );
+        assert!(config.proxy.idle_timeout >= Duration::from_secs(350));
+        assert_eq!(
+            config.admin.listen,
+            "0.0.0.0:9001".parse::<SocketAddr>().unwrap()
+        );
+        for key in keys::KEYS {
+            if let Some(d) = key.default {
+                assert!(
+                    value::parse(key.kind, Raw::Text(d)).is_ok(),
+                    "default of {} does not parse",
+                    key.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn missing_backend_is_one_clear_error() {
+        let err = Config::from_pairs([]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "default: backend.address: is required: set it in the config file, with --backend-address, or with STATIC_INGRESS_BACKEND_ADDRESS"
+        );
+    }
+
+    #[test]
+    fn overrides_beat_the_file() {
+        let file = FileLayer::parse(
+            Path::new("f.toml"),
+            "[backend]\naddress = \"a.example:1\"\n[proxy]\nmax_connections = 5\n",
+        )
+        .unwrap();
+        let o = vec![Override::flag("proxy.max_connections", "7").unwrap()];
+        let loaded = Config::from_layers(Some(&file), &o).unwrap();
+        assert_eq!(loaded.config.proxy.max_connections, 7);
+        assert_eq!(loaded.config.backend.address.host, "a.example");
+        let rendered = loaded.render();
+        assert!(rendered.contains("max_connections = 7"), "{rendered}");
+        assert!(
+            rendered.contains("# flag --proxy-max-connections"),
+            "{rendered}"
+        );
+        assert!(rendered.contains("# f.toml:2"), "{rendered}");
+    }
+
+    #[test]
+    fn rendered_config_loads_back_to_the_same_config() {
+        let loaded = Config::from_layers(
+            None,
+            &[Override::flag("backend.address", "b.example:443").unwrap()],
+        )
+        .unwrap();
+        let again = FileLayer::parse(Path::new("r.toml"), &loaded.render()).unwrap();
+        assert_eq!(
+            Config::from_layers(Some(&again), &[]).unwrap().config,
+            loaded.config
+        );
+    }
+
+    #[test]
+    fn admin_port_must_differ_from_proxy_port() {
+        let err = Config::from_pairs([
+            ("backend.address", "b:1"),
+            ("proxy.listen", "127.0.0.1:9001"),
+            ("admin.listen", "127.0.0.1:9001"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "flag --admin-listen: admin.listen: 127.0.0.1:9001 is also in proxy.listen; the admin server needs its own port"
+        );
+    }
+}

@@ -1,0 +1,291 @@
+//! Parsing a raw configuration value (from the file, a flag, the environment or a default)
+//! into a typed [`Value`] according to its key's [`Kind`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::keys::Kind;
+
+/// A value as written, before it is checked against its kind.
+#[derive(Debug, Clone, Copy)]
+pub enum Raw<'a> {
+    /// From the TOML file: already typed by TOML (string, integer, array...).
+    Toml(&'a toml::Value),
+    /// From a flag, an environment variable or a default: always text.
+    Text(&'a str),
+}
+
+/// A checked value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Duration(Duration),
+    Count(u64),
+    Addr(SocketAddr),
+    Addrs(Vec<SocketAddr>),
+    HostPort(HostPort),
+    Word(String),
+}
+
+/// A backend name and port, such as `my-elb-123.eu-west-1.elb.amazonaws.com:443`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Renders a value as a TOML literal, for `check-config`.
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Duration(d) => write!(f, "\"{}\"", humantime::format_duration(*d)),
+            Value::Count(n) => write!(f, "{n}"),
+            Value::Addr(a) => write!(f, "\"{a}\""),
+            Value::Addrs(list) => {
+                let items: Vec<String> = list.iter().map(|a| format!("\"{a}\"")).collect();
+                write!(f, "[{}]", items.join(", "))
+            }
+            Value::HostPort(hp) => write!(f, "\"{hp}\""),
+            Value::Word(w) => write!(f, "\"{w}\""),
+        }
+    }
+}
+
+/// Checks `raw` against `kind`. The error is a short lowercase phrase that the caller prefixes
+/// with where the value came from and which key it is for.
+pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
+    match kind {
+        Kind::Duration | Kind::DurationOrZero => {
+            let d = duration(text(raw, "a duration such as \"5s\"")?)?;
+            if kind == Kind::Duration && d.is_zero() {
+                return Err("must be greater than zero".into());
+            }
+            Ok(Value::Duration(d))
+        }
+        Kind::Count { min, max } => {
+            let n = match raw {
+                Raw::Toml(toml::Value::Integer(i)) => u64::try_from(*i).ok(),
+                Raw::Text(s) => s.trim().parse::<u64>().ok(),
+                Raw::Toml(other) => return Err(wrong_type("a whole number", other)),
+            };
+            match n {
+                Some(n) if (min..=max).contains(&n) => Ok(Value::Count(n)),
+                _ => Err(format!(
+                    "must be a whole number from {min} to {max}, got {}",
+                    show(raw)
+                )),
+            }
+        }
+        Kind::SocketAddr => Ok(Value::Addr(socket_addr(text(
+            raw,
+            "an address such as \"0.0.0.0:9001\"",
+        )?)?)),
+        Kind::SocketAddrs => {
+            let items: Vec<&str> = match raw {
+                Raw::Toml(toml::Value::Array(items)) => items
+                    .iter()
+                    .map(|v| v.as_str().ok_or_else(|| wrong_type("a list of strings", v)))
+                    .collect::<Result<_, _>>()?,
+                Raw::Toml(toml::Value::String(s)) => s.split(',').map(str::trim).collect(),
+                Raw::Text(s) => s.split(',').map(str::trim).collect(),
+                Raw::Toml(other) => return Err(wrong_type("a list of addresses", other)),
+            };
+            let mut addrs: Vec<SocketAddr> = Vec::with_capacity(items.len());
+            for item in items {
+                let addr = socket_addr(item)?;
+                if addrs.contains(&addr) {
+                    return Err(format!("lists {addr} twice"));
+                }
+                addrs.push(addr);
+            }
+            if addrs.is_empty() {
+                return Err("must list at least one address".into());
+            }
+            Ok(Value::Addrs(addrs))
+        }
+        Kind::HostPort => Ok(Value::HostPort(host_port(text(
+            raw,
+            "a host:port such as \"backend.example.com:443\"",
+        )?)?)),
+        Kind::Choice(words) => {
+            let s = text(raw, "a word")?;
+            match words.iter().find(|w| **w == s) {
+                Some(w) => Ok(Value::Word((*w).to_string())),
+                None => Err(format!("must be one of {}, got \"{s}\"", words.join(", "))),
+            }
+        }
+        Kind::LogFilter => {
+            let s = text(raw, "a log filter such as \"info\"")?;
+            tracing_subscriber::EnvFilter::builder()
+                .parse(s)
+                .map_err(|e| format!("invalid log filter \"{s}\": {e}"))?;
+            Ok(Value::Word(s.to_string()))
+        }
+    }
+}
+
+fn text<'a>(raw: Raw<'a>, expected: &str) -> Result<&'a str, String> {
+    match raw {
+        Raw::Toml(toml::Value::String(s)) => Ok(s),
+        Raw::Text(s) => Ok(s),
+        Raw::Toml(other) => Err(wrong_type(expected, other)),
+    }
+}
+
+fn wrong_type(expected: &str, got: &toml::Value) -> String {
+    format!("expected {expected}, got {} {got}", got.type_str())
+}
+
+fn show(raw: Raw<'_>) -> String {
+    match raw {
+        Raw::Toml(v) => v.to_string(),
+        Raw::Text(s) => format!("\"{s}\""),
+    }
+}
+
+/// `5s`, `250ms`, `10m`, `1h 30m`. A bare number is refused: `5` could mean seconds or
+/// milliseconds, and guessing wrong would be silent.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "\"{s}\" has no unit: write it as \"{s}s\" or \"{s}ms\""
+        ));
+    }
+    humantime::parse_duration(s).map_err(|e| {
+        format!("invalid duration \"{s}\" ({e}); write durations like \"5s\", \"250ms\" or \"10m\"")
+    })
+}
+
+fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!("invalid address \"{s}\": expected IP:port, such as 0.0.0.0:443 or [::]:443")
+    })
+}
+
+fn host_port(s: &str) -> Result<HostPort, String> {
+    let bad = |why: &str| format!("invalid host:port \"{s}\": {why}");
+    let s = s.trim();
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, port) = rest
+            .split_once("]:")
+            .ok_or_else(|| bad("expected [IPv6]:port"))?;
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(bad("the part in brackets is not an IPv6 address"));
+        }
+        (host, port)
+    } else {
+        s.rsplit_once(':')
+            .ok_or_else(|| bad("the port is missing"))?
+    };
+    let port: u16 = match port.parse() {
+        Ok(p) if p > 0 => p,
+        _ => return Err(bad("the port must be a number from 1 to 65535")),
+    };
+    if host.is_empty() {
+        return Err(bad("the host is empty"));
+    }
+    if !host.contains(':') && !is_hostname(host) {
+        return Err(bad("the host is neither an IP address nor a DNS name"));
+    }
+    Ok(HostPort {
+        host: host.trim_end_matches('.').to_string(),
+        port,
+    })
+}
+
+fn is_hostname(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(
+            duration("5").unwrap_err(),
+            "\"5\" has no unit: write it as \"5s\" or \"5ms\""
+        );
+        assert!(duration("5x").is_err());
+    }
+
+    #[test]
+    fn zero_duration_only_where_allowed() {
+        assert!(parse(Kind::Duration, Raw::Text("0s")).is_err());
+        assert_eq!(
+            parse(Kind::DurationOrZero, Raw::Text("0s")),
+            Ok(Value::Duration(Duration::ZERO))
+        );
+    }
+
+    #[test]
+    fn host_port_forms() {
+        let hp = host_port("elb-1.eu-west-1.elb.amazonaws.com.:443").unwrap();
+        assert_eq!(
+            (hp.host.as_str(), hp.port),
+            ("elb-1.eu-west-1.elb.amazonaws.com", 443)
+        );
+        assert_eq!(host_port("[::1]:8443").unwrap().to_string(), "[::1]:8443");
+        assert_eq!(host_port("127.0.0.1:80").unwrap().host, "127.0.0.1");
+        assert!(host_port("example.com").is_err());
+        assert!(host_port("example.com:0").is_err());
+        assert!(host_port("bad host:443").is_err());
+        assert!(host_port(":443").is_err());
+    }
+
+    #[test]
+    fn address_lists_from_text_and_toml() {
+        let want = Value::Addrs(vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "[::1]:2".parse().unwrap(),
+        ]);
+        assert_eq!(
+            parse(Kind::SocketAddrs, Raw::Text("127.0.0.1:1, [::1]:2")),
+            Ok(want.clone())
+        );
+        let arr = toml::Value::Array(vec!["127.0.0.1:1".into(), "[::1]:2".into()]);
+        assert_eq!(parse(Kind::SocketAddrs, Raw::Toml(&arr)), Ok(want));
+        assert!(parse(Kind::SocketAddrs, Raw::Text("127.0.0.1:1,127.0.0.1:1")).is_err());
+    }
+
+    #[test]
+    fn counts_are_range_checked() {
+        let kind = Kind::Count { min: 1, max: 10 };
+        assert_eq!(
+            parse(kind, Raw::Toml(&toml::Value::Integer(10))),
+            Ok(Value::Count(10))
+        );
+        assert_eq!(
+            parse(kind, Raw::Toml(&toml::Value::Integer(0))).unwrap_err(),
+            "must be a whole number from 1 to 10, got 0"
+        );
+        assert_eq!(
+            parse(kind, Raw::Toml(&toml::Value::String("3".into()))).unwrap_err(),
+            "expected a whole number, got string \"3\""
+        );
+    }
+}

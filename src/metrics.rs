@@ -1,0 +1,272 @@
+//! Prometheus metrics, all named `static_ingress_*`, with label values from small fixed sets.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Why a client connection ended. Every accepted connection ends with exactly one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both sides finished sending and the proxy forwarded everything.
+    Completed,
+    /// The client's socket failed (reset, broken pipe...).
+    ClientError,
+    /// The backend's socket failed after the connection was established.
+    BackendError,
+    /// Nothing moved either way for `proxy.idle_timeout`.
+    IdleTimeout,
+    /// One side had closed and the other stayed idle for `proxy.half_close_timeout`.
+    HalfCloseTimeout,
+    /// Every backend address was tried and none accepted the connection.
+    ConnectFailed,
+    /// No backend address was known (unresolved, or all removed).
+    NoBackend,
+    /// `proxy.max_connections` was reached; the connection was reset at once.
+    OverLimit,
+    /// Still open when the drain's grace period ran out.
+    Shutdown,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 9] = [
+        CloseReason::Completed,
+        CloseReason::ClientError,
+        CloseReason::BackendError,
+        CloseReason::IdleTimeout,
+        CloseReason::HalfCloseTimeout,
+        CloseReason::ConnectFailed,
+        CloseReason::NoBackend,
+        CloseReason::OverLimit,
+        CloseReason::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Completed => "completed",
+            CloseReason::ClientError => "client_error",
+            CloseReason::BackendError => "backend_error",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::HalfCloseTimeout => "half_close_timeout",
+            CloseReason::ConnectFailed => "connect_failed",
+            CloseReason::NoBackend => "no_backend",
+            CloseReason::OverLimit => "over_limit",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why one connect attempt to one backend address failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectError {
+    Refused,
+    Timeout,
+    Unreachable,
+    Other,
+}
+
+impl ConnectError {
+    pub const ALL: [ConnectError; 4] = [
+        ConnectError::Refused,
+        ConnectError::Timeout,
+        ConnectError::Unreachable,
+        ConnectError::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectError::Refused => "refused",
+            ConnectError::Timeout => "timeout",
+            ConnectError::Unreachable => "unreachable",
+            ConnectError::Other => "other",
+        }
+    }
+
+    pub fn classify(e: &std::io::Error) -> ConnectError {
+        match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => ConnectError::Refused,
+            Some(libc::ETIMEDOUT) => ConnectError::Timeout,
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EADDRNOTAVAIL) => {
+                ConnectError::Unreachable
+            }
+            _ => ConnectError::Other,
+        }
+    }
+}
+
+/// Direction of proxied bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ToBackend = 0,
+    ToClient = 1,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    process: Registry,
+    pub tcp_open_total: IntCounter,
+    pub tcp_open_connections: IntGauge,
+    tcp_close_total: [IntCounter; CloseReason::ALL.len()],
+    proxied_bytes_total: [IntCounter; 2],
+    connect_errors_total: [IntCounter; ConnectError::ALL.len()],
+    pub connect_duration_seconds: Histogram,
+    pub accept_errors_total: IntCounterVec,
+    pub draining: IntGauge,
+    pub backend_addresses: IntGauge,
+}
+
+impl Metrics {
+    pub fn new(version: &str) -> Metrics {
+        // Registration only fails on a duplicate or invalid name; the names below are fixed
+        // and distinct, and `metrics_render` in the tests registers all of them.
+        Self::try_new(version).expect("metric definitions are valid and distinct")
+    }
+
+    fn try_new(version: &str) -> prometheus::Result<Metrics> {
+        let registry = Registry::new_custom(Some("static_ingress".into()), None)?;
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter_vec =
+            |name: &str, help: &str, label: &str| -> prometheus::Result<IntCounterVec> {
+                let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+
+        let close = counter_vec(
+            "tcp_close_total",
+            "Client connections closed, by reason.",
+            "reason",
+        )?;
+        let bytes = counter_vec(
+            "proxied_bytes_total",
+            "Bytes forwarded, by direction.",
+            "direction",
+        )?;
+        let connect = counter_vec(
+            "backend_connect_errors_total",
+            "Failed connect attempts to backend addresses, by reason.",
+            "reason",
+        )?;
+        let accept_errors_total = counter_vec(
+            "accept_errors_total",
+            "Errors accepting client connections, by reason.",
+            "reason",
+        )?;
+        for reason in ["fd_limit", "other"] {
+            accept_errors_total.with_label_values(&[reason]);
+        }
+        let connect_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "backend_connect_duration_seconds",
+                "Time to establish a backend connection.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        registry.register(Box::new(connect_duration_seconds.clone()))?;
+
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "Always 1; labels describe this build."),
+            &["version"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info.with_label_values(&[version]).set(1);
+
+        let process = Registry::new();
+        #[cfg(target_os = "linux")]
+        process.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        Ok(Metrics {
+            tcp_open_total: counter("tcp_open_total", "Client connections accepted.")?,
+            tcp_open_connections: gauge("tcp_open_connections", "Client connections open now.")?,
+            tcp_close_total: CloseReason::ALL.map(|r| close.with_label_values(&[r.as_str()])),
+            proxied_bytes_total: [
+                bytes.with_label_values(&["to_backend"]),
+                bytes.with_label_values(&["to_client"]),
+            ],
+            connect_errors_total: ConnectError::ALL
+                .map(|r| connect.with_label_values(&[r.as_str()])),
+            connect_duration_seconds,
+            accept_errors_total,
+            draining: gauge(
+                "draining",
+                "1 while the proxy is draining after SIGTERM, else 0.",
+            )?,
+            backend_addresses: gauge("backend_addresses", "Backend addresses currently known.")?,
+            registry,
+            process,
+        })
+    }
+
+    pub fn closed(&self, reason: CloseReason) {
+        self.tcp_close_total[reason as usize].inc();
+        self.tcp_open_connections.dec();
+    }
+
+    pub fn close_count(&self, reason: CloseReason) -> u64 {
+        self.tcp_close_total[reason as usize].get()
+    }
+
+    pub fn bytes(&self, direction: Direction) -> &IntCounter {
+        &self.proxied_bytes_total[direction as usize]
+    }
+
+    pub fn connect_error(&self, reason: ConnectError) {
+        self.connect_errors_total[reason as usize].inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails for invalid families, which registration rejects.
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render() {
+        let m = Metrics::new("1.2.3");
+        m.tcp_open_total.inc();
+        m.tcp_open_connections.inc();
+        m.closed(CloseReason::IdleTimeout);
+        let text = m.render();
+        assert!(text.contains("static_ingress_tcp_open_total 1"), "{text}");
+        assert!(
+            text.contains("static_ingress_tcp_close_total{reason=\"idle_timeout\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("static_ingress_tcp_close_total{reason=\"over_limit\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("static_ingress_build_info{version=\"1.2.3\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("static_ingress_tcp_open_connections 0"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! The TCP data path: the accept loop, the connection limit, and one task per connection.
+
+pub mod copy;
+pub mod socket;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::backend::{BackendAddr, Backends};
+use crate::config::ProxyConfig;
+use crate::logging::Throttle;
+use crate::metrics::{CloseReason, ConnectError, Direction, Metrics};
+
+/// How many backend addresses one client connection tries before giving up. Refused connects
+/// cost nothing, but each timeout costs `connect_timeout`; four keeps the worst case well
+/// inside the ~30 s a TLS client waits for its handshake at the default 3 s.
+const MAX_CONNECT_ATTEMPTS: usize = 4;
+/// Backoff after accept fails for lack of file descriptors or memory: start small so service
+/// resumes quickly, cap at one second so a sustained shortage does not spin a core.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Everything a connection task needs, shared by all of them.
+pub struct Proxy {
+    config: ProxyConfig,
+    backends: Arc<Backends>,
+    metrics: Arc<Metrics>,
+    limit: Arc<Semaphore>,
+    /// Every connection task, so the drain can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the drain's grace period ends: open connections are cut.
+    pub cut: CancellationToken,
+    limit_log: Throttle,
+    connect_log: Throttle,
+    accept_log: Throttle,
+}
+
+impl Proxy {
+    pub fn new(config: ProxyConfig, backends: Arc<Backends>, metrics: Arc<Metrics>) -> Proxy {
+        Proxy {
+            limit: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            backends,
+            metrics,
+            tracker: TaskTracker::new(),
+            cut: CancellationToken::new(),
+            limit_log: Throttle::new(),
+            connect_log: Throttle::new(),
+            accept_log: Throttle::new(),
+        }
+    }
+
+    /// Connections being proxied now.
+    pub fn active(&self) -> usize {
+        self.config.max_connections - self.limit.available_permits()
+    }
+
+    pub fn max_connections(&self) -> usize {
+        self.config.max_connections
+    }
+
+    /// Accepts until `stop` fires, then drops the listener so the port closes. Never returns
+    /// early because of an error: per-connection failures are counted and the loop goes on.
+    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        let mut backoff = ACCEPT_BACKOFF_MIN;
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    if !self.accept_failed(&e) {
+                        continue;
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
+            };
+            backoff = ACCEPT_BACKOFF_MIN;
+            self.metrics.tcp_open_total.inc();
+            self.metrics.tcp_open_connections.inc();
+            match Arc::clone(&self.limit).try_acquire_owned() {
+                Ok(permit) => {
+                    let span = tracing::debug_span!("conn", client.addr = %peer, backend.addr = tracing::field::Empty);
+                    let proxy = Arc::clone(&self);
+                    self.tracker
+                        .spawn(proxy.serve(stream, permit).instrument(span));
+                }
+                Err(_) => {
+                    socket::reset(&stream);
+                    drop(stream);
+                    self.metrics.closed(CloseReason::OverLimit);
+                    if let Some(suppressed) = self.limit_log.allow() {
+                        tracing::warn!(
+                            limit = self.config.max_connections,
+                            suppressed,
+                            "connection limit reached; resetting new connections"
+                        );
+                    }
+                }
+            }
+        }
+        tracing::info!(addr = ?listener.local_addr().ok(), "stopped accepting");
+    }
+
+    /// Counts and logs an accept error; true when the loop should back off.
+    fn accept_failed(&self, e: &io::Error) -> bool {
+        let exhausted = matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        );
+        let reason = if exhausted { "fd_limit" } else { "other" };
+        self.metrics
+            .accept_errors_total
+            .with_label_values(&[reason])
+            .inc();
+        if exhausted {
+            if let Some(suppressed) = self.accept_log.allow() {
+                tracing::warn!(error = %e, suppressed, "accept failed: out of file descriptors or memory; backing off");
+            }
+        } else {
+            tracing::debug!(error = %e, "accept failed");
+        }
+        exhausted
+    }
+
+    async fn serve(self: Arc<Self>, client: TcpStream, permit: OwnedSemaphorePermit) {
+        let _permit = permit;
+        socket::tune(&client, self.config.tcp_keepalive);
+        let reason = tokio::select! {
+            reason = self.proxy(&client) => reason,
+            () = self.cut.cancelled() => {
+                socket::reset(&client);
+                CloseReason::Shutdown
+            }
+        };
+        self.metrics.closed(reason);
+        tracing::debug!(reason = reason.as_str(), "connection closed");
+    }
+
+    async fn proxy(&self, client: &TcpStream) -> CloseReason {
+        let set = self.backends.current();
+        if set.addrs.is_empty() {
+            return CloseReason::NoBackend;
+        }
+        let Some((backend, addr)) = self
+            .connect(set.candidates(self.backends.next_start()))
+            .await
+        else {
+            if let Some(suppressed) = self.connect_log.allow() {
+                tracing::warn!(backend = %self.backends.name, suppressed, "no backend address accepted the connection");
+            }
+            return CloseReason::ConnectFailed;
+        };
+        tracing::Span::current().record("backend.addr", tracing::field::display(addr.addr));
+        let _active = addr.track();
+        socket::tune(&backend, self.config.tcp_keepalive);
+
+        let timeouts = copy::Timeouts {
+            idle: self.config.idle_timeout,
+            half_close: self.config.half_close_timeout,
+        };
+        let outcome = copy::bidirectional(
+            client,
+            &backend,
+            timeouts,
+            self.metrics.bytes(Direction::ToBackend),
+            self.metrics.bytes(Direction::ToClient),
+        )
+        .await;
+        match outcome {
+            copy::Outcome::Completed => CloseReason::Completed,
+            copy::Outcome::IdleTimeout => CloseReason::IdleTimeout,
+            copy::Outcome::HalfCloseTimeout => CloseReason::HalfCloseTimeout,
+            copy::Outcome::ClientError(e) => {
+                tracing::debug!(error = %e, "client connection failed");
+                // Tell the backend the stream was aborted, as the client did.
+                socket::reset(&backend);
+                CloseReason::ClientError
+            }
+            copy::Outcome::BackendError(e) => {
+                tracing::debug!(error = %e, "backend connection failed");
+                socket::reset(client);
+                CloseReason::BackendError
+            }
+        }
+    }
+
+    /// Tries candidates in order until one accepts, each under the connect timeout.
+    async fn connect<'a>(
+        &self,
+        candidates: impl Iterator<Item = &'a Arc<BackendAddr>>,
+    ) -> Option<(TcpStream, &'a Arc<BackendAddr>)> {
+        for addr in candidates.take(MAX_CONNECT_ATTEMPTS) {
+            let started = tokio::time::Instant::now();
+            let result =
+                tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr.addr))
+                    .await;
+            let error = match result {
+                Ok(Ok(stream)) => {
+                    self.metrics
+                        .connect_duration_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    return Some((stream, addr));
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(backend.addr = %addr.addr, error = %e, "connect failed; trying the next address");
+                    ConnectError::classify(&e)
+                }
+                Err(_elapsed) => {
+                    tracing::debug!(backend.addr = %addr.addr, timeout = ?self.config.connect_timeout, "connect timed out; trying the next address");
+                    ConnectError::Timeout
+                }
+            };
+            self.metrics.connect_error(error);
+        }
+        None
+    }
+}
+
+/// The bound address of each listener, for logs and tests.
+pub fn local_addrs(listeners: &[TcpListener]) -> io::Result<Vec<SocketAddr>> {
+    listeners.iter().map(TcpListener::local_addr).collect()
+}

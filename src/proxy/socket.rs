@@ -1,0 +1,89 @@
+//! Binding listeners with errors an operator can act on, and the socket options both sides of
+//! a proxied connection get.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Listen backlog; the kernel caps it at `net.core.somaxconn` (4096 on current kernels), which
+/// the AMI raises so bursts of new connections are queued instead of dropped.
+const BACKLOG: i32 = 65_535;
+/// Keepalive probe interval and count once probing starts: a dead peer is noticed within a
+/// minute after `proxy.tcp_keepalive`.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 6;
+
+/// A listener could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} for the {role}{hint}")]
+pub struct BindError {
+    pub role: &'static str,
+    pub addr: SocketAddr,
+    hint: &'static str,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Binds a TCP listener on `addr`. `role` ("proxy", "admin server") names it in errors.
+pub fn bind(addr: SocketAddr, role: &'static str) -> Result<TcpListener, BindError> {
+    let listener = open(addr).map_err(|source| BindError {
+        role,
+        addr,
+        hint: hint(addr, &source),
+        source,
+    })?;
+    Ok(listener)
+}
+
+fn open(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Lets a restarted proxy bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // `[::]:443` and `0.0.0.0:443` may both be listed; without this they would collide.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+fn hint(addr: SocketAddr, e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EACCES) if addr.port() < 1024 => {
+            " (ports below 1024 need CAP_NET_BIND_SERVICE: run as root, grant the capability, or pick a port from 1024 up)"
+        }
+        Some(libc::EADDRINUSE) => " (another process is already listening there)",
+        Some(libc::EADDRNOTAVAIL) => " (no network interface of this machine has that address)",
+        _ => "",
+    }
+}
+
+/// TCP_NODELAY (the proxy forwards what it reads at once; Nagle would only add latency to TLS
+/// handshakes) and keepalive.
+pub fn tune(stream: &TcpStream, keepalive: Duration) {
+    let sock = SockRef::from(stream);
+    let ka = TcpKeepalive::new()
+        .with_time(keepalive)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    // Failing to tune a socket that works is not worth dropping the connection for.
+    if let Err(e) = stream
+        .set_nodelay(true)
+        .and_then(|()| sock.set_tcp_keepalive(&ka))
+    {
+        tracing::debug!(error = %e, "could not set socket options");
+    }
+}
+
+/// Closes with a reset instead of a FIN: used to pass an abort on to the other side, and to
+/// refuse connections over the limit without leaving sockets in TIME_WAIT.
+pub fn reset(stream: &TcpStream) {
+    if let Err(e) = SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "could not set SO_LINGER; the socket will close with a FIN");
+    }
+}

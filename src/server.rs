@@ -1,0 +1,230 @@
+//! The running appliance: binds every listener, starts the parts, and on a signal drains them
+//! in one fixed order (written once, in [`Server::run`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use sd_notify::NotifyState;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin;
+use crate::backend::{self, Backends};
+use crate::config::Config;
+use crate::lifecycle::{self, Signal};
+use crate::metrics::Metrics;
+use crate::proxy::{self, Proxy, socket::BindError};
+
+/// How long the proxy waits for connections it has just cut to finish closing.
+const CUT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How `run` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The drain ran to its end.
+    Drained,
+    /// A second terminate signal cut the drain short.
+    Forced,
+}
+
+/// Every listener bound, nothing served yet. Tests bind on port 0 and read the addresses.
+pub struct Server {
+    config: Arc<Config>,
+    proxy_listeners: Vec<TcpListener>,
+    admin_listener: TcpListener,
+    proxy_addrs: Vec<SocketAddr>,
+    admin_addr: SocketAddr,
+    backends: Arc<Backends>,
+    metrics: Arc<Metrics>,
+    proxy: Arc<Proxy>,
+    state: Arc<admin::State>,
+    stop_sources: CancellationToken,
+}
+
+impl Server {
+    /// Binds the proxy and admin listeners and starts following the backend. Fails if any
+    /// address cannot be bound, naming it.
+    pub fn bind(config: Config) -> Result<Server, BindError> {
+        let config = Arc::new(config);
+        let mut proxy_listeners = Vec::new();
+        let mut proxy_addrs = Vec::new();
+        for &addr in &config.proxy.listen {
+            let l = proxy::socket::bind(addr, "proxy")?;
+            proxy_addrs.push(l.local_addr().unwrap_or(addr));
+            proxy_listeners.push(l);
+        }
+        let admin_listener = proxy::socket::bind(config.admin.listen, "admin server")?;
+        let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
+
+        let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")));
+        let backends = Arc::new(Backends::new(config.backend.address.to_string()));
+        let proxy = Arc::new(Proxy::new(
+            config.proxy.clone(),
+            Arc::clone(&backends),
+            Arc::clone(&metrics),
+        ));
+        let state = Arc::new(admin::State::new(
+            Arc::clone(&config),
+            Arc::clone(&backends),
+            Arc::clone(&metrics),
+            Arc::clone(&proxy),
+            proxy_addrs.clone(),
+        ));
+        let stop_sources = CancellationToken::new();
+        backend::startup::start(
+            &config.backend.address,
+            Arc::clone(&backends),
+            stop_sources.clone(),
+        );
+        Ok(Server {
+            config,
+            proxy_listeners,
+            admin_listener,
+            proxy_addrs,
+            admin_addr,
+            backends,
+            metrics,
+            proxy,
+            state,
+            stop_sources,
+        })
+    }
+
+    pub fn proxy_addrs(&self) -> &[SocketAddr] {
+        &self.proxy_addrs
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The backend address set: the seam where address sources plug in.
+    pub fn backends(&self) -> Arc<Backends> {
+        Arc::clone(&self.backends)
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Serves until a [`Signal::Terminate`] arrives, then drains:
+    ///
+    /// 1. `/health` turns 503 `draining`; the proxy keeps accepting for `drain_delay`, long
+    ///    enough for Route 53 to stop handing out this IP;
+    /// 2. the proxy listeners close (new connections are refused);
+    /// 3. open connections get up to `grace_period` to finish;
+    /// 4. those still open are cut, the admin server stops, and `run` returns.
+    ///
+    /// A second `Terminate` at any point skips to the end and returns [`Exit::Forced`].
+    pub async fn run(self, mut signals: mpsc::Receiver<Signal>) -> Exit {
+        let stop_accepting = CancellationToken::new();
+        let accept_loops: Vec<JoinHandle<()>> = self
+            .proxy_listeners
+            .into_iter()
+            .map(|l| tokio::spawn(Arc::clone(&self.proxy).accept_loop(l, stop_accepting.clone())))
+            .collect();
+        let stop_admin = CancellationToken::new();
+        let admin = tokio::spawn(admin::serve(
+            self.admin_listener,
+            Arc::clone(&self.state),
+            stop_admin.clone(),
+        ));
+
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            proxy = ?self.proxy_addrs,
+            admin = %self.admin_addr,
+            backend = %self.backends.name,
+            "serving"
+        );
+        lifecycle::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+        lifecycle::spawn_watchdog();
+
+        // Wait for the first terminate. A closed channel means nobody can ask us to stop.
+        loop {
+            match signals.recv().await {
+                Some(Signal::Terminate) => break,
+                Some(Signal::Reload) => {
+                    tracing::warn!(
+                        "SIGHUP received: configuration reload is not supported yet; restart to apply changes"
+                    )
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+
+        let lifecycle = &self.config.lifecycle;
+        let forced = async {
+            loop {
+                if let Some(Signal::Terminate) | None = signals.recv().await {
+                    return;
+                }
+            }
+        };
+        tokio::pin!(forced);
+
+        // 1. Fail health checks, keep serving.
+        self.state.start_draining();
+        lifecycle::notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+        tracing::info!(drain_delay = ?lifecycle.drain_delay, grace_period = ?lifecycle.grace_period,
+            "draining: /health answers 503; still accepting until the drain delay ends (signal again to exit now)");
+        let exit = 'drain: {
+            tokio::select! {
+                () = tokio::time::sleep(lifecycle.drain_delay) => {}
+                () = &mut forced => break 'drain Exit::Forced,
+            }
+
+            // 2. Stop accepting.
+            stop_accepting.cancel();
+            for handle in accept_loops {
+                if let Err(e) = handle.await {
+                    tracing::error!(error = %e, "accept loop task failed");
+                }
+            }
+            self.proxy.tracker.close();
+            tracing::info!(
+                open = self.proxy.active(),
+                "listeners closed; waiting for open connections"
+            );
+
+            // 3. Let open connections finish.
+            tokio::select! {
+                () = self.proxy.tracker.wait() => {}
+                () = tokio::time::sleep(lifecycle.grace_period) => {
+                    tracing::warn!(open = self.proxy.active(), "grace period over; closing the remaining connections");
+                }
+                () = &mut forced => break 'drain Exit::Forced,
+            }
+            Exit::Drained
+        };
+
+        // 4. Cut what is left and stop the admin server.
+        if exit == Exit::Forced {
+            tracing::warn!(
+                open = self.proxy.active(),
+                "second signal: exiting now, closing open connections"
+            );
+        }
+        stop_accepting.cancel();
+        self.stop_sources.cancel();
+        self.proxy.cut.cancel();
+        self.proxy.tracker.close();
+        if tokio::time::timeout(CUT_WAIT, self.proxy.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.proxy.active(),
+                "connections still closing at exit"
+            );
+        }
+        stop_admin.cancel();
+        if let Err(e) = admin.await {
+            tracing::error!(error = %e, "admin server task failed");
+        }
+        tracing::info!(?exit, "stopped");
+        exit
+    }
+}
