@@ -285,7 +285,7 @@ impl Resolver<'_> {
 
     /// Rules that involve more than one key.
     fn cross_checks(&mut self, c: &Config) {
-        if c.proxy.listen.contains(&c.admin.listen) {
+        if c.admin.listen.port() != 0 && c.proxy.listen.contains(&c.admin.listen) {
             let origin = self.origin_of("admin.listen");
             self.errors.push(ConfigError {
                 origin,

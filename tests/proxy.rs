@@ -1,0 +1,295 @@
+//! The data path as a client sees it: bytes, half-close, failover, timeouts, the limit.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_megabytes_each_way_arrive_byte_for_byte() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, &[]).await;
+    let data = pattern(10 * 1024 * 1024 + 7, 42);
+
+    let client = proxy.connect().await;
+    let (mut r, mut w) = client.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.expect("write 10 MB");
+        w.shutdown().await.expect("shutdown");
+    });
+    let mut back = Vec::with_capacity(data.len());
+    within(BOUND, "10 MB to come back", r.read_to_end(&mut back))
+        .await
+        .expect("read echo");
+    writer.await.expect("writer");
+
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "echoed bytes differ from the bytes sent");
+    eventually("the connection to be counted as completed", async || {
+        proxy.closed("completed").await == 1.0
+    })
+    .await;
+    let to_backend = proxy
+        .metric("static_ingress_proxied_bytes_total{direction=\"to_backend\"}")
+        .await;
+    let to_client = proxy
+        .metric("static_ingress_proxied_bytes_total{direction=\"to_client\"}")
+        .await;
+    assert_eq!(
+        (to_backend, to_client),
+        (data.len() as f64, data.len() as f64)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_half_closes_still_receives_the_whole_reply() {
+    // Reads the request to its end, then answers with 1 MB and closes: the shape of a client
+    // that shuts its write side after sending.
+    let backend = Backend::start(|mut s| async move {
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).await.expect("read request");
+        let reply = pattern(1024 * 1024, req.len() as u64);
+        s.write_all(&reply).await.expect("write reply");
+    })
+    .await;
+    let proxy = Proxy::start(backend.addr, &[]).await;
+
+    let mut client = proxy.connect().await;
+    client
+        .write_all(b"request body of 29 bytes....\n")
+        .await
+        .expect("write");
+    client.shutdown().await.expect("half-close");
+    let reply = read_until_closed(&mut client)
+        .await
+        .expect("a clean close after the reply");
+    assert!(
+        reply == pattern(1024 * 1024, 29),
+        "reply truncated or corrupted: {} bytes",
+        reply.len()
+    );
+    eventually("completed", async || proxy.closed("completed").await == 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_that_half_closes_still_receives_the_whole_request() {
+    // Sends a greeting and shuts its write side at once, then reports what the client sent.
+    let (tx, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::start(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            s.write_all(b"hello\n").await.expect("greet");
+            s.shutdown().await.expect("half-close");
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.expect("read");
+            tx.send(got).expect("test is waiting");
+        }
+    })
+    .await;
+    let proxy = Proxy::start(backend.addr, &[]).await;
+    let mut client = proxy.connect().await;
+    let mut greeting = [0; 6];
+    within(BOUND, "greeting", client.read_exact(&mut greeting))
+        .await
+        .expect("greeting");
+    assert_eq!(&greeting, b"hello\n");
+    // The backend's FIN has been passed on...
+    assert_eq!(
+        within(BOUND, "EOF", client.read(&mut [0; 1]))
+            .await
+            .expect("read"),
+        0
+    );
+    // ...and the other direction still works.
+    client
+        .write_all(&pattern(300_000, 3))
+        .await
+        .expect("write after the backend half-closed");
+    client.shutdown().await.expect("shutdown");
+    let got = within(BOUND, "the backend to receive everything", received.recv())
+        .await
+        .expect("a report");
+    assert!(
+        got == pattern(300_000, 3),
+        "backend received {} bytes, not the 300000 sent",
+        got.len()
+    );
+    eventually("completed", async || proxy.closed("completed").await == 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_address_is_skipped_for_the_next_one() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, &[]).await;
+    let refusing = refusing_addr().await;
+    proxy.set_backends(&[refusing, backend.addr]);
+
+    for i in 0..4u8 {
+        let mut c = proxy.connect().await;
+        assert_eq!(
+            round_trip(&mut c, &[i; 100]).await,
+            vec![i; 100],
+            "connection {i}"
+        );
+    }
+    // Round robin puts the refusing address first for half of the connections.
+    let refused = proxy
+        .metric("static_ingress_backend_connect_errors_total{reason=\"refused\"}")
+        .await;
+    assert_eq!(refused, 2.0);
+    assert_eq!(proxy.closed("connect_failed").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_that_hangs_times_out_and_the_next_address_serves() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, &[("proxy.connect_timeout", "300ms")]).await;
+    let blackhole = Blackhole::new();
+    proxy.set_backends(&[blackhole.addr, backend.addr]);
+
+    let started = Instant::now();
+    let mut c = proxy.connect().await;
+    assert_eq!(round_trip(&mut c, b"ping").await, b"ping");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(300),
+        "the hanging address was not tried first ({elapsed:?})"
+    );
+    assert_eq!(
+        proxy
+            .metric("static_ingress_backend_connect_errors_total{reason=\"timeout\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_no_address_answers_the_client_is_closed_after_the_connect_timeout() {
+    let proxy = Proxy::start(refusing_addr().await, &[("proxy.connect_timeout", "200ms")]).await;
+    let blackhole = Blackhole::new();
+    proxy.set_backends(&[blackhole.addr]);
+
+    let started = Instant::now();
+    let mut c = proxy.connect().await;
+    let _ = read_until_closed(&mut c).await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(3),
+        "closed after {elapsed:?}"
+    );
+    eventually("connect_failed", async || {
+        proxy.closed("connect_failed").await == 1.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_after_the_idle_timeout_and_a_busy_one_is_not() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, &[("proxy.idle_timeout", "400ms")]).await;
+
+    // At the same time: one connection busy with a message every 100 ms for 1.2 s (three
+    // idle timeouts), and one that goes quiet after its first message.
+    let mut busy = proxy.connect().await;
+    let busy = tokio::spawn(async move {
+        for i in 0..12u8 {
+            assert_eq!(round_trip(&mut busy, &[i]).await, vec![i]);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        busy
+    });
+    let mut idle = proxy.connect().await;
+    assert_eq!(round_trip(&mut idle, b"x").await, b"x");
+    let last_activity = Instant::now();
+    let _ = read_until_closed(&mut idle).await;
+    let waited = last_activity.elapsed();
+    assert!(
+        waited >= Duration::from_millis(390),
+        "closed too early: {waited:?}"
+    );
+
+    let mut busy = within(BOUND, "the busy connection", busy)
+        .await
+        .expect("busy connection kept working");
+    assert_eq!(round_trip(&mut busy, b"still open").await, b"still open");
+    assert_eq!(proxy.closed("idle_timeout").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_connection_is_closed_after_the_half_close_timeout() {
+    let backend = Backend::silent().await;
+    let proxy = Proxy::start(
+        backend.addr,
+        &[
+            ("proxy.idle_timeout", "30s"),
+            ("proxy.half_close_timeout", "300ms"),
+        ],
+    )
+    .await;
+    let mut c = proxy.connect().await;
+    c.write_all(b"bye").await.expect("write");
+    c.shutdown().await.expect("half-close");
+    let started = Instant::now();
+    let _ = read_until_closed(&mut c).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the half-closed connection lingered"
+    );
+    eventually("half_close_timeout", async || {
+        proxy.closed("half_close_timeout").await == 1.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_limit_new_connections_are_reset_and_served_again_once_below() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, &[("proxy.max_connections", "2")]).await;
+
+    let mut a = proxy.connect().await;
+    let mut b = proxy.connect().await;
+    assert_eq!(round_trip(&mut a, b"a").await, b"a");
+    assert_eq!(round_trip(&mut b, b"b").await, b"b");
+
+    let mut over = proxy.connect().await;
+    let result = read_until_closed(&mut over).await;
+    assert_eq!(
+        result.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "a connection over the limit is reset"
+    );
+    assert_eq!(proxy.closed("over_limit").await, 1.0);
+    assert_eq!(
+        round_trip(&mut a, b"a2").await,
+        b"a2",
+        "connections under the limit are untouched"
+    );
+
+    drop(a);
+    eventually("a slot to free up", async || {
+        proxy.closed("completed").await == 1.0
+    })
+    .await;
+    let mut c = proxy.connect().await;
+    assert_eq!(round_trip(&mut c, b"c").await, b"c");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_backend_address_connections_close_and_health_says_why() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, &[]).await;
+    assert_eq!(get(proxy.admin, "/health").await.status, 200);
+
+    proxy.set_backends(&[]);
+    let h = get(proxy.admin, "/health").await;
+    assert_eq!((h.status, h.body.as_str()), (503, "no backend address\n"));
+    let mut c = proxy.connect().await;
+    assert_eq!(read_until_closed(&mut c).await.expect("closed").len(), 0);
+    eventually("no_backend", async || {
+        proxy.closed("no_backend").await == 1.0
+    })
+    .await;
+}
