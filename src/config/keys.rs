@@ -92,7 +92,7 @@ pub fn sections() -> Vec<&'static str> {
     out
 }
 
-pub const KEYS: &[Key] = &[
+pub static KEYS: &[Key] = &[
     Key {
         name: "proxy.listen",
         kind: Kind::SocketAddrs,

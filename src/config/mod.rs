@@ -193,7 +193,7 @@ impl Config {
             Some(config) if r.errors.is_empty() => {
                 // Keep check-config's output in the order of the key table.
                 r.settings
-                    .sort_by_key(|s| keys::KEYS.iter().position(|k| std::ptr::eq(k, s.key)));
+                    .sort_by_key(|s| keys::KEYS.iter().position(|k| k.name == s.key.name));
                 Ok(Loaded {
                     config,
                     settings: r.settings,
@@ -438,5 +438,62 @@ mod tests {
             err.to_string(),
             "flag --admin-listen: admin.listen: 127.0.0.1:9001 is also in proxy.listen; the admin server needs its own port"
         );
+    }
+}
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+
+    fn repo_file(rel: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn example_config_sets_every_key_to_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/static-ingress.example.toml");
+        let file = FileLayer::read(&path).expect("the example parses");
+        let loaded = Config::from_layers(Some(&file), &[]).expect("the example is valid");
+        for key in keys::KEYS {
+            let setting = loaded
+                .settings
+                .iter()
+                .find(|s| s.key.name == key.name)
+                .expect("every key is set");
+            assert!(
+                matches!(setting.origin, Origin::File { .. }),
+                "{} is missing from the example",
+                key.name
+            );
+            if let Some(default) = key.default {
+                let want = value::parse(key.kind, Raw::Text(default)).expect("default parses");
+                assert_eq!(
+                    setting.value, want,
+                    "{} in the example is not its default",
+                    key.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn reference_documents_every_key_with_its_default() {
+        let doc = repo_file("docs/configuration.md");
+        for key in keys::KEYS {
+            let default = key
+                .default
+                .map_or("required".to_string(), |d| format!("`{d}`"));
+            let row = format!(
+                "| `{}` | {default} | `--{}` | `{}` |",
+                key.name,
+                key.flag(),
+                key.env()
+            );
+            assert!(
+                doc.contains(&row),
+                "docs/configuration.md lacks the row:\n{row}"
+            );
+        }
     }
 }

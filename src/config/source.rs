@@ -194,6 +194,10 @@ impl FileLayer {
                 );
             }
         }
+        errors.sort_by_key(|e: &ConfigError| match e.origin {
+            Origin::File { line, .. } => line,
+            _ => None,
+        });
         if errors.is_empty() {
             Ok(FileLayer {
                 path: path.to_path_buf(),
@@ -257,9 +261,9 @@ mod tests {
         assert_eq!(
             errors(text),
             vec![
-                "t.toml:6: unknown key admin.bogus".to_string(),
                 "t.toml:2: unknown key proxy.conect_timeout (did you mean proxy.connect_timeout?)"
                     .to_string(),
+                "t.toml:6: unknown key admin.bogus".to_string(),
             ]
         );
     }

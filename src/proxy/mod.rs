@@ -140,7 +140,6 @@ impl Proxy {
     }
 
     async fn serve(self: Arc<Self>, client: TcpStream, permit: OwnedSemaphorePermit) {
-        let _permit = permit;
         socket::tune(&client, self.config.tcp_keepalive);
         let reason = tokio::select! {
             reason = self.proxy(&client) => reason,
@@ -149,6 +148,10 @@ impl Proxy {
                 CloseReason::Shutdown
             }
         };
+        // Free the socket and the slot before counting the close, so that whoever sees the
+        // close counted can rely on the slot being free.
+        drop(client);
+        drop(permit);
         self.metrics.closed(reason);
         tracing::debug!(reason = reason.as_str(), "connection closed");
     }

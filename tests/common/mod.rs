@@ -65,15 +65,14 @@ impl Proxy {
         let config = Config::from_pairs(pairs).expect("test config is valid");
         let server = Server::bind(config).expect("binding on port 0 succeeds");
         let (signals, rx) = mpsc::channel(4);
-        let proxy = Proxy {
+        Proxy {
             addr: server.proxy_addrs()[0],
             admin: server.admin_addr(),
             backends: server.backends(),
             metrics: server.metrics(),
             signals,
             run: tokio::spawn(server.run(rx)),
-        };
-        proxy
+        }
     }
 
     /// Replaces the backend address set, as a DNS answer would.

@@ -1,0 +1,413 @@
+//! The binary as an operator runs it: check-config, exit codes, messages, real signals.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_static-ingress");
+
+fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// The binary with a clean environment: no STATIC_INGRESS_* leaks in from the caller.
+fn cmd() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    c
+}
+
+fn run(c: &mut Command) -> Output {
+    c.stdin(Stdio::null()).output().expect("the binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn check_config_prints_the_effective_config_and_exits_0() {
+    let file = fixture("valid.toml");
+    let out = run(cmd().args(["check-config", &file]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(&format!("# effective configuration: {file} (valid)\n")),
+        "{text}"
+    );
+    for line in [
+        format!("connect_timeout = \"2s\"                       # {file}:4"),
+        format!("address = \"blue-elb-123.eu-west-1.elb.amazonaws.com:443\" # {file}:11"),
+        format!("level = \"info,static_ingress::proxy=debug\"   # {file}:24"),
+    ] {
+        assert!(text.contains(&line), "missing line:\n{line}\nin:\n{text}");
+    }
+}
+
+#[test]
+fn check_config_reports_every_bad_value_with_file_line_and_key() {
+    let file = fixture("bad-values.toml");
+    let out = run(cmd().args(["check-config", &file]));
+    assert_eq!(out.status.code(), Some(78));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: {file}:3: proxy.listen: invalid address \"0.0.0.0\": expected IP:port, such as 0.0.0.0:443 or [::]:443\n\
+             error: {file}:4: proxy.connect_timeout: \"5\" has no unit: write it as \"5s\" or \"5ms\"\n\
+             error: {file}:5: proxy.idle_timeout: expected a duration such as \"5s\", got integer 360\n\
+             error: {file}:6: proxy.max_connections: must be a whole number from 1 to 1000000, got 0\n\
+             error: {file}:9: backend.address: invalid host:port \"blue-elb.example.com\": the port is missing\n\
+             error: {file}:12: log.format: must be one of text, json, got \"yaml\"\n\
+             configuration invalid: 6 errors\n"
+        )
+    );
+    assert_eq!(stdout(&out), "");
+}
+
+#[test]
+fn unknown_keys_and_sections_are_refused_with_a_suggestion() {
+    let file = fixture("unknown-keys.toml");
+    let out = run(cmd().args(["check-config", &file]));
+    assert_eq!(out.status.code(), Some(78));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: {file}:3: unknown key proxy.conect_timeout (did you mean proxy.connect_timeout?)\n\
+             error: {file}:8: unknown section [healthcheck]\n\
+             configuration invalid: 2 errors\n"
+        )
+    );
+}
+
+#[test]
+fn structural_mistakes_name_the_line() {
+    let file = fixture("not-a-section.toml");
+    let out = run(cmd().args(["check-config", &file]));
+    assert_eq!(out.status.code(), Some(78));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: {file}:1: `backend` must be a section: write [backend] and put its keys below it\n\
+             configuration invalid: 1 error\n"
+        )
+    );
+
+    let file = fixture("syntax-error.toml");
+    let out = run(cmd().args(["check-config", &file]));
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        stderr(&out).starts_with(&format!("error: {file}:")),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_missing_file_or_missing_backend_is_a_config_error() {
+    let out = run(cmd().args(["check-config", "/nonexistent/static-ingress.toml"]));
+    assert_eq!(out.status.code(), Some(78));
+    assert_eq!(
+        stderr(&out),
+        "error: /nonexistent/static-ingress.toml: cannot read the config file: No such file or directory (os error 2)\n\
+         configuration invalid: 1 error\n"
+    );
+
+    let file = fixture("empty.toml");
+    let out = run(cmd().args(["run", "--config", &file]));
+    assert_eq!(out.status.code(), Some(78));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: {file}: backend.address: is required: set it in {file}, with --backend-address, or with \
+             STATIC_INGRESS_BACKEND_ADDRESS\nconfiguration invalid: 1 error\n"
+        )
+    );
+}
+
+#[test]
+fn flags_beat_environment_which_beats_the_file() {
+    let file = fixture("valid.toml");
+    let env_only = run(cmd()
+        .args(["check-config", &file])
+        .env("STATIC_INGRESS_PROXY_MAX_CONNECTIONS", "7"));
+    assert_eq!(env_only.status.code(), Some(0), "{}", stderr(&env_only));
+    assert!(
+        stdout(&env_only).contains("max_connections = 7                          # environment variable STATIC_INGRESS_PROXY_MAX_CONNECTIONS"),
+        "{}",
+        stdout(&env_only)
+    );
+
+    let both = run(cmd()
+        .args(["check-config", &file, "--proxy-max-connections", "9"])
+        .env("STATIC_INGRESS_PROXY_MAX_CONNECTIONS", "7"));
+    assert!(
+        stdout(&both).contains(
+            "max_connections = 9                          # flag --proxy-max-connections"
+        )
+    );
+
+    let bad_env = run(cmd()
+        .args(["check-config", &file])
+        .env("STATIC_INGRESS_PROXY_MAX_CONNECTIONS", "abc"));
+    assert_eq!(bad_env.status.code(), Some(78));
+    assert_eq!(
+        stderr(&bad_env),
+        "error: environment variable STATIC_INGRESS_PROXY_MAX_CONNECTIONS: proxy.max_connections: must be a whole \
+         number from 1 to 1000000, got \"abc\"\nconfiguration invalid: 1 error\n"
+    );
+
+    // The config file itself can come from the environment.
+    let via_env = run(cmd()
+        .arg("check-config")
+        .env("STATIC_INGRESS_CONFIG", &file));
+    assert!(stdout(&via_env).starts_with(&format!("# effective configuration: {file} (valid)")));
+}
+
+#[test]
+fn version_help_and_usage_errors() {
+    let out = run(cmd().arg("--version"));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        stdout(&out),
+        format!("static-ingress {}\n", env!("CARGO_PKG_VERSION"))
+    );
+
+    let out = run(cmd().arg("--help"));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains("check-config"), "{}", stdout(&out));
+
+    let out = run(cmd().args(["run", "--help"]));
+    assert!(
+        stdout(&out).contains("--backend-address <HOST:PORT>"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("STATIC_INGRESS_PROXY_IDLE_TIMEOUT"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = run(cmd().args(["run", "--no-such-flag"]));
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// A proxy process on loopback with free ports. Killed on drop if still running.
+struct Process {
+    child: Child,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl Process {
+    async fn start(backend: SocketAddr, extra: &[&str]) -> Process {
+        let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let child = cmd()
+            .args(["run", "--config", &fixture("empty.toml")])
+            .args(["--backend-address", &backend.to_string()])
+            .args([
+                "--proxy-listen",
+                &proxy.to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the proxy");
+        let p = Process {
+            child,
+            proxy,
+            admin,
+        };
+        eventually(
+            "the proxy to answer /health",
+            async || match tokio::net::TcpStream::connect(p.admin).await {
+                Ok(_) => get(p.admin, "/health").await.status == 200,
+                Err(_) => false,
+            },
+        )
+        .await;
+        p
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid fits");
+        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill failed");
+    }
+
+    async fn wait(mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                let mut out = String::new();
+                use std::io::Read;
+                if let Some(mut s) = self.child.stdout.take() {
+                    let _ = s.read_to_string(&mut out);
+                }
+                return (status.code(), out);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not exit within {BOUND:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_proxies_and_drains_on_sigterm() {
+    let backend = Backend::echo().await;
+    let p = Process::start(backend.addr, &["--lifecycle-drain-delay", "300ms"]).await;
+    let mut c = within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy))
+        .await
+        .expect("connect");
+    assert_eq!(
+        round_trip(&mut c, b"through the binary").await,
+        b"through the binary"
+    );
+
+    p.signal(libc::SIGTERM);
+    eventually("draining", async || {
+        get(p.admin, "/health").await.body == "draining\n"
+    })
+    .await;
+    drop(c);
+    let (code, logs) = p.wait().await;
+    assert_eq!(code, Some(0), "{logs}");
+    assert!(logs.contains("draining"), "{logs}");
+    assert!(logs.contains("stopped"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_does_not_kill_it_and_a_second_sigint_exits_at_once_with_1() {
+    let backend = Backend::echo().await;
+    let p = Process::start(
+        backend.addr,
+        &["--lifecycle-drain-delay", "60s", "--log-format", "json"],
+    )
+    .await;
+    p.signal(libc::SIGHUP);
+    eventually("still healthy after SIGHUP", async || {
+        get(p.admin, "/health").await.status == 200
+    })
+    .await;
+    p.signal(libc::SIGINT);
+    eventually("draining", async || {
+        get(p.admin, "/health").await.status == 503
+    })
+    .await;
+    let started = Instant::now();
+    p.signal(libc::SIGINT);
+    let (code, logs) = p.wait().await;
+    assert_eq!(code, Some(1));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let first = logs.lines().next().expect("a log line");
+    let json: serde_json::Value = serde_json::from_str(first).expect("JSON logs");
+    assert!(json["level"].is_string(), "{first}");
+}
+
+#[test]
+fn a_port_in_use_names_the_address_and_exits_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let out = run(cmd().args([
+        "run",
+        "--config",
+        &fixture("empty.toml"),
+        "--backend-address",
+        "127.0.0.1:1",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--proxy-listen",
+        &addr.to_string(),
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains(&format!(
+            "cannot listen on {addr} for the proxy (another process is already listening there): Address already in use"
+        )),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn a_privileged_port_without_the_capability_says_what_is_needed() {
+    // Run as nobody, with no capabilities, as a sandboxed service would be.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ])
+        .arg(BIN)
+        .args([
+            "run",
+            "--config",
+            &fixture("empty.toml"),
+            "--backend-address",
+            "127.0.0.1:1",
+        ])
+        .args([
+            "--proxy-listen",
+            "127.0.0.1:443",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env_clear()
+        .stdin(Stdio::null())
+        .output()
+        .expect("setpriv (util-linux) runs");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout: {}\nstderr: {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains(
+            "cannot listen on 127.0.0.1:443 for the proxy (ports below 1024 need CAP_NET_BIND_SERVICE: run as root, \
+             grant the capability, or pick a port from 1024 up): Permission denied"
+        ),
+        "{}",
+        stdout(&out)
+    );
+}
