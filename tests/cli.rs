@@ -229,9 +229,14 @@ fn free_port() -> u16 {
 
 impl Process {
     async fn start(backend: SocketAddr, extra: &[&str]) -> Process {
+        Process::start_under(cmd(), backend, extra).await
+    }
+
+    /// Starts the proxy through `launcher`, a command that ends with the binary's path or is it.
+    async fn start_under(mut launcher: Command, backend: SocketAddr, extra: &[&str]) -> Process {
         let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let child = cmd()
+        let child = launcher
             .args(["run", "--config", &fixture("empty.toml")])
             .args(["--backend-address", &backend.to_string()])
             .args([
@@ -409,5 +414,56 @@ fn a_privileged_port_without_the_capability_says_what_is_needed() {
         ),
         "{}",
         stdout(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_does_not_kill_the_proxy_and_it_recovers() {
+    let backend = Backend::echo().await;
+    // 64 descriptors: the process needs about 15 for itself, each proxied connection 2.
+    let mut launcher = Command::new("prlimit");
+    launcher.args(["--nofile=64:64", "--", BIN]).env_clear();
+    let p = Process::start_under(launcher, backend.addr, &[]).await;
+
+    // Far more clients than descriptors. Connects still complete (the kernel queues them), but
+    // the proxy runs out of descriptors while serving them.
+    let mut clients = Vec::new();
+    for _ in 0..60 {
+        clients.push(
+            within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy))
+                .await
+                .expect("connect"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(clients);
+
+    // It is still alive, and serves again once descriptors are free.
+    eventually("/health to answer again", async || {
+        tokio::net::TcpStream::connect(p.admin).await.is_ok()
+            && get(p.admin, "/health").await.status == 200
+    })
+    .await;
+    let mut c = within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy))
+        .await
+        .expect("connect");
+    assert_eq!(
+        round_trip(&mut c, b"after the shortage").await,
+        b"after the shortage"
+    );
+
+    let metrics = get(p.admin, "/metrics").await.body;
+    let value = |sample: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(sample))
+            .map_or(0.0, |v| v.trim().parse().expect("number"))
+    };
+    let accept_backoffs = value("static_ingress_accept_errors_total{reason=\"fd_limit\"}");
+    let failed_connects = value("static_ingress_backend_connect_errors_total{reason=\"other\"}");
+    eprintln!("accept back-offs: {accept_backoffs}, failed connects: {failed_connects}");
+    assert!(
+        accept_backoffs + failed_connects > 0.0,
+        "the descriptor limit was never hit:\n{metrics}"
     );
 }

@@ -1,0 +1,34 @@
+# The one task runner: README.md and .ci/run use these targets.
+#   make run BACKEND=host:port   run the proxy on this machine (no AWS needed)
+#   make test                    run every test
+#   make lint                    formatting, clippy, cargo-deny
+#   make ci                      what CI runs: lint + test
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+
+BACKEND ?= example.com:443
+LISTEN ?= 127.0.0.1:8443
+ADMIN ?= 127.0.0.1:9001
+
+.PHONY: run test lint ci build release
+
+build:
+	cargo build --all-targets
+
+release:
+	cargo build --release
+
+run:
+	cargo run --release -- run --backend-address $(BACKEND) --proxy-listen $(LISTEN) --admin-listen $(ADMIN) \
+		--lifecycle-drain-delay 0s
+
+test:
+	cargo test --all-targets --no-fail-fast
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+	tools="$$(scripts/install-tools.sh | tail -n 1)"; "$$tools/cargo-deny" check bans sources licenses
+
+ci: lint test
