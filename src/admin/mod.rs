@@ -125,10 +125,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationT
             Ok(x) => x,
             Err(e) => {
                 tracing::debug!(error = %e, "admin accept failed");
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                ) {
+                if crate::proxy::socket::out_of_resources(&e) {
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
                 continue;

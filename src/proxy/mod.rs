@@ -120,10 +120,7 @@ impl Proxy {
 
     /// Counts and logs an accept error; true when the loop should back off.
     fn accept_failed(&self, e: &io::Error) -> bool {
-        let exhausted = matches!(
-            e.raw_os_error(),
-            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-        );
+        let exhausted = socket::out_of_resources(e);
         let reason = if exhausted { "fd_limit" } else { "other" };
         self.metrics
             .accept_errors_total

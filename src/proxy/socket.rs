@@ -63,6 +63,15 @@ fn hint(addr: SocketAddr, e: &io::Error) -> &'static str {
     }
 }
 
+/// True for accept errors that mean the process or machine is out of descriptors or memory:
+/// retrying at once would spin, so accept loops back off.
+pub fn out_of_resources(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// TCP_NODELAY (the proxy forwards what it reads at once; Nagle would only add latency to TLS
 /// handshakes) and keepalive.
 pub fn tune(stream: &TcpStream, keepalive: Duration) {
