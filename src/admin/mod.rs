@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backends, Resolution};
+use crate::backend::Backends;
 use crate::config::Config;
 use crate::logging::Throttle;
 use crate::metrics::Metrics;
@@ -92,9 +92,12 @@ impl State {
         }
         let set = self.backends.current();
         if set.addrs.is_empty() {
-            return Health::Unhealthy(match &set.resolution {
-                Resolution::Unresolved(why) => why.clone(),
-                Resolution::Resolved { .. } => "no backend address".into(),
+            return Health::Unhealthy(match &set.resolution.error {
+                Some(why) => format!("backend unresolved: {why}"),
+                None if set.resolution.last_good.is_none() => {
+                    "backend unresolved: resolution in progress".into()
+                }
+                None => "no backend address".into(),
             });
         }
         if set.healthy_count() == 0 {

@@ -5,7 +5,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::{Health, State};
-use crate::backend::Resolution;
 
 #[derive(Serialize)]
 struct Status<'a> {
@@ -34,10 +33,17 @@ struct BackendView {
 
 #[derive(Serialize)]
 struct ResolutionView {
+    /// True while the proxy has addresses from a good answer.
     resolved: bool,
-    /// Unix time of the last successful resolution.
-    resolved_at: Option<f64>,
+    /// True when those addresses come from an earlier answer because the latest lookup failed.
+    stale: bool,
+    /// Unix time of the last good answer, and its age.
+    last_good: Option<f64>,
     age_seconds: Option<f64>,
+    /// TTL of the last good answer, as the nameserver gave it.
+    ttl_seconds: Option<f64>,
+    /// Unix time of the last lookup, good or bad, and why it failed if it did.
+    last_attempt: Option<f64>,
     error: Option<String>,
 }
 
@@ -62,19 +68,17 @@ fn unix(t: SystemTime) -> f64 {
 
 pub fn render(state: &State) -> String {
     let set = state.backends.current();
-    let resolution = match &set.resolution {
-        Resolution::Resolved { at } => ResolutionView {
-            resolved: true,
-            resolved_at: Some(unix(*at)),
-            age_seconds: Some(at.elapsed().map_or(0.0, |d| d.as_secs_f64())),
-            error: None,
-        },
-        Resolution::Unresolved(why) => ResolutionView {
-            resolved: false,
-            resolved_at: None,
-            age_seconds: None,
-            error: Some(why.clone()),
-        },
+    let r = &set.resolution;
+    let resolution = ResolutionView {
+        resolved: r.last_good.is_some() && !set.addrs.is_empty(),
+        stale: r.is_stale(),
+        last_good: r.last_good.map(unix),
+        age_seconds: r
+            .last_good
+            .map(|t| t.elapsed().map_or(0.0, |d| d.as_secs_f64())),
+        ttl_seconds: r.ttl.map(|d| d.as_secs_f64()),
+        last_attempt: r.last_attempt.map(unix),
+        error: r.error.clone(),
     };
     let health = match state.health() {
         Health::Ok => HealthView {

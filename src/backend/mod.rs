@@ -10,7 +10,7 @@ pub mod startup;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 
@@ -61,13 +61,35 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// How the current set was obtained, for `/health` and `/status`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resolution {
-    /// Nothing known yet; the string says why (the last lookup error, or "in progress").
-    Unresolved(String),
-    /// Resolved at this time.
-    Resolved { at: SystemTime },
+/// How the current set was obtained, for `/health`, `/status` and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolution {
+    /// When an answer last confirmed the current addresses; `None` if none ever did.
+    pub last_good: Option<SystemTime>,
+    /// The TTL that answer carried, before any clamping.
+    pub ttl: Option<Duration>,
+    /// When the last lookup finished, good or bad.
+    pub last_attempt: Option<SystemTime>,
+    /// Why the last lookup failed; `None` when it succeeded.
+    pub error: Option<String>,
+}
+
+impl Resolution {
+    /// A good answer, just received.
+    pub fn answered(ttl: Option<Duration>) -> Resolution {
+        let now = SystemTime::now();
+        Resolution {
+            last_good: Some(now),
+            ttl,
+            last_attempt: Some(now),
+            error: None,
+        }
+    }
+
+    /// True when the addresses come from an earlier answer because the latest lookup failed.
+    pub fn is_stale(&self) -> bool {
+        self.error.is_some() && self.last_good.is_some()
+    }
 }
 
 /// An immutable snapshot of the backend's addresses.
@@ -79,9 +101,14 @@ pub struct BackendSet {
 
 impl BackendSet {
     pub fn unresolved(why: impl Into<String>) -> BackendSet {
+        let resolution = Resolution {
+            error: Some(why.into()),
+            last_attempt: Some(SystemTime::now()),
+            ..Default::default()
+        };
         BackendSet {
             addrs: Vec::new(),
-            resolution: Resolution::Unresolved(why.into()),
+            resolution,
         }
     }
 
@@ -141,12 +168,33 @@ impl Backends {
         }));
     }
 
-    /// Marks the set unresolved without touching a set that already has addresses: a failed
-    /// lookup never empties a working backend.
+    /// Records a failed lookup. A set that has addresses keeps them (it is now stale): a failed
+    /// lookup never empties a working backend. Only [`Backends::expire`] does.
     pub fn lookup_failed(&self, why: impl Into<String>) {
-        if self.current().addrs.is_empty() {
-            self.current.store(Arc::new(BackendSet::unresolved(why)));
-        }
+        let old = self.current();
+        let resolution = Resolution {
+            error: Some(why.into()),
+            last_attempt: Some(SystemTime::now()),
+            ..old.resolution.clone()
+        };
+        self.current.store(Arc::new(BackendSet {
+            addrs: old.addrs.clone(),
+            resolution,
+        }));
+    }
+
+    /// Drops every address: the last good answer is too old to trust.
+    pub fn expire(&self, why: impl Into<String>) {
+        let old = self.current();
+        let resolution = Resolution {
+            error: Some(why.into()),
+            last_attempt: Some(SystemTime::now()),
+            ..old.resolution.clone()
+        };
+        self.current.store(Arc::new(BackendSet {
+            addrs: Vec::new(),
+            resolution,
+        }));
     }
 
     /// Where the next connection starts in the candidate order.
@@ -166,12 +214,7 @@ mod tests {
     #[test]
     fn candidates_rotate_and_put_unhealthy_last() {
         let b = Backends::new("x");
-        b.publish(
-            [addr(1), addr(2), addr(3)],
-            Resolution::Resolved {
-                at: SystemTime::now(),
-            },
-        );
+        b.publish([addr(1), addr(2), addr(3)], Resolution::answered(None));
         let set = b.current();
         let order = |start| {
             set.candidates(start)
@@ -187,19 +230,9 @@ mod tests {
     #[test]
     fn publish_keeps_state_of_surviving_addresses_and_dedups() {
         let b = Backends::new("x");
-        b.publish(
-            [addr(1), addr(2)],
-            Resolution::Resolved {
-                at: SystemTime::now(),
-            },
-        );
+        b.publish([addr(1), addr(2)], Resolution::answered(None));
         b.current().addrs[0].set_healthy(false);
-        b.publish(
-            [addr(1), addr(3), addr(3)],
-            Resolution::Resolved {
-                at: SystemTime::now(),
-            },
-        );
+        b.publish([addr(1), addr(3), addr(3)], Resolution::answered(None));
         let set = b.current();
         assert_eq!(set.addrs.len(), 2);
         assert!(!set.addrs[0].is_healthy());
@@ -210,18 +243,14 @@ mod tests {
     fn a_failed_lookup_never_empties_a_known_set() {
         let b = Backends::new("x");
         b.lookup_failed("nxdomain");
-        assert_eq!(
-            b.current().resolution,
-            Resolution::Unresolved("nxdomain".into())
-        );
-        b.publish(
-            [addr(1)],
-            Resolution::Resolved {
-                at: SystemTime::now(),
-            },
-        );
+        assert_eq!(b.current().resolution.error.as_deref(), Some("nxdomain"));
+        assert!(!b.current().resolution.is_stale());
+        b.publish([addr(1)], Resolution::answered(None));
         b.lookup_failed("servfail");
         assert_eq!(b.current().addrs.len(), 1);
+        assert!(b.current().resolution.is_stale());
+        b.expire("too old");
+        assert!(b.current().addrs.is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -21,9 +21,7 @@ pub fn start(target: &HostPort, backends: Arc<Backends>, stop: CancellationToken
     if let Ok(ip) = target.host.parse::<IpAddr>() {
         backends.publish(
             [SocketAddr::new(ip, target.port)],
-            Resolution::Resolved {
-                at: SystemTime::now(),
-            },
+            Resolution::answered(None),
         );
         return;
     }
@@ -36,19 +34,14 @@ pub fn start(target: &HostPort, backends: Arc<Backends>, stop: CancellationToken
                     let addrs: Vec<SocketAddr> = addrs.collect();
                     if !addrs.is_empty() {
                         tracing::info!(backend = %target, addresses = ?addrs, "backend resolved");
-                        backends.publish(
-                            addrs,
-                            Resolution::Resolved {
-                                at: SystemTime::now(),
-                            },
-                        );
+                        backends.publish(addrs, Resolution::answered(None));
                         return;
                     }
-                    backends.lookup_failed("backend unresolved: the name has no addresses");
+                    backends.lookup_failed("the name has no addresses");
                 }
                 Err(e) => {
                     tracing::warn!(backend = %target, error = %e, retry_in = ?retry, "backend does not resolve");
-                    backends.lookup_failed(format!("backend unresolved: {e}"));
+                    backends.lookup_failed(e.to_string());
                 }
             }
             tokio::select! {

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use static_ingress::backend::{Backends, Resolution};
 use static_ingress::lifecycle::Signal;
@@ -77,12 +77,8 @@ impl Proxy {
 
     /// Replaces the backend address set, as a DNS answer would.
     pub fn set_backends(&self, addrs: &[SocketAddr]) {
-        self.backends.publish(
-            addrs.iter().copied(),
-            Resolution::Resolved {
-                at: SystemTime::now(),
-            },
-        );
+        self.backends
+            .publish(addrs.iter().copied(), Resolution::answered(None));
     }
 
     pub async fn connect(&self) -> TcpStream {
