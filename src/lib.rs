@@ -8,6 +8,7 @@
 //! - [`lifecycle`]: Unix signals, systemd readiness and watchdog, file-descriptor limits.
 //! - [`proxy`]: the data path: accept loop, connection limit, connect, two-way copy.
 //! - [`backend`]: the backend's current address set and the order connections try it in.
+//! - [`dns`]: follows the backend's DNS name (TTL schedule, hold through failures).
 //! - [`admin`]: the HTTP server for `/health`, `/live`, `/metrics` and `/status`.
 //! - [`metrics`]: Prometheus metrics, all named `static_ingress_*`.
 //! - [`logging`]: text or JSON logs, and a throttle for per-connection warnings.
@@ -16,6 +17,7 @@ pub mod admin;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;

@@ -112,7 +112,10 @@ pub struct Metrics {
     pub connect_duration_seconds: Histogram,
     pub accept_errors_total: IntCounterVec,
     pub draining: IntGauge,
-    pub backend_addresses: IntGauge,
+    backend_addresses: IntGauge,
+    dns_resolutions_total: IntCounterVec,
+    dns_answer_age_seconds: prometheus::Gauge,
+    dns_stale: IntGauge,
 }
 
 impl Metrics {
@@ -175,6 +178,22 @@ impl Metrics {
         )?;
         registry.register(Box::new(connect_duration_seconds.clone()))?;
 
+        let dns_resolutions_total = counter_vec(
+            "dns_resolutions_total",
+            "Lookups of the backend name, by result.",
+            "result",
+        )?;
+        for result in std::iter::once("success")
+            .chain(crate::dns::FailureKind::ALL.iter().map(|k| k.as_str()))
+        {
+            dns_resolutions_total.with_label_values(&[result]);
+        }
+        let dns_answer_age_seconds = prometheus::Gauge::new(
+            "dns_answer_age_seconds",
+            "Seconds since a DNS answer last confirmed the backend's addresses (0 before any).",
+        )?;
+        registry.register(Box::new(dns_answer_age_seconds.clone()))?;
+
         let build_info = IntGaugeVec::new(
             Opts::new("build_info", "Always 1; labels describe this build."),
             &["version"],
@@ -205,6 +224,12 @@ impl Metrics {
                 "1 while the proxy is draining after SIGTERM, else 0.",
             )?,
             backend_addresses: gauge("backend_addresses", "Backend addresses currently known.")?,
+            dns_resolutions_total,
+            dns_answer_age_seconds,
+            dns_stale: gauge(
+                "dns_stale",
+                "1 while the addresses come from an earlier answer because lookups fail.",
+            )?,
             registry,
             process,
         })
@@ -225,6 +250,25 @@ impl Metrics {
 
     pub fn connect_error(&self, reason: ConnectError) {
         self.connect_errors_total[reason as usize].inc();
+    }
+
+    pub fn dns_resolution(&self, result: &str) {
+        self.dns_resolutions_total
+            .with_label_values(&[result])
+            .inc();
+    }
+
+    /// Sets the gauges that describe the backend set, just before they are read.
+    pub fn observe_backends(&self, set: &crate::backend::BackendSet) {
+        self.backend_addresses
+            .set(i64::try_from(set.addrs.len()).unwrap_or(i64::MAX));
+        let age = set
+            .resolution
+            .last_good
+            .and_then(|t| t.elapsed().ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.dns_answer_age_seconds.set(age);
+        self.dns_stale.set(i64::from(set.resolution.is_stale()));
     }
 
     /// The Prometheus text exposition of every metric.

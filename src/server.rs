@@ -11,14 +11,24 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
-use crate::backend::{self, Backends};
+use crate::backend::{Backends, Resolution};
 use crate::config::Config;
+use crate::dns::{self, Follower, hickory::HickoryLookup};
 use crate::lifecycle::{self, Signal};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy, socket::BindError};
 
 /// How long the proxy waits for connections it has just cut to finish closing.
 const CUT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    Dns(#[from] dns::hickory::SetupError),
+}
 
 /// How `run` ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +56,7 @@ pub struct Server {
 impl Server {
     /// Binds the proxy and admin listeners and starts following the backend. Fails if any
     /// address cannot be bound, naming it.
-    pub fn bind(config: Config) -> Result<Server, BindError> {
+    pub fn bind(config: Config) -> Result<Server, StartError> {
         let config = Arc::new(config);
         let mut proxy_listeners = Vec::new();
         let mut proxy_addrs = Vec::new();
@@ -73,11 +83,22 @@ impl Server {
             proxy_addrs.clone(),
         ));
         let stop_sources = CancellationToken::new();
-        backend::startup::start(
-            &config.backend.address,
-            Arc::clone(&backends),
-            stop_sources.clone(),
-        );
+        let target = &config.backend.address;
+        match dns::hickory::literal(&target.host, target.port) {
+            // An IP address needs no DNS: publish it once.
+            Some(addr) => backends.publish([addr], Resolution::answered(None)),
+            None => {
+                let follower = Follower {
+                    lookup: HickoryLookup::new(&config.dns)?,
+                    host: target.host.clone(),
+                    port: target.port,
+                    config: config.dns.clone(),
+                    backends: Arc::clone(&backends),
+                    metrics: Arc::clone(&metrics),
+                };
+                tokio::spawn(follower.run(stop_sources.clone()));
+            }
+        }
         Ok(Server {
             config,
             proxy_listeners,

@@ -183,11 +183,7 @@ fn route(req: &Request<hyper::body::Incoming>, state: &State) -> Response<Full<B
             Health::Unhealthy(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },
         "/metrics" => {
-            let known = state.backends.current().addrs.len();
-            state
-                .metrics
-                .backend_addresses
-                .set(i64::try_from(known).unwrap_or(i64::MAX));
+            state.metrics.observe_backends(&state.backends.current());
             let mut r = text(StatusCode::OK, state.metrics.render());
             r.headers_mut().insert(
                 CONTENT_TYPE,

@@ -1,11 +1,8 @@
 //! The backend's current address set: published by a source, read lock-free by every
 //! connection, and the choice of which address a new connection tries first.
 //!
-//! The seam: a source (today [`startup`], which resolves once; later the DNS follower)
-//! calls [`Backends::publish`]; the data path calls [`Backends::current`] and
+//! The seam: a source (the DNS follower in `crate::dns`, or a fixed IP) calls [`Backends::publish`]; the data path calls [`Backends::current`] and
 //! [`BackendSet::candidates`]. Neither side knows how the other works.
-
-pub mod startup;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use tokio::sync::Notify;
 
 /// One backend address and what the proxy knows about it.
 #[derive(Debug)]
@@ -135,6 +133,8 @@ pub struct Backends {
     pub name: String,
     current: ArcSwap<BackendSet>,
     cursor: AtomicUsize,
+    /// Raised by the data path when connects fail: the source should look again soon.
+    refresh: Notify,
 }
 
 impl Backends {
@@ -143,6 +143,7 @@ impl Backends {
             name: name.into(),
             current: ArcSwap::from_pointee(BackendSet::unresolved("resolution in progress")),
             cursor: AtomicUsize::new(0),
+            refresh: Notify::new(),
         }
     }
 
@@ -195,6 +196,16 @@ impl Backends {
             addrs: Vec::new(),
             resolution,
         }));
+    }
+
+    /// Asks the address source to look again soon (it rate-limits).
+    pub fn request_refresh(&self) {
+        self.refresh.notify_one();
+    }
+
+    /// Completes when a refresh has been asked for since the last call.
+    pub async fn refresh_requested(&self) {
+        self.refresh.notified().await;
     }
 
     /// Where the next connection starts in the candidate order.

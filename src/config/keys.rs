@@ -17,6 +17,8 @@ pub enum Kind {
     SocketAddr,
     /// One or more `IP:port` socket addresses: a TOML array, or a comma-separated string.
     SocketAddrs,
+    /// Like `SocketAddrs`, but may be empty (`[]` or `""`).
+    OptionalSocketAddrs,
     /// A `host:port` pair whose host may be a DNS name or an IP address.
     HostPort,
     /// One of a fixed set of words.
@@ -32,7 +34,7 @@ impl Kind {
             Kind::Duration | Kind::DurationOrZero => "DURATION",
             Kind::Count { .. } => "N",
             Kind::SocketAddr => "IP:PORT",
-            Kind::SocketAddrs => "IP:PORT[,IP:PORT...]",
+            Kind::SocketAddrs | Kind::OptionalSocketAddrs => "IP:PORT[,IP:PORT...]",
             Kind::HostPort => "HOST:PORT",
             Kind::Choice(_) => "WORD",
             Kind::LogFilter => "FILTER",
@@ -145,6 +147,49 @@ pub static KEYS: &[Key] = &[
         kind: Kind::HostPort,
         default: None,
         doc: "The backend as host:port, usually the ELB's DNS name and 443. Required.",
+    },
+    Key {
+        name: "dns.nameservers",
+        kind: Kind::OptionalSocketAddrs,
+        default: Some(""),
+        doc: "Nameservers to ask, as IP:port. Empty: those in /etc/resolv.conf (on EC2, the VPC \
+              resolver). Each is asked over UDP, and over TCP when an answer is truncated.",
+    },
+    Key {
+        name: "dns.refresh_interval",
+        kind: Kind::Duration,
+        default: Some("1s"),
+        doc: "Re-resolve at the earlier of the answer's TTL and this interval, so a blue/green \
+              flip is seen within a second even when the record's TTL is long.",
+    },
+    Key {
+        name: "dns.min_ttl",
+        kind: Kind::Duration,
+        default: Some("250ms"),
+        doc: "Never re-resolve faster than this, whatever the TTL (a TTL of 0 uses it), and \
+              never retry a failed lookup faster than this, so a broken resolver cannot make \
+              the proxy spin.",
+    },
+    Key {
+        name: "dns.hold",
+        kind: Kind::Duration,
+        default: Some("6h"),
+        doc: "While lookups fail (NXDOMAIN, SERVFAIL, timeouts, no answer), keep using the last \
+              good addresses for this long after that answer. Past it the addresses are dropped, \
+              because ELB addresses are eventually given to other AWS customers.",
+    },
+    Key {
+        name: "dns.timeout",
+        kind: Kind::Duration,
+        default: Some("2s"),
+        doc: "How long one lookup may take (one retry included) before it counts as a timeout.",
+    },
+    Key {
+        name: "dns.family",
+        kind: Kind::Choice(&["ipv4", "ipv6", "both"]),
+        default: Some("ipv4"),
+        doc: "Which records to use: ipv4 (A), ipv6 (AAAA) or both. ELBs answer A records; \
+              dualstack ELB names also answer AAAA.",
     },
     Key {
         name: "admin.listen",

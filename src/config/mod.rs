@@ -24,6 +24,7 @@ pub const DEFAULT_PATH: &str = "/etc/static-ingress/static-ingress.toml";
 pub struct Config {
     pub proxy: ProxyConfig,
     pub backend: BackendConfig,
+    pub dns: DnsConfig,
     pub admin: AdminConfig,
     pub lifecycle: LifecycleConfig,
     pub log: LogConfig,
@@ -42,6 +43,25 @@ pub struct ProxyConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
     pub address: HostPort,
+}
+
+/// Which address records the backend name is resolved to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+    Both,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Empty: use the system's resolver configuration.
+    pub nameservers: Vec<SocketAddr>,
+    pub refresh_interval: Duration,
+    pub min_ttl: Duration,
+    pub hold: Duration,
+    pub timeout: Duration,
+    pub family: Family,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +165,12 @@ impl Config {
         let max_connections = r.get("proxy.max_connections", as_count);
         let tcp_keepalive = r.get("proxy.tcp_keepalive", as_duration);
         let backend_address = r.get("backend.address", as_host_port);
+        let nameservers = r.get("dns.nameservers", as_addrs);
+        let refresh_interval = r.get("dns.refresh_interval", as_duration);
+        let min_ttl = r.get("dns.min_ttl", as_duration);
+        let hold = r.get("dns.hold", as_duration);
+        let dns_timeout = r.get("dns.timeout", as_duration);
+        let family = r.get("dns.family", as_word);
         let admin_listen = r.get("admin.listen", as_addr);
         let admin_header_timeout = r.get("admin.header_timeout", as_duration);
         let admin_max_connections = r.get("admin.max_connections", as_count);
@@ -165,6 +191,18 @@ impl Config {
                 },
                 backend: BackendConfig {
                     address: backend_address?,
+                },
+                dns: DnsConfig {
+                    nameservers: nameservers?,
+                    refresh_interval: refresh_interval?,
+                    min_ttl: min_ttl?,
+                    hold: hold?,
+                    timeout: dns_timeout?,
+                    family: match family?.as_str() {
+                        "ipv6" => Family::Ipv6,
+                        "both" => Family::Both,
+                        _ => Family::Ipv4,
+                    },
                 },
                 admin: AdminConfig {
                     listen: admin_listen?,
@@ -188,6 +226,7 @@ impl Config {
 
         if let Some(config) = &config {
             r.cross_checks(config);
+            r.dns_checks(config);
         }
         match config {
             Some(config) if r.errors.is_empty() => {
@@ -293,6 +332,21 @@ impl Resolver<'_> {
                 message: format!(
                     "{} is also in proxy.listen; the admin server needs its own port",
                     c.admin.listen
+                ),
+            });
+        }
+    }
+
+    fn dns_checks(&mut self, c: &Config) {
+        if c.dns.min_ttl > c.dns.refresh_interval {
+            let origin = self.origin_of("dns.min_ttl");
+            self.errors.push(ConfigError {
+                origin,
+                key: Some("dns.min_ttl".into()),
+                message: format!(
+                    "{} is longer than dns.refresh_interval ({}); the floor must not exceed the interval",
+                    humantime::format_duration(c.dns.min_ttl),
+                    humantime::format_duration(c.dns.refresh_interval)
                 ),
             });
         }
@@ -481,9 +535,11 @@ mod doc_tests {
     fn reference_documents_every_key_with_its_default() {
         let doc = repo_file("docs/configuration.md");
         for key in keys::KEYS {
-            let default = key
-                .default
-                .map_or("required".to_string(), |d| format!("`{d}`"));
+            let default = match key.default {
+                None => "required".to_string(),
+                Some("") => "`\"\"`".to_string(),
+                Some(d) => format!("`{d}`"),
+            };
             let row = format!(
                 "| `{}` | {default} | `--{}` | `{}` |",
                 key.name,

@@ -90,7 +90,7 @@ pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
             raw,
             "an address such as \"0.0.0.0:9001\"",
         )?)?)),
-        Kind::SocketAddrs => {
+        Kind::SocketAddrs | Kind::OptionalSocketAddrs => {
             let items: Vec<&str> = match raw {
                 Raw::Toml(toml::Value::Array(items)) => items
                     .iter()
@@ -101,14 +101,14 @@ pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
                 Raw::Toml(other) => return Err(wrong_type("a list of addresses", other)),
             };
             let mut addrs: Vec<SocketAddr> = Vec::with_capacity(items.len());
-            for item in items {
+            for item in items.into_iter().filter(|i| !i.is_empty()) {
                 let addr = socket_addr(item)?;
                 if addrs.contains(&addr) {
                     return Err(format!("lists {addr} twice"));
                 }
                 addrs.push(addr);
             }
-            if addrs.is_empty() {
+            if addrs.is_empty() && kind == Kind::SocketAddrs {
                 return Err("must list at least one address".into());
             }
             Ok(Value::Addrs(addrs))

@@ -228,6 +228,8 @@ impl Proxy {
                 }
             };
             self.metrics.connect_error(error);
+            // The address may have left DNS: ask for a fresh answer (rate-limited there).
+            self.backends.request_refresh();
         }
         None
     }
