@@ -2,6 +2,8 @@
 //! admin port, and waits that are always bounded.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod dns;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,9 +60,13 @@ const BASE: &[(&str, &str)] = &[
 impl Proxy {
     /// Starts a proxy to `backend` with `extra` settings on top of [`BASE`].
     pub async fn start(backend: SocketAddr, extra: &[(&str, &str)]) -> Proxy {
-        let backend = backend.to_string();
+        Proxy::start_to(&backend.to_string(), extra).await
+    }
+
+    /// Starts a proxy to `backend` given as `host:port`, such as a name the test DNS serves.
+    pub async fn start_to(backend: &str, extra: &[(&str, &str)]) -> Proxy {
         let mut pairs: Vec<(&str, &str)> = BASE.to_vec();
-        pairs.push(("backend.address", &backend));
+        pairs.push(("backend.address", backend));
         pairs.extend_from_slice(extra);
         let config = Config::from_pairs(pairs).expect("test config is valid");
         let server = Server::bind(config).expect("binding on port 0 succeeds");
@@ -184,6 +190,14 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind backend");
+        Backend::serve(listener, handler)
+    }
+
+    fn serve<F, Fut>(listener: TcpListener, handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let addr = listener.local_addr().expect("backend address");
         let task = tokio::spawn(async move {
             loop {
@@ -205,6 +219,39 @@ impl Backend {
             }
         })
         .await
+    }
+
+    /// Greets every connection with `name` and a newline, then echoes.
+    pub async fn named(addr: SocketAddr, name: &'static str) -> std::io::Result<Backend> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Backend::serve(listener, move |mut s| async move {
+            if s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                return;
+            }
+            let (mut r, mut w) = s.split();
+            if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                let _ = w.shutdown().await;
+            }
+        }))
+    }
+
+    /// One named backend per loopback IP, all on the same port (as an ELB's addresses are).
+    pub async fn fleet(ips: &[std::net::Ipv4Addr], names: &[&'static str]) -> (u16, Vec<Backend>) {
+        'port: for _ in 0..20 {
+            let first = Backend::named(SocketAddr::from((ips[0], 0)), names[0])
+                .await
+                .expect("bind");
+            let port = first.addr.port();
+            let mut fleet = vec![first];
+            for (ip, name) in ips.iter().zip(names.iter()).skip(1) {
+                match Backend::named(SocketAddr::from((*ip, port)), name).await {
+                    Ok(b) => fleet.push(b),
+                    Err(_) => continue 'port,
+                }
+            }
+            return (port, fleet);
+        }
+        panic!("no port free on every backend IP");
     }
 
     /// Holds connections open without reading or writing.
@@ -270,6 +317,26 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Connects through the proxy and returns the backend's greeting line (see [`Backend::named`]).
+pub async fn greeting(proxy: SocketAddr) -> std::io::Result<(String, TcpStream)> {
+    within(BOUND, "a greeting", async {
+        let mut s = TcpStream::connect(proxy).await?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            if s.read(&mut byte).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            if byte[0] == b'\n' {
+                break;
+            }
+            line.push(byte[0]);
+        }
+        Ok((String::from_utf8_lossy(&line).into_owned(), s))
+    })
+    .await
 }
 
 /// Writes one message and reads exactly as many bytes back.
