@@ -11,7 +11,7 @@ BACKEND ?= example.com:443
 LISTEN ?= 127.0.0.1:8443
 ADMIN ?= 127.0.0.1:9001
 
-.PHONY: run test lint ci build release
+.PHONY: run test lint ci build release docs
 
 build:
 	cargo build --all-targets
@@ -32,3 +32,6 @@ lint:
 	tools="$$(scripts/install-tools.sh | tail -n 1)"; "$$tools/cargo-deny" check bans sources licenses
 
 ci: lint test
+
+docs:
+	scripts/config-table.py

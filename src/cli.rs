@@ -73,9 +73,7 @@ const OVERRIDE_HEADING: &str = "Configuration (flag > environment > file > defau
 impl Args for Overrides {
     fn augment_args(mut cmd: Command) -> Command {
         for key in keys::KEYS {
-            let default = key
-                .default
-                .map_or("required".to_string(), |d| format!("default: {d}"));
+            let default = key.default.map_or("required".to_string(), |d| format!("default: {d}"));
             cmd = cmd.arg(
                 Arg::new(key.name)
                     .long(key.flag())
@@ -103,11 +101,7 @@ impl FromArgMatches for Overrides {
                     Some(ValueSource::EnvVariable) => Origin::Env(key.env()),
                     _ => Origin::Flag(key.flag()),
                 };
-                out.push(Override {
-                    key,
-                    value: value.clone(),
-                    origin,
-                });
+                out.push(Override { key, value: value.clone(), origin });
             }
         }
         Ok(Overrides(out))
@@ -142,10 +136,7 @@ fn print_errors(errors: &ConfigErrors) {
         eprintln!("error: {e}");
     }
     let n = errors.0.len();
-    eprintln!(
-        "configuration invalid: {n} error{}",
-        if n == 1 { "" } else { "s" }
-    );
+    eprintln!("configuration invalid: {n} error{}", if n == 1 { "" } else { "s" });
 }
 
 fn check_config(args: CheckArgs) -> ExitCode {
@@ -154,9 +145,7 @@ fn check_config(args: CheckArgs) -> ExitCode {
         Ok(loaded) => {
             match &path {
                 Some(p) => println!("# effective configuration: {} (valid)", p.display()),
-                None => println!(
-                    "# effective configuration: no config file, defaults and overrides only (valid)"
-                ),
+                None => println!("# effective configuration: no config file, defaults and overrides only (valid)"),
             }
             print!("{}", loaded.render());
             ExitCode::from(exit::OK)
@@ -185,10 +174,7 @@ fn run(args: RunArgs) -> ExitCode {
     }
     lifecycle::raise_fd_limit(config.proxy.max_connections);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");
@@ -252,28 +238,14 @@ mod tests {
             "5",
         ])
         .unwrap();
-        let Cmd::Run(args) = cli.command else {
-            panic!("expected run")
-        };
-        let got: Vec<(&str, &str, String)> = args
-            .overrides
-            .0
-            .iter()
-            .map(|o| (o.key.name, o.value.as_str(), o.origin.to_string()))
-            .collect();
+        let Cmd::Run(args) = cli.command else { panic!("expected run") };
+        let got: Vec<(&str, &str, String)> =
+            args.overrides.0.iter().map(|o| (o.key.name, o.value.as_str(), o.origin.to_string())).collect();
         assert_eq!(
             got,
             vec![
-                (
-                    "proxy.max_connections",
-                    "5",
-                    "flag --proxy-max-connections".to_string()
-                ),
-                (
-                    "backend.address",
-                    "b.example:443",
-                    "flag --backend-address".to_string()
-                ),
+                ("proxy.max_connections", "5", "flag --proxy-max-connections".to_string()),
+                ("backend.address", "b.example:443", "flag --backend-address".to_string()),
             ]
         );
     }

@@ -8,6 +8,7 @@
 //! - [`lifecycle`]: Unix signals, systemd readiness and watchdog, file-descriptor limits.
 //! - [`proxy`]: the data path: accept loop, connection limit, connect, two-way copy.
 //! - [`backend`]: the backend's current address set and the order connections try it in.
+//! - [`health`]: active TCP checks of every backend address (interval, rise, fall).
 //! - [`dns`]: follows the backend's DNS name (TTL schedule, hold through failures).
 //! - [`admin`]: the HTTP server for `/health`, `/live`, `/metrics` and `/status`.
 //! - [`metrics`]: Prometheus metrics, all named `static_ingress_*`.
@@ -18,6 +19,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod dns;
+pub mod health;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;

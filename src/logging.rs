@@ -12,15 +12,9 @@ use crate::config::{LogConfig, LogFormat};
 /// Installs the global subscriber. The filter was checked when the config was loaded.
 pub fn init(config: &LogConfig) {
     let filter = EnvFilter::builder().parse_lossy(&config.filter);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
     match config.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
         LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).init(),
     }
 }
@@ -45,11 +39,7 @@ impl Default for Throttle {
 
 impl Throttle {
     pub fn new() -> Throttle {
-        Throttle {
-            origin: Instant::now(),
-            last: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-        }
+        Throttle { origin: Instant::now(), last: AtomicU64::new(0), suppressed: AtomicU64::new(0) }
     }
 
     /// `Some(n)` when this event may be logged, `n` being how many were held back since the
@@ -61,11 +51,7 @@ impl Throttle {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        if self
-            .last
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-        {
+        if self.last.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err() {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -85,10 +71,7 @@ mod tests {
         assert_eq!(t.allow(), None);
         // Move the throttle's clock back, as if the last event were two periods ago.
         let t = Throttle {
-            origin: t
-                .origin
-                .checked_sub(std::time::Duration::from_millis(2 * THROTTLE_PERIOD_MS))
-                .unwrap(),
+            origin: t.origin.checked_sub(std::time::Duration::from_millis(2 * THROTTLE_PERIOD_MS)).unwrap(),
             ..t
         };
         assert_eq!(t.allow(), Some(2));

@@ -1,8 +1,7 @@
 //! Prometheus metrics, all named `static_ingress_*`, with label values from small fixed sets.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Why a client connection ended. Every accepted connection ends with exactly one of these.
@@ -66,12 +65,8 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    pub const ALL: [ConnectError; 4] = [
-        ConnectError::Refused,
-        ConnectError::Timeout,
-        ConnectError::Unreachable,
-        ConnectError::Other,
-    ];
+    pub const ALL: [ConnectError; 4] =
+        [ConnectError::Refused, ConnectError::Timeout, ConnectError::Unreachable, ConnectError::Other];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -86,9 +81,7 @@ impl ConnectError {
         match e.raw_os_error() {
             Some(libc::ECONNREFUSED) => ConnectError::Refused,
             Some(libc::ETIMEDOUT) => ConnectError::Timeout,
-            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EADDRNOTAVAIL) => {
-                ConnectError::Unreachable
-            }
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EADDRNOTAVAIL) => ConnectError::Unreachable,
             _ => ConnectError::Other,
         }
     }
@@ -112,7 +105,8 @@ pub struct Metrics {
     pub connect_duration_seconds: Histogram,
     pub accept_errors_total: IntCounterVec,
     pub draining: IntGauge,
-    backend_addresses: IntGauge,
+    backend_addresses: IntGaugeVec,
+    pub health_check_failures_total: IntCounter,
     dns_resolutions_total: IntCounterVec,
     dns_answer_age_seconds: prometheus::Gauge,
     dns_stale: IntGauge,
@@ -137,55 +131,41 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
-        let counter_vec =
-            |name: &str, help: &str, label: &str| -> prometheus::Result<IntCounterVec> {
-                let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
-                registry.register(Box::new(c.clone()))?;
-                Ok(c)
-            };
+        let counter_vec = |name: &str, help: &str, label: &str| -> prometheus::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
 
-        let close = counter_vec(
-            "tcp_close_total",
-            "Client connections closed, by reason.",
-            "reason",
-        )?;
-        let bytes = counter_vec(
-            "proxied_bytes_total",
-            "Bytes forwarded, by direction.",
-            "direction",
-        )?;
+        let close = counter_vec("tcp_close_total", "Client connections closed, by reason.", "reason")?;
+        let bytes = counter_vec("proxied_bytes_total", "Bytes forwarded, by direction.", "direction")?;
         let connect = counter_vec(
             "backend_connect_errors_total",
             "Failed connect attempts to backend addresses, by reason.",
             "reason",
         )?;
-        let accept_errors_total = counter_vec(
-            "accept_errors_total",
-            "Errors accepting client connections, by reason.",
-            "reason",
-        )?;
+        let accept_errors_total =
+            counter_vec("accept_errors_total", "Errors accepting client connections, by reason.", "reason")?;
         for reason in ["fd_limit", "other"] {
             accept_errors_total.with_label_values(&[reason]);
         }
         let connect_duration_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "backend_connect_duration_seconds",
-                "Time to establish a backend connection.",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
+            HistogramOpts::new("backend_connect_duration_seconds", "Time to establish a backend connection.")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
         )?;
         registry.register(Box::new(connect_duration_seconds.clone()))?;
 
-        let dns_resolutions_total = counter_vec(
-            "dns_resolutions_total",
-            "Lookups of the backend name, by result.",
-            "result",
+        let backend_addresses = IntGaugeVec::new(
+            Opts::new("backend_addresses", "Backend addresses currently known, by state."),
+            &["state"],
         )?;
-        for result in std::iter::once("success")
-            .chain(crate::dns::FailureKind::ALL.iter().map(|k| k.as_str()))
-        {
+        registry.register(Box::new(backend_addresses.clone()))?;
+        for state in ["healthy", "suspect", "unhealthy"] {
+            backend_addresses.with_label_values(&[state]);
+        }
+        let dns_resolutions_total =
+            counter_vec("dns_resolutions_total", "Lookups of the backend name, by result.", "result")?;
+        for result in std::iter::once("success").chain(crate::dns::FailureKind::ALL.iter().map(|k| k.as_str())) {
             dns_resolutions_total.with_label_values(&[result]);
         }
         let dns_answer_age_seconds = prometheus::Gauge::new(
@@ -194,42 +174,32 @@ impl Metrics {
         )?;
         registry.register(Box::new(dns_answer_age_seconds.clone()))?;
 
-        let build_info = IntGaugeVec::new(
-            Opts::new("build_info", "Always 1; labels describe this build."),
-            &["version"],
-        )?;
+        let build_info =
+            IntGaugeVec::new(Opts::new("build_info", "Always 1; labels describe this build."), &["version"])?;
         registry.register(Box::new(build_info.clone()))?;
         build_info.with_label_values(&[version]).set(1);
 
         let process = Registry::new();
         #[cfg(target_os = "linux")]
-        process.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        process.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
 
         Ok(Metrics {
             tcp_open_total: counter("tcp_open_total", "Client connections accepted.")?,
             tcp_open_connections: gauge("tcp_open_connections", "Client connections open now.")?,
             tcp_close_total: CloseReason::ALL.map(|r| close.with_label_values(&[r.as_str()])),
-            proxied_bytes_total: [
-                bytes.with_label_values(&["to_backend"]),
-                bytes.with_label_values(&["to_client"]),
-            ],
-            connect_errors_total: ConnectError::ALL
-                .map(|r| connect.with_label_values(&[r.as_str()])),
+            proxied_bytes_total: [bytes.with_label_values(&["to_backend"]), bytes.with_label_values(&["to_client"])],
+            connect_errors_total: ConnectError::ALL.map(|r| connect.with_label_values(&[r.as_str()])),
             connect_duration_seconds,
             accept_errors_total,
-            draining: gauge(
-                "draining",
-                "1 while the proxy is draining after SIGTERM, else 0.",
+            draining: gauge("draining", "1 while the proxy is draining after SIGTERM, else 0.")?,
+            backend_addresses,
+            health_check_failures_total: counter(
+                "health_check_failures_total",
+                "Failed health checks of backend addresses.",
             )?,
-            backend_addresses: gauge("backend_addresses", "Backend addresses currently known.")?,
             dns_resolutions_total,
             dns_answer_age_seconds,
-            dns_stale: gauge(
-                "dns_stale",
-                "1 while the addresses come from an earlier answer because lookups fail.",
-            )?,
+            dns_stale: gauge("dns_stale", "1 while the addresses come from an earlier answer because lookups fail.")?,
             registry,
             process,
         })
@@ -253,20 +223,19 @@ impl Metrics {
     }
 
     pub fn dns_resolution(&self, result: &str) {
-        self.dns_resolutions_total
-            .with_label_values(&[result])
-            .inc();
+        self.dns_resolutions_total.with_label_values(&[result]).inc();
     }
 
     /// Sets the gauges that describe the backend set, just before they are read.
     pub fn observe_backends(&self, set: &crate::backend::BackendSet) {
-        self.backend_addresses
-            .set(i64::try_from(set.addrs.len()).unwrap_or(i64::MAX));
-        let age = set
-            .resolution
-            .last_good
-            .and_then(|t| t.elapsed().ok())
-            .map_or(0.0, |d| d.as_secs_f64());
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let healthy = set.addrs.iter().filter(|a| a.is_healthy() && !a.is_suspect()).count();
+        let suspect = set.addrs.iter().filter(|a| a.is_healthy() && a.is_suspect()).count();
+        let unhealthy = set.addrs.len() - healthy - suspect;
+        self.backend_addresses.with_label_values(&["healthy"]).set(count(healthy));
+        self.backend_addresses.with_label_values(&["suspect"]).set(count(suspect));
+        self.backend_addresses.with_label_values(&["unhealthy"]).set(count(unhealthy));
+        let age = set.resolution.last_good.and_then(|t| t.elapsed().ok()).map_or(0.0, |d| d.as_secs_f64());
         self.dns_answer_age_seconds.set(age);
         self.dns_stale.set(i64::from(set.resolution.is_stale()));
     }
@@ -296,21 +265,9 @@ mod tests {
         m.closed(CloseReason::IdleTimeout);
         let text = m.render();
         assert!(text.contains("static_ingress_tcp_open_total 1"), "{text}");
-        assert!(
-            text.contains("static_ingress_tcp_close_total{reason=\"idle_timeout\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("static_ingress_tcp_close_total{reason=\"over_limit\"} 0"),
-            "{text}"
-        );
-        assert!(
-            text.contains("static_ingress_build_info{version=\"1.2.3\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("static_ingress_tcp_open_connections 0"),
-            "{text}"
-        );
+        assert!(text.contains("static_ingress_tcp_close_total{reason=\"idle_timeout\"} 1"), "{text}");
+        assert!(text.contains("static_ingress_tcp_close_total{reason=\"over_limit\"} 0"), "{text}");
+        assert!(text.contains("static_ingress_build_info{version=\"1.2.3\"} 1"), "{text}");
+        assert!(text.contains("static_ingress_tcp_open_connections 0"), "{text}");
     }
 }

@@ -14,6 +14,7 @@ use crate::admin;
 use crate::backend::{Backends, Resolution};
 use crate::config::Config;
 use crate::dns::{self, Follower, hickory::HickoryLookup};
+use crate::health::Checker;
 use crate::lifecycle::{self, Signal};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy, socket::BindError};
@@ -70,11 +71,7 @@ impl Server {
 
         let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")));
         let backends = Arc::new(Backends::new(config.backend.address.to_string()));
-        let proxy = Arc::new(Proxy::new(
-            config.proxy.clone(),
-            Arc::clone(&backends),
-            Arc::clone(&metrics),
-        ));
+        let proxy = Arc::new(Proxy::new(config.proxy.clone(), Arc::clone(&backends), Arc::clone(&metrics)));
         let state = Arc::new(admin::State::new(
             Arc::clone(&config),
             Arc::clone(&backends),
@@ -84,6 +81,9 @@ impl Server {
         ));
         let stop_sources = CancellationToken::new();
         let target = &config.backend.address;
+        let checker =
+            Checker { config: config.health.clone(), backends: Arc::clone(&backends), metrics: Arc::clone(&metrics) };
+        tokio::spawn(checker.run(stop_sources.clone()));
         match dns::hickory::literal(&target.host, target.port) {
             // An IP address needs no DNS: publish it once.
             Some(addr) => backends.publish([addr], Resolution::answered(None)),
@@ -147,11 +147,7 @@ impl Server {
             .map(|l| tokio::spawn(Arc::clone(&self.proxy).accept_loop(l, stop_accepting.clone())))
             .collect();
         let stop_admin = CancellationToken::new();
-        let admin = tokio::spawn(admin::serve(
-            self.admin_listener,
-            Arc::clone(&self.state),
-            stop_admin.clone(),
-        ));
+        let admin = tokio::spawn(admin::serve(self.admin_listener, Arc::clone(&self.state), stop_admin.clone()));
 
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
@@ -205,10 +201,7 @@ impl Server {
                 }
             }
             self.proxy.tracker.close();
-            tracing::info!(
-                open = self.proxy.active(),
-                "listeners closed; waiting for open connections"
-            );
+            tracing::info!(open = self.proxy.active(), "listeners closed; waiting for open connections");
 
             // 3. Let open connections finish.
             tokio::select! {
@@ -223,23 +216,14 @@ impl Server {
 
         // 4. Cut what is left and stop the admin server.
         if exit == Exit::Forced {
-            tracing::warn!(
-                open = self.proxy.active(),
-                "second signal: exiting now, closing open connections"
-            );
+            tracing::warn!(open = self.proxy.active(), "second signal: exiting now, closing open connections");
         }
         stop_accepting.cancel();
         self.stop_sources.cancel();
         self.proxy.cut.cancel();
         self.proxy.tracker.close();
-        if tokio::time::timeout(CUT_WAIT, self.proxy.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                open = self.proxy.active(),
-                "connections still closing at exit"
-            );
+        if tokio::time::timeout(CUT_WAIT, self.proxy.tracker.wait()).await.is_err() {
+            tracing::warn!(open = self.proxy.active(), "connections still closing at exit");
         }
         stop_admin.cancel();
         if let Err(e) = admin.await {

@@ -12,18 +12,13 @@ use common::*;
 const BIN: &str = env!("CARGO_BIN_EXE_static-ingress");
 
 fn fixture(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-        .display()
-        .to_string()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).display().to_string()
 }
 
 /// The binary with a clean environment: no STATIC_INGRESS_* leaks in from the caller.
 fn cmd() -> Command {
     let mut c = Command::new(BIN);
-    c.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    c.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
     c
 }
 
@@ -45,10 +40,7 @@ fn check_config_prints_the_effective_config_and_exits_0() {
     let out = run(cmd().args(["check-config", &file]));
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(
-        text.starts_with(&format!("# effective configuration: {file} (valid)\n")),
-        "{text}"
-    );
+    assert!(text.starts_with(&format!("# effective configuration: {file} (valid)\n")), "{text}");
     for line in [
         format!("connect_timeout = \"2s\"                       # {file}:4"),
         format!("address = \"blue-elb-123.eu-west-1.elb.amazonaws.com:443\" # {file}:11"),
@@ -109,11 +101,7 @@ fn structural_mistakes_name_the_line() {
     let file = fixture("syntax-error.toml");
     let out = run(cmd().args(["check-config", &file]));
     assert_eq!(out.status.code(), Some(78));
-    assert!(
-        stderr(&out).starts_with(&format!("error: {file}:")),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).starts_with(&format!("error: {file}:")), "{}", stderr(&out));
 }
 
 #[test]
@@ -141,12 +129,12 @@ fn a_missing_file_or_missing_backend_is_a_config_error() {
 #[test]
 fn flags_beat_environment_which_beats_the_file() {
     let file = fixture("valid.toml");
-    let env_only = run(cmd()
-        .args(["check-config", &file])
-        .env("STATIC_INGRESS_PROXY_MAX_CONNECTIONS", "7"));
+    let env_only = run(cmd().args(["check-config", &file]).env("STATIC_INGRESS_PROXY_MAX_CONNECTIONS", "7"));
     assert_eq!(env_only.status.code(), Some(0), "{}", stderr(&env_only));
     assert!(
-        stdout(&env_only).contains("max_connections = 7                          # environment variable STATIC_INGRESS_PROXY_MAX_CONNECTIONS"),
+        stdout(&env_only).contains(
+            "max_connections = 7                          # environment variable STATIC_INGRESS_PROXY_MAX_CONNECTIONS"
+        ),
         "{}",
         stdout(&env_only)
     );
@@ -154,15 +142,9 @@ fn flags_beat_environment_which_beats_the_file() {
     let both = run(cmd()
         .args(["check-config", &file, "--proxy-max-connections", "9"])
         .env("STATIC_INGRESS_PROXY_MAX_CONNECTIONS", "7"));
-    assert!(
-        stdout(&both).contains(
-            "max_connections = 9                          # flag --proxy-max-connections"
-        )
-    );
+    assert!(stdout(&both).contains("max_connections = 9                          # flag --proxy-max-connections"));
 
-    let bad_env = run(cmd()
-        .args(["check-config", &file])
-        .env("STATIC_INGRESS_PROXY_MAX_CONNECTIONS", "abc"));
+    let bad_env = run(cmd().args(["check-config", &file]).env("STATIC_INGRESS_PROXY_MAX_CONNECTIONS", "abc"));
     assert_eq!(bad_env.status.code(), Some(78));
     assert_eq!(
         stderr(&bad_env),
@@ -171,9 +153,7 @@ fn flags_beat_environment_which_beats_the_file() {
     );
 
     // The config file itself can come from the environment.
-    let via_env = run(cmd()
-        .arg("check-config")
-        .env("STATIC_INGRESS_CONFIG", &file));
+    let via_env = run(cmd().arg("check-config").env("STATIC_INGRESS_CONFIG", &file));
     assert!(stdout(&via_env).starts_with(&format!("# effective configuration: {file} (valid)")));
 }
 
@@ -181,26 +161,15 @@ fn flags_beat_environment_which_beats_the_file() {
 fn version_help_and_usage_errors() {
     let out = run(cmd().arg("--version"));
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(
-        stdout(&out),
-        format!("static-ingress {}\n", env!("CARGO_PKG_VERSION"))
-    );
+    assert_eq!(stdout(&out), format!("static-ingress {}\n", env!("CARGO_PKG_VERSION")));
 
     let out = run(cmd().arg("--help"));
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).contains("check-config"), "{}", stdout(&out));
 
     let out = run(cmd().args(["run", "--help"]));
-    assert!(
-        stdout(&out).contains("--backend-address <HOST:PORT>"),
-        "{}",
-        stdout(&out)
-    );
-    assert!(
-        stdout(&out).contains("STATIC_INGRESS_PROXY_IDLE_TIMEOUT"),
-        "{}",
-        stdout(&out)
-    );
+    assert!(stdout(&out).contains("--backend-address <HOST:PORT>"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("STATIC_INGRESS_PROXY_IDLE_TIMEOUT"), "{}", stdout(&out));
 
     let out = run(cmd().args(["run", "--no-such-flag"]));
     assert_eq!(out.status.code(), Some(2));
@@ -221,10 +190,7 @@ impl Drop for Process {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
 impl Process {
@@ -239,30 +205,18 @@ impl Process {
         let child = launcher
             .args(["run", "--config", &fixture("empty.toml")])
             .args(["--backend-address", &backend.to_string()])
-            .args([
-                "--proxy-listen",
-                &proxy.to_string(),
-                "--admin-listen",
-                &admin.to_string(),
-            ])
+            .args(["--proxy-listen", &proxy.to_string(), "--admin-listen", &admin.to_string()])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn the proxy");
-        let p = Process {
-            child,
-            proxy,
-            admin,
-        };
-        eventually(
-            "the proxy to answer /health",
-            async || match tokio::net::TcpStream::connect(p.admin).await {
-                Ok(_) => get(p.admin, "/health").await.status == 200,
-                Err(_) => false,
-            },
-        )
+        let p = Process { child, proxy, admin };
+        eventually("the proxy to answer /health", async || match tokio::net::TcpStream::connect(p.admin).await {
+            Ok(_) => get(p.admin, "/health").await.status == 200,
+            Err(_) => false,
+        })
         .await;
         p
     }
@@ -284,10 +238,7 @@ impl Process {
                 }
                 return (status.code(), out);
             }
-            assert!(
-                Instant::now() < deadline,
-                "the proxy did not exit within {BOUND:?}"
-            );
+            assert!(Instant::now() < deadline, "the proxy did not exit within {BOUND:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -297,19 +248,11 @@ impl Process {
 async fn the_binary_proxies_and_drains_on_sigterm() {
     let backend = Backend::echo().await;
     let p = Process::start(backend.addr, &["--lifecycle-drain-delay", "300ms"]).await;
-    let mut c = within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy))
-        .await
-        .expect("connect");
-    assert_eq!(
-        round_trip(&mut c, b"through the binary").await,
-        b"through the binary"
-    );
+    let mut c = within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy)).await.expect("connect");
+    assert_eq!(round_trip(&mut c, b"through the binary").await, b"through the binary");
 
     p.signal(libc::SIGTERM);
-    eventually("draining", async || {
-        get(p.admin, "/health").await.body == "draining\n"
-    })
-    .await;
+    eventually("draining", async || get(p.admin, "/health").await.body == "draining\n").await;
     drop(c);
     let (code, logs) = p.wait().await;
     assert_eq!(code, Some(0), "{logs}");
@@ -320,21 +263,11 @@ async fn the_binary_proxies_and_drains_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_does_not_kill_it_and_a_second_sigint_exits_at_once_with_1() {
     let backend = Backend::echo().await;
-    let p = Process::start(
-        backend.addr,
-        &["--lifecycle-drain-delay", "60s", "--log-format", "json"],
-    )
-    .await;
+    let p = Process::start(backend.addr, &["--lifecycle-drain-delay", "60s", "--log-format", "json"]).await;
     p.signal(libc::SIGHUP);
-    eventually("still healthy after SIGHUP", async || {
-        get(p.admin, "/health").await.status == 200
-    })
-    .await;
+    eventually("still healthy after SIGHUP", async || get(p.admin, "/health").await.status == 200).await;
     p.signal(libc::SIGINT);
-    eventually("draining", async || {
-        get(p.admin, "/health").await.status == 503
-    })
-    .await;
+    eventually("draining", async || get(p.admin, "/health").await.status == 503).await;
     let started = Instant::now();
     p.signal(libc::SIGINT);
     let (code, logs) = p.wait().await;
@@ -374,39 +307,15 @@ fn a_port_in_use_names_the_address_and_exits_1() {
 fn a_privileged_port_without_the_capability_says_what_is_needed() {
     // Run as nobody, with no capabilities, as a sandboxed service would be.
     let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-            "--",
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"])
         .arg(BIN)
-        .args([
-            "run",
-            "--config",
-            &fixture("empty.toml"),
-            "--backend-address",
-            "127.0.0.1:1",
-        ])
-        .args([
-            "--proxy-listen",
-            "127.0.0.1:443",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
+        .args(["run", "--config", &fixture("empty.toml"), "--backend-address", "127.0.0.1:1"])
+        .args(["--proxy-listen", "127.0.0.1:443", "--admin-listen", "127.0.0.1:0"])
         .env_clear()
         .stdin(Stdio::null())
         .output()
         .expect("setpriv (util-linux) runs");
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "stdout: {}\nstderr: {}",
-        stdout(&out),
-        stderr(&out)
-    );
+    assert_eq!(out.status.code(), Some(1), "stdout: {}\nstderr: {}", stdout(&out), stderr(&out));
     assert!(
         stdout(&out).contains(
             "cannot listen on 127.0.0.1:443 for the proxy (ports below 1024 need CAP_NET_BIND_SERVICE: run as root, \
@@ -429,41 +338,25 @@ async fn running_out_of_file_descriptors_does_not_kill_the_proxy_and_it_recovers
     // the proxy runs out of descriptors while serving them.
     let mut clients = Vec::new();
     for _ in 0..60 {
-        clients.push(
-            within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy))
-                .await
-                .expect("connect"),
-        );
+        clients.push(within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy)).await.expect("connect"));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(clients);
 
     // It is still alive, and serves again once descriptors are free.
     eventually("/health to answer again", async || {
-        tokio::net::TcpStream::connect(p.admin).await.is_ok()
-            && get(p.admin, "/health").await.status == 200
+        tokio::net::TcpStream::connect(p.admin).await.is_ok() && get(p.admin, "/health").await.status == 200
     })
     .await;
-    let mut c = within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy))
-        .await
-        .expect("connect");
-    assert_eq!(
-        round_trip(&mut c, b"after the shortage").await,
-        b"after the shortage"
-    );
+    let mut c = within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy)).await.expect("connect");
+    assert_eq!(round_trip(&mut c, b"after the shortage").await, b"after the shortage");
 
     let metrics = get(p.admin, "/metrics").await.body;
     let value = |sample: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(sample))
-            .map_or(0.0, |v| v.trim().parse().expect("number"))
+        metrics.lines().find_map(|l| l.strip_prefix(sample)).map_or(0.0, |v| v.trim().parse().expect("number"))
     };
     let accept_backoffs = value("static_ingress_accept_errors_total{reason=\"fd_limit\"}");
     let failed_connects = value("static_ingress_backend_connect_errors_total{reason=\"other\"}");
     eprintln!("accept back-offs: {accept_backoffs}, failed connects: {failed_connects}");
-    assert!(
-        accept_backoffs + failed_connects > 0.0,
-        "the descriptor limit was never hit:\n{metrics}"
-    );
+    assert!(accept_backoffs + failed_connects > 0.0, "the descriptor limit was never hit:\n{metrics}");
 }

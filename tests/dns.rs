@@ -29,10 +29,7 @@ async fn a_blue_green_flip_is_followed_within_a_second_even_with_a_one_day_ttl()
     let (port, _fleet) = Backend::fleet(&[BLUE, GREEN], &["blue", "green"]).await;
     let dns = DnsServer::start(&[BLUE], 86_400).await;
     let proxy = proxy_via(&dns, port, &[]).await;
-    eventually("healthy", async || {
-        get(proxy.admin, "/health").await.status == 200
-    })
-    .await;
+    eventually("healthy", async || get(proxy.admin, "/health").await.status == 200).await;
 
     let (name, mut open) = greeting(proxy.addr).await.expect("a connection to blue");
     assert_eq!(name, "blue");
@@ -41,9 +38,7 @@ async fn a_blue_green_flip_is_followed_within_a_second_even_with_a_one_day_ttl()
     let flipped = Instant::now();
     let mut seen_blue_after_flip = 0;
     let took = loop {
-        let (name, _) = greeting(proxy.addr)
-            .await
-            .expect("no connection fails during the flip");
+        let (name, _) = greeting(proxy.addr).await.expect("no connection fails during the flip");
         if name == "green" {
             break flipped.elapsed();
         }
@@ -54,28 +49,13 @@ async fn a_blue_green_flip_is_followed_within_a_second_even_with_a_one_day_ttl()
     eprintln!(
         "DNS flip to first connection on green: {took:?} ({seen_blue_after_flip} connections still went to blue)"
     );
-    assert!(
-        took <= Duration::from_millis(1250),
-        "green reached only after {took:?}"
-    );
+    assert!(took <= Duration::from_millis(1250), "green reached only after {took:?}");
 
     // The connection opened before the flip still works.
-    assert_eq!(
-        round_trip(&mut open, b"still on blue").await,
-        b"still on blue"
-    );
+    assert_eq!(round_trip(&mut open, b"still on blue").await, b"still on blue");
     let s = status(&proxy).await;
-    assert_eq!(
-        s["backend"]["addresses"]
-            .as_array()
-            .expect("addresses")
-            .len(),
-        1
-    );
-    assert_eq!(
-        s["backend"]["addresses"][0]["address"],
-        format!("{GREEN}:{port}")
-    );
+    assert_eq!(s["backend"]["addresses"].as_array().expect("addresses").len(), 1);
+    assert_eq!(s["backend"]["addresses"][0]["address"], format!("{GREEN}:{port}"));
     assert_eq!(s["backend"]["resolution"]["ttl_seconds"], 86_400.0);
 }
 
@@ -84,44 +64,22 @@ async fn every_kind_of_dns_failure_keeps_the_last_good_addresses() {
     let (port, _fleet) = Backend::fleet(&[BLUE], &["blue"]).await;
     let dns = DnsServer::start(&[BLUE], 1).await;
     let proxy = proxy_via(&dns, port, &[("dns.timeout", "300ms")]).await;
-    eventually("healthy", async || {
-        get(proxy.admin, "/health").await.status == 200
-    })
-    .await;
+    eventually("healthy", async || get(proxy.admin, "/health").await.status == 200).await;
 
     for (mode, result, error) in [
-        (
-            Mode::NxDomain,
-            "nxdomain",
-            "the name does not exist (NXDOMAIN)",
-        ),
-        (
-            Mode::ServFail,
-            "servfail",
-            "the nameserver failed (SERVFAIL)",
-        ),
-        (
-            Mode::Refused,
-            "refused",
-            "the nameserver refused the query (REFUSED)",
-        ),
+        (Mode::NxDomain, "nxdomain", "the name does not exist (NXDOMAIN)"),
+        (Mode::ServFail, "servfail", "the nameserver failed (SERVFAIL)"),
+        (Mode::Refused, "refused", "the nameserver refused the query (REFUSED)"),
         (Mode::NoData, "nodata", "the name has no address records"),
         (Mode::Drop, "timeout", "the lookup timed out"),
     ] {
         let sample = format!("static_ingress_dns_resolutions_total{{result=\"{result}\"}}");
         let before = proxy.metric(&sample).await;
         dns.zone.set(|z| z.mode = mode);
-        eventually(&format!("a {result} lookup"), async || {
-            proxy.metric(&sample).await > before
-        })
-        .await;
+        eventually(&format!("a {result} lookup"), async || proxy.metric(&sample).await > before).await;
 
         let health = get(proxy.admin, "/health").await;
-        assert_eq!(
-            (health.status, health.body.as_str()),
-            (200, "ok\n"),
-            "after {result}"
-        );
+        assert_eq!((health.status, health.body.as_str()), (200, "ok\n"), "after {result}");
         let (name, _) = greeting(proxy.addr).await.expect("still proxying");
         assert_eq!(name, "blue", "after {result}");
         let s = status(&proxy).await;
@@ -130,10 +88,7 @@ async fn every_kind_of_dns_failure_keeps_the_last_good_addresses() {
         assert_eq!(proxy.metric("static_ingress_dns_stale").await, 1.0);
 
         dns.zone.set(|z| z.mode = Mode::Answer);
-        eventually("fresh again", async || {
-            proxy.metric("static_ingress_dns_stale").await == 0.0
-        })
-        .await;
+        eventually("fresh again", async || proxy.metric("static_ingress_dns_stale").await == 0.0).await;
     }
 }
 
@@ -142,65 +97,40 @@ async fn a_stopped_nameserver_keeps_the_last_good_addresses() {
     let (port, _fleet) = Backend::fleet(&[BLUE], &["blue"]).await;
     let dns = DnsServer::start(&[BLUE], 1).await;
     let proxy = proxy_via(&dns, port, &[("dns.timeout", "300ms")]).await;
-    eventually("healthy", async || {
-        get(proxy.admin, "/health").await.status == 200
-    })
-    .await;
+    eventually("healthy", async || get(proxy.admin, "/health").await.status == 200).await;
     drop(dns);
     eventually("lookups to fail", async || {
-        proxy
-            .metric("static_ingress_dns_resolutions_total{result=\"timeout\"}")
-            .await
-            + proxy
-                .metric("static_ingress_dns_resolutions_total{result=\"unreachable\"}")
-                .await
+        proxy.metric("static_ingress_dns_resolutions_total{result=\"timeout\"}").await
+            + proxy.metric("static_ingress_dns_resolutions_total{result=\"unreachable\"}").await
             > 0.0
     })
     .await;
     assert_eq!(get(proxy.admin, "/health").await.status, 200);
-    assert_eq!(
-        greeting(proxy.addr).await.expect("still proxying").0,
-        "blue"
-    );
+    assert_eq!(greeting(proxy.addr).await.expect("still proxying").0, "blue");
     assert!(proxy.metric("static_ingress_dns_answer_age_seconds").await > 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_records_truncated_over_udp_arrive_over_tcp_and_all_are_used() {
     let ips: Vec<Ipv4Addr> = (1..=40).map(|i| Ipv4Addr::new(127, 0, 1, i)).collect();
-    let names: Vec<&'static str> = (1..=40)
-        .map(|i| &*Box::leak(format!("b{i}").into_boxed_str()))
-        .collect();
+    let names: Vec<&'static str> = (1..=40).map(|i| &*Box::leak(format!("b{i}").into_boxed_str())).collect();
     let (port, _fleet) = Backend::fleet(&ips, &names).await;
     let dns = DnsServer::start(&ips, 60).await;
     // An answer this size does not fit 512 bytes: the server truncates it over UDP.
     dns.zone.set(|z| z.max_udp = 512);
     let proxy = proxy_via(&dns, port, &[]).await;
-    eventually("healthy", async || {
-        get(proxy.admin, "/health").await.status == 200
-    })
-    .await;
+    eventually("healthy", async || get(proxy.admin, "/health").await.status == 200).await;
 
     let (_, tcp) = dns.zone.queries();
     assert!(tcp > 0, "the truncated answer was not retried over TCP");
     let s = status(&proxy).await;
-    assert_eq!(
-        s["backend"]["addresses"]
-            .as_array()
-            .expect("addresses")
-            .len(),
-        40
-    );
+    assert_eq!(s["backend"]["addresses"].as_array().expect("addresses").len(), 40);
 
     let mut reached = std::collections::BTreeSet::new();
     for _ in 0..40 {
         reached.insert(greeting(proxy.addr).await.expect("proxied").0);
     }
-    assert_eq!(
-        reached.len(),
-        40,
-        "round robin reaches every address once in 40 connections"
-    );
+    assert_eq!(reached.len(), 40, "round robin reaches every address once in 40 connections");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,19 +138,13 @@ async fn ttl_zero_is_floored_at_min_ttl() {
     let (port, _fleet) = Backend::fleet(&[BLUE], &["blue"]).await;
     let dns = DnsServer::start(&[BLUE], 0).await;
     let proxy = proxy_via(&dns, port, &[("dns.min_ttl", "250ms")]).await;
-    eventually("healthy", async || {
-        get(proxy.admin, "/health").await.status == 200
-    })
-    .await;
+    eventually("healthy", async || get(proxy.admin, "/health").await.status == 200).await;
     let (before, _) = dns.zone.queries();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (after, _) = dns.zone.queries();
     // 2 s at one lookup per 250 ms is 8; allow for scheduling, but not for a spin.
     let n = after - before;
-    assert!(
-        (5..=10).contains(&n),
-        "{n} lookups in 2 s with TTL 0 and a 250 ms floor"
-    );
+    assert!((5..=10).contains(&n), "{n} lookups in 2 s with TTL 0 and a 250 ms floor");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,21 +154,14 @@ async fn a_backend_that_does_not_resolve_at_start_runs_anyway_and_recovers() {
     dns.zone.set(|z| z.mode = Mode::NxDomain);
     let proxy = proxy_via(&dns, port, &[]).await;
     eventually("503 with the reason", async || {
-        get(proxy.admin, "/health").await.body
-            == "backend unresolved: the name does not exist (NXDOMAIN)\n"
+        get(proxy.admin, "/health").await.body == "backend unresolved: the name does not exist (NXDOMAIN)\n"
     })
     .await;
     assert_eq!(get(proxy.admin, "/health").await.status, 503);
-    assert!(
-        greeting(proxy.addr).await.is_err(),
-        "no backend to reach yet"
-    );
+    assert!(greeting(proxy.addr).await.is_err(), "no backend to reach yet");
 
     dns.zone.set(|z| z.mode = Mode::Answer);
-    eventually("healthy once it resolves", async || {
-        get(proxy.admin, "/health").await.status == 200
-    })
-    .await;
+    eventually("healthy once it resolves", async || get(proxy.admin, "/health").await.status == 200).await;
     assert_eq!(greeting(proxy.addr).await.expect("proxied").0, "blue");
 }
 
@@ -253,16 +170,8 @@ async fn connect_failures_trigger_an_early_re_resolve() {
     let (port, mut fleet) = Backend::fleet(&[BLUE, GREEN], &["blue", "green"]).await;
     let dns = DnsServer::start(&[BLUE], 3600).await;
     // With a 1 h interval only an early re-resolve can pick up the change in time.
-    let proxy = proxy_via(
-        &dns,
-        port,
-        &[("dns.refresh_interval", "1h"), ("dns.min_ttl", "250ms")],
-    )
-    .await;
-    eventually("healthy", async || {
-        get(proxy.admin, "/health").await.status == 200
-    })
-    .await;
+    let proxy = proxy_via(&dns, port, &[("dns.refresh_interval", "1h"), ("dns.min_ttl", "250ms")]).await;
+    eventually("healthy", async || get(proxy.admin, "/health").await.status == 200).await;
     assert_eq!(greeting(proxy.addr).await.expect("blue").0, "blue");
 
     dns.zone.set(|z| z.a = vec![GREEN]);
@@ -273,15 +182,6 @@ async fn connect_failures_trigger_an_early_re_resolve() {
         async || matches!(greeting(proxy.addr).await, Ok((name, _)) if name == "green"),
     )
     .await;
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
-    );
-    assert!(
-        proxy
-            .metric("static_ingress_backend_connect_errors_total{reason=\"refused\"}")
-            .await
-            >= 1.0
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(proxy.metric("static_ingress_backend_connect_errors_total{reason=\"refused\"}").await >= 1.0);
 }

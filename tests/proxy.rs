@@ -21,27 +21,15 @@ async fn ten_megabytes_each_way_arrive_byte_for_byte() {
         w.shutdown().await.expect("shutdown");
     });
     let mut back = Vec::with_capacity(data.len());
-    within(BOUND, "10 MB to come back", r.read_to_end(&mut back))
-        .await
-        .expect("read echo");
+    within(BOUND, "10 MB to come back", r.read_to_end(&mut back)).await.expect("read echo");
     writer.await.expect("writer");
 
     assert_eq!(back.len(), data.len());
     assert!(back == data, "echoed bytes differ from the bytes sent");
-    eventually("the connection to be counted as completed", async || {
-        proxy.closed("completed").await == 1.0
-    })
-    .await;
-    let to_backend = proxy
-        .metric("static_ingress_proxied_bytes_total{direction=\"to_backend\"}")
-        .await;
-    let to_client = proxy
-        .metric("static_ingress_proxied_bytes_total{direction=\"to_client\"}")
-        .await;
-    assert_eq!(
-        (to_backend, to_client),
-        (data.len() as f64, data.len() as f64)
-    );
+    eventually("the connection to be counted as completed", async || proxy.closed("completed").await == 1.0).await;
+    let to_backend = proxy.metric("static_ingress_proxied_bytes_total{direction=\"to_backend\"}").await;
+    let to_client = proxy.metric("static_ingress_proxied_bytes_total{direction=\"to_client\"}").await;
+    assert_eq!((to_backend, to_client), (data.len() as f64, data.len() as f64));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,19 +46,10 @@ async fn client_that_half_closes_still_receives_the_whole_reply() {
     let proxy = Proxy::start(backend.addr, &[]).await;
 
     let mut client = proxy.connect().await;
-    client
-        .write_all(b"request body of 29 bytes....\n")
-        .await
-        .expect("write");
+    client.write_all(b"request body of 29 bytes....\n").await.expect("write");
     client.shutdown().await.expect("half-close");
-    let reply = read_until_closed(&mut client)
-        .await
-        .expect("a clean close after the reply");
-    assert!(
-        reply == pattern(1024 * 1024, 29),
-        "reply truncated or corrupted: {} bytes",
-        reply.len()
-    );
+    let reply = read_until_closed(&mut client).await.expect("a clean close after the reply");
+    assert!(reply == pattern(1024 * 1024, 29), "reply truncated or corrupted: {} bytes", reply.len());
     eventually("completed", async || proxy.closed("completed").await == 1.0).await;
 }
 
@@ -84,39 +63,26 @@ async fn backend_that_half_closes_still_receives_the_whole_request() {
             s.write_all(b"hello\n").await.expect("greet");
             s.shutdown().await.expect("half-close");
             let mut got = Vec::new();
-            s.read_to_end(&mut got).await.expect("read");
-            tx.send(got).expect("test is waiting");
+            let _ = s.read_to_end(&mut got).await;
+            // Health-check connections carry nothing; only the proxied one is reported.
+            if !got.is_empty() {
+                tx.send(got).expect("test is waiting");
+            }
         }
     })
     .await;
     let proxy = Proxy::start(backend.addr, &[]).await;
     let mut client = proxy.connect().await;
     let mut greeting = [0; 6];
-    within(BOUND, "greeting", client.read_exact(&mut greeting))
-        .await
-        .expect("greeting");
+    within(BOUND, "greeting", client.read_exact(&mut greeting)).await.expect("greeting");
     assert_eq!(&greeting, b"hello\n");
     // The backend's FIN has been passed on...
-    assert_eq!(
-        within(BOUND, "EOF", client.read(&mut [0; 1]))
-            .await
-            .expect("read"),
-        0
-    );
+    assert_eq!(within(BOUND, "EOF", client.read(&mut [0; 1])).await.expect("read"), 0);
     // ...and the other direction still works.
-    client
-        .write_all(&pattern(300_000, 3))
-        .await
-        .expect("write after the backend half-closed");
+    client.write_all(&pattern(300_000, 3)).await.expect("write after the backend half-closed");
     client.shutdown().await.expect("shutdown");
-    let got = within(BOUND, "the backend to receive everything", received.recv())
-        .await
-        .expect("a report");
-    assert!(
-        got == pattern(300_000, 3),
-        "backend received {} bytes, not the 300000 sent",
-        got.len()
-    );
+    let got = within(BOUND, "the backend to receive everything", received.recv()).await.expect("a report");
+    assert!(got == pattern(300_000, 3), "backend received {} bytes, not the 300000 sent", got.len());
     eventually("completed", async || proxy.closed("completed").await == 1.0).await;
 }
 
@@ -129,18 +95,21 @@ async fn a_refusing_address_is_skipped_for_the_next_one() {
 
     for i in 0..4u8 {
         let mut c = proxy.connect().await;
-        assert_eq!(
-            round_trip(&mut c, &[i; 100]).await,
-            vec![i; 100],
-            "connection {i}"
-        );
+        assert_eq!(round_trip(&mut c, &[i; 100]).await, vec![i; 100], "connection {i}");
     }
-    // Round robin puts the refusing address first for half of the connections.
-    let refused = proxy
-        .metric("static_ingress_backend_connect_errors_total{reason=\"refused\"}")
-        .await;
-    assert_eq!(refused, 2.0);
+    // The first connection that tries the refusing address marks it suspect; the others try it
+    // last, so it is refused once, not on every other connection.
+    let refused = proxy.metric("static_ingress_backend_connect_errors_total{reason=\"refused\"}").await;
+    assert_eq!(refused, 1.0);
     assert_eq!(proxy.closed("connect_failed").await, 0.0);
+    let status: serde_json::Value = serde_json::from_str(&get(proxy.admin, "/status").await.body).expect("JSON");
+    let state = status["backend"]["addresses"]
+        .as_array()
+        .expect("addresses")
+        .iter()
+        .find(|a| a["address"] == refusing.to_string())
+        .map(|a| a["state"].clone());
+    assert!(matches!(state.as_ref().and_then(|s| s.as_str()), Some("suspect" | "unhealthy")), "{state:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,16 +123,8 @@ async fn a_connect_that_hangs_times_out_and_the_next_address_serves() {
     let mut c = proxy.connect().await;
     assert_eq!(round_trip(&mut c, b"ping").await, b"ping");
     let elapsed = started.elapsed();
-    assert!(
-        elapsed >= Duration::from_millis(300),
-        "the hanging address was not tried first ({elapsed:?})"
-    );
-    assert_eq!(
-        proxy
-            .metric("static_ingress_backend_connect_errors_total{reason=\"timeout\"}")
-            .await,
-        1.0
-    );
+    assert!(elapsed >= Duration::from_millis(300), "the hanging address was not tried first ({elapsed:?})");
+    assert_eq!(proxy.metric("static_ingress_backend_connect_errors_total{reason=\"timeout\"}").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,14 +137,8 @@ async fn when_no_address_answers_the_client_is_closed_after_the_connect_timeout(
     let mut c = proxy.connect().await;
     let _ = read_until_closed(&mut c).await;
     let elapsed = started.elapsed();
-    assert!(
-        elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(3),
-        "closed after {elapsed:?}"
-    );
-    eventually("connect_failed", async || {
-        proxy.closed("connect_failed").await == 1.0
-    })
-    .await;
+    assert!(elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(3), "closed after {elapsed:?}");
+    eventually("connect_failed", async || proxy.closed("connect_failed").await == 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,14 +161,9 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout_and_a_busy_one_is_n
     let last_activity = Instant::now();
     let _ = read_until_closed(&mut idle).await;
     let waited = last_activity.elapsed();
-    assert!(
-        waited >= Duration::from_millis(390),
-        "closed too early: {waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(390), "closed too early: {waited:?}");
 
-    let mut busy = within(BOUND, "the busy connection", busy)
-        .await
-        .expect("busy connection kept working");
+    let mut busy = within(BOUND, "the busy connection", busy).await.expect("busy connection kept working");
     assert_eq!(round_trip(&mut busy, b"still open").await, b"still open");
     assert_eq!(proxy.closed("idle_timeout").await, 1.0);
 }
@@ -221,27 +171,15 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout_and_a_busy_one_is_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_closed_connection_is_closed_after_the_half_close_timeout() {
     let backend = Backend::silent().await;
-    let proxy = Proxy::start(
-        backend.addr,
-        &[
-            ("proxy.idle_timeout", "30s"),
-            ("proxy.half_close_timeout", "300ms"),
-        ],
-    )
-    .await;
+    let proxy =
+        Proxy::start(backend.addr, &[("proxy.idle_timeout", "30s"), ("proxy.half_close_timeout", "300ms")]).await;
     let mut c = proxy.connect().await;
     c.write_all(b"bye").await.expect("write");
     c.shutdown().await.expect("half-close");
     let started = Instant::now();
     let _ = read_until_closed(&mut c).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "the half-closed connection lingered"
-    );
-    eventually("half_close_timeout", async || {
-        proxy.closed("half_close_timeout").await == 1.0
-    })
-    .await;
+    assert!(started.elapsed() < Duration::from_secs(5), "the half-closed connection lingered");
+    eventually("half_close_timeout", async || proxy.closed("half_close_timeout").await == 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,25 +192,24 @@ async fn at_the_connection_limit_new_connections_are_reset_and_served_again_once
     assert_eq!(round_trip(&mut a, b"a").await, b"a");
     assert_eq!(round_trip(&mut b, b"b").await, b"b");
 
-    let mut over = proxy.connect().await;
-    let result = read_until_closed(&mut over).await;
+    // The reset can arrive before connect() returns or on the first read: either way the
+    // client sees a reset at once, not a hang.
+    let result = within(BOUND, "the reset", async {
+        let mut over = tokio::net::TcpStream::connect(proxy.addr).await?;
+        let mut buf = Vec::new();
+        over.read_to_end(&mut buf).await
+    })
+    .await;
     assert_eq!(
         result.map_err(|e| e.kind()).err(),
         Some(std::io::ErrorKind::ConnectionReset),
         "a connection over the limit is reset"
     );
     assert_eq!(proxy.closed("over_limit").await, 1.0);
-    assert_eq!(
-        round_trip(&mut a, b"a2").await,
-        b"a2",
-        "connections under the limit are untouched"
-    );
+    assert_eq!(round_trip(&mut a, b"a2").await, b"a2", "connections under the limit are untouched");
 
     drop(a);
-    eventually("a slot to free up", async || {
-        proxy.closed("completed").await == 1.0
-    })
-    .await;
+    eventually("a slot to free up", async || proxy.closed("completed").await == 1.0).await;
     let mut c = proxy.connect().await;
     assert_eq!(round_trip(&mut c, b"c").await, b"c");
 }
@@ -288,8 +225,5 @@ async fn with_no_backend_address_connections_close_and_health_says_why() {
     assert_eq!((h.status, h.body.as_str()), (503, "no backend address\n"));
     let mut c = proxy.connect().await;
     assert_eq!(read_until_closed(&mut c).await.expect("closed").len(), 0);
-    eventually("no_backend", async || {
-        proxy.closed("no_backend").await == 1.0
-    })
-    .await;
+    eventually("no_backend", async || proxy.closed("no_backend").await == 1.0).await;
 }

@@ -94,14 +94,20 @@ impl State {
         if set.addrs.is_empty() {
             return Health::Unhealthy(match &set.resolution.error {
                 Some(why) => format!("backend unresolved: {why}"),
-                None if set.resolution.last_good.is_none() => {
-                    "backend unresolved: resolution in progress".into()
-                }
+                None if set.resolution.last_good.is_none() => "backend unresolved: resolution in progress".into(),
                 None => "no backend address".into(),
             });
         }
-        if set.healthy_count() == 0 {
+        let healthy = set.healthy_count();
+        let need = self.config.health.min_healthy;
+        if healthy == 0 {
             return Health::Unhealthy("no healthy backend address".into());
+        }
+        if healthy < need {
+            return Health::Unhealthy(format!(
+                "{healthy} of {} backend addresses healthy, need {need}",
+                set.addrs.len()
+            ));
         }
         Health::Ok
     }
@@ -113,10 +119,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationT
     let limit = Arc::new(Semaphore::new(state.config.admin.max_connections));
     let limit_log = Throttle::new();
     let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(state.config.admin.header_timeout)
-        .keep_alive(true);
+    builder.timer(TokioTimer::new()).header_read_timeout(state.config.admin.header_timeout).keep_alive(true);
 
     loop {
         let accepted = tokio::select! {
@@ -157,10 +160,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationT
         });
     }
     drop(listener);
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::debug!("admin connections still open at exit");
     }
 }
@@ -168,12 +168,8 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationT
 fn route(req: &Request<hyper::body::Incoming>, state: &State) -> Response<Full<Bytes>> {
     let head = req.method() == Method::HEAD;
     if !head && req.method() != Method::GET {
-        let mut resp = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed: use GET or HEAD\n".into(),
-        );
-        resp.headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use GET or HEAD\n".into());
+        resp.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return resp;
     }
     let mut resp = match req.uri().path() {
@@ -185,26 +181,18 @@ fn route(req: &Request<hyper::body::Incoming>, state: &State) -> Response<Full<B
         "/metrics" => {
             state.metrics.observe_backends(&state.backends.current());
             let mut r = text(StatusCode::OK, state.metrics.render());
-            r.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
             r
         }
         "/status" => {
             let body = status::render(state);
             let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             r
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found: try /health, /live, /metrics or /status\n".into(),
-        ),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /health, /live, /metrics or /status\n".into()),
     };
-    resp.headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if head {
         *resp.body_mut() = Full::new(Bytes::new());
     }
@@ -214,9 +202,6 @@ fn route(req: &Request<hyper::body::Incoming>, state: &State) -> Response<Full<B
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
 }

@@ -50,8 +50,13 @@ struct ResolutionView {
 #[derive(Serialize)]
 struct AddressView {
     address: String,
+    /// healthy, suspect (a connect failed since the last good check) or unhealthy.
+    state: &'static str,
     healthy: bool,
     active_connections: usize,
+    last_check: Option<f64>,
+    first_seen: f64,
+    last_seen: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -62,8 +67,7 @@ struct Connections {
 }
 
 fn unix(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 pub fn render(state: &State) -> String {
@@ -73,22 +77,14 @@ pub fn render(state: &State) -> String {
         resolved: r.last_good.is_some() && !set.addrs.is_empty(),
         stale: r.is_stale(),
         last_good: r.last_good.map(unix),
-        age_seconds: r
-            .last_good
-            .map(|t| t.elapsed().map_or(0.0, |d| d.as_secs_f64())),
+        age_seconds: r.last_good.map(|t| t.elapsed().map_or(0.0, |d| d.as_secs_f64())),
         ttl_seconds: r.ttl.map(|d| d.as_secs_f64()),
         last_attempt: r.last_attempt.map(unix),
         error: r.error.clone(),
     };
     let health = match state.health() {
-        Health::Ok => HealthView {
-            healthy: true,
-            reason: None,
-        },
-        Health::Unhealthy(why) => HealthView {
-            healthy: false,
-            reason: Some(why),
-        },
+        Health::Ok => HealthView { healthy: true, reason: None },
+        Health::Unhealthy(why) => HealthView { healthy: false, reason: Some(why) },
     };
     let status = Status {
         version: state.version,
@@ -105,8 +101,16 @@ pub fn render(state: &State) -> String {
                 .iter()
                 .map(|a| AddressView {
                     address: a.addr.to_string(),
+                    state: match (a.is_healthy(), a.is_suspect()) {
+                        (true, false) => "healthy",
+                        (true, true) => "suspect",
+                        (false, _) => "unhealthy",
+                    },
                     healthy: a.is_healthy(),
                     active_connections: a.active_connections(),
+                    last_check: a.last_check().map(unix),
+                    first_seen: unix(a.first_seen),
+                    last_seen: a.last_seen().map(unix),
                 })
                 .collect(),
         },
@@ -117,6 +121,5 @@ pub fn render(state: &State) -> String {
         },
     };
     // Serializing plain structs of strings and numbers cannot fail.
-    serde_json::to_string_pretty(&status).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-        + "\n"
+    serde_json::to_string_pretty(&status).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
 }

@@ -6,27 +6,64 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 /// One backend address and what the proxy knows about it.
 #[derive(Debug)]
 pub struct BackendAddr {
     pub addr: SocketAddr,
+    /// When DNS first gave this address.
+    pub first_seen: SystemTime,
     healthy: AtomicBool,
+    /// A connect from the data path failed since the last good check.
+    suspect: AtomicBool,
     active: AtomicUsize,
+    /// Unix milliseconds of the last health check and last DNS answer naming it (0: never).
+    last_check_ms: AtomicU64,
+    last_seen_ms: AtomicU64,
 }
 
 impl BackendAddr {
+    /// New addresses start healthy, so they are used at once; their first check runs at once too.
     pub fn new(addr: SocketAddr) -> BackendAddr {
         BackendAddr {
             addr,
+            first_seen: SystemTime::now(),
             healthy: AtomicBool::new(true),
+            suspect: AtomicBool::new(false),
             active: AtomicUsize::new(0),
+            last_check_ms: AtomicU64::new(0),
+            last_seen_ms: AtomicU64::new(unix_ms(SystemTime::now())),
         }
+    }
+
+    pub fn is_suspect(&self) -> bool {
+        self.suspect.load(Ordering::Relaxed)
+    }
+
+    /// A connect to it failed: try it after the others until a check says it is fine.
+    pub fn mark_suspect(&self) {
+        self.suspect.store(true, Ordering::Relaxed);
+    }
+
+    /// Records a health check's result time; a good check clears suspicion.
+    pub fn checked(&self, ok: bool) {
+        self.last_check_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+        if ok {
+            self.suspect.store(false, Ordering::Relaxed);
+        }
+    }
+
+    pub fn last_check(&self) -> Option<SystemTime> {
+        from_unix_ms(self.last_check_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn last_seen(&self) -> Option<SystemTime> {
+        from_unix_ms(self.last_seen_ms.load(Ordering::Relaxed))
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -47,6 +84,14 @@ impl BackendAddr {
         self.active.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(Arc::clone(self))
     }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn from_unix_ms(ms: u64) -> Option<SystemTime> {
+    (ms > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
 }
 
 /// Decrements the address's active count when the connection ends.
@@ -76,12 +121,7 @@ impl Resolution {
     /// A good answer, just received.
     pub fn answered(ttl: Option<Duration>) -> Resolution {
         let now = SystemTime::now();
-        Resolution {
-            last_good: Some(now),
-            ttl,
-            last_attempt: Some(now),
-            error: None,
-        }
+        Resolution { last_good: Some(now), ttl, last_attempt: Some(now), error: None }
     }
 
     /// True when the addresses come from an earlier answer because the latest lookup failed.
@@ -99,26 +139,22 @@ pub struct BackendSet {
 
 impl BackendSet {
     pub fn unresolved(why: impl Into<String>) -> BackendSet {
-        let resolution = Resolution {
-            error: Some(why.into()),
-            last_attempt: Some(SystemTime::now()),
-            ..Default::default()
-        };
-        BackendSet {
-            addrs: Vec::new(),
-            resolution,
-        }
+        let resolution =
+            Resolution { error: Some(why.into()), last_attempt: Some(SystemTime::now()), ..Default::default() };
+        BackendSet { addrs: Vec::new(), resolution }
     }
 
     /// The order in which a new connection tries addresses: healthy ones first, starting at
-    /// `start` and wrapping (round robin, so each address gets an equal share of new
-    /// connections), then the unhealthy ones as a last resort rather than refusing outright.
+    /// `start` and wrapping (round robin: new connections are spread evenly, and an ELB spreads
+    /// them again behind each address), then healthy ones a connect recently failed on, then
+    /// unhealthy ones as a last resort: when every check fails, trying beats refusing outright.
     pub fn candidates(&self, start: usize) -> impl Iterator<Item = &Arc<BackendAddr>> {
         let n = self.addrs.len();
         let rotated = (0..n).map(move |i| &self.addrs[(start + i) % n.max(1)]);
-        let healthy = rotated.clone().filter(|a| a.is_healthy());
+        let good = rotated.clone().filter(|a| a.is_healthy() && !a.is_suspect());
+        let suspect = rotated.clone().filter(|a| a.is_healthy() && a.is_suspect());
         let unhealthy = rotated.filter(|a| !a.is_healthy());
-        healthy.chain(unhealthy)
+        good.chain(suspect).chain(unhealthy)
     }
 
     pub fn healthy_count(&self) -> usize {
@@ -133,6 +169,8 @@ pub struct Backends {
     pub name: String,
     current: ArcSwap<BackendSet>,
     cursor: AtomicUsize,
+    /// Bumped on every change of the set, for those who must react (the health checker).
+    version: watch::Sender<u64>,
     /// Raised by the data path when connects fail: the source should look again soon.
     refresh: Notify,
 }
@@ -143,6 +181,7 @@ impl Backends {
             name: name.into(),
             current: ArcSwap::from_pointee(BackendSet::unresolved("resolution in progress")),
             cursor: AtomicUsize::new(0),
+            version: watch::Sender::new(0),
             refresh: Notify::new(),
         }
     }
@@ -161,41 +200,35 @@ impl Backends {
                 continue;
             }
             let kept = old.addrs.iter().find(|a| a.addr == addr).cloned();
-            next.push(kept.unwrap_or_else(|| Arc::new(BackendAddr::new(addr))));
+            let kept = kept.unwrap_or_else(|| Arc::new(BackendAddr::new(addr)));
+            kept.last_seen_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+            next.push(kept);
         }
-        self.current.store(Arc::new(BackendSet {
-            addrs: next,
-            resolution,
-        }));
+        self.current.store(Arc::new(BackendSet { addrs: next, resolution }));
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Changes whenever the set of addresses does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     /// Records a failed lookup. A set that has addresses keeps them (it is now stale): a failed
     /// lookup never empties a working backend. Only [`Backends::expire`] does.
     pub fn lookup_failed(&self, why: impl Into<String>) {
         let old = self.current();
-        let resolution = Resolution {
-            error: Some(why.into()),
-            last_attempt: Some(SystemTime::now()),
-            ..old.resolution.clone()
-        };
-        self.current.store(Arc::new(BackendSet {
-            addrs: old.addrs.clone(),
-            resolution,
-        }));
+        let resolution =
+            Resolution { error: Some(why.into()), last_attempt: Some(SystemTime::now()), ..old.resolution.clone() };
+        self.current.store(Arc::new(BackendSet { addrs: old.addrs.clone(), resolution }));
     }
 
     /// Drops every address: the last good answer is too old to trust.
     pub fn expire(&self, why: impl Into<String>) {
         let old = self.current();
-        let resolution = Resolution {
-            error: Some(why.into()),
-            last_attempt: Some(SystemTime::now()),
-            ..old.resolution.clone()
-        };
-        self.current.store(Arc::new(BackendSet {
-            addrs: Vec::new(),
-            resolution,
-        }));
+        let resolution =
+            Resolution { error: Some(why.into()), last_attempt: Some(SystemTime::now()), ..old.resolution.clone() };
+        self.current.store(Arc::new(BackendSet { addrs: Vec::new(), resolution }));
+        self.version.send_modify(|v| *v += 1);
     }
 
     /// Asks the address source to look again soon (it rate-limits).
@@ -227,11 +260,7 @@ mod tests {
         let b = Backends::new("x");
         b.publish([addr(1), addr(2), addr(3)], Resolution::answered(None));
         let set = b.current();
-        let order = |start| {
-            set.candidates(start)
-                .map(|a| a.addr.port())
-                .collect::<Vec<_>>()
-        };
+        let order = |start| set.candidates(start).map(|a| a.addr.port()).collect::<Vec<_>>();
         assert_eq!(order(0), vec![1, 2, 3]);
         assert_eq!(order(4), vec![2, 3, 1]);
         set.addrs[1].set_healthy(false);

@@ -71,10 +71,7 @@ impl Key {
 
     /// `proxy.connect_timeout` -> `STATIC_INGRESS_PROXY_CONNECT_TIMEOUT`.
     pub fn env(&self) -> String {
-        format!(
-            "STATIC_INGRESS_{}",
-            self.name.replace('.', "_").to_uppercase()
-        )
+        format!("STATIC_INGRESS_{}", self.name.replace('.', "_").to_uppercase())
     }
 }
 
@@ -126,10 +123,7 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "proxy.max_connections",
-        kind: Kind::Count {
-            min: 1,
-            max: 1_000_000,
-        },
+        kind: Kind::Count { min: 1, max: 1_000_000 },
         default: Some("10000"),
         doc: "Client connections served at once. At the limit a new connection is accepted \
               and reset at once (counted as over_limit), so the client fails fast and can try \
@@ -192,6 +186,38 @@ pub static KEYS: &[Key] = &[
               dualstack ELB names also answer AAAA.",
     },
     Key {
+        name: "health.interval",
+        kind: Kind::Duration,
+        default: Some("1s"),
+        doc: "How often every backend address is checked with a TCP connect. New addresses from \
+              DNS are checked at once.",
+    },
+    Key {
+        name: "health.timeout",
+        kind: Kind::Duration,
+        default: Some("1s"),
+        doc: "A check whose connect takes longer than this fails.",
+    },
+    Key {
+        name: "health.fall",
+        kind: Kind::Count { min: 1, max: 100 },
+        default: Some("3"),
+        doc: "Consecutive failed checks that mark an address down (3 x 1s: a dead address is out \
+              within 3s, while one lost SYN does not flap it).",
+    },
+    Key {
+        name: "health.rise",
+        kind: Kind::Count { min: 1, max: 100 },
+        default: Some("2"),
+        doc: "Consecutive good checks that mark a down address up again.",
+    },
+    Key {
+        name: "health.min_healthy",
+        kind: Kind::Count { min: 1, max: 1000 },
+        default: Some("1"),
+        doc: "/health answers 200 only while at least this many backend addresses are healthy.",
+    },
+    Key {
         name: "admin.listen",
         kind: Kind::SocketAddr,
         default: Some("0.0.0.0:9001"),
@@ -207,10 +233,7 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "admin.max_connections",
-        kind: Kind::Count {
-            min: 1,
-            max: 10_000,
-        },
+        kind: Kind::Count { min: 1, max: 10_000 },
         default: Some("64"),
         doc: "Admin connections served at once; more are closed at once. Route 53 uses \
               about one per health-checker region.",

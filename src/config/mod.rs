@@ -25,6 +25,7 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub backend: BackendConfig,
     pub dns: DnsConfig,
+    pub health: HealthConfig,
     pub admin: AdminConfig,
     pub lifecycle: LifecycleConfig,
     pub log: LogConfig,
@@ -62,6 +63,15 @@ pub struct DnsConfig {
     pub hold: Duration,
     pub timeout: Duration,
     pub family: Family,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub fall: u32,
+    pub rise: u32,
+    pub min_healthy: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,9 +145,7 @@ impl Config {
     }
 
     /// A config from overrides alone, for tests and embedders: `[("backend.address", "...")]`.
-    pub fn from_pairs<'a>(
-        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<Config, ConfigErrors> {
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Config, ConfigErrors> {
         let overrides = pairs
             .into_iter()
             .map(|(k, v)| Override::flag(k, v))
@@ -146,16 +154,8 @@ impl Config {
         Self::from_layers(None, &overrides).map(|l| l.config)
     }
 
-    pub fn from_layers(
-        file: Option<&FileLayer>,
-        overrides: &[Override],
-    ) -> Result<Loaded, ConfigErrors> {
-        let mut r = Resolver {
-            file,
-            overrides,
-            errors: Vec::new(),
-            settings: Vec::new(),
-        };
+    pub fn from_layers(file: Option<&FileLayer>, overrides: &[Override]) -> Result<Loaded, ConfigErrors> {
+        let mut r = Resolver { file, overrides, errors: Vec::new(), settings: Vec::new() };
 
         // Read every key before building, so that all errors are collected.
         let listen = r.get("proxy.listen", as_addrs);
@@ -171,6 +171,11 @@ impl Config {
         let hold = r.get("dns.hold", as_duration);
         let dns_timeout = r.get("dns.timeout", as_duration);
         let family = r.get("dns.family", as_word);
+        let health_interval = r.get("health.interval", as_duration);
+        let health_timeout = r.get("health.timeout", as_duration);
+        let fall = r.get("health.fall", as_count);
+        let rise = r.get("health.rise", as_count);
+        let min_healthy = r.get("health.min_healthy", as_count);
         let admin_listen = r.get("admin.listen", as_addr);
         let admin_header_timeout = r.get("admin.header_timeout", as_duration);
         let admin_max_connections = r.get("admin.max_connections", as_count);
@@ -189,9 +194,7 @@ impl Config {
                     max_connections: max_connections?,
                     tcp_keepalive: tcp_keepalive?,
                 },
-                backend: BackendConfig {
-                    address: backend_address?,
-                },
+                backend: BackendConfig { address: backend_address? },
                 dns: DnsConfig {
                     nameservers: nameservers?,
                     refresh_interval: refresh_interval?,
@@ -204,21 +207,21 @@ impl Config {
                         _ => Family::Ipv4,
                     },
                 },
+                health: HealthConfig {
+                    interval: health_interval?,
+                    timeout: health_timeout?,
+                    fall: u32::try_from(fall?).ok()?,
+                    rise: u32::try_from(rise?).ok()?,
+                    min_healthy: min_healthy?,
+                },
                 admin: AdminConfig {
                     listen: admin_listen?,
                     header_timeout: admin_header_timeout?,
                     max_connections: admin_max_connections?,
                 },
-                lifecycle: LifecycleConfig {
-                    drain_delay: drain_delay?,
-                    grace_period: grace_period?,
-                },
+                lifecycle: LifecycleConfig { drain_delay: drain_delay?, grace_period: grace_period? },
                 log: LogConfig {
-                    format: if log_format? == "json" {
-                        LogFormat::Json
-                    } else {
-                        LogFormat::Text
-                    },
+                    format: if log_format? == "json" { LogFormat::Json } else { LogFormat::Text },
                     filter: log_filter?,
                 },
             })
@@ -231,12 +234,8 @@ impl Config {
         match config {
             Some(config) if r.errors.is_empty() => {
                 // Keep check-config's output in the order of the key table.
-                r.settings
-                    .sort_by_key(|s| keys::KEYS.iter().position(|k| k.name == s.key.name));
-                Ok(Loaded {
-                    config,
-                    settings: r.settings,
-                })
+                r.settings.sort_by_key(|s| keys::KEYS.iter().position(|k| k.name == s.key.name));
+                Ok(Loaded { config, settings: r.settings })
             }
             _ => Err(ConfigErrors(r.errors)),
         }
@@ -255,68 +254,38 @@ impl Resolver<'_> {
     /// (with the error recorded) when that value is invalid or a required key is missing.
     fn get<T>(&mut self, name: &'static str, typed: fn(Value) -> Option<T>) -> Option<T> {
         let Some(key) = keys::find(name) else {
-            self.errors.push(internal(
-                name,
-                "is read but not listed in config::keys::KEYS",
-            ));
+            self.errors.push(internal(name, "is read but not listed in config::keys::KEYS"));
             return None;
         };
-        let (raw, origin) =
-            if let Some(o) = self.overrides.iter().rev().find(|o| o.key.name == name) {
-                (Raw::Text(&o.value), o.origin.clone())
-            } else if let Some((file, entry)) =
-                self.file.and_then(|f| f.entries.get(name).map(|e| (f, e)))
-            {
-                (
-                    Raw::Toml(&entry.value),
-                    Origin::File {
-                        path: file.path.clone(),
-                        line: Some(entry.line),
-                    },
-                )
-            } else if let Some(default) = key.default {
-                (Raw::Text(default), Origin::Default)
-            } else {
-                let where_ = match self.file {
-                    Some(f) => format!("in {}", f.path.display()),
-                    None => "in the config file".to_string(),
-                };
-                self.errors.push(ConfigError {
-                    origin: self.file.map_or(Origin::Default, |f| Origin::File {
-                        path: f.path.clone(),
-                        line: None,
-                    }),
-                    key: Some(name.to_string()),
-                    message: format!(
-                        "is required: set it {where_}, with --{}, or with {}",
-                        key.flag(),
-                        key.env()
-                    ),
-                });
-                return None;
+        let (raw, origin) = if let Some(o) = self.overrides.iter().rev().find(|o| o.key.name == name) {
+            (Raw::Text(&o.value), o.origin.clone())
+        } else if let Some((file, entry)) = self.file.and_then(|f| f.entries.get(name).map(|e| (f, e))) {
+            (Raw::Toml(&entry.value), Origin::File { path: file.path.clone(), line: Some(entry.line) })
+        } else if let Some(default) = key.default {
+            (Raw::Text(default), Origin::Default)
+        } else {
+            let where_ = match self.file {
+                Some(f) => format!("in {}", f.path.display()),
+                None => "in the config file".to_string(),
             };
+            self.errors.push(ConfigError {
+                origin: self.file.map_or(Origin::Default, |f| Origin::File { path: f.path.clone(), line: None }),
+                key: Some(name.to_string()),
+                message: format!("is required: set it {where_}, with --{}, or with {}", key.flag(), key.env()),
+            });
+            return None;
+        };
         match value::parse(key.kind, raw) {
             Ok(v) => {
                 let Some(t) = typed(v.clone()) else {
-                    self.errors.push(internal(
-                        name,
-                        "is read as a different kind than KEYS declares",
-                    ));
+                    self.errors.push(internal(name, "is read as a different kind than KEYS declares"));
                     return None;
                 };
-                self.settings.push(Setting {
-                    key,
-                    value: v,
-                    origin,
-                });
+                self.settings.push(Setting { key, value: v, origin });
                 Some(t)
             }
             Err(message) => {
-                self.errors.push(ConfigError {
-                    origin,
-                    key: Some(name.to_string()),
-                    message,
-                });
+                self.errors.push(ConfigError { origin, key: Some(name.to_string()), message });
                 None
             }
         }
@@ -329,10 +298,7 @@ impl Resolver<'_> {
             self.errors.push(ConfigError {
                 origin,
                 key: Some("admin.listen".into()),
-                message: format!(
-                    "{} is also in proxy.listen; the admin server needs its own port",
-                    c.admin.listen
-                ),
+                message: format!("{} is also in proxy.listen; the admin server needs its own port", c.admin.listen),
             });
         }
     }
@@ -353,19 +319,12 @@ impl Resolver<'_> {
     }
 
     fn origin_of(&self, name: &str) -> Origin {
-        self.settings
-            .iter()
-            .find(|s| s.key.name == name)
-            .map_or(Origin::Default, |s| s.origin.clone())
+        self.settings.iter().find(|s| s.key.name == name).map_or(Origin::Default, |s| s.origin.clone())
     }
 }
 
 fn internal(name: &str, what: &str) -> ConfigError {
-    ConfigError {
-        origin: Origin::Default,
-        key: Some(name.to_string()),
-        message: format!("internal error: {what}"),
-    }
+    ConfigError { origin: Origin::Default, key: Some(name.to_string()), message: format!("internal error: {what}") }
 }
 
 fn as_duration(v: Value) -> Option<Duration> {
@@ -417,22 +376,12 @@ mod tests {
     #[test]
     fn every_default_parses_and_only_the_backend_is_required() {
         let config = Config::from_pairs([("backend.address", "127.0.0.1:8080")]).unwrap();
-        assert_eq!(
-            config.proxy.listen,
-            vec!["0.0.0.0:443".parse::<SocketAddr>().unwrap()]
-        );
+        assert_eq!(config.proxy.listen, vec!["0.0.0.0:443".parse::<SocketAddr>().unwrap()]);
         assert!(config.proxy.idle_timeout >= Duration::from_secs(350));
-        assert_eq!(
-            config.admin.listen,
-            "0.0.0.0:9001".parse::<SocketAddr>().unwrap()
-        );
+        assert_eq!(config.admin.listen, "0.0.0.0:9001".parse::<SocketAddr>().unwrap());
         for key in keys::KEYS {
             if let Some(d) = key.default {
-                assert!(
-                    value::parse(key.kind, Raw::Text(d)).is_ok(),
-                    "default of {} does not parse",
-                    key.name
-                );
+                assert!(value::parse(key.kind, Raw::Text(d)).is_ok(), "default of {} does not parse", key.name);
             }
         }
     }
@@ -459,25 +408,15 @@ mod tests {
         assert_eq!(loaded.config.backend.address.host, "a.example");
         let rendered = loaded.render();
         assert!(rendered.contains("max_connections = 7"), "{rendered}");
-        assert!(
-            rendered.contains("# flag --proxy-max-connections"),
-            "{rendered}"
-        );
+        assert!(rendered.contains("# flag --proxy-max-connections"), "{rendered}");
         assert!(rendered.contains("# f.toml:2"), "{rendered}");
     }
 
     #[test]
     fn rendered_config_loads_back_to_the_same_config() {
-        let loaded = Config::from_layers(
-            None,
-            &[Override::flag("backend.address", "b.example:443").unwrap()],
-        )
-        .unwrap();
+        let loaded = Config::from_layers(None, &[Override::flag("backend.address", "b.example:443").unwrap()]).unwrap();
         let again = FileLayer::parse(Path::new("r.toml"), &loaded.render()).unwrap();
-        assert_eq!(
-            Config::from_layers(Some(&again), &[]).unwrap().config,
-            loaded.config
-        );
+        assert_eq!(Config::from_layers(Some(&again), &[]).unwrap().config, loaded.config);
     }
 
     #[test]
@@ -510,23 +449,11 @@ mod doc_tests {
         let file = FileLayer::read(&path).expect("the example parses");
         let loaded = Config::from_layers(Some(&file), &[]).expect("the example is valid");
         for key in keys::KEYS {
-            let setting = loaded
-                .settings
-                .iter()
-                .find(|s| s.key.name == key.name)
-                .expect("every key is set");
-            assert!(
-                matches!(setting.origin, Origin::File { .. }),
-                "{} is missing from the example",
-                key.name
-            );
+            let setting = loaded.settings.iter().find(|s| s.key.name == key.name).expect("every key is set");
+            assert!(matches!(setting.origin, Origin::File { .. }), "{} is missing from the example", key.name);
             if let Some(default) = key.default {
                 let want = value::parse(key.kind, Raw::Text(default)).expect("default parses");
-                assert_eq!(
-                    setting.value, want,
-                    "{} in the example is not its default",
-                    key.name
-                );
+                assert_eq!(setting.value, want, "{} in the example is not its default", key.name);
             }
         }
     }
@@ -540,16 +467,8 @@ mod doc_tests {
                 Some("") => "`\"\"`".to_string(),
                 Some(d) => format!("`{d}`"),
             };
-            let row = format!(
-                "| `{}` | {default} | `--{}` | `{}` |",
-                key.name,
-                key.flag(),
-                key.env()
-            );
-            assert!(
-                doc.contains(&row),
-                "docs/configuration.md lacks the row:\n{row}"
-            );
+            let row = format!("| `{}` | {default} | `--{}` | `{}` |", key.name, key.flag(), key.env());
+            assert!(doc.contains(&row), "docs/configuration.md lacks the row:\n{row}");
         }
     }
 }

@@ -22,10 +22,7 @@ impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Origin::Default => f.write_str("default"),
-            Origin::File {
-                path,
-                line: Some(line),
-            } => write!(f, "{}:{line}", path.display()),
+            Origin::File { path, line: Some(line) } => write!(f, "{}:{line}", path.display()),
             Origin::File { path, line: None } => write!(f, "{}", path.display()),
             Origin::Flag(flag) => write!(f, "flag --{flag}"),
             Origin::Env(var) => write!(f, "environment variable {var}"),
@@ -82,11 +79,7 @@ impl Override {
             key: Some(name.to_string()),
             message: "unknown key".into(),
         })?;
-        Ok(Override {
-            key,
-            value: value.into(),
-            origin: Origin::Flag(key.flag()),
-        })
+        Ok(Override { key, value: value.into(), origin: Origin::Flag(key.flag()) })
     }
 }
 
@@ -112,10 +105,7 @@ impl FileLayer {
     pub fn read(path: &Path) -> Result<FileLayer, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
-                origin: Origin::File {
-                    path: path.to_path_buf(),
-                    line: None,
-                },
+                origin: Origin::File { path: path.to_path_buf(), line: None },
                 key: None,
                 message: format!("cannot read the config file: {e}"),
             }])
@@ -124,10 +114,7 @@ impl FileLayer {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<FileLayer, ConfigErrors> {
-        let at = |line: Option<usize>| Origin::File {
-            path: path.to_path_buf(),
-            line,
-        };
+        let at = |line: Option<usize>| Origin::File { path: path.to_path_buf(), line };
         let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
 
         let doc: Document = match toml::from_str(text) {
@@ -135,16 +122,10 @@ impl FileLayer {
             Err(e) => {
                 let line = e.span().map(|s| line_of(s.start));
                 let message = match not_a_section(text) {
-                    Some(name) => format!(
-                        "`{name}` must be a section: write [{name}] and put its keys below it"
-                    ),
+                    Some(name) => format!("`{name}` must be a section: write [{name}] and put its keys below it"),
                     None => e.message().trim().to_string(),
                 };
-                return Err(ConfigErrors(vec![ConfigError {
-                    origin: at(line),
-                    key: None,
-                    message,
-                }]));
+                return Err(ConfigErrors(vec![ConfigError { origin: at(line), key: None, message }]));
             }
         };
 
@@ -159,8 +140,7 @@ impl FileLayer {
                     key: None,
                     message: format!(
                         "unknown section [{section}]{}",
-                        hint.map(|h| format!(" (did you mean [{h}]?)"))
-                            .unwrap_or_default()
+                        hint.map(|h| format!(" (did you mean [{h}]?)")).unwrap_or_default()
                     ),
                 });
                 continue;
@@ -169,53 +149,33 @@ impl FileLayer {
                 let name = format!("{section}.{field}");
                 let line = line_of(value.span().start);
                 if keys::find(&name).is_none() {
-                    let in_section = keys::KEYS
-                        .iter()
-                        .filter(|k| k.section() == section)
-                        .map(|k| k.field());
+                    let in_section = keys::KEYS.iter().filter(|k| k.section() == section).map(|k| k.field());
                     let hint = did_you_mean(&field, in_section);
                     errors.push(ConfigError {
                         origin: at(Some(line)),
                         key: None,
                         message: format!(
                             "unknown key {name}{}",
-                            hint.map(|h| format!(" (did you mean {section}.{h}?)"))
-                                .unwrap_or_default()
+                            hint.map(|h| format!(" (did you mean {section}.{h}?)")).unwrap_or_default()
                         ),
                     });
                     continue;
                 }
-                entries.insert(
-                    name,
-                    FileEntry {
-                        value: value.into_inner(),
-                        line,
-                    },
-                );
+                entries.insert(name, FileEntry { value: value.into_inner(), line });
             }
         }
         errors.sort_by_key(|e: &ConfigError| match e.origin {
             Origin::File { line, .. } => line,
             _ => None,
         });
-        if errors.is_empty() {
-            Ok(FileLayer {
-                path: path.to_path_buf(),
-                entries,
-            })
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        if errors.is_empty() { Ok(FileLayer { path: path.to_path_buf(), entries }) } else { Err(ConfigErrors(errors)) }
     }
 }
 
 /// The first top-level key that is a plain value instead of a `[section]`, if any.
 fn not_a_section(text: &str) -> Option<String> {
     let table: toml::Table = text.parse().ok()?;
-    table
-        .into_iter()
-        .find(|(_, v)| !v.is_table())
-        .map(|(k, _)| k)
+    table.into_iter().find(|(_, v)| !v.is_table()).map(|(k, _)| k)
 }
 
 /// The candidate closest to `word`, if it is close enough to be a likely typo.
@@ -246,23 +206,16 @@ mod tests {
     use super::*;
 
     fn errors(text: &str) -> Vec<String> {
-        FileLayer::parse(Path::new("t.toml"), text)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+        FileLayer::parse(Path::new("t.toml"), text).unwrap_err().0.iter().map(ToString::to_string).collect()
     }
 
     #[test]
     fn every_unknown_key_is_reported_with_its_line() {
-        let text =
-            "[proxy]\nconect_timeout = \"1s\"\n\n[admin]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n";
+        let text = "[proxy]\nconect_timeout = \"1s\"\n\n[admin]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n";
         assert_eq!(
             errors(text),
             vec![
-                "t.toml:2: unknown key proxy.conect_timeout (did you mean proxy.connect_timeout?)"
-                    .to_string(),
+                "t.toml:2: unknown key proxy.conect_timeout (did you mean proxy.connect_timeout?)".to_string(),
                 "t.toml:6: unknown key admin.bogus".to_string(),
             ]
         );
@@ -276,9 +229,7 @@ mod tests {
         );
         assert_eq!(
             errors("backend = \"a:1\"\n"),
-            vec![
-                "t.toml:1: `backend` must be a section: write [backend] and put its keys below it"
-            ]
+            vec!["t.toml:1: `backend` must be a section: write [backend] and put its keys below it"]
         );
     }
 
@@ -291,8 +242,7 @@ mod tests {
 
     #[test]
     fn values_keep_their_lines() {
-        let layer =
-            FileLayer::parse(Path::new("t.toml"), "# c\n[backend]\naddress = \"a:1\"\n").unwrap();
+        let layer = FileLayer::parse(Path::new("t.toml"), "# c\n[backend]\naddress = \"a:1\"\n").unwrap();
         assert_eq!(layer.entries["backend.address"].line, 3);
     }
 }

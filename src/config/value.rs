@@ -80,16 +80,10 @@ pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
             };
             match n {
                 Some(n) if (min..=max).contains(&n) => Ok(Value::Count(n)),
-                _ => Err(format!(
-                    "must be a whole number from {min} to {max}, got {}",
-                    show(raw)
-                )),
+                _ => Err(format!("must be a whole number from {min} to {max}, got {}", show(raw))),
             }
         }
-        Kind::SocketAddr => Ok(Value::Addr(socket_addr(text(
-            raw,
-            "an address such as \"0.0.0.0:9001\"",
-        )?)?)),
+        Kind::SocketAddr => Ok(Value::Addr(socket_addr(text(raw, "an address such as \"0.0.0.0:9001\"")?)?)),
         Kind::SocketAddrs | Kind::OptionalSocketAddrs => {
             let items: Vec<&str> = match raw {
                 Raw::Toml(toml::Value::Array(items)) => items
@@ -113,10 +107,9 @@ pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
             }
             Ok(Value::Addrs(addrs))
         }
-        Kind::HostPort => Ok(Value::HostPort(host_port(text(
-            raw,
-            "a host:port such as \"backend.example.com:443\"",
-        )?)?)),
+        Kind::HostPort => {
+            Ok(Value::HostPort(host_port(text(raw, "a host:port such as \"backend.example.com:443\"")?)?))
+        }
         Kind::Choice(words) => {
             let s = text(raw, "a word")?;
             match words.iter().find(|w| **w == s) {
@@ -158,35 +151,27 @@ fn show(raw: Raw<'_>) -> String {
 pub fn duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) {
-        return Err(format!(
-            "\"{s}\" has no unit: write it as \"{s}s\" or \"{s}ms\""
-        ));
+        return Err(format!("\"{s}\" has no unit: write it as \"{s}s\" or \"{s}ms\""));
     }
-    humantime::parse_duration(s).map_err(|e| {
-        format!("invalid duration \"{s}\" ({e}); write durations like \"5s\", \"250ms\" or \"10m\"")
-    })
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration \"{s}\" ({e}); write durations like \"5s\", \"250ms\" or \"10m\""))
 }
 
 fn socket_addr(s: &str) -> Result<SocketAddr, String> {
-    s.trim().parse().map_err(|_| {
-        format!("invalid address \"{s}\": expected IP:port, such as 0.0.0.0:443 or [::]:443")
-    })
+    s.trim().parse().map_err(|_| format!("invalid address \"{s}\": expected IP:port, such as 0.0.0.0:443 or [::]:443"))
 }
 
 fn host_port(s: &str) -> Result<HostPort, String> {
     let bad = |why: &str| format!("invalid host:port \"{s}\": {why}");
     let s = s.trim();
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (host, port) = rest
-            .split_once("]:")
-            .ok_or_else(|| bad("expected [IPv6]:port"))?;
+        let (host, port) = rest.split_once("]:").ok_or_else(|| bad("expected [IPv6]:port"))?;
         if host.parse::<std::net::Ipv6Addr>().is_err() {
             return Err(bad("the part in brackets is not an IPv6 address"));
         }
         (host, port)
     } else {
-        s.rsplit_once(':')
-            .ok_or_else(|| bad("the port is missing"))?
+        s.rsplit_once(':').ok_or_else(|| bad("the port is missing"))?
     };
     let port: u16 = match port.parse() {
         Ok(p) if p > 0 => p,
@@ -198,10 +183,7 @@ fn host_port(s: &str) -> Result<HostPort, String> {
     if !host.contains(':') && !is_hostname(host) {
         return Err(bad("the host is neither an IP address nor a DNS name"));
     }
-    Ok(HostPort {
-        host: host.trim_end_matches('.').to_string(),
-        port,
-    })
+    Ok(HostPort { host: host.trim_end_matches('.').to_string(), port })
 }
 
 fn is_hostname(host: &str) -> bool {
@@ -212,9 +194,7 @@ fn is_hostname(host: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         })
 }
 
@@ -226,29 +206,20 @@ mod tests {
     fn durations_need_a_unit() {
         assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(duration("10m"), Ok(Duration::from_secs(600)));
-        assert_eq!(
-            duration("5").unwrap_err(),
-            "\"5\" has no unit: write it as \"5s\" or \"5ms\""
-        );
+        assert_eq!(duration("5").unwrap_err(), "\"5\" has no unit: write it as \"5s\" or \"5ms\"");
         assert!(duration("5x").is_err());
     }
 
     #[test]
     fn zero_duration_only_where_allowed() {
         assert!(parse(Kind::Duration, Raw::Text("0s")).is_err());
-        assert_eq!(
-            parse(Kind::DurationOrZero, Raw::Text("0s")),
-            Ok(Value::Duration(Duration::ZERO))
-        );
+        assert_eq!(parse(Kind::DurationOrZero, Raw::Text("0s")), Ok(Value::Duration(Duration::ZERO)));
     }
 
     #[test]
     fn host_port_forms() {
         let hp = host_port("elb-1.eu-west-1.elb.amazonaws.com.:443").unwrap();
-        assert_eq!(
-            (hp.host.as_str(), hp.port),
-            ("elb-1.eu-west-1.elb.amazonaws.com", 443)
-        );
+        assert_eq!((hp.host.as_str(), hp.port), ("elb-1.eu-west-1.elb.amazonaws.com", 443));
         assert_eq!(host_port("[::1]:8443").unwrap().to_string(), "[::1]:8443");
         assert_eq!(host_port("127.0.0.1:80").unwrap().host, "127.0.0.1");
         assert!(host_port("example.com").is_err());
@@ -259,14 +230,8 @@ mod tests {
 
     #[test]
     fn address_lists_from_text_and_toml() {
-        let want = Value::Addrs(vec![
-            "127.0.0.1:1".parse().unwrap(),
-            "[::1]:2".parse().unwrap(),
-        ]);
-        assert_eq!(
-            parse(Kind::SocketAddrs, Raw::Text("127.0.0.1:1, [::1]:2")),
-            Ok(want.clone())
-        );
+        let want = Value::Addrs(vec!["127.0.0.1:1".parse().unwrap(), "[::1]:2".parse().unwrap()]);
+        assert_eq!(parse(Kind::SocketAddrs, Raw::Text("127.0.0.1:1, [::1]:2")), Ok(want.clone()));
         let arr = toml::Value::Array(vec!["127.0.0.1:1".into(), "[::1]:2".into()]);
         assert_eq!(parse(Kind::SocketAddrs, Raw::Toml(&arr)), Ok(want));
         assert!(parse(Kind::SocketAddrs, Raw::Text("127.0.0.1:1,127.0.0.1:1")).is_err());
@@ -275,10 +240,7 @@ mod tests {
     #[test]
     fn counts_are_range_checked() {
         let kind = Kind::Count { min: 1, max: 10 };
-        assert_eq!(
-            parse(kind, Raw::Toml(&toml::Value::Integer(10))),
-            Ok(Value::Count(10))
-        );
+        assert_eq!(parse(kind, Raw::Toml(&toml::Value::Integer(10))), Ok(Value::Count(10)));
         assert_eq!(
             parse(kind, Raw::Toml(&toml::Value::Integer(0))).unwrap_err(),
             "must be a whole number from 1 to 10, got 0"

@@ -4,9 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use hickory_resolver::config::{
-    ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
-};
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::op::ResponseCode;
@@ -24,9 +22,7 @@ const RETRIES: usize = 1;
 
 /// The resolver could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "cannot set up DNS resolution from /etc/resolv.conf (set dns.nameservers to name nameservers)"
-)]
+#[error("cannot set up DNS resolution from /etc/resolv.conf (set dns.nameservers to name nameservers)")]
 pub struct SetupError(#[source] NetError);
 
 pub struct HickoryLookup {
@@ -70,38 +66,23 @@ impl HickoryLookup {
         opts.attempts = RETRIES;
         opts.use_hosts_file = ResolveHosts::Never;
         let resolver = builder.build().map_err(SetupError)?;
-        Ok(HickoryLookup {
-            resolver,
-            family: config.family,
-        })
+        Ok(HickoryLookup { resolver, family: config.family })
     }
 
     async fn v4(&self, name: &str) -> Result<Answer, Failure> {
-        let lookup = self
-            .resolver
-            .ipv4_lookup(name)
-            .await
-            .map_err(|e| classify(&e))?;
-        Ok(collect(lookup.answers().iter().filter_map(
-            |r| match &r.data {
-                RData::A(a) => Some((IpAddr::V4(a.0), r.ttl)),
-                _ => None,
-            },
-        )))
+        let lookup = self.resolver.ipv4_lookup(name).await.map_err(|e| classify(&e))?;
+        Ok(collect(lookup.answers().iter().filter_map(|r| match &r.data {
+            RData::A(a) => Some((IpAddr::V4(a.0), r.ttl)),
+            _ => None,
+        })))
     }
 
     async fn v6(&self, name: &str) -> Result<Answer, Failure> {
-        let lookup = self
-            .resolver
-            .ipv6_lookup(name)
-            .await
-            .map_err(|e| classify(&e))?;
-        Ok(collect(lookup.answers().iter().filter_map(
-            |r| match &r.data {
-                RData::AAAA(a) => Some((IpAddr::V6(a.0), r.ttl)),
-                _ => None,
-            },
-        )))
+        let lookup = self.resolver.ipv6_lookup(name).await.map_err(|e| classify(&e))?;
+        Ok(collect(lookup.answers().iter().filter_map(|r| match &r.data {
+            RData::AAAA(a) => Some((IpAddr::V6(a.0), r.ttl)),
+            _ => None,
+        })))
     }
 }
 
@@ -114,20 +95,13 @@ fn collect(records: impl Iterator<Item = (IpAddr, u32)>) -> Answer {
         }
         ttl = ttl.min(record_ttl);
     }
-    Answer {
-        addrs,
-        ttl: Duration::from_secs(u64::from(if ttl == u32::MAX { 0 } else { ttl })),
-    }
+    Answer { addrs, ttl: Duration::from_secs(u64::from(if ttl == u32::MAX { 0 } else { ttl })) }
 }
 
 impl Lookup for HickoryLookup {
     async fn lookup(&self, host: &str) -> Result<Answer, Failure> {
         // A name with a dot is taken as complete, so search domains are not tried first.
-        let name = if host.contains('.') && !host.ends_with('.') {
-            format!("{host}.")
-        } else {
-            host.to_string()
-        };
+        let name = if host.contains('.') && !host.ends_with('.') { format!("{host}.") } else { host.to_string() };
         match self.family {
             Family::Ipv4 => self.v4(&name).await,
             Family::Ipv6 => self.v6(&name).await,
@@ -137,10 +111,7 @@ impl Lookup for HickoryLookup {
                     (Ok(a), Ok(b)) => {
                         let mut addrs = a.addrs;
                         addrs.extend(b.addrs);
-                        Ok(Answer {
-                            addrs,
-                            ttl: a.ttl.min(b.ttl),
-                        })
+                        Ok(Answer { addrs, ttl: a.ttl.min(b.ttl) })
                     }
                     (Ok(a), Err(_)) | (Err(_), Ok(a)) => Ok(a),
                     (Err(e), Err(_)) => Err(e),
@@ -153,15 +124,13 @@ impl Lookup for HickoryLookup {
 /// Sorts a hickory error into the few cases an operator acts on differently.
 pub fn classify(e: &NetError) -> Failure {
     let kind = match e {
-        NetError::Dns(DnsError::NoRecordsFound(NoRecords { response_code, .. })) => {
-            match *response_code {
-                ResponseCode::NXDomain => FailureKind::NxDomain,
-                ResponseCode::NoError => FailureKind::NoData,
-                ResponseCode::ServFail => FailureKind::ServFail,
-                ResponseCode::Refused => FailureKind::Refused,
-                _ => FailureKind::Other,
-            }
-        }
+        NetError::Dns(DnsError::NoRecordsFound(NoRecords { response_code, .. })) => match *response_code {
+            ResponseCode::NXDomain => FailureKind::NxDomain,
+            ResponseCode::NoError => FailureKind::NoData,
+            ResponseCode::ServFail => FailureKind::ServFail,
+            ResponseCode::Refused => FailureKind::Refused,
+            _ => FailureKind::Other,
+        },
         NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail)) => FailureKind::ServFail,
         NetError::Dns(DnsError::ResponseCode(ResponseCode::Refused)) => FailureKind::Refused,
         NetError::Timeout => FailureKind::Timeout,
@@ -178,7 +147,5 @@ pub fn classify(e: &NetError) -> Failure {
 
 /// The address to dial for a literal IP backend, or `None` when the host is a name.
 pub fn literal(host: &str, port: u16) -> Option<SocketAddr> {
-    host.parse::<IpAddr>()
-        .ok()
-        .map(|ip| SocketAddr::new(ip, port))
+    host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, port))
 }

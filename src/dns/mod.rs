@@ -89,11 +89,7 @@ impl fmt::Display for Failure {
             FailureKind::Unreachable => "no nameserver could be reached",
             FailureKind::Other => "the lookup failed",
         };
-        if self.detail.is_empty() {
-            f.write_str(what)
-        } else {
-            write!(f, "{what}: {}", self.detail)
-        }
+        if self.detail.is_empty() { f.write_str(what) } else { write!(f, "{what}: {}", self.detail) }
     }
 }
 
@@ -133,10 +129,7 @@ impl<L: Lookup> Follower<L> {
                     refresh_after(answer.ttl, &self.config)
                 }
                 Ok(_) => {
-                    let f = Failure {
-                        kind: FailureKind::NoData,
-                        detail: String::new(),
-                    };
+                    let f = Failure { kind: FailureKind::NoData, detail: String::new() };
                     self.failed(&f, last_good, &failure_log);
                     next_retry(&mut retry, self.config.min_ttl)
                 }
@@ -160,32 +153,19 @@ impl<L: Lookup> Follower<L> {
     }
 
     fn publish(&self, answer: &Answer) {
-        let addrs: Vec<SocketAddr> = answer
-            .addrs
-            .iter()
-            .map(|ip| SocketAddr::new(*ip, self.port))
-            .collect();
+        let addrs: Vec<SocketAddr> = answer.addrs.iter().map(|ip| SocketAddr::new(*ip, self.port)).collect();
         let before = self.backends.current();
-        let changed = before.addrs.len() != addrs.len()
-            || before.addrs.iter().any(|a| !addrs.contains(&a.addr));
+        let changed = before.addrs.len() != addrs.len() || before.addrs.iter().any(|a| !addrs.contains(&a.addr));
         if changed {
-            let added: Vec<String> = addrs
-                .iter()
-                .filter(|a| !before.addrs.iter().any(|b| b.addr == **a))
-                .map(ToString::to_string)
-                .collect();
-            let removed: Vec<String> = before
-                .addrs
-                .iter()
-                .filter(|b| !addrs.contains(&b.addr))
-                .map(|b| b.addr.to_string())
-                .collect();
+            let added: Vec<String> =
+                addrs.iter().filter(|a| !before.addrs.iter().any(|b| b.addr == **a)).map(ToString::to_string).collect();
+            let removed: Vec<String> =
+                before.addrs.iter().filter(|b| !addrs.contains(&b.addr)).map(|b| b.addr.to_string()).collect();
             tracing::info!(backend = %self.backends.name, ?added, ?removed, ttl = ?answer.ttl, "backend addresses changed");
         } else if before.resolution.is_stale() {
             tracing::info!(backend = %self.backends.name, "DNS answers again; addresses unchanged");
         }
-        self.backends
-            .publish(addrs, Resolution::answered(Some(answer.ttl)));
+        self.backends.publish(addrs, Resolution::answered(Some(answer.ttl)));
     }
 
     fn failed(&self, f: &Failure, last_good: Option<Instant>, log: &Throttle) {
@@ -242,18 +222,9 @@ mod tests {
     #[test]
     fn refresh_is_the_ttl_clamped_to_floor_and_interval() {
         let c = config();
-        assert_eq!(
-            refresh_after(Duration::ZERO, &c),
-            Duration::from_millis(250)
-        );
-        assert_eq!(
-            refresh_after(Duration::from_millis(600), &c),
-            Duration::from_millis(600)
-        );
-        assert_eq!(
-            refresh_after(Duration::from_secs(86_400), &c),
-            Duration::from_secs(1)
-        );
+        assert_eq!(refresh_after(Duration::ZERO, &c), Duration::from_millis(250));
+        assert_eq!(refresh_after(Duration::from_millis(600), &c), Duration::from_millis(600));
+        assert_eq!(refresh_after(Duration::from_secs(86_400), &c), Duration::from_secs(1));
     }
 
     /// A scripted resolver: answers from a queue, the last entry repeating; records call times.
@@ -268,10 +239,7 @@ mod tests {
 
     impl Script {
         fn new(answers: Vec<Result<Answer, Failure>>) -> Script {
-            Script(Arc::new(Mutex::new(ScriptState {
-                answers,
-                calls: vec![],
-            })))
+            Script(Arc::new(Mutex::new(ScriptState { answers, calls: vec![] })))
         }
     }
 
@@ -279,26 +247,16 @@ mod tests {
         async fn lookup(&self, _host: &str) -> Result<Answer, Failure> {
             let mut s = self.0.lock().unwrap();
             s.calls.push(Instant::now());
-            if s.answers.len() > 1 {
-                s.answers.remove(0)
-            } else {
-                s.answers[0].clone()
-            }
+            if s.answers.len() > 1 { s.answers.remove(0) } else { s.answers[0].clone() }
         }
     }
 
     fn ok(last_octet: u8, ttl_ms: u64) -> Result<Answer, Failure> {
-        Ok(Answer {
-            addrs: vec![IpAddr::from([127, 0, 0, last_octet])],
-            ttl: Duration::from_millis(ttl_ms),
-        })
+        Ok(Answer { addrs: vec![IpAddr::from([127, 0, 0, last_octet])], ttl: Duration::from_millis(ttl_ms) })
     }
 
     fn fail(kind: FailureKind) -> Result<Answer, Failure> {
-        Err(Failure {
-            kind,
-            detail: String::new(),
-        })
+        Err(Failure { kind, detail: String::new() })
     }
 
     fn start(script: &Script, config: DnsConfig) -> (Arc<Backends>, CancellationToken) {
@@ -318,10 +276,7 @@ mod tests {
 
     fn gaps(script: &Script) -> Vec<u128> {
         let calls = &script.0.lock().unwrap().calls;
-        calls
-            .windows(2)
-            .map(|w| (w[1] - w[0]).as_millis())
-            .collect()
+        calls.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect()
     }
 
     #[tokio::test(start_paused = true)]
@@ -332,10 +287,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(3900)).await;
         stop.cancel();
         assert_eq!(gaps(&script), vec![250, 600, 1000, 1000, 1000]);
-        assert_eq!(
-            backends.current().addrs[0].addr,
-            SocketAddr::from(([127, 0, 0, 2], 443))
-        );
+        assert_eq!(backends.current().addrs[0].addr, SocketAddr::from(([127, 0, 0, 2], 443)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -346,16 +298,9 @@ mod tests {
         stop.cancel();
         assert_eq!(gaps(&script)[..7], [1000, 250, 500, 1000, 2000, 4000, 5000]);
         let set = backends.current();
-        assert_eq!(
-            set.addrs.len(),
-            1,
-            "a failing resolver must not empty the set"
-        );
+        assert_eq!(set.addrs.len(), 1, "a failing resolver must not empty the set");
         assert!(set.resolution.is_stale());
-        assert_eq!(
-            set.resolution.error.as_deref(),
-            Some("the nameserver failed (SERVFAIL)")
-        );
+        assert_eq!(set.resolution.error.as_deref(), Some("the nameserver failed (SERVFAIL)"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -367,24 +312,13 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(9)).await;
         assert_eq!(backends.current().addrs.len(), 1, "held within dns.hold");
         tokio::time::sleep(Duration::from_secs(8)).await;
-        assert!(
-            backends.current().addrs.is_empty(),
-            "dropped after dns.hold"
-        );
+        assert!(backends.current().addrs.is_empty(), "dropped after dns.hold");
         let why = backends.current().resolution.error.clone().unwrap();
-        assert!(
-            why.starts_with(
-                "the lookup timed out; the last good answer is older than dns.hold (10s)"
-            ),
-            "{why}"
-        );
+        assert!(why.starts_with("the lookup timed out; the last good answer is older than dns.hold (10s)"), "{why}");
         script.0.lock().unwrap().answers = vec![ok(3, 1000)];
         tokio::time::sleep(Duration::from_secs(6)).await;
         stop.cancel();
-        assert_eq!(
-            backends.current().addrs[0].addr,
-            SocketAddr::from(([127, 0, 0, 3], 443))
-        );
+        assert_eq!(backends.current().addrs[0].addr, SocketAddr::from(([127, 0, 0, 3], 443)));
     }
 
     #[tokio::test(start_paused = true)]

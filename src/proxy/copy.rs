@@ -60,14 +60,7 @@ struct Pipe {
 
 impl Pipe {
     fn new(from: Side, to: Side) -> Pipe {
-        Pipe {
-            buf: Vec::new(),
-            written: 0,
-            eof: false,
-            done: false,
-            from,
-            to,
-        }
+        Pipe { buf: Vec::new(), written: 0, eof: false, done: false, from, to }
     }
 
     /// Moves what it can. Ready(Ok) once the source has ended and the FIN has been passed on.
@@ -110,11 +103,7 @@ impl Pipe {
                 self.buf = Vec::new();
                 continue;
             }
-            if from
-                .poll_read_ready(cx)
-                .map_err(|e| (self.from, e))?
-                .is_pending()
-            {
+            if from.poll_read_ready(cx).map_err(|e| (self.from, e))?.is_pending() {
                 // Going idle: give the buffer back rather than hold it while nothing moves.
                 self.buf = Vec::new();
                 return Poll::Pending;
@@ -170,11 +159,7 @@ pub async fn bidirectional(
         if moved {
             last_activity = Instant::now();
         }
-        let limit = if up.done || down.done {
-            half_limit
-        } else {
-            timeouts.idle
-        };
+        let limit = if up.done || down.done { half_limit } else { timeouts.idle };
         let deadline = last_activity + limit;
         if (up.done || down.done) && !half_closed {
             // The half-close limit may be shorter than the idle one: bring the timer forward.
@@ -183,11 +168,7 @@ pub async fn bidirectional(
         }
         while timer.as_mut().poll(cx).is_ready() {
             if Instant::now() >= deadline {
-                return Poll::Ready(if half_closed {
-                    Outcome::HalfCloseTimeout
-                } else {
-                    Outcome::IdleTimeout
-                });
+                return Poll::Ready(if half_closed { Outcome::HalfCloseTimeout } else { Outcome::IdleTimeout });
             }
             timer.as_mut().reset(deadline);
         }

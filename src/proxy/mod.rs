@@ -98,8 +98,7 @@ impl Proxy {
                 Ok(permit) => {
                     let span = tracing::debug_span!("conn", client.addr = %peer, backend.addr = tracing::field::Empty);
                     let proxy = Arc::clone(&self);
-                    self.tracker
-                        .spawn(proxy.serve(stream, permit).instrument(span));
+                    self.tracker.spawn(proxy.serve(stream, permit).instrument(span));
                 }
                 Err(_) => {
                     socket::reset(&stream);
@@ -122,10 +121,7 @@ impl Proxy {
     fn accept_failed(&self, e: &io::Error) -> bool {
         let exhausted = socket::out_of_resources(e);
         let reason = if exhausted { "fd_limit" } else { "other" };
-        self.metrics
-            .accept_errors_total
-            .with_label_values(&[reason])
-            .inc();
+        self.metrics.accept_errors_total.with_label_values(&[reason]).inc();
         if exhausted {
             if let Some(suppressed) = self.accept_log.allow() {
                 tracing::warn!(error = %e, suppressed, "accept failed: out of file descriptors or memory; backing off");
@@ -158,10 +154,7 @@ impl Proxy {
         if set.addrs.is_empty() {
             return CloseReason::NoBackend;
         }
-        let Some((backend, addr)) = self
-            .connect(set.candidates(self.backends.next_start()))
-            .await
-        else {
+        let Some((backend, addr)) = self.connect(set.candidates(self.backends.next_start())).await else {
             if let Some(suppressed) = self.connect_log.allow() {
                 tracing::warn!(backend = %self.backends.name, suppressed, "no backend address accepted the connection");
             }
@@ -171,10 +164,7 @@ impl Proxy {
         let _active = addr.track();
         socket::tune(&backend, self.config.tcp_keepalive);
 
-        let timeouts = copy::Timeouts {
-            idle: self.config.idle_timeout,
-            half_close: self.config.half_close_timeout,
-        };
+        let timeouts = copy::Timeouts { idle: self.config.idle_timeout, half_close: self.config.half_close_timeout };
         let outcome = copy::bidirectional(
             client,
             &backend,
@@ -208,14 +198,10 @@ impl Proxy {
     ) -> Option<(TcpStream, &'a Arc<BackendAddr>)> {
         for addr in candidates.take(MAX_CONNECT_ATTEMPTS) {
             let started = tokio::time::Instant::now();
-            let result =
-                tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr.addr))
-                    .await;
+            let result = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr.addr)).await;
             let error = match result {
                 Ok(Ok(stream)) => {
-                    self.metrics
-                        .connect_duration_seconds
-                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.connect_duration_seconds.observe(started.elapsed().as_secs_f64());
                     return Some((stream, addr));
                 }
                 Ok(Err(e)) => {
@@ -228,6 +214,7 @@ impl Proxy {
                 }
             };
             self.metrics.connect_error(error);
+            addr.mark_suspect();
             // The address may have left DNS: ask for a fresh answer (rate-limited there).
             self.backends.request_refresh();
         }

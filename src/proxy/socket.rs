@@ -29,12 +29,7 @@ pub struct BindError {
 
 /// Binds a TCP listener on `addr`. `role` ("proxy", "admin server") names it in errors.
 pub fn bind(addr: SocketAddr, role: &'static str) -> Result<TcpListener, BindError> {
-    let listener = open(addr).map_err(|source| BindError {
-        role,
-        addr,
-        hint: hint(addr, &source),
-        source,
-    })?;
+    let listener = open(addr).map_err(|source| BindError { role, addr, hint: hint(addr, &source), source })?;
     Ok(listener)
 }
 
@@ -66,25 +61,16 @@ fn hint(addr: SocketAddr, e: &io::Error) -> &'static str {
 /// True for accept errors that mean the process or machine is out of descriptors or memory:
 /// retrying at once would spin, so accept loops back off.
 pub fn out_of_resources(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
 /// TCP_NODELAY (the proxy forwards what it reads at once; Nagle would only add latency to TLS
 /// handshakes) and keepalive.
 pub fn tune(stream: &TcpStream, keepalive: Duration) {
     let sock = SockRef::from(stream);
-    let ka = TcpKeepalive::new()
-        .with_time(keepalive)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_RETRIES);
+    let ka = TcpKeepalive::new().with_time(keepalive).with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_RETRIES);
     // Failing to tune a socket that works is not worth dropping the connection for.
-    if let Err(e) = stream
-        .set_nodelay(true)
-        .and_then(|()| sock.set_tcp_keepalive(&ka))
-    {
+    if let Err(e) = stream.set_nodelay(true).and_then(|()| sock.set_tcp_keepalive(&ka)) {
         tracing::debug!(error = %e, "could not set socket options");
     }
 }

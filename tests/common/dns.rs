@@ -73,19 +73,13 @@ impl DnsServer {
             tcp_queries: 0,
         })));
         for _ in 0..20 {
-            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
-                .await
-                .expect("bind udp");
+            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
             let addr = udp.local_addr().expect("udp address");
             if let Ok(tcp) = tokio::net::TcpListener::bind(addr).await {
                 let mut server = Server::new(zone.clone());
                 server.register_socket(udp);
                 server.register_listener(tcp, Duration::from_secs(5), 64);
-                return DnsServer {
-                    addr,
-                    zone,
-                    _server: server,
-                };
+                return DnsServer { addr, zone, _server: server };
             }
         }
         panic!("no port free for both UDP and TCP");
@@ -94,11 +88,7 @@ impl DnsServer {
 
 #[async_trait::async_trait]
 impl RequestHandler for Dns {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut response: R,
-    ) -> ResponseInfo {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
         let udp = request.protocol() == Protocol::Udp;
         let (mode, ttl, a, max_udp) = {
             let mut z = self.0.lock().expect("zone lock");
@@ -112,10 +102,7 @@ impl RequestHandler for Dns {
         let mut md = Metadata::response_from_request(&request.metadata);
         md.authoritative = true;
         if mode == Mode::Drop {
-            return ResponseInfo::from(Header {
-                metadata: md,
-                counts: HeaderCounts::default(),
-            });
+            return ResponseInfo::from(Header { metadata: md, counts: HeaderCounts::default() });
         }
         // The server truncates a UDP answer to the response's EDNS payload size and sets TC.
         let edns = request.edns.as_ref().map(|e| {
@@ -132,10 +119,9 @@ impl RequestHandler for Dns {
         };
         let name = q.original().name().clone();
         let answers: Vec<Record> = match (mode, q.query_type()) {
-            (Mode::Answer, RecordType::A) => a
-                .iter()
-                .map(|ip| Record::from_rdata(name.clone(), ttl, RData::A(A(*ip))))
-                .collect(),
+            (Mode::Answer, RecordType::A) => {
+                a.iter().map(|ip| Record::from_rdata(name.clone(), ttl, RData::A(A(*ip)))).collect()
+            }
             _ => vec![],
         };
         md.response_code = match mode {
@@ -157,14 +143,7 @@ impl RequestHandler for Dns {
                 30,
             )),
         );
-        let negative: &[Record] = if answers.is_empty() {
-            std::slice::from_ref(&soa)
-        } else {
-            &[]
-        };
-        response
-            .send_response(builder.build(md, answers.iter(), &[], negative.iter(), &[]))
-            .await
-            .expect("send")
+        let negative: &[Record] = if answers.is_empty() { std::slice::from_ref(&soa) } else { &[] };
+        response.send_response(builder.build(md, answers.iter(), &[], negative.iter(), &[])).await.expect("send")
     }
 }

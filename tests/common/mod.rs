@@ -83,42 +83,27 @@ impl Proxy {
 
     /// Replaces the backend address set, as a DNS answer would.
     pub fn set_backends(&self, addrs: &[SocketAddr]) {
-        self.backends
-            .publish(addrs.iter().copied(), Resolution::answered(None));
+        self.backends.publish(addrs.iter().copied(), Resolution::answered(None));
     }
 
     pub async fn connect(&self) -> TcpStream {
-        within(
-            BOUND,
-            "connecting to the proxy",
-            TcpStream::connect(self.addr),
-        )
-        .await
-        .expect("proxy accepts")
+        within(BOUND, "connecting to the proxy", TcpStream::connect(self.addr)).await.expect("proxy accepts")
     }
 
     pub async fn terminate(&self) {
-        self.signals
-            .send(Signal::Terminate)
-            .await
-            .expect("server is running");
+        self.signals.send(Signal::Terminate).await.expect("server is running");
     }
 
     /// Waits for `run` to return.
     pub async fn exit(self) -> Exit {
-        within(BOUND, "the server to exit", self.run)
-            .await
-            .expect("server task did not panic")
+        within(BOUND, "the server to exit", self.run).await.expect("server task did not panic")
     }
 
     /// The value of one sample in `/metrics`, e.g. `static_ingress_tcp_close_total{reason="completed"}`.
     pub async fn metric(&self, sample: &str) -> f64 {
         let body = get(self.admin, "/metrics").await.body;
         body.lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
             .unwrap_or_else(|| panic!("metric {sample} not found in:\n{body}"))
             .trim()
             .parse()
@@ -126,10 +111,7 @@ impl Proxy {
     }
 
     pub async fn closed(&self, reason: &str) -> f64 {
-        self.metric(&format!(
-            "static_ingress_tcp_close_total{{reason=\"{reason}\"}}"
-        ))
-        .await
+        self.metric(&format!("static_ingress_tcp_close_total{{reason=\"{reason}\"}}")).await
     }
 }
 
@@ -151,16 +133,8 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str) -> Response {
         s.read_to_end(&mut raw).await.expect("read response");
         let raw = String::from_utf8(raw).expect("utf-8 response");
         let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response");
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("a status code");
-        Response {
-            status,
-            head: head.to_string(),
-            body: body.to_string(),
-        }
+        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+        Response { status, head: head.to_string(), body: body.to_string() }
     })
     .await
 }
@@ -187,9 +161,7 @@ impl Backend {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
         Backend::serve(listener, handler)
     }
 
@@ -238,9 +210,7 @@ impl Backend {
     /// One named backend per loopback IP, all on the same port (as an ELB's addresses are).
     pub async fn fleet(ips: &[std::net::Ipv4Addr], names: &[&'static str]) -> (u16, Vec<Backend>) {
         'port: for _ in 0..20 {
-            let first = Backend::named(SocketAddr::from((ips[0], 0)), names[0])
-                .await
-                .expect("bind");
+            let first = Backend::named(SocketAddr::from((ips[0], 0)), names[0]).await.expect("bind");
             let port = first.addr.port();
             let mut fleet = vec![first];
             for (ip, name) in ips.iter().zip(names.iter()).skip(1) {
@@ -280,11 +250,8 @@ pub struct Blackhole {
 
 impl Blackhole {
     pub fn new() -> Blackhole {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .expect("socket");
-        socket
-            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-            .expect("bind");
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind");
         socket.listen(0).expect("listen");
         let listener: std::net::TcpListener = socket.into();
         let addr = listener.local_addr().expect("address");
@@ -298,11 +265,7 @@ impl Blackhole {
             std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
             "the blackhole listener still accepts connections"
         );
-        Blackhole {
-            addr,
-            _listener: listener,
-            _queued: queued,
-        }
+        Blackhole { addr, _listener: listener, _queued: queued }
     }
 }
 
