@@ -37,9 +37,8 @@ impl Checker {
                 keep
             });
             for addr in &set.addrs {
-                if !loops.contains_key(&addr.addr) {
-                    let token = stop.child_token();
-                    loops.insert(addr.addr, token.clone());
+                if let std::collections::hash_map::Entry::Vacant(slot) = loops.entry(addr.addr) {
+                    let token = slot.insert(stop.child_token()).clone();
                     tokio::spawn(check_loop(Arc::clone(addr), self.config.clone(), Arc::clone(&self.metrics), token));
                 }
             }
