@@ -25,10 +25,12 @@ pub enum CloseReason {
     OverLimit,
     /// Still open when the drain's grace period ran out.
     Shutdown,
+    /// Its backend address left DNS longer ago than `backend.removed_grace`.
+    BackendRetired,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::Completed,
         CloseReason::ClientError,
         CloseReason::BackendError,
@@ -38,6 +40,7 @@ impl CloseReason {
         CloseReason::NoBackend,
         CloseReason::OverLimit,
         CloseReason::Shutdown,
+        CloseReason::BackendRetired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -51,6 +54,7 @@ impl CloseReason {
             CloseReason::NoBackend => "no_backend",
             CloseReason::OverLimit => "over_limit",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::BackendRetired => "backend_retired",
         }
     }
 }

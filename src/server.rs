@@ -84,6 +84,11 @@ impl Server {
         let checker =
             Checker { config: config.health.clone(), backends: Arc::clone(&backends), metrics: Arc::clone(&metrics) };
         tokio::spawn(checker.run(stop_sources.clone()));
+        tokio::spawn(crate::backend::retire_removed(
+            Arc::clone(&backends),
+            config.backend.removed_grace,
+            stop_sources.clone(),
+        ));
         match dns::hickory::literal(&target.host, target.port) {
             // An IP address needs no DNS: publish it once.
             Some(addr) => backends.publish([addr], Resolution::answered(None)),

@@ -185,3 +185,33 @@ async fn connect_failures_trigger_an_early_re_resolve() {
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     assert!(proxy.metric("static_ingress_backend_connect_errors_total{reason=\"refused\"}").await >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_an_address_that_left_dns_close_after_the_grace() {
+    let (port, _fleet) = Backend::fleet(&[BLUE, GREEN], &["blue", "green"]).await;
+    let dns = DnsServer::start(&[BLUE], 60).await;
+    let proxy = proxy_via(&dns, port, &[("backend.removed_grace", "1s")]).await;
+    eventually("healthy", async || get(proxy.admin, "/health").await.status == 200).await;
+    let (name, mut open) = greeting(proxy.addr).await.expect("a connection to blue");
+    assert_eq!(name, "blue");
+
+    dns.zone.set(|z| z.a = vec![GREEN]);
+    eventually("blue to leave the set", async || {
+        status(&proxy).await["backend"]["retiring"].as_array().is_some_and(|r| r.len() == 1)
+    })
+    .await;
+    let removed = Instant::now();
+    let s = status(&proxy).await;
+    assert_eq!(s["backend"]["retiring"][0]["address"], format!("{BLUE}:{port}"));
+    assert_eq!(s["backend"]["retiring"][0]["active_connections"], 1);
+    // Within the grace the open connection still works; new ones go to green.
+    assert_eq!(round_trip(&mut open, b"within the grace").await, b"within the grace");
+    assert_eq!(greeting(proxy.addr).await.expect("green").0, "green");
+
+    let result = read_until_closed(&mut open).await;
+    let after = removed.elapsed();
+    assert!(result.is_err(), "the retired connection is reset, not ended cleanly");
+    assert!(after >= Duration::from_millis(900) && after < Duration::from_secs(3), "closed after {after:?}");
+    eventually("counted", async || proxy.closed("backend_retired").await == 1.0).await;
+    assert!(status(&proxy).await["backend"]["retiring"].as_array().is_some_and(|r| r.is_empty()));
+}

@@ -29,6 +29,15 @@ struct BackendView {
     name: String,
     resolution: ResolutionView,
     addresses: Vec<AddressView>,
+    /// Addresses that left DNS, whose open connections are closed when the grace ends.
+    retiring: Vec<RetiringView>,
+}
+
+#[derive(Serialize)]
+struct RetiringView {
+    address: String,
+    active_connections: usize,
+    closes_in_seconds: f64,
 }
 
 #[derive(Serialize)]
@@ -111,6 +120,18 @@ pub fn render(state: &State) -> String {
                     last_check: a.last_check().map(unix),
                     first_seen: unix(a.first_seen),
                     last_seen: a.last_seen().map(unix),
+                })
+                .collect(),
+            retiring: state
+                .backends
+                .retiring()
+                .into_iter()
+                .map(|(a, since)| RetiringView {
+                    address: a.addr.to_string(),
+                    active_connections: a.active_connections(),
+                    closes_in_seconds: (since + state.config.backend.removed_grace)
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .as_secs_f64(),
                 })
                 .collect(),
         },

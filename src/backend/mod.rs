@@ -11,6 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// One backend address and what the proxy knows about it.
 #[derive(Debug)]
@@ -25,6 +27,9 @@ pub struct BackendAddr {
     /// Unix milliseconds of the last health check and last DNS answer naming it (0: never).
     last_check_ms: AtomicU64,
     last_seen_ms: AtomicU64,
+    /// Cancelled when the address has been out of DNS for longer than the grace: connections
+    /// to it close.
+    retired: CancellationToken,
 }
 
 impl BackendAddr {
@@ -38,7 +43,13 @@ impl BackendAddr {
             active: AtomicUsize::new(0),
             last_check_ms: AtomicU64::new(0),
             last_seen_ms: AtomicU64::new(unix_ms(SystemTime::now())),
+            retired: CancellationToken::new(),
         }
+    }
+
+    /// Completes when connections to this address must close.
+    pub async fn retired(&self) {
+        self.retired.cancelled().await;
     }
 
     pub fn is_suspect(&self) -> bool {
@@ -83,6 +94,24 @@ impl BackendAddr {
     pub fn track(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(Arc::clone(self))
+    }
+}
+
+/// Retires addresses that left DNS once `grace` has passed, until `stop` fires.
+pub async fn retire_removed(backends: Arc<Backends>, grace: Duration, stop: CancellationToken) {
+    let mut changes = backends.subscribe();
+    loop {
+        let next = backends.retire_due(grace);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+            () = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
     }
 }
 
@@ -171,6 +200,8 @@ pub struct Backends {
     cursor: AtomicUsize,
     /// Bumped on every change of the set, for those who must react (the health checker).
     version: watch::Sender<u64>,
+    /// Addresses that left DNS, since when, while connections to them may still be open.
+    retiring: std::sync::Mutex<Vec<(Arc<BackendAddr>, Instant)>>,
     /// Raised by the data path when connects fail: the source should look again soon.
     refresh: Notify,
 }
@@ -182,6 +213,7 @@ impl Backends {
             current: ArcSwap::from_pointee(BackendSet::unresolved("resolution in progress")),
             cursor: AtomicUsize::new(0),
             version: watch::Sender::new(0),
+            retiring: std::sync::Mutex::new(Vec::new()),
             refresh: Notify::new(),
         }
     }
@@ -194,18 +226,52 @@ impl Backends {
     /// Replaces the set. Addresses present in both keep their state (health, counters).
     pub fn publish(&self, addrs: impl IntoIterator<Item = SocketAddr>, resolution: Resolution) {
         let old = self.current();
+        let mut retiring = self.retiring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut next: Vec<Arc<BackendAddr>> = Vec::new();
         for addr in addrs {
             if next.iter().any(|a| a.addr == addr) {
                 continue;
             }
-            let kept = old.addrs.iter().find(|a| a.addr == addr).cloned();
+            let kept = old.addrs.iter().find(|a| a.addr == addr).cloned().or_else(|| {
+                // Back within the grace: keep it, and the connections still open to it.
+                let i = retiring.iter().position(|(a, _)| a.addr == addr)?;
+                Some(retiring.swap_remove(i).0)
+            });
             let kept = kept.unwrap_or_else(|| Arc::new(BackendAddr::new(addr)));
             kept.last_seen_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
             next.push(kept);
         }
+        let now = Instant::now();
+        for gone in old.addrs.iter().filter(|a| !next.iter().any(|n| n.addr == a.addr)) {
+            retiring.push((Arc::clone(gone), now));
+        }
+        drop(retiring);
         self.current.store(Arc::new(BackendSet { addrs: next, resolution }));
         self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Closes connections to addresses out of DNS for `grace` or longer. Returns when the next
+    /// one is due, if any.
+    pub fn retire_due(&self, grace: Duration) -> Option<Instant> {
+        let mut retiring = self.retiring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        retiring.retain(|(addr, since)| {
+            let due = now >= *since + grace;
+            if due {
+                if addr.active_connections() > 0 {
+                    tracing::info!(backend.addr = %addr.addr, open = addr.active_connections(),
+                        "closing connections to an address that left DNS");
+                }
+                addr.retired.cancel();
+            }
+            !due
+        });
+        retiring.iter().map(|(_, since)| *since + grace).min()
+    }
+
+    /// Addresses that left DNS and are not yet retired, with when they left.
+    pub fn retiring(&self) -> Vec<(Arc<BackendAddr>, Instant)> {
+        self.retiring.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Changes whenever the set of addresses does.
@@ -227,6 +293,11 @@ impl Backends {
         let old = self.current();
         let resolution =
             Resolution { error: Some(why.into()), last_attempt: Some(SystemTime::now()), ..old.resolution.clone() };
+        let now = Instant::now();
+        self.retiring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(old.addrs.iter().map(|a| (Arc::clone(a), now)));
         self.current.store(Arc::new(BackendSet { addrs: Vec::new(), resolution }));
         self.version.send_modify(|v| *v += 1);
     }
@@ -291,6 +362,26 @@ mod tests {
         assert!(b.current().resolution.is_stale());
         b.expire("too old");
         assert!(b.current().addrs.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_removed_address_is_retired_after_the_grace_unless_it_comes_back() {
+        let b = Backends::new("x");
+        let grace = Duration::from_secs(60);
+        b.publish([addr(1), addr(2)], Resolution::answered(None));
+        let (one, two) = (Arc::clone(&b.current().addrs[0]), Arc::clone(&b.current().addrs[1]));
+        b.publish([addr(3)], Resolution::answered(None));
+        assert_eq!(b.retiring().len(), 2);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(b.retire_due(grace), Some(Instant::now() + Duration::from_secs(30)));
+        // addr(1) comes back within the grace: the same address, not retired.
+        b.publish([addr(3), addr(1)], Resolution::answered(None));
+        assert!(Arc::ptr_eq(&b.current().addrs[1], &one));
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(b.retire_due(grace), None);
+        assert!(two.retired.is_cancelled());
+        assert!(!one.retired.is_cancelled());
+        assert!(b.retiring().is_empty());
     }
 
     #[test]

@@ -143,6 +143,14 @@ pub static KEYS: &[Key] = &[
         doc: "The backend as host:port, usually the ELB's DNS name and 443. Required.",
     },
     Key {
+        name: "backend.removed_grace",
+        kind: Kind::DurationOrZero,
+        default: Some("5m"),
+        doc: "When an address leaves DNS, new connections stop going there at once; connections \
+              already open to it are closed after this grace, because AWS hands retired ELB \
+              addresses to other customers. An address that comes back within it is kept.",
+    },
+    Key {
         name: "dns.nameservers",
         kind: Kind::OptionalSocketAddrs,
         default: Some(""),

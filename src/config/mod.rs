@@ -44,6 +44,7 @@ pub struct ProxyConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
     pub address: HostPort,
+    pub removed_grace: Duration,
 }
 
 /// Which address records the backend name is resolved to.
@@ -165,6 +166,7 @@ impl Config {
         let max_connections = r.get("proxy.max_connections", as_count);
         let tcp_keepalive = r.get("proxy.tcp_keepalive", as_duration);
         let backend_address = r.get("backend.address", as_host_port);
+        let removed_grace = r.get("backend.removed_grace", as_duration);
         let nameservers = r.get("dns.nameservers", as_addrs);
         let refresh_interval = r.get("dns.refresh_interval", as_duration);
         let min_ttl = r.get("dns.min_ttl", as_duration);
@@ -194,7 +196,7 @@ impl Config {
                     max_connections: max_connections?,
                     tcp_keepalive: tcp_keepalive?,
                 },
-                backend: BackendConfig { address: backend_address? },
+                backend: BackendConfig { address: backend_address?, removed_grace: removed_grace? },
                 dns: DnsConfig {
                     nameservers: nameservers?,
                     refresh_interval: refresh_interval?,

@@ -165,14 +165,22 @@ impl Proxy {
         socket::tune(&backend, self.config.tcp_keepalive);
 
         let timeouts = copy::Timeouts { idle: self.config.idle_timeout, half_close: self.config.half_close_timeout };
-        let outcome = copy::bidirectional(
+        let copy = copy::bidirectional(
             client,
             &backend,
             timeouts,
             self.metrics.bytes(Direction::ToBackend),
             self.metrics.bytes(Direction::ToClient),
-        )
-        .await;
+        );
+        let outcome = tokio::select! {
+            outcome = copy => outcome,
+            () = addr.retired() => {
+                // The address may now belong to someone else: end the stream with a reset so
+                // the client reconnects (and resolves again) rather than mistaking it for an end.
+                socket::reset(client);
+                return CloseReason::BackendRetired;
+            }
+        };
         match outcome {
             copy::Outcome::Completed => CloseReason::Completed,
             copy::Outcome::IdleTimeout => CloseReason::IdleTimeout,
