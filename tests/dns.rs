@@ -44,7 +44,7 @@ async fn a_blue_green_flip_is_followed_within_a_second_even_with_a_one_day_ttl()
         }
         seen_blue_after_flip += 1;
         assert!(flipped.elapsed() < BOUND, "never reached green");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     };
     eprintln!(
         "DNS flip to first connection on green: {took:?} ({seen_blue_after_flip} connections still went to blue)"
@@ -214,4 +214,25 @@ async fn connections_to_an_address_that_left_dns_close_after_the_grace() {
     assert!(after >= Duration::from_millis(900) && after < Duration::from_secs(3), "closed after {after:?}");
     eventually("counted", async || proxy.closed("backend_retired").await == 1.0).await;
     assert!(status(&proxy).await["backend"]["retiring"].as_array().is_some_and(|r| r.is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn family_both_uses_a_and_aaaa_records() {
+    let (port, _fleet) = Backend::fleet(&[BLUE], &["v4"]).await;
+    let v6 = Backend::named(std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)), "v6")
+        .await
+        .expect("bind [::1] on the same port");
+    let dns = DnsServer::start(&[BLUE], 60).await;
+    dns.zone.set(|z| z.aaaa = vec![std::net::Ipv6Addr::LOCALHOST]);
+    let proxy = proxy_via(&dns, port, &[("dns.family", "both")]).await;
+    eventually("both families resolved", async || {
+        status(&proxy).await["backend"]["addresses"].as_array().is_some_and(|a| a.len() == 2)
+    })
+    .await;
+    let mut names = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        names.insert(greeting(proxy.addr).await.expect("proxied").0);
+    }
+    assert_eq!(names.into_iter().collect::<Vec<_>>(), vec!["v4", "v6"]);
+    drop(v6);
 }

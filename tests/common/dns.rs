@@ -1,7 +1,7 @@
 //! A real authoritative DNS server (hickory-server) on loopback, whose answers a test changes
 //! while it runs: addresses and TTL, failure modes, and the UDP size at which answers truncate.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{Edns, Header, HeaderCounts, Metadata, ResponseCode};
-use hickory_server::proto::rr::rdata::{A, SOA};
+use hickory_server::proto::rr::rdata::{A, AAAA, SOA};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -32,6 +32,7 @@ pub struct Zone {
     pub mode: Mode,
     pub ttl: u32,
     pub a: Vec<Ipv4Addr>,
+    pub aaaa: Vec<Ipv6Addr>,
     /// The largest UDP answer sent; larger ones go out truncated (TC) and the client must retry
     /// over TCP. 512 is the classic limit without EDNS.
     pub max_udp: u16,
@@ -68,6 +69,7 @@ impl DnsServer {
             mode: Mode::Answer,
             ttl,
             a: a.to_vec(),
+            aaaa: Vec::new(),
             max_udp: 1232,
             udp_queries: 0,
             tcp_queries: 0,
@@ -90,14 +92,14 @@ impl DnsServer {
 impl RequestHandler for Dns {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
         let udp = request.protocol() == Protocol::Udp;
-        let (mode, ttl, a, max_udp) = {
+        let (mode, ttl, a, aaaa, max_udp) = {
             let mut z = self.0.lock().expect("zone lock");
             if udp {
                 z.udp_queries += 1;
             } else {
                 z.tcp_queries += 1;
             }
-            (z.mode, z.ttl, z.a.clone(), z.max_udp)
+            (z.mode, z.ttl, z.a.clone(), z.aaaa.clone(), z.max_udp)
         };
         let mut md = Metadata::response_from_request(&request.metadata);
         md.authoritative = true;
@@ -121,6 +123,9 @@ impl RequestHandler for Dns {
         let answers: Vec<Record> = match (mode, q.query_type()) {
             (Mode::Answer, RecordType::A) => {
                 a.iter().map(|ip| Record::from_rdata(name.clone(), ttl, RData::A(A(*ip)))).collect()
+            }
+            (Mode::Answer, RecordType::AAAA) => {
+                aaaa.iter().map(|ip| Record::from_rdata(name.clone(), ttl, RData::AAAA(AAAA(*ip)))).collect()
             }
             _ => vec![],
         };
