@@ -53,6 +53,7 @@ async fn a_killed_backend_is_marked_down_within_interval_x_fall_and_back_within_
     let restarted = Instant::now();
     eventually("marked up", async || get(proxy.admin, "/health").await.status == 200).await;
     let up_after = restarted.elapsed();
+    eprintln!("killed backend marked down after {down_after:?}, restarted one up after {up_after:?}");
     assert!(up_after >= Duration::from_millis(50) && up_after < Duration::from_secs(2), "up after {up_after:?}");
     assert_eq!(greeting(proxy.addr).await.expect("proxied again").0, "only");
 }
