@@ -246,8 +246,13 @@ impl Backends {
             retiring.push((Arc::clone(gone), now));
         }
         drop(retiring);
+        // Subscribers care about the addresses, not the resolution's timestamps: a refresh that
+        // confirms the same addresses (once a second) wakes nobody.
+        let changed = next.len() != old.addrs.len() || next.iter().zip(&old.addrs).any(|(a, b)| !Arc::ptr_eq(a, b));
         self.current.store(Arc::new(BackendSet { addrs: next, resolution }));
-        self.version.send_modify(|v| *v += 1);
+        if changed {
+            self.version.send_modify(|v| *v += 1);
+        }
     }
 
     /// Closes connections to addresses out of DNS for `grace` or longer. Returns when the next
@@ -274,7 +279,7 @@ impl Backends {
         self.retiring.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// Changes whenever the set of addresses does.
+    /// Changes whenever the list of addresses does.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
     }

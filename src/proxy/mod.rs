@@ -4,7 +4,6 @@ pub mod copy;
 pub mod socket;
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -228,9 +227,4 @@ impl Proxy {
         }
         None
     }
-}
-
-/// The bound address of each listener, for logs and tests.
-pub fn local_addrs(listeners: &[TcpListener]) -> io::Result<Vec<SocketAddr>> {
-    listeners.iter().map(TcpListener::local_addr).collect()
 }
