@@ -43,6 +43,10 @@ pub enum Cmd {
     Run(RunArgs),
     /// Check the configuration and print the effective settings; exit 0 if valid, 78 if not.
     CheckConfig(CheckArgs),
+    /// Claim this instance's Elastic IP once (the [eip] settings; eip.enabled is not needed),
+    /// print what was found and done, and exit: 0 when the address is this instance's, or
+    /// 10-16 naming what to fix (see the README).
+    ClaimEip(ClaimArgs),
 }
 
 #[derive(Args, Debug)]
@@ -60,6 +64,19 @@ pub struct CheckArgs {
     /// exists.
     #[arg(value_name = "FILE", env = "STATIC_INGRESS_CONFIG")]
     pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+#[derive(Args, Debug)]
+pub struct ClaimArgs {
+    /// Config file. Without it, /etc/static-ingress/static-ingress.toml is read if it exists.
+    #[arg(short, long, env = "STATIC_INGRESS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Find the instance, the allocation and the address's holder, and ask EC2 whether the
+    /// association would be allowed (DryRun), but change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub overrides: Overrides,
 }
@@ -119,6 +136,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Cmd::CheckConfig(args) => check_config(args),
         Cmd::Run(args) => run(args),
+        Cmd::ClaimEip(args) => claim_eip(args),
     }
 }
 
@@ -203,6 +221,40 @@ fn run(args: RunArgs) -> ExitCode {
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(code)
+}
+
+fn claim_eip(args: ClaimArgs) -> ExitCode {
+    let path = config_path(args.config);
+    let (eip, log) = match Config::load_eip(path.as_deref(), &args.overrides.0) {
+        Ok(c) => c,
+        Err(errors) => {
+            print_errors(&errors);
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    logging::init_stderr(&log);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let result = runtime.block_on(async {
+        let deadline = tokio::time::Instant::now() + eip.deadline;
+        let instance = crate::eip::claim::Instance::discover(&eip, deadline).await?;
+        instance.claim(args.dry_run, deadline).await
+    });
+    match result {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
 
 /// `outer: inner: innermost`, for one-line error reports.

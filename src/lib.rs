@@ -2,7 +2,7 @@
 //! blue/green flipped) a small fixed set of public IPs.
 //!
 //! Modules, from the outside in:
-//! - [`cli`]: the command line (`run`, `check-config`) and exit codes.
+//! - [`cli`]: the command line (`run`, `check-config`, `claim-eip`) and exit codes.
 //! - [`config`]: keys and defaults, file + flags + environment, checked once into [`config::Config`].
 //! - [`server`]: binds every listener, starts the parts, and drains them in one fixed order.
 //! - [`lifecycle`]: Unix signals, systemd readiness and watchdog, file-descriptor limits.
@@ -10,6 +10,7 @@
 //! - [`backend`]: the backend's current address set and the order connections try it in.
 //! - [`health`]: active TCP checks of every backend address (interval, rise, fall).
 //! - [`dns`]: follows the backend's DNS name (TTL schedule, hold through failures).
+//! - [`eip`]: claims this instance's Elastic IP (IMDSv2, EC2) and keeps checking it holds it.
 //! - [`admin`]: the HTTP server for `/health`, `/live`, `/metrics` and `/status`.
 //! - [`metrics`]: Prometheus metrics, all named `static_ingress_*`.
 //! - [`logging`]: text or JSON logs, and a throttle for per-connection warnings.
@@ -19,6 +20,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod dns;
+pub mod eip;
 pub mod health;
 pub mod lifecycle;
 pub mod logging;

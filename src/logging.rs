@@ -9,13 +9,24 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Installs the global subscriber. The filter was checked when the config was loaded.
+/// Installs the global subscriber, writing to stdout. The filter was checked when the config
+/// was loaded.
 pub fn init(config: &LogConfig) {
     let filter = EnvFilter::builder().parse_lossy(&config.filter);
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
     match config.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
         LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).init(),
+    }
+}
+
+/// Like [`init`], but to stderr: for one-shot commands whose stdout is their report.
+pub fn init_stderr(config: &LogConfig) {
+    let filter = EnvFilter::builder().parse_lossy(&config.filter);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }
 

@@ -114,6 +114,7 @@ pub struct Metrics {
     dns_resolutions_total: IntCounterVec,
     dns_answer_age_seconds: prometheus::Gauge,
     dns_stale: IntGauge,
+    pub eip_associated: IntGauge,
 }
 
 impl Metrics {
@@ -196,6 +197,11 @@ impl Metrics {
             connect_duration_seconds,
             accept_errors_total,
             draining: gauge("draining", "1 while the proxy is draining after SIGTERM, else 0.")?,
+            eip_associated: gauge(
+                "eip_associated",
+                "1 while this instance's Elastic IP was associated with it at the last check, else 0 (also with \
+                 eip.enabled = false).",
+            )?,
             backend_addresses,
             health_check_failures_total: counter(
                 "health_check_failures_total",

@@ -14,6 +14,7 @@ use crate::admin;
 use crate::backend::{Backends, Resolution};
 use crate::config::Config;
 use crate::dns::{self, Follower, hickory::HickoryLookup};
+use crate::eip::{self, Eip};
 use crate::health::Checker;
 use crate::lifecycle::{self, Signal};
 use crate::metrics::Metrics;
@@ -77,9 +78,13 @@ impl Server {
             Arc::clone(&backends),
             Arc::clone(&metrics),
             Arc::clone(&proxy),
+            Arc::new(Eip::new(config.eip.enabled, metrics.eip_associated.clone())),
             proxy_addrs.clone(),
         ));
         let stop_sources = CancellationToken::new();
+        if config.eip.enabled {
+            tokio::spawn(eip::keep(config.eip.clone(), Arc::clone(&state.eip), stop_sources.clone()));
+        }
         let target = &config.backend.address;
         let checker =
             Checker { config: config.health.clone(), backends: Arc::clone(&backends), metrics: Arc::clone(&metrics) };

@@ -40,6 +40,7 @@ pub struct State {
     pub backends: Arc<Backends>,
     pub metrics: Arc<Metrics>,
     pub proxy: Arc<Proxy>,
+    pub eip: Arc<crate::eip::Eip>,
     pub listen: Vec<std::net::SocketAddr>,
     pub version: &'static str,
     started: Instant,
@@ -60,6 +61,7 @@ impl State {
         backends: Arc<Backends>,
         metrics: Arc<Metrics>,
         proxy: Arc<Proxy>,
+        eip: Arc<crate::eip::Eip>,
         listen: Vec<std::net::SocketAddr>,
     ) -> State {
         State {
@@ -67,6 +69,7 @@ impl State {
             backends,
             metrics,
             proxy,
+            eip,
             listen,
             version: env!("CARGO_PKG_VERSION"),
             started: Instant::now(),

@@ -16,6 +16,22 @@ struct Status<'a> {
     listen: Vec<String>,
     backend: BackendView,
     connections: Connections,
+    eip: EipView,
+}
+
+#[derive(Serialize)]
+struct EipView {
+    /// disabled, claiming, associated, lost (another instance holds it) or failed.
+    state: crate::eip::State,
+    allocation_id: Option<String>,
+    public_ip: Option<String>,
+    instance_id: Option<String>,
+    /// The instance holding the address when it is not this one.
+    owner: Option<String>,
+    /// Unix time the state last changed.
+    since: f64,
+    last_check: Option<f64>,
+    error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -139,6 +155,19 @@ pub fn render(state: &State) -> String {
             active: state.proxy.active(),
             limit: state.proxy.max_connections(),
             accepted_total: state.metrics.tcp_open_total.get(),
+        },
+        eip: {
+            let e = state.eip.status();
+            EipView {
+                state: e.state,
+                allocation_id: e.allocation_id,
+                public_ip: e.public_ip,
+                instance_id: e.instance_id,
+                owner: e.owner,
+                since: unix(e.since),
+                last_check: e.last_check.map(unix),
+                error: e.error,
+            }
         },
     };
     // Serializing plain structs of strings and numbers cannot fail.

@@ -25,6 +25,14 @@ pub enum Kind {
     Choice(&'static [&'static str]),
     /// A tracing filter such as `info` or `info,static_ingress=debug`.
     LogFilter,
+    /// `true` or `false`.
+    Bool,
+    /// An Elastic IP allocation id (`eipalloc-` and hex digits), or empty for none.
+    OptionalAllocationId,
+    /// An EC2 tag key that instance metadata can serve: letters, digits and `+ - = . , _ : @`.
+    TagKey,
+    /// An `http://` or `https://` URL, or empty for the built-in default.
+    OptionalUrl,
 }
 
 impl Kind {
@@ -38,6 +46,10 @@ impl Kind {
             Kind::HostPort => "HOST:PORT",
             Kind::Choice(_) => "WORD",
             Kind::LogFilter => "FILTER",
+            Kind::Bool => "BOOL",
+            Kind::OptionalAllocationId => "ALLOCATION-ID",
+            Kind::TagKey => "TAG-KEY",
+            Kind::OptionalUrl => "URL",
         }
     }
 }
@@ -260,6 +272,59 @@ pub static KEYS: &[Key] = &[
         default: Some("120s"),
         doc: "After the listeners close, open connections may finish for this long; those \
               still open then are closed (counted as shutdown).",
+    },
+    Key {
+        name: "eip.enabled",
+        kind: Kind::Bool,
+        default: Some("false"),
+        doc: "Claim this instance's Elastic IP at start (in the background: the proxy serves at \
+              once) and check every eip.check_interval that it is still ours. Needs an EC2 \
+              instance with IMDSv2 and the IAM policy in docs/iam-policy.json.",
+    },
+    Key {
+        name: "eip.allocation_id",
+        kind: Kind::OptionalAllocationId,
+        default: Some(""),
+        doc: "The Elastic IP allocation to hold, such as eipalloc-0123456789abcdef0. Empty: read \
+              it from this instance's tag eip.tag_key (instance metadata tags, else \
+              ec2:DescribeTags).",
+    },
+    Key {
+        name: "eip.tag_key",
+        kind: Kind::TagKey,
+        default: Some("static-ingress:eip-allocation-id"),
+        doc: "The instance tag whose value names the allocation, set by each instance's Auto \
+              Scaling group with PropagateAtLaunch.",
+    },
+    Key {
+        name: "eip.check_interval",
+        kind: Kind::Duration,
+        default: Some("1m"),
+        doc: "How often the running proxy checks that the Elastic IP is still associated with \
+              this instance (one DescribeAddresses call). Losing it to a newer fleet is logged \
+              and shown, not fought over.",
+    },
+    Key {
+        name: "eip.deadline",
+        kind: Kind::Duration,
+        default: Some("2m"),
+        doc: "How long one claim may take in all: retries of throttled or failed calls (with \
+              exponential backoff and jitter) and waiting for DescribeAddresses to show the new \
+              association, which is eventually consistent.",
+    },
+    Key {
+        name: "eip.imds_endpoint",
+        kind: Kind::OptionalUrl,
+        default: Some(""),
+        doc: "Instance metadata service URL. Empty: http://169.254.169.254. Set it only for tests \
+              or an IPv6-only instance (http://[fd00:ec2::254]).",
+    },
+    Key {
+        name: "eip.ec2_endpoint",
+        kind: Kind::OptionalUrl,
+        default: Some(""),
+        doc: "EC2 API URL. Empty: the region's public endpoint (or a VPC endpoint through private \
+              DNS). Set it only for tests against an emulator.",
     },
     Key {
         name: "log.format",

@@ -28,6 +28,7 @@ pub struct Config {
     pub health: HealthConfig,
     pub admin: AdminConfig,
     pub lifecycle: LifecycleConfig,
+    pub eip: EipConfig,
     pub log: LogConfig,
 }
 
@@ -86,6 +87,20 @@ pub struct AdminConfig {
 pub struct LifecycleConfig {
     pub drain_delay: Duration,
     pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EipConfig {
+    pub enabled: bool,
+    /// `None`: read it from the instance tag `tag_key`.
+    pub allocation_id: Option<String>,
+    pub tag_key: String,
+    pub check_interval: Duration,
+    pub deadline: Duration,
+    /// `None`: the real instance metadata service.
+    pub imds_endpoint: Option<String>,
+    /// `None`: the region's EC2 endpoint.
+    pub ec2_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,8 +198,8 @@ impl Config {
         let admin_max_connections = r.get("admin.max_connections", as_count);
         let drain_delay = r.get("lifecycle.drain_delay", as_duration);
         let grace_period = r.get("lifecycle.grace_period", as_duration);
-        let log_format = r.get("log.format", as_word);
-        let log_filter = r.get("log.level", as_word);
+        let eip = r.eip();
+        let log = r.log();
 
         let config = (|| {
             Some(Config {
@@ -222,10 +237,8 @@ impl Config {
                     max_connections: admin_max_connections?,
                 },
                 lifecycle: LifecycleConfig { drain_delay: drain_delay?, grace_period: grace_period? },
-                log: LogConfig {
-                    format: if log_format? == "json" { LogFormat::Json } else { LogFormat::Text },
-                    filter: log_filter?,
-                },
+                eip: eip?,
+                log: log?,
             })
         })();
 
@@ -239,6 +252,18 @@ impl Config {
                 r.settings.sort_by_key(|s| keys::KEYS.iter().position(|k| k.name == s.key.name));
                 Ok(Loaded { config, settings: r.settings })
             }
+            _ => Err(ConfigErrors(r.errors)),
+        }
+    }
+
+    /// Only the `[eip]` and `[log]` sections, for `claim-eip`, which needs no backend. The
+    /// file is still parsed whole, so unknown keys anywhere are refused as for `run`.
+    pub fn load_eip(file: Option<&Path>, overrides: &[Override]) -> Result<(EipConfig, LogConfig), ConfigErrors> {
+        let file = file.map(FileLayer::read).transpose()?;
+        let mut r = Resolver { file: file.as_ref(), overrides, errors: Vec::new(), settings: Vec::new() };
+        let (eip, log) = (r.eip(), r.log());
+        match (eip, log) {
+            (Some(eip), Some(log)) if r.errors.is_empty() => Ok((eip, log)),
             _ => Err(ConfigErrors(r.errors)),
         }
     }
@@ -291,6 +316,32 @@ impl Resolver<'_> {
                 None
             }
         }
+    }
+
+    fn eip(&mut self) -> Option<EipConfig> {
+        let enabled = self.get("eip.enabled", as_bool);
+        let allocation_id = self.get("eip.allocation_id", as_word);
+        let tag_key = self.get("eip.tag_key", as_word);
+        let check_interval = self.get("eip.check_interval", as_duration);
+        let deadline = self.get("eip.deadline", as_duration);
+        let imds_endpoint = self.get("eip.imds_endpoint", as_word);
+        let ec2_endpoint = self.get("eip.ec2_endpoint", as_word);
+        let non_empty = |s: String| Some(s).filter(|s| !s.is_empty());
+        Some(EipConfig {
+            enabled: enabled?,
+            allocation_id: non_empty(allocation_id?),
+            tag_key: tag_key?,
+            check_interval: check_interval?,
+            deadline: deadline?,
+            imds_endpoint: non_empty(imds_endpoint?),
+            ec2_endpoint: non_empty(ec2_endpoint?),
+        })
+    }
+
+    fn log(&mut self) -> Option<LogConfig> {
+        let format = self.get("log.format", as_word);
+        let filter = self.get("log.level", as_word);
+        Some(LogConfig { format: if format? == "json" { LogFormat::Json } else { LogFormat::Text }, filter: filter? })
     }
 
     /// Rules that involve more than one key.
@@ -360,6 +411,13 @@ fn as_addrs(v: Value) -> Option<Vec<SocketAddr>> {
 fn as_host_port(v: Value) -> Option<HostPort> {
     match v {
         Value::HostPort(hp) => Some(hp),
+        _ => None,
+    }
+}
+
+fn as_bool(v: Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(b),
         _ => None,
     }
 }

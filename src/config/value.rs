@@ -25,6 +25,7 @@ pub enum Value {
     Addrs(Vec<SocketAddr>),
     HostPort(HostPort),
     Word(String),
+    Bool(bool),
 }
 
 /// A backend name and port, such as `my-elb-123.eu-west-1.elb.amazonaws.com:443`.
@@ -57,6 +58,7 @@ impl fmt::Display for Value {
             }
             Value::HostPort(hp) => write!(f, "\"{hp}\""),
             Value::Word(w) => write!(f, "\"{w}\""),
+            Value::Bool(b) => write!(f, "{b}"),
         }
     }
 }
@@ -123,6 +125,49 @@ pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
                 .parse(s)
                 .map_err(|e| format!("invalid log filter \"{s}\": {e}"))?;
             Ok(Value::Word(s.to_string()))
+        }
+        Kind::Bool => match raw {
+            Raw::Toml(toml::Value::Boolean(b)) => Ok(Value::Bool(*b)),
+            Raw::Text(s) => match s.trim() {
+                "true" => Ok(Value::Bool(true)),
+                "false" => Ok(Value::Bool(false)),
+                other => Err(format!("must be true or false, got \"{other}\"")),
+            },
+            Raw::Toml(other) => Err(wrong_type("true or false", other)),
+        },
+        Kind::OptionalAllocationId => {
+            let s = text(raw, "an allocation id such as \"eipalloc-0123456789abcdef0\"")?.trim();
+            let hex = s.strip_prefix("eipalloc-").unwrap_or("");
+            if s.is_empty() || (!hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit())) {
+                Ok(Value::Word(s.to_string()))
+            } else {
+                Err(format!(
+                    "\"{s}\" is not an allocation id: expected eipalloc- and hex digits, such as eipalloc-0123456789abcdef0"
+                ))
+            }
+        }
+        Kind::TagKey => {
+            let s = text(raw, "a tag key")?;
+            let allowed = |c: char| c.is_ascii_alphanumeric() || "+-=._:@,".contains(c);
+            if s.is_empty() || s.len() > 128 || !s.chars().all(allowed) || s == "." || s == ".." || s == "_index" {
+                Err(format!(
+                    "\"{s}\" cannot be read from instance metadata: a tag key there is 1 to 128 letters, digits \
+                     and + - = . , _ : @ (no spaces or /)"
+                ))
+            } else {
+                Ok(Value::Word(s.to_string()))
+            }
+        }
+        Kind::OptionalUrl => {
+            let s = text(raw, "a URL such as \"http://127.0.0.1:1234\"")?.trim();
+            let rest = s.strip_prefix("http://").or_else(|| s.strip_prefix("https://"));
+            match rest {
+                _ if s.is_empty() => Ok(Value::Word(String::new())),
+                Some(rest) if !rest.is_empty() && !rest.starts_with('/') && !rest.contains(char::is_whitespace) => {
+                    Ok(Value::Word(s.trim_end_matches('/').to_string()))
+                }
+                _ => Err(format!("\"{s}\" is not a URL: expected http://host[:port] or https://host[:port]")),
+            }
         }
     }
 }
@@ -235,6 +280,26 @@ mod tests {
         let arr = toml::Value::Array(vec!["127.0.0.1:1".into(), "[::1]:2".into()]);
         assert_eq!(parse(Kind::SocketAddrs, Raw::Toml(&arr)), Ok(want));
         assert!(parse(Kind::SocketAddrs, Raw::Text("127.0.0.1:1,127.0.0.1:1")).is_err());
+    }
+
+    #[test]
+    fn eip_values() {
+        assert_eq!(parse(Kind::Bool, Raw::Toml(&toml::Value::Boolean(true))), Ok(Value::Bool(true)));
+        assert_eq!(parse(Kind::Bool, Raw::Text("yes")).unwrap_err(), "must be true or false, got \"yes\"");
+        let id = Kind::OptionalAllocationId;
+        assert_eq!(parse(id, Raw::Text("eipalloc-0a1b")), Ok(Value::Word("eipalloc-0a1b".into())));
+        assert_eq!(parse(id, Raw::Text("")), Ok(Value::Word(String::new())));
+        assert!(parse(id, Raw::Text("eipassoc-0a1b")).is_err());
+        assert!(parse(id, Raw::Text("eipalloc-")).is_err());
+        assert!(parse(Kind::TagKey, Raw::Text("static-ingress:eip-allocation-id")).is_ok());
+        assert!(parse(Kind::TagKey, Raw::Text("has space")).is_err());
+        assert!(parse(Kind::TagKey, Raw::Text("a/b")).is_err());
+        assert_eq!(
+            parse(Kind::OptionalUrl, Raw::Text("http://127.0.0.1:80/")),
+            Ok(Value::Word("http://127.0.0.1:80".into()))
+        );
+        assert!(parse(Kind::OptionalUrl, Raw::Text("169.254.169.254")).is_err());
+        assert!(parse(Kind::OptionalUrl, Raw::Text("http://")).is_err());
     }
 
     #[test]

@@ -1,0 +1,451 @@
+//! The two AWS APIs a claim talks to, each call counted, and EC2 calls retried under the
+//! claim's deadline:
+//!
+//! - the instance metadata service, IMDSv2 only (aws-config's client: a token from a `PUT`,
+//!   then `GET`s with it; it never falls back to IMDSv1), for the instance id, the region and
+//!   the instance's tags;
+//! - EC2, through aws-sdk-ec2 on rustls with ring. The SDK's own retries are off: this module
+//!   retries, so that one deadline bounds the whole claim and every retry is logged.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use aws_config::default_provider::credentials::DefaultCredentialsChain;
+use aws_config::imds::client::error::ImdsError;
+use aws_config::provider_config::ProviderConfig;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_ec2::config::http::HttpResponse;
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types::Filter;
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use tokio::time::Instant;
+
+use super::error::{ClaimError, Class, classify, describe};
+use crate::config::EipConfig;
+
+/// Where IMDS is when `eip.imds_endpoint` is empty.
+pub const DEFAULT_IMDS: &str = "http://169.254.169.254";
+
+/// First retry delay; each later one doubles, up to [`BACKOFF_CAP`], with jitter.
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(8);
+
+/// How many calls a claim made, for its report and the closing log line.
+#[derive(Debug, Default)]
+pub struct Calls {
+    pub imds: AtomicU32,
+    pub ec2_reads: AtomicU32,
+    pub ec2_writes: AtomicU32,
+}
+
+impl Calls {
+    pub fn snapshot(&self) -> (u32, u32, u32) {
+        (
+            self.imds.load(Ordering::Relaxed),
+            self.ec2_reads.load(Ordering::Relaxed),
+            self.ec2_writes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The instance metadata service.
+pub struct Metadata {
+    client: aws_config::imds::Client,
+    endpoint: String,
+}
+
+/// What an instance tag lookup in IMDS found.
+pub enum TagLookup {
+    Found(String),
+    /// The instance's metadata serves tags, but not this one.
+    Absent,
+    /// The instance's metadata options do not include tags.
+    NotEnabled,
+}
+
+impl Metadata {
+    pub fn new(config: &EipConfig, provider: &ProviderConfig) -> Result<Metadata, ClaimError> {
+        let endpoint = config.imds_endpoint.clone().unwrap_or_else(|| DEFAULT_IMDS.to_string());
+        let builder = aws_config::imds::Client::builder()
+            .configure(provider)
+            .max_attempts(4)
+            .connect_timeout(Duration::from_secs(1))
+            .read_timeout(Duration::from_secs(2));
+        let builder = builder.endpoint(&endpoint).map_err(|e| ClaimError::Metadata {
+            what: "instance id",
+            endpoint: endpoint.clone(),
+            detail: format!("invalid endpoint: {e}"),
+        })?;
+        Ok(Metadata { client: builder.build(), endpoint })
+    }
+
+    pub fn client(&self) -> aws_config::imds::Client {
+        self.client.clone()
+    }
+
+    async fn get(&self, what: &'static str, path: &str, calls: &Calls) -> Result<String, ImdsFailure> {
+        calls.imds.fetch_add(1, Ordering::Relaxed);
+        match self.client.get(path).await {
+            Ok(v) => Ok(String::from(v).trim().to_string()),
+            Err(ImdsError::ErrorResponse(r)) if r.response().status().as_u16() == 404 => Err(ImdsFailure::NotFound),
+            Err(e) => Err(ImdsFailure::Error(self.error(what, &e))),
+        }
+    }
+
+    fn error(&self, what: &'static str, e: &ImdsError) -> ClaimError {
+        let mut detail = e.to_string();
+        // The useful part (connection refused, 401...) is further down the chain.
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            detail.push_str(": ");
+            detail.push_str(&s.to_string());
+            source = s.source();
+        }
+        if let ImdsError::ErrorResponse(r) = e {
+            detail = format!("HTTP {}", r.response().status().as_u16());
+        }
+        ClaimError::Metadata { what, endpoint: self.endpoint.clone(), detail }
+    }
+
+    pub async fn instance_id(&self, calls: &Calls) -> Result<String, ClaimError> {
+        self.required("instance id", "/latest/meta-data/instance-id", calls).await
+    }
+
+    pub async fn region(&self, calls: &Calls) -> Result<String, ClaimError> {
+        self.required("region", "/latest/meta-data/placement/region", calls).await
+    }
+
+    async fn required(&self, what: &'static str, path: &str, calls: &Calls) -> Result<String, ClaimError> {
+        match self.get(what, path, calls).await {
+            Ok(v) if !v.is_empty() => Ok(v),
+            Ok(_) | Err(ImdsFailure::NotFound) => {
+                Err(ClaimError::Metadata { what, endpoint: self.endpoint.clone(), detail: format!("{path} is empty") })
+            }
+            Err(ImdsFailure::Error(e)) => Err(e),
+        }
+    }
+
+    /// The value of this instance's tag `key`, served when the launch template enables
+    /// instance metadata tags.
+    pub async fn tag(&self, key: &str, calls: &Calls) -> Result<TagLookup, ClaimError> {
+        match self.get("instance tags", &format!("/latest/meta-data/tags/instance/{key}"), calls).await {
+            Ok(v) => Ok(TagLookup::Found(v)),
+            Err(ImdsFailure::Error(e)) => Err(e),
+            // 404 both when tags are off and when this key is missing; the listing tells which.
+            Err(ImdsFailure::NotFound) => {
+                match self.get("instance tags", "/latest/meta-data/tags/instance", calls).await {
+                    Ok(_) => Ok(TagLookup::Absent),
+                    Err(ImdsFailure::NotFound) => Ok(TagLookup::NotEnabled),
+                    Err(ImdsFailure::Error(e)) => Err(e),
+                }
+            }
+        }
+    }
+}
+
+enum ImdsFailure {
+    NotFound,
+    Error(ClaimError),
+}
+
+/// The HTTPS client for every AWS call: hyper with rustls on the ring provider, so no C crypto
+/// library is built. It also speaks plain HTTP, which IMDS uses.
+pub fn http_client() -> aws_sdk_ec2::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https()
+}
+
+/// Shared settings for the metadata client and the credential providers.
+pub fn provider_config() -> ProviderConfig {
+    ProviderConfig::default().with_http_client(http_client())
+}
+
+/// An address as DescribeAddresses shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressView {
+    pub public_ip: Option<String>,
+    pub instance_id: Option<String>,
+    pub association_id: Option<String>,
+}
+
+/// EC2 in this instance's region, every call counted and retried until the deadline.
+pub struct Ec2 {
+    client: aws_sdk_ec2::Client,
+}
+
+impl Ec2 {
+    /// Credentials come from the default chain (environment, profile, web identity, container,
+    /// then the instance role through the same metadata client).
+    pub async fn new(config: &EipConfig, region: &str, metadata: &Metadata, provider: &ProviderConfig) -> Ec2 {
+        let region = Region::new(region.to_string());
+        let credentials = DefaultCredentialsChain::builder()
+            .configure(provider.clone().with_region(Some(region.clone())))
+            .imds_client(metadata.client())
+            .region(region.clone())
+            .build()
+            .await;
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .operation_attempt_timeout(Duration::from_secs(10))
+            .build();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http_client())
+            .region(region)
+            .credentials_provider(credentials)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(timeouts);
+        if let Some(url) = &config.ec2_endpoint {
+            loader = loader.endpoint_url(url);
+        }
+        Ec2 { client: aws_sdk_ec2::Client::new(&loader.load().await) }
+    }
+
+    /// The allocation as EC2 sees it now.
+    pub async fn describe_address(
+        &self,
+        allocation: &str,
+        calls: &Calls,
+        deadline: Instant,
+    ) -> Result<AddressView, Failure> {
+        let out = retry("DescribeAddresses", deadline, || {
+            calls.ec2_reads.fetch_add(1, Ordering::Relaxed);
+            self.client.describe_addresses().allocation_ids(allocation).send()
+        })
+        .await?;
+        let Some(a) = out.addresses().first() else {
+            return Err(Failure::Refused {
+                class: Class::UnknownAllocation,
+                action: "DescribeAddresses",
+                detail: "no such address in the answer".into(),
+            });
+        };
+        Ok(AddressView {
+            public_ip: a.public_ip().map(str::to_string),
+            instance_id: a.instance_id().map(str::to_string).filter(|s| !s.is_empty()),
+            association_id: a.association_id().map(str::to_string).filter(|s| !s.is_empty()),
+        })
+    }
+
+    /// The value of tag `key` on `instance`, if it has one.
+    pub async fn instance_tag(
+        &self,
+        instance: &str,
+        key: &str,
+        calls: &Calls,
+        deadline: Instant,
+    ) -> Result<Option<String>, Failure> {
+        let filter = |name: &str, value: &str| Filter::builder().name(name).values(value).build();
+        let out = retry("DescribeTags", deadline, || {
+            calls.ec2_reads.fetch_add(1, Ordering::Relaxed);
+            self.client.describe_tags().filters(filter("resource-id", instance)).filters(filter("key", key)).send()
+        })
+        .await?;
+        Ok(out.tags().iter().find(|t| t.key() == Some(key)).and_then(|t| t.value().map(str::to_string)))
+    }
+
+    /// Associates the allocation with the instance, taking it from whatever holds it. With
+    /// `dry_run`, EC2 only checks that the call would be allowed; nothing changes.
+    pub async fn associate(
+        &self,
+        allocation: &str,
+        instance: &str,
+        dry_run: bool,
+        calls: &Calls,
+        deadline: Instant,
+    ) -> Result<Option<String>, Failure> {
+        let result = retry("AssociateAddress", deadline, || {
+            if !dry_run {
+                calls.ec2_writes.fetch_add(1, Ordering::Relaxed);
+            } else {
+                calls.ec2_reads.fetch_add(1, Ordering::Relaxed);
+            }
+            self.client
+                .associate_address()
+                .allocation_id(allocation)
+                .instance_id(instance)
+                .allow_reassociation(true)
+                .dry_run(dry_run)
+                .send()
+        })
+        .await;
+        match result {
+            Ok(out) => Ok(out.association_id().map(str::to_string)),
+            Err(Failure::Refused { class: Class::DryRunOk, .. }) if dry_run => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A call that failed for good.
+#[derive(Debug)]
+pub enum Failure {
+    /// EC2 refused it in a way retrying cannot fix.
+    Refused { class: Class, action: &'static str, detail: String },
+    /// Retryable failures until the deadline.
+    Deadline { action: &'static str, attempts: u32, waited: Duration, last: String },
+}
+
+/// Runs `call` until it succeeds, fails for good, or the next try would start after
+/// `deadline`. Retries wait with exponential backoff and jitter.
+async fn retry<T, E, F, Fut>(action: &'static str, deadline: Instant, mut call: F) -> Result<T, Failure>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let started = Instant::now();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let err = match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let class = classify(&err);
+        let detail = describe(&err);
+        if class != Class::Transient {
+            return Err(Failure::Refused { class, action, detail });
+        }
+        let delay = backoff(attempts);
+        if Instant::now() + delay >= deadline {
+            return Err(Failure::Deadline { action, attempts, waited: started.elapsed(), last: detail });
+        }
+        tracing::warn!(action, attempt = attempts, error = %detail, retry_in = ?delay, "EC2 call failed; retrying");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// The wait before retry number `attempt` (1-based): a random time between half and all of
+/// `BACKOFF_BASE * 2^(attempt-1)`, capped at `BACKOFF_CAP` ("equal jitter"), so instances
+/// throttled together do not retry together.
+pub fn backoff(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_BASE.saturating_mul(1 << attempt.saturating_sub(1).min(16)).min(BACKOFF_CAP);
+    let half = ceiling / 2;
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u32(attempt);
+    let jitter = hasher.finish() % (u64::try_from(half.as_micros()).unwrap_or(u64::MAX).max(1));
+    half + Duration::from_micros(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_ec2::operation::describe_addresses::DescribeAddressesOutput;
+    use aws_sdk_ec2::types::Address;
+    use aws_smithy_mocks::{MockResponseInterceptor, Rule, RuleMode, create_mock_http_client, mock};
+
+    /// An EC2 client whose HTTP responses come from `rules`, through the SDK's own response
+    /// parsing: the errors below are real EC2 error documents, parsed as the SDK parses them.
+    fn mocked(rules: &[&Rule]) -> aws_sdk_ec2::Client {
+        let mut interceptor = MockResponseInterceptor::new().rule_mode(RuleMode::Sequential);
+        for rule in rules {
+            interceptor = interceptor.with_rule(rule);
+        }
+        let config = aws_sdk_ec2::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new("a", "b", None, None, "test"))
+            .http_client(create_mock_http_client())
+            .interceptor(interceptor)
+            .retry_config(RetryConfig::disabled())
+            .build();
+        aws_sdk_ec2::Client::from_conf(config)
+    }
+
+    fn ec2_error(code: &str) -> String {
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>\
+             <Message>{code} happened</Message></Error></Errors><RequestID>r-1</RequestID></Response>"
+        )
+    }
+
+    fn address() -> DescribeAddressesOutput {
+        DescribeAddressesOutput::builder()
+            .addresses(Address::builder().allocation_id("eipalloc-1").public_ip("192.0.2.1").build())
+            .build()
+    }
+
+    async fn describe(client: &aws_sdk_ec2::Client, deadline: Duration) -> Result<AddressView, Failure> {
+        let ec2 = Ec2 { client: client.clone() };
+        ec2.describe_address("eipalloc-1", &Calls::default(), Instant::now() + deadline).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_and_server_errors_are_retried_until_success() {
+        let rule = mock!(aws_sdk_ec2::Client::describe_addresses)
+            .sequence()
+            .http_status(503, Some(ec2_error("Unavailable")))
+            .http_status(503, Some(ec2_error("RequestLimitExceeded")))
+            .http_status(500, Some(ec2_error("InternalError")))
+            .output(address)
+            .build();
+        let client = mocked(&[&rule]);
+        let got = describe(&client, Duration::from_secs(60)).await.expect("succeeds after retries");
+        assert_eq!(got.public_ip.as_deref(), Some("192.0.2.1"));
+        assert_eq!(rule.num_calls(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_are_not_retried() {
+        for (status, code, class) in [
+            (403, "UnauthorizedOperation", Class::AccessDenied),
+            (400, "InvalidAllocationID.NotFound", Class::UnknownAllocation),
+            (400, "InvalidInstanceID.NotFound", Class::InvalidInstance),
+            (400, "InvalidParameterValue", Class::Permanent),
+        ] {
+            let rule = mock!(aws_sdk_ec2::Client::describe_addresses)
+                .sequence()
+                .http_status(status, Some(ec2_error(code)))
+                .output(address)
+                .build();
+            let client = mocked(&[&rule]);
+            match describe(&client, Duration::from_secs(60)).await {
+                Err(Failure::Refused { class: got, action: "DescribeAddresses", detail }) => {
+                    assert_eq!(got, class, "{code}");
+                    assert_eq!(detail, format!("{code}: {code} happened"));
+                }
+                other => panic!("{code}: expected a refusal, got {other:?}"),
+            }
+            assert_eq!(rule.num_calls(), 1, "{code} was retried");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stop_at_the_deadline() {
+        let rule = mock!(aws_sdk_ec2::Client::describe_addresses)
+            .sequence()
+            .http_status(400, Some(ec2_error("Throttling")))
+            .repeatedly()
+            .build();
+        let client = mocked(&[&rule]);
+        let started = Instant::now();
+        match describe(&client, Duration::from_secs(5)).await {
+            Err(Failure::Deadline { action: "DescribeAddresses", attempts, last, .. }) => {
+                assert_eq!(last, "Throttling: Throttling happened");
+                assert_eq!(attempts as usize, rule.num_calls());
+                assert!(attempts >= 3, "only {attempts} attempts in 5s");
+            }
+            other => panic!("expected the deadline, got {other:?}"),
+        }
+        assert!(started.elapsed() <= Duration::from_secs(5), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        for attempt in 1..=12 {
+            let ceiling = BACKOFF_BASE.saturating_mul(1 << (attempt - 1)).min(BACKOFF_CAP);
+            for _ in 0..50 {
+                let d = backoff(attempt);
+                assert!(
+                    d >= ceiling / 2 && d <= ceiling,
+                    "attempt {attempt}: {d:?} outside {ceiling:?}/2..{ceiling:?}"
+                );
+            }
+        }
+        let spread: std::collections::HashSet<Duration> = (0..20).map(|_| backoff(3)).collect();
+        assert!(spread.len() > 1, "backoff has no jitter");
+    }
+}

@@ -1,0 +1,226 @@
+//! Holding this instance's Elastic IP.
+//!
+//! Each instance of a fleet is told which allocation to hold by a tag its Auto Scaling group
+//! propagates. At start it claims it (in the background: the proxy serves at once, whatever
+//! the claim does), then checks every `eip.check_interval` that it still holds it. A newer
+//! fleet taking the address is the normal end of a deployment: it is logged once and shown in
+//! `/status` and `static_ingress_eip_associated`, never fought over.
+
+pub mod aws;
+pub mod claim;
+pub mod error;
+
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use prometheus::IntGauge;
+use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::EipConfig;
+use claim::{Instance, Outcome};
+use error::ClaimError;
+
+/// Where the claim stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// `eip.enabled = false`.
+    Disabled,
+    /// The first claim is running.
+    Claiming,
+    /// Confirmed associated with this instance at the last check.
+    Associated,
+    /// Another instance holds it now (a newer fleet took it).
+    Lost,
+    /// The claim failed; it is tried again every check interval.
+    Failed,
+}
+
+/// The claim's state as `/status` shows it.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub state: State,
+    pub allocation_id: Option<String>,
+    pub public_ip: Option<String>,
+    pub instance_id: Option<String>,
+    /// The instance holding the address when it is not this one.
+    pub owner: Option<String>,
+    pub since: SystemTime,
+    pub last_check: Option<SystemTime>,
+    /// Why the last claim or check failed.
+    pub error: Option<String>,
+}
+
+/// The shared view of the claim: written by the keeper, read by `/status` and `/metrics`.
+pub struct Eip {
+    status: Mutex<Status>,
+    associated: IntGauge,
+}
+
+impl Eip {
+    pub fn new(enabled: bool, associated: IntGauge) -> Eip {
+        let state = if enabled { State::Claiming } else { State::Disabled };
+        let status = Status {
+            state,
+            allocation_id: None,
+            public_ip: None,
+            instance_id: None,
+            owner: None,
+            since: SystemTime::now(),
+            last_check: None,
+            error: None,
+        };
+        associated.set(0);
+        Eip { status: Mutex::new(status), associated }
+    }
+
+    pub fn status(&self) -> Status {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies `f` to the status; returns the state before, for logging transitions once.
+    fn update(&self, f: impl FnOnce(&mut Status)) -> State {
+        let mut s = self.lock();
+        let before = s.state;
+        f(&mut s);
+        if s.state != before {
+            s.since = SystemTime::now();
+        }
+        self.associated.set(i64::from(s.state == State::Associated));
+        before
+    }
+}
+
+/// Claims the address, then watches it until `stop`.
+pub async fn keep(config: EipConfig, eip: Arc<Eip>, stop: CancellationToken) {
+    let run = async {
+        let instance = claim_until_done(&config, &eip).await;
+        watch(&config, &eip, &instance).await;
+    };
+    tokio::select! {
+        () = run => {}
+        () = stop.cancelled() => {}
+    }
+}
+
+/// Claims until a claim succeeds or the address turns out to be another instance's. A failed
+/// claim (a missing tag, a missing permission...) is retried every check interval, so fixing
+/// it needs no restart.
+async fn claim_until_done(config: &EipConfig, eip: &Eip) -> Instance {
+    let mut last_error = String::new();
+    loop {
+        let deadline = Instant::now() + config.deadline;
+        let result = match Instance::discover(config, deadline).await {
+            Ok(instance) => instance.claim(false, deadline).await.map(|report| (instance, report)),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok((instance, report)) => {
+                let (imds, reads, writes) = report.calls;
+                let what = match &report.outcome {
+                    Outcome::AlreadyOurs => "already associated with this instance",
+                    _ => "claimed",
+                };
+                tracing::info!(
+                    allocation = %report.allocation_id,
+                    public_ip = report.public_ip.as_deref().unwrap_or(""),
+                    instance = %report.instance_id,
+                    previous = report.previous.as_deref().unwrap_or(""),
+                    source = %report.source,
+                    calls.imds = imds, calls.ec2_reads = reads, calls.ec2_writes = writes,
+                    seconds = report.elapsed.as_secs_f64(),
+                    "Elastic IP {what}"
+                );
+                eip.update(|s| {
+                    s.state = State::Associated;
+                    s.allocation_id = Some(report.allocation_id.clone());
+                    s.public_ip = report.public_ip.clone();
+                    s.instance_id = Some(report.instance_id.clone());
+                    s.owner = None;
+                    s.last_check = Some(SystemTime::now());
+                    s.error = None;
+                });
+                return instance;
+            }
+            Err(ClaimError::Lost { allocation, instance, owner }) => {
+                tracing::warn!(%allocation, %owner,
+                    "another instance took the Elastic IP while this one claimed it; not claiming again");
+                eip.update(|s| {
+                    s.state = State::Lost;
+                    s.allocation_id = Some(allocation);
+                    s.instance_id = Some(instance);
+                    s.owner = Some(owner);
+                    s.last_check = Some(SystemTime::now());
+                });
+                // Nothing left to do: hold no address, keep serving.
+                std::future::pending::<()>().await;
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if message != last_error {
+                    tracing::error!(error = %message, exit_code = e.exit_code(), retry_in = ?config.check_interval,
+                        "Elastic IP claim failed; the proxy keeps serving");
+                    last_error = message.clone();
+                }
+                eip.update(|s| {
+                    s.state = State::Failed;
+                    s.error = Some(message);
+                    s.last_check = Some(SystemTime::now());
+                });
+            }
+        }
+        tokio::time::sleep(config.check_interval).await;
+    }
+}
+
+/// Checks every interval that the address is still ours; logs each change once.
+async fn watch(config: &EipConfig, eip: &Eip, instance: &Instance) {
+    let mut warned_error = false;
+    loop {
+        tokio::time::sleep(config.check_interval).await;
+        // A check must not run into the next one.
+        let deadline = Instant::now() + config.deadline.min(config.check_interval);
+        match instance.describe(deadline).await {
+            Ok(view) => {
+                warned_error = false;
+                let ours = view.instance_id.as_deref() == Some(instance.instance_id.as_str());
+                let before = eip.update(|s| {
+                    s.state = if ours { State::Associated } else { State::Lost };
+                    s.owner = if ours { None } else { view.instance_id.clone() };
+                    s.public_ip = view.public_ip.clone();
+                    s.last_check = Some(SystemTime::now());
+                    s.error = None;
+                });
+                let owner = view.instance_id.as_deref().unwrap_or("no instance");
+                match (before, ours) {
+                    (State::Associated, false) => tracing::warn!(
+                        allocation = %instance.allocation_id,
+                        public_ip = view.public_ip.as_deref().unwrap_or(""),
+                        %owner,
+                        "Elastic IP is now associated with another instance (a newer fleet took it); \
+                         this instance keeps serving connections that still reach it"
+                    ),
+                    (State::Lost, true) => tracing::info!(
+                        allocation = %instance.allocation_id,
+                        "Elastic IP is associated with this instance again"
+                    ),
+                    _ => {}
+                }
+            }
+            Err(e) => {
+                // Keep the last known state; say once that it could not be refreshed.
+                if !warned_error {
+                    tracing::warn!(error = %e, "Elastic IP ownership check failed; keeping the last known state");
+                    warned_error = true;
+                }
+                eip.update(|s| s.error = Some(e.to_string()));
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! AWS for the Elastic IP tests: a real EC2 emulator (moto, in server mode, installed by
+//! `scripts/python-tools.sh`) on loopback, and a small IMDSv2 stand-in, because moto has no
+//! instance metadata service.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_ec2::config::Credentials;
+use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::net::TcpListener;
+
+pub const REGION: &str = "us-east-1";
+pub const TAG_KEY: &str = "static-ingress:eip-allocation-id";
+const MOTO_START: Duration = Duration::from_secs(60);
+
+/// The directory of the test virtualenv's programs, installing it on first use.
+fn python_tools() -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/python-tools.sh");
+    let out = std::process::Command::new(&script).stderr(Stdio::inherit()).output().expect("python-tools.sh runs");
+    assert!(out.status.success(), "{} failed", script.display());
+    String::from_utf8(out.stdout).unwrap().lines().last().expect("it prints the bin directory").to_string()
+}
+
+/// A `moto_server` process of this test's own, killed (by its PID) when dropped.
+pub struct Moto {
+    _child: tokio::process::Child,
+    pub endpoint: String,
+    pub ec2: aws_sdk_ec2::Client,
+}
+
+impl Moto {
+    pub async fn start() -> Moto {
+        let bin = tokio::task::spawn_blocking(python_tools).await.unwrap();
+        // Ask the kernel for a free port, then hand it to moto.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = tokio::process::Command::new(format!("{bin}/moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("moto_server starts");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        // moto imports a lot of Python at start: allow it more than the usual bound.
+        crate::common::within(MOTO_START, "moto_server to accept connections", async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let config = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(REGION))
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+            .endpoint_url(&endpoint)
+            .http_client(static_ingress::eip::aws::http_client())
+            .load()
+            .await;
+        Moto { _child: child, endpoint, ec2: aws_sdk_ec2::Client::new(&config) }
+    }
+
+    /// Launches an instance carrying `tags`, and returns its id.
+    pub async fn launch(&self, tags: &[(&str, &str)]) -> String {
+        let mut spec = TagSpecification::builder().resource_type(ResourceType::Instance);
+        for (k, v) in tags {
+            spec = spec.tags(Tag::builder().key(*k).value(*v).build());
+        }
+        let mut req = self.ec2.run_instances().image_id("ami-12c6146b").min_count(1).max_count(1);
+        if !tags.is_empty() {
+            req = req.tag_specifications(spec.build());
+        }
+        let out = req.send().await.expect("RunInstances");
+        out.instances()[0].instance_id().unwrap().to_string()
+    }
+
+    /// Allocates an Elastic IP tagged as the appliance's; returns (allocation id, public IP).
+    pub async fn allocate(&self) -> (String, String) {
+        let out = self
+            .ec2
+            .allocate_address()
+            .domain(aws_sdk_ec2::types::DomainType::Vpc)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::ElasticIp)
+                    .tags(Tag::builder().key("static-ingress:managed").value("true").build())
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("AllocateAddress");
+        (out.allocation_id().unwrap().to_string(), out.public_ip().unwrap().to_string())
+    }
+
+    pub async fn associate(&self, allocation: &str, instance: &str) -> String {
+        let out = self
+            .ec2
+            .associate_address()
+            .allocation_id(allocation)
+            .instance_id(instance)
+            .allow_reassociation(true)
+            .send()
+            .await
+            .expect("AssociateAddress");
+        out.association_id().unwrap_or_default().to_string()
+    }
+
+    /// (instance id, association id) of the allocation, as EC2 sees it now.
+    pub async fn holder(&self, allocation: &str) -> (Option<String>, Option<String>) {
+        let out = self
+            .ec2
+            .describe_addresses()
+            .filters(Filter::builder().name("allocation-id").values(allocation).build())
+            .send()
+            .await
+            .expect("DescribeAddresses");
+        let a = &out.addresses()[0];
+        let some = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_string);
+        (some(a.instance_id()), some(a.association_id()))
+    }
+}
+
+/// What the IMDS stand-in serves, and what it saw.
+#[derive(Debug, Default)]
+pub struct ImdsState {
+    pub instance_id: String,
+    pub region: String,
+    /// `None`: the instance's metadata options do not include tags (every tag path is 404).
+    pub tags: Option<HashMap<String, String>>,
+    pub tokens: Vec<String>,
+    pub token_puts: usize,
+    /// GETs without a valid token: an IMDSv1 client would make these. Answered 401.
+    pub unauthorized: usize,
+    pub gets: usize,
+}
+
+/// A small IMDSv2: `PUT /latest/api/token` with a TTL header hands out a token; a `GET` without
+/// a valid token is 401, as on an instance with `HttpTokens: required`.
+pub struct Imds {
+    pub addr: SocketAddr,
+    pub state: Arc<Mutex<ImdsState>>,
+}
+
+impl Imds {
+    pub async fn start(instance_id: &str, tags: Option<&[(&str, &str)]>) -> Imds {
+        let state = Arc::new(Mutex::new(ImdsState {
+            instance_id: instance_id.to_string(),
+            region: REGION.to_string(),
+            tags: tags.map(|t| t.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..ImdsState::default()
+        }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = Arc::clone(&state);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = Arc::clone(&served);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, std::convert::Infallible>(answer(&state, &req)) }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+            }
+        });
+        Imds { addr, state }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+fn answer(state: &Mutex<ImdsState>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let mut s = state.lock().unwrap();
+    let reply = |status: StatusCode, body: String| {
+        Response::builder().status(status).body(Full::new(Bytes::from(body))).unwrap()
+    };
+    if req.method() == Method::PUT && req.uri().path() == "/latest/api/token" {
+        // As IMDS does: the TTL asked for is required, and echoed with the token.
+        let Some(ttl) = req.headers().get("x-aws-ec2-metadata-token-ttl-seconds").cloned() else {
+            return reply(StatusCode::BAD_REQUEST, String::new());
+        };
+        s.token_puts += 1;
+        let token = format!("token-{}-{}", s.token_puts, std::process::id());
+        s.tokens.push(token.clone());
+        let mut response = reply(StatusCode::OK, token);
+        response.headers_mut().insert("x-aws-ec2-metadata-token-ttl-seconds", ttl);
+        return response;
+    }
+    if req.method() != Method::GET {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, String::new());
+    }
+    let token = req.headers().get("x-aws-ec2-metadata-token").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !s.tokens.iter().any(|t| t == token) {
+        s.unauthorized += 1;
+        return reply(StatusCode::UNAUTHORIZED, String::new());
+    }
+    s.gets += 1;
+    let path = req.uri().path();
+    let found = match path {
+        "/latest/meta-data/instance-id" => Some(s.instance_id.clone()),
+        "/latest/meta-data/placement/region" => Some(s.region.clone()),
+        "/latest/meta-data/tags/instance" => s.tags.as_ref().map(|t| t.keys().cloned().collect::<Vec<_>>().join("\n")),
+        _ => path
+            .strip_prefix("/latest/meta-data/tags/instance/")
+            .and_then(|key| s.tags.as_ref().and_then(|t| t.get(key).cloned())),
+    };
+    match found {
+        Some(body) => reply(StatusCode::OK, body),
+        None => reply(StatusCode::NOT_FOUND, String::new()),
+    }
+}
