@@ -243,6 +243,73 @@ async fn without_instance_metadata_it_says_so_and_exits_10() {
     );
 }
 
+/// The documented policy with every statement widened to resource `*` and its conditions
+/// dropped: moto evaluates policies only against `*`, so this checks the actions alone.
+fn documented_actions_policy() -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/iam-policy.json");
+    let mut policy: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for statement in policy["Statement"].as_array_mut().unwrap() {
+        statement["Resource"] = "*".into();
+        statement.as_object_mut().unwrap().remove("Condition");
+    }
+    policy.to_string()
+}
+
+/// Requests the IAM tests make before moto starts enforcing: AllocateAddress, RunInstances,
+/// and the 3 of `Moto::iam_user`.
+const SETUP_REQUESTS: u32 = 5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_policy_allows_every_call_a_claim_makes() {
+    let moto = Moto::start_with_iam_after(Some(SETUP_REQUESTS)).await;
+    let (alloc, _) = moto.allocate().await;
+    let me = moto.launch(&[(TAG_KEY, &alloc)]).await;
+    let (key, secret) = moto.iam_user(&documented_actions_policy()).await;
+    // No metadata tags, so the claim also needs ec2:DescribeTags.
+    let imds = Imds::start(&me, None).await;
+
+    let mut c = command("claim-eip", &imds.endpoint(), &moto.endpoint);
+    c.env("AWS_ACCESS_KEY_ID", &key).env("AWS_SECRET_ACCESS_KEY", &secret);
+    let out = within(CLAIM_BOUND, "claim-eip", c.output()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("read with ec2:DescribeTags"), "{stdout}");
+    assert!(stdout.contains("2 EC2 reads") || stdout.contains("3 EC2 reads"), "{stdout}");
+    // The same user, without AssociateAddress, is refused: moto really enforces the policy.
+    let mut c = command("claim-eip", &imds.endpoint(), &moto.endpoint);
+    c.env("AWS_ACCESS_KEY_ID", "testing");
+    let out = within(CLAIM_BOUND, "claim-eip", c.output()).await.unwrap();
+    assert_ne!(out.status.code(), Some(0), "moto does not enforce IAM: the test proves nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_permission_names_the_call_and_the_policy() {
+    let moto = Moto::start_with_iam_after(Some(SETUP_REQUESTS)).await;
+    let (alloc, _) = moto.allocate().await;
+    let me = moto.launch(&[(TAG_KEY, &alloc)]).await;
+    let read_only = r#"{"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+        "Action": ["ec2:DescribeAddresses", "ec2:DescribeTags"], "Resource": "*"}]}"#;
+    let (key, secret) = moto.iam_user(read_only).await;
+    let imds = Imds::start(&me, Some(&[(TAG_KEY, &alloc)])).await;
+
+    let mut c = command("claim-eip", &imds.endpoint(), &moto.endpoint);
+    c.env("AWS_ACCESS_KEY_ID", &key).env("AWS_SECRET_ACCESS_KEY", &secret);
+    let out = within(CLAIM_BOUND, "claim-eip", c.output()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(13), "{stderr}");
+    let line = stderr.lines().last().unwrap_or("");
+    assert!(line.starts_with("error: ec2:AssociateAddress was denied (AccessDenied: "), "{line}");
+    assert!(
+        line.ends_with(
+            "attach the policy in docs/iam-policy.json to the instance role, and tag the Elastic IP \
+             static-ingress:managed = true"
+        ),
+        "{line}"
+    );
+    // Denied before anything changed.
+    assert_eq!(moto.holder_as(&key, &secret, &alloc).await.0, None);
+}
+
 /// A running proxy with the claim on; its admin address for /status and /metrics.
 struct Running {
     _child: tokio::process::Child,

@@ -33,16 +33,27 @@ fn python_tools() -> String {
 /// A `moto_server` process of this test's own, killed (by its PID) when dropped.
 pub struct Moto {
     _child: tokio::process::Child,
+    bin: String,
     pub endpoint: String,
     pub ec2: aws_sdk_ec2::Client,
 }
 
 impl Moto {
     pub async fn start() -> Moto {
+        Moto::start_with_iam_after(None).await
+    }
+
+    /// With `Some(n)`, moto serves `n` requests without checking credentials (the test's
+    /// setup), then enforces IAM policies on every request.
+    pub async fn start_with_iam_after(free_requests: Option<u32>) -> Moto {
         let bin = tokio::task::spawn_blocking(python_tools).await.unwrap();
         // Ask the kernel for a free port, then hand it to moto.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = tokio::process::Command::new(format!("{bin}/moto_server"))
+        let mut command = tokio::process::Command::new(format!("{bin}/moto_server"));
+        if let Some(n) = free_requests {
+            command.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
+        }
+        let child = command
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -57,14 +68,30 @@ impl Moto {
             }
         })
         .await;
-        let config = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(REGION))
-            .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
-            .endpoint_url(&endpoint)
-            .http_client(static_ingress::eip::aws::http_client())
-            .load()
-            .await;
-        Moto { _child: child, endpoint, ec2: aws_sdk_ec2::Client::new(&config) }
+        let ec2 = client(&endpoint, "testing", "testing").await;
+        Moto { _child: child, bin, endpoint, ec2 }
+    }
+
+    /// Creates an IAM user whose only permissions are `policy` (3 requests); returns its
+    /// access key id and secret.
+    pub async fn iam_user(&self, policy: &str) -> (String, String) {
+        // One moto per test, so its port makes the name unique.
+        let port = self.endpoint.rsplit(':').next().unwrap_or("0");
+        let file = std::env::temp_dir().join(format!("static-ingress-policy-{port}.json"));
+        std::fs::write(&file, policy).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/iam_user.py");
+        let out = tokio::process::Command::new(format!("{}/python", self.bin))
+            .arg(&script)
+            .arg(&self.endpoint)
+            .arg(&file)
+            .output()
+            .await
+            .expect("iam_user.py runs");
+        let _ = std::fs::remove_file(&file);
+        assert!(out.status.success(), "iam_user.py: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (id, secret) = text.trim().split_once(' ').expect("KEY SECRET");
+        (id.to_string(), secret.to_string())
     }
 
     /// Launches an instance carrying `tags`, and returns its id.
@@ -114,17 +141,36 @@ impl Moto {
 
     /// (instance id, association id) of the allocation, as EC2 sees it now.
     pub async fn holder(&self, allocation: &str) -> (Option<String>, Option<String>) {
-        let out = self
-            .ec2
-            .describe_addresses()
-            .filters(Filter::builder().name("allocation-id").values(allocation).build())
-            .send()
-            .await
-            .expect("DescribeAddresses");
-        let a = &out.addresses()[0];
-        let some = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_string);
-        (some(a.instance_id()), some(a.association_id()))
+        holder(&self.ec2, allocation).await
     }
+
+    /// [`Moto::holder`], asked with other credentials (once moto enforces IAM).
+    pub async fn holder_as(&self, key: &str, secret: &str, allocation: &str) -> (Option<String>, Option<String>) {
+        holder(&client(&self.endpoint, key, secret).await, allocation).await
+    }
+}
+
+async fn holder(ec2: &aws_sdk_ec2::Client, allocation: &str) -> (Option<String>, Option<String>) {
+    let out = ec2
+        .describe_addresses()
+        .filters(Filter::builder().name("allocation-id").values(allocation).build())
+        .send()
+        .await
+        .expect("DescribeAddresses");
+    let a = &out.addresses()[0];
+    let some = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_string);
+    (some(a.instance_id()), some(a.association_id()))
+}
+
+async fn client(endpoint: &str, key: &str, secret: &str) -> aws_sdk_ec2::Client {
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .credentials_provider(Credentials::new(key, secret, None, None, "test"))
+        .endpoint_url(endpoint)
+        .http_client(static_ingress::eip::aws::http_client())
+        .load()
+        .await;
+    aws_sdk_ec2::Client::new(&config)
 }
 
 /// What the IMDS stand-in serves, and what it saw.
