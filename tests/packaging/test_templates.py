@@ -95,6 +95,10 @@ def imds_tags_off(t):
     _lt(t)["InstanceMetadataTags"] = "disabled"
 
 
+def no_metadata_options(t):
+    del t["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["MetadataOptions"]
+
+
 def hop_limit_2(t):
     _lt(t)["HttpPutResponseHopLimit"] = 2
 
@@ -140,6 +144,10 @@ def group_without_address(t):
                             if tag["Key"] != "static-ingress:eip-allocation-id"]
 
 
+def group_without_tags(t):
+    del _group(t, 3)["Tags"]
+
+
 def fifth_group(t):
     t["Resources"]["ProxyGroup5"] = copy.deepcopy(t["Resources"]["ProxyGroup4"])
 
@@ -166,9 +174,14 @@ def untagged_eip(t):
     t["Resources"]["Eip3"]["Properties"]["Tags"] = [{"Key": "Name", "Value": "x"}]
 
 
+def eip_tagged_false(t):
+    t["Resources"]["Eip2"]["Properties"]["Tags"][0]["Value"] = "false"
+
+
 BROKEN = [
     ("fleet.yaml", imds_optional, "imdsv2_required"),
     ("fleet.yaml", imds_tags_off, "imdsv2_required"),
+    ("fleet.yaml", no_metadata_options, "imdsv2_required"),
     ("fleet.yaml", hop_limit_2, "imds_hop_limit_one"),
     ("fleet.yaml", health_port_open_to_world, "only_443_open_to_world"),
     ("fleet.yaml", extra_ingress_resource_open_to_world, "only_443_open_to_world"),
@@ -178,12 +191,14 @@ BROKEN = [
     ("fleet.yaml", two_groups_one_address, "groups_tag_distinct_eips"),
     ("fleet.yaml", tag_not_propagated, "groups_tag_distinct_eips"),
     ("fleet.yaml", group_without_address, "groups_tag_distinct_eips"),
+    ("fleet.yaml", group_without_tags, "groups_tag_distinct_eips"),
     ("fleet.yaml", fifth_group, "groups_tag_distinct_eips"),
     ("fleet.yaml", wildcard_service_action, "no_wildcard_actions_in_roles"),
     ("fleet.yaml", wildcard_action, "no_wildcard_actions_in_roles"),
     ("fleet.yaml", not_action, "no_wildcard_actions_in_roles"),
     ("fleet.yaml", managed_policy, "no_wildcard_actions_in_roles"),
     ("addresses.yaml", untagged_eip, "eips_tagged_managed"),
+    ("addresses.yaml", eip_tagged_false, "eips_tagged_managed"),
 ]
 
 
