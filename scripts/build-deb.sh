@@ -11,7 +11,9 @@ if [[ "$profile" == dev ]]; then
   # The binary `make test` builds, by the same command, so that CI compiles nothing twice
   # (a plain `cargo build` would rebuild tokio and its dependents without the test features).
   cargo test --all-targets --no-run --quiet
-  out="$(PATH="$tools:$PATH" cargo deb --profile dev --no-build --quiet)"
+  # Beside the release .deb, not over it: both have the same file name.
+  out="$(PATH="$tools:$PATH" cargo deb --profile dev --no-build --quiet \
+    --output "${CARGO_TARGET_DIR:-target}/debian-dev/")"
 else
   out="$(PATH="$tools:$PATH" cargo deb --profile "$profile" --quiet)"
 fi

@@ -37,8 +37,10 @@ def test_packer_files_are_formatted():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_provisioning_script_passes_shellcheck():
-    r = run(tool("shellcheck"), str(AMI / "provision.sh"))
+def test_shell_scripts_pass_shellcheck():
+    # The provisioning script, and the scripts that install the tools and build the package.
+    scripts = [AMI / "provision.sh", ROOT / ".ci/run", *sorted((ROOT / "scripts").glob("*.sh"))]
+    r = run(tool("shellcheck"), *map(str, scripts))
     assert r.returncode == 0, r.stdout
 
 
