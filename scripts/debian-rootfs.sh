@@ -8,7 +8,7 @@ set -euo pipefail
 suite="${1:-trixie}"
 cache="${STATIC_INGRESS_ROOTFS_CACHE:-$HOME/.cache/static-ingress/rootfs}"
 # Bump when the package list changes, so a stale cached tree is not reused.
-recipe="v1 minbase systemd systemd-sysv"
+recipe="v2 minbase systemd systemd-sysv ca-certificates"
 root="$cache/$suite"
 
 if [[ -f "$root/.static-ingress-rootfs" ]] && [[ "$(cat "$root/.static-ingress-rootfs")" == "$recipe" ]]; then
@@ -29,7 +29,7 @@ mkdir -p "$cache"
 tmp="$(mktemp -d "$cache/.$suite.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 echo "debootstrap $suite from $mirror into $root (about a minute, once per machine)" >&2
-timeout 900 debootstrap --variant=minbase --include=systemd,systemd-sysv "$suite" "$tmp/root" "$mirror" \
+timeout 900 debootstrap --variant=minbase --include=systemd,systemd-sysv,ca-certificates "$suite" "$tmp/root" "$mirror" \
   > "$tmp/debootstrap.log" 2>&1 || { tail -n 30 "$tmp/debootstrap.log" >&2; exit 1; }
 echo "$recipe" > "$tmp/root/.static-ingress-rootfs"
 rm -rf "$root"

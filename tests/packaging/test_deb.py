@@ -48,6 +48,7 @@ def test_package_holds_binary_unit_and_config(deb_path):
     assert "Package: static-ingress" in fields
     assert "Architecture: amd64" in fields
     assert re.search(r"Depends: .*libc6", fields), fields
+    assert re.search(r"Depends: .*ca-certificates", fields), fields
     listing = run("dpkg-deb", "-c", str(deb_path)).stdout
     paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
     assert "/usr/bin/static-ingress" in paths
