@@ -2,7 +2,10 @@
 #   make run BACKEND=host:port   run the proxy on this machine (no AWS needed)
 #   make test                    run every test
 #   make lint                    formatting, clippy, cargo-deny
-#   make ci                      what CI runs: lint + test
+#   make ci                      what CI runs: lint + test + package-test + container-test
+#   make deb                     build the .deb (release) and print its path
+#   make package-test            the unit, .deb, AMI recipe and CloudFormation templates
+#   make container-test          the .deb booted in a Debian container (root, systemd-nspawn)
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -11,7 +14,13 @@ BACKEND ?= example.com:443
 LISTEN ?= 127.0.0.1:8443
 ADMIN ?= 127.0.0.1:9001
 
-.PHONY: run test lint ci build release docs
+# The package tests build their .deb from the dev profile, which `make test` has already
+# compiled: the package's files, unit and sandbox are the same as in the release .deb, without
+# a second (optimised, LTO) build of the whole dependency tree. `make deb` builds the release.
+PACKAGE_TEST_PROFILE ?= dev
+PYTEST := -m pytest -p no:cacheprovider -o console_output_style=classic
+
+.PHONY: run test lint ci build release docs deb package-test container-test
 
 build:
 	cargo build --all-targets
@@ -31,7 +40,23 @@ lint:
 	cargo clippy --all-targets -- -D warnings
 	tools="$$(scripts/install-tools.sh | tail -n 1)"; "$$tools/cargo-deny" check bans sources licenses
 
-ci: lint test
+ci: lint test package-test container-test
+
+deb:
+	scripts/build-deb.sh release | tail -n 1
+
+package-test:
+	scripts/install-system-packages.sh
+	tools="$$(scripts/install-tools.sh | tail -n 1)"; venv="$$(scripts/python-tools.sh | tail -n 1)"; \
+	deb="$$(scripts/build-deb.sh $(PACKAGE_TEST_PROFILE) | tail -n 1)"; \
+	STATIC_INGRESS_TOOLS_BIN="$$tools" STATIC_INGRESS_DEB="$$deb" "$$venv/python" $(PYTEST) \
+		tests/packaging --ignore=tests/packaging/test_container.py
+
+container-test:
+	scripts/install-system-packages.sh
+	venv="$$(scripts/python-tools.sh | tail -n 1)"; \
+	deb="$$(scripts/build-deb.sh $(PACKAGE_TEST_PROFILE) | tail -n 1)"; \
+	STATIC_INGRESS_DEB="$$deb" "$$venv/python" $(PYTEST) tests/packaging/test_container.py
 
 docs:
 	scripts/config-table.py

@@ -14,4 +14,18 @@ if ! "$tools_root/bin/cargo-deny" --version 2>/dev/null | grep -q "$deny_version
   cargo install --locked --quiet --version "$deny_version" cargo-deny --root "$tools_root"
 fi
 
+# cargo-deb: builds the .deb (make deb).
+deb_version="3.8.0"
+if ! "$tools_root/bin/cargo-deb" --version 2>/dev/null | grep -q "$deb_version"; then
+  echo "installing cargo-deb $deb_version into $tools_root (a few minutes, once per machine)"
+  cargo install --locked --quiet --version "$deb_version" cargo-deb --root "$tools_root"
+fi
+
+# cfn-guard: checks the CloudFormation templates against cloudformation/rules.guard.
+guard_version="3.2.1"
+if ! "$tools_root/bin/cfn-guard" --version 2>/dev/null | grep -q "$guard_version"; then
+  echo "installing cfn-guard $guard_version into $tools_root (a few minutes, once per machine)"
+  cargo install --locked --quiet --version "$guard_version" cfn-guard --root "$tools_root"
+fi
+
 echo "$tools_root/bin"

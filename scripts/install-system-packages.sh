@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the packaging tests need (make package-test, make
+# container-test), when missing. Idempotent; needs root (as CI and the dev machines run).
+#   - packer: `packer validate` of ami/ (Debian's 1.6; see ami/README.md)
+#   - debootstrap: the Debian root file system the container test boots
+#   - systemd-container: systemd-nspawn, which boots it
+#   - shellcheck: lint of the shell scripts the AMI recipe and the tests run
+#   - curl: asks the proxy's /health in the container
+set -euo pipefail
+
+packages=(packer debootstrap systemd-container shellcheck curl)
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]})); then
+  echo "installing ${missing[*]} with apt-get" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >&2
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi

@@ -1,0 +1,214 @@
+"""Deploys the CloudFormation templates into moto (an AWS emulator on loopback) and reads back
+what they made. The steps are functions so that a test can put its own between them, e.g. run
+`static-ingress claim-eip` for each instance after deploy_fleet().
+
+    with MotoServer() as moto:
+        aws = moto.clients()
+        addresses = deploy_addresses(aws, "static-addresses")
+        deploy_fleet(aws, "static-fleet-1", "static-addresses")
+        for inst in instances(aws, "static-fleet-1"): ...
+"""
+
+import json
+import pathlib
+import socket
+import subprocess
+import time
+import urllib.request
+
+import boto3
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TEMPLATES = ROOT / "cloudformation"
+REGION = "us-east-1"
+ALLOCATION_TAG = "static-ingress:eip-allocation-id"
+MANAGED_TAG = "static-ingress:managed"
+RECORD_NAME = "static.example.com"
+# Where moto's server writes its log; read when a test fails.
+START_TIMEOUT_S = 30
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    """moto_server on 127.0.0.1 and a free port, started and stopped by its PID."""
+
+    def __init__(self, moto_server="moto_server", log_path=None):
+        self.moto_server = moto_server
+        self.log_path = log_path
+        self.proc = None
+        self.port = None
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.port = _free_port()
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [self.moto_server, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/moto-api/", timeout=2):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"moto_server exited with {self.proc.returncode}")
+                if time.monotonic() > deadline:
+                    self.__exit__(None, None, None)
+                    raise RuntimeError(f"moto_server did not answer on {self.url} within {START_TIMEOUT_S}s")
+                time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def clients(self):
+        """boto3 clients for the services the templates use, all pointed at this server."""
+        session = boto3.session.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
+        )
+        names = ["cloudformation", "ec2", "autoscaling", "iam", "route53"]
+        return {n: session.client(n, endpoint_url=self.url) for n in names}
+
+
+def _deploy(aws, stack, template, params):
+    cfn = aws["cloudformation"]
+    cfn.create_stack(
+        StackName=stack,
+        TemplateBody=(TEMPLATES / template).read_text(),
+        Parameters=[{"ParameterKey": k, "ParameterValue": str(v)} for k, v in params.items()],
+        Capabilities=["CAPABILITY_IAM"],
+    )
+    cfn.get_waiter("stack_create_complete").wait(
+        StackName=stack, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
+    )
+    return outputs(aws, stack)
+
+
+def outputs(aws, stack):
+    """The stack's outputs as a dict."""
+    desc = aws["cloudformation"].describe_stacks(StackName=stack)["Stacks"][0]
+    return {o["OutputKey"]: o["OutputValue"] for o in desc.get("Outputs", [])}
+
+
+def hosted_zone(aws, name="example.com."):
+    """The id (without /hostedzone/) of a public hosted zone, made if missing."""
+    r53 = aws["route53"]
+    for zone in r53.list_hosted_zones()["HostedZones"]:
+        if zone["Name"] == name:
+            return zone["Id"].split("/")[-1]
+    zone = r53.create_hosted_zone(Name=name, CallerReference=str(time.time()))["HostedZone"]
+    return zone["Id"].split("/")[-1]
+
+
+def deploy_addresses(aws, stack, **params):
+    """Creates the addresses stack; returns its outputs."""
+    params = {"HostedZoneId": hosted_zone(aws), "RecordName": RECORD_NAME, **params}
+    return _deploy(aws, stack, "addresses.yaml", params)
+
+
+def health_checker_prefix_list(aws):
+    """The Route 53 health-checker prefix list. moto has no such AWS-managed list, so a
+    customer-managed one of the same name stands in for it."""
+    ec2 = aws["ec2"]
+    name = f"com.amazonaws.{REGION}.route53-healthchecks"
+    found = ec2.describe_managed_prefix_lists(Filters=[{"Name": "prefix-list-name", "Values": [name]}])
+    if found["PrefixLists"]:
+        return found["PrefixLists"][0]["PrefixListId"]
+    made = ec2.create_managed_prefix_list(
+        PrefixListName=name, AddressFamily="IPv4", MaxEntries=32,
+        Entries=[{"Cidr": "54.243.31.192/26"}],
+    )
+    return made["PrefixList"]["PrefixListId"]
+
+
+def image_id(aws):
+    """Any x86_64 image moto knows, standing in for the static-ingress AMI."""
+    images = aws["ec2"].describe_images(Owners=["amazon"])["Images"]
+    return next(i["ImageId"] for i in images if i.get("Architecture") == "x86_64")
+
+
+def deploy_fleet(aws, stack, addresses_stack, backend="api.example.com:443", **params):
+    """Creates a fleet stack claiming the addresses of `addresses_stack`; returns its outputs."""
+    params = {
+        "AddressesStackName": addresses_stack,
+        "BackendAddress": backend,
+        "ImageId": image_id(aws),
+        "HealthCheckerPrefixListId": health_checker_prefix_list(aws),
+        **params,
+    }
+    return _deploy(aws, stack, "fleet.yaml", params)
+
+
+def delete_stack(aws, stack):
+    cfn = aws["cloudformation"]
+    cfn.delete_stack(StackName=stack)
+    cfn.get_waiter("stack_delete_complete").wait(
+        StackName=stack, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
+    )
+
+
+def groups(aws, stack):
+    """The Auto Scaling groups of a fleet stack, in address order (its AutoScalingGroups
+    output)."""
+    names = outputs(aws, stack)["AutoScalingGroups"].split(",")
+    found = aws["autoscaling"].describe_auto_scaling_groups(AutoScalingGroupNames=names)
+    by_name = {g["AutoScalingGroupName"]: g for g in found["AutoScalingGroups"]}
+    return [by_name[n] for n in names]
+
+
+def instances(aws, stack):
+    """The running instances of a fleet stack, one dict per instance, in group order: id,
+    group, subnet, availability zone, tags (a dict), the allocation id it must claim, and the
+    public IP it has now."""
+    ec2 = aws["ec2"]
+    result = []
+    for group in groups(aws, stack):
+        ids = [i["InstanceId"] for i in group["Instances"]]
+        if not ids:
+            continue
+        for res in ec2.describe_instances(InstanceIds=ids)["Reservations"]:
+            for inst in res["Instances"]:
+                tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
+                result.append({
+                    "id": inst["InstanceId"],
+                    "group": group["AutoScalingGroupName"],
+                    "state": inst["State"]["Name"],
+                    "subnet": inst.get("SubnetId"),
+                    "az": inst["Placement"]["AvailabilityZone"],
+                    "tags": tags,
+                    "allocation_id": tags.get(ALLOCATION_TAG),
+                    "public_ip": inst.get("PublicIpAddress"),
+                })
+    return result
+
+
+def addresses(aws, allocation_ids):
+    """EC2's view of the given Elastic IPs: allocation id -> address record (with Tags as a
+    dict and InstanceId when associated)."""
+    found = aws["ec2"].describe_addresses(AllocationIds=list(allocation_ids))["Addresses"]
+    out = {}
+    for a in found:
+        a = dict(a)
+        a["Tags"] = {t["Key"]: t["Value"] for t in a.get("Tags", [])}
+        out[a["AllocationId"]] = a
+    return out
+
+
+def policy_file():
+    return json.loads((ROOT / "docs" / "iam-policy.json").read_text())

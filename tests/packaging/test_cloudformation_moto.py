@@ -1,0 +1,214 @@
+"""Both templates deployed into moto's CloudFormation (moto_server on loopback): the addresses
+stack's EIPs, health checks and records; a fleet of four instances each tagged with a distinct
+allocation id; and a second fleet taking over from the first.
+
+moto does not apply everything a template says; what it drops is checked statically instead
+(test_templates.py and the cfn-guard rules): tags on AWS::EC2::EIP, security group rules with
+SourcePrefixListId, and CloudWatch alarms (not supported, skipped with a warning). It cannot
+delete a route table made by a stack either, so the fleets that are deleted here run in an
+existing VPC (the template's other mode), made by the test."""
+
+import ast
+import base64
+import os
+import subprocess
+import urllib.request
+
+import pytest
+
+import fleet
+from conftest import tool
+from imds import Imds
+
+ADDRESSES = "static-addresses"
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with fleet.MotoServer(moto_server=tool("moto_server"), log_path=log) as server:
+        yield server
+
+
+@pytest.fixture
+def aws(moto):
+    # Every test starts from an empty account.
+    req = urllib.request.Request(moto.url + "/moto-api/reset", method="POST")
+    with urllib.request.urlopen(req, timeout=10):
+        pass
+    return moto.clients()
+
+
+@pytest.fixture(scope="module")
+def static_ingress(deb_path, tmp_path_factory):
+    """The binary from the .deb, as the fleet's instances run it."""
+    root = tmp_path_factory.mktemp("deb")
+    subprocess.run(["dpkg-deb", "-x", str(deb_path), str(root)], check=True)
+    return str(root / "usr/bin/static-ingress")
+
+
+def claim_eip(static_ingress, moto, instance):
+    """`static-ingress claim-eip` as `instance` runs it at boot: its id and tags from
+    (stand-in) instance metadata, EC2 from moto. Returns the report it prints."""
+    env = {"PATH": os.environ.get("PATH", ""), "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing"}
+    with Imds(instance["id"], instance["tags"]) as imds:
+        r = subprocess.run(
+            [static_ingress, "claim-eip", "--config", "/dev/null",
+             "--eip-imds-endpoint", imds.url, "--eip-ec2-endpoint", moto.url],
+            env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert imds.unauthorized == 0, "a metadata read came without an IMDSv2 token"
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def allocation_ids(out):
+    return [out[f"AllocationId{n}"] for n in range(1, 5)]
+
+
+def test_addresses_stack_makes_four_checked_weighted_addresses(aws):
+    out = fleet.deploy_addresses(aws, ADDRESSES)
+
+    ids = allocation_ids(out)
+    assert len(set(ids)) == 4
+    eips = fleet.addresses(aws, ids)
+    assert sorted(eips) == sorted(ids)
+    ips = [eips[i]["PublicIp"] for i in ids]
+    assert [out[f"PublicIp{n}"] for n in range(1, 5)] == ips
+    assert out["AllowList"].split(",") == ips
+
+    r53 = aws["route53"]
+    checks = {c["Id"]: c["HealthCheckConfig"] for c in r53.list_health_checks()["HealthChecks"]}
+    assert len(checks) == 4
+    zone = fleet.hosted_zone(aws)
+    records = [r for r in r53.list_resource_record_sets(HostedZoneId=zone)["ResourceRecordSets"]
+               if r["Type"] == "A"]
+    assert len(records) == 4
+    seen_ips = set()
+    for rec in records:
+        assert rec["Name"].rstrip(".") == fleet.RECORD_NAME
+        assert rec["Weight"] == 10 and rec["TTL"] == 60
+        [value] = [v["Value"] for v in rec["ResourceRecords"]]
+        check = checks[rec["HealthCheckId"]]
+        # Each record is guarded by the check of its own address.
+        assert check["IPAddress"] == value
+        assert (check["Type"], check["Port"], check["ResourcePath"]) == ("HTTP", 9001, "/health")
+        seen_ips.add(value)
+    assert seen_ips == set(ips)
+    assert out["HealthCheckIds"].split(",") and set(out["HealthCheckIds"].split(",")) == set(checks)
+
+
+def test_fleet_gives_four_instances_each_tagged_with_a_distinct_allocation(aws):
+    addresses = fleet.deploy_addresses(aws, ADDRESSES)
+    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES)
+
+    insts = fleet.instances(aws, "static-fleet-1")
+    assert len(insts) == 4
+    assert all(i["state"] == "running" for i in insts)
+    # In address order: group N's instance carries allocation N.
+    assert [i["allocation_id"] for i in insts] == allocation_ids(addresses)
+    # Two groups per AZ, in two AZs.
+    azs = [i["az"] for i in insts]
+    assert azs[0] == azs[1] and azs[2] == azs[3] and azs[0] != azs[2]
+
+    for g in fleet.groups(aws, "static-fleet-1"):
+        assert (g["MinSize"], g["MaxSize"], g["DesiredCapacity"]) == (1, 1, 1)
+        [tag] = [t for t in g["Tags"] if t["Key"] == fleet.ALLOCATION_TAG]
+        assert tag["PropagateAtLaunch"] is True
+
+
+def test_launch_template_requires_imdsv2_and_passes_the_backend(aws):
+    fleet.deploy_addresses(aws, ADDRESSES)
+    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES, backend="blue-green.example.net:8443")
+
+    ec2 = aws["ec2"]
+    [inst] = fleet.instances(aws, "static-fleet-1")[:1]
+    lt_id = inst["tags"]["aws:ec2launchtemplate:id"]
+    data = ec2.describe_launch_template_versions(LaunchTemplateId=lt_id)["LaunchTemplateVersions"][0][
+        "LaunchTemplateData"]
+    assert data["MetadataOptions"] == {
+        "HttpEndpoint": "enabled", "HttpTokens": "required", "HttpPutResponseHopLimit": 1,
+        "InstanceMetadataTags": "enabled",
+    }
+    user_data = base64.b64decode(data["UserData"]).decode()
+    assert user_data.startswith("#cloud-config\n")
+    assert "path: /etc/static-ingress/static-ingress.env" in user_data
+    assert "STATIC_INGRESS_BACKEND_ADDRESS=blue-green.example.net:8443\n" in user_data
+
+
+def test_instance_role_has_exactly_the_documented_policy(aws):
+    fleet.deploy_addresses(aws, ADDRESSES)
+    out = fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES)
+
+    iam = aws["iam"]
+    role = out["InstanceRoleArn"].split("/")[-1]
+    assert iam.list_role_policies(RoleName=role)["PolicyNames"] == ["static-ingress-eip"]
+    assert iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"] == []
+    doc = iam.get_role_policy(RoleName=role, PolicyName="static-ingress-eip")["PolicyDocument"]
+    if isinstance(doc, str):
+        # moto returns a policy made by CloudFormation as the repr of a Python dict.
+        doc = ast.literal_eval(doc)
+    assert doc == fleet.policy_file()
+
+
+def test_only_443_is_open_to_the_world(aws):
+    fleet.deploy_addresses(aws, ADDRESSES)
+    out = fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES)
+
+    [sg] = aws["ec2"].describe_security_groups(GroupIds=[out["SecurityGroupId"]])["SecurityGroups"]
+    world = [p for p in sg["IpPermissions"]
+             if any(r["CidrIp"] == "0.0.0.0/0" for r in p.get("IpRanges", []))]
+    assert [(p["FromPort"], p["ToPort"]) for p in world] == [(443, 443)]
+
+
+def _existing_network(aws):
+    """A VPC with two public subnets in two AZs, as an operator's existing network."""
+    ec2 = aws["ec2"]
+    vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
+    a = ec2.create_subnet(VpcId=vpc, CidrBlock="10.7.0.0/24", AvailabilityZone="us-east-1a")
+    b = ec2.create_subnet(VpcId=vpc, CidrBlock="10.7.1.0/24", AvailabilityZone="us-east-1b")
+    return vpc, a["Subnet"]["SubnetId"], b["Subnet"]["SubnetId"]
+
+
+def test_a_second_fleet_takes_over_and_the_first_is_deleted(aws, moto, static_ingress):
+    addresses = fleet.deploy_addresses(aws, ADDRESSES)
+    ids = allocation_ids(addresses)
+    vpc, subnet_a, subnet_b = _existing_network(aws)
+    network = {"VpcId": vpc, "SubnetIdA": subnet_a, "SubnetIdB": subnet_b}
+    out = fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES, **network)
+    assert out["VpcId"] == vpc
+    first = fleet.instances(aws, "static-fleet-1")
+    assert [i["allocation_id"] for i in first] == ids
+    assert [i["subnet"] for i in first] == [subnet_a, subnet_a, subnet_b, subnet_b]
+    # Each instance claims the address its group tagged it with, as it does at boot.
+    for inst in first:
+        report = claim_eip(static_ingress, moto, inst)
+        assert "result:     associated" in report, report
+    eips = fleet.addresses(aws, ids)
+    assert [eips[i].get("InstanceId") for i in ids] == [i["id"] for i in first]
+
+    # The next release: a new fleet naming the same four addresses.
+    fleet.deploy_fleet(aws, "static-fleet-2", ADDRESSES, **network)
+    second = fleet.instances(aws, "static-fleet-2")
+    assert [i["allocation_id"] for i in second] == ids
+    assert not {i["id"] for i in first} & {i["id"] for i in second}
+    # The new fleet's instances boot and take all four addresses from the old ones.
+    for old, new in zip(first, second):
+        report = claim_eip(static_ingress, moto, new)
+        assert f"result:     associated, taking it from {old['id']}" in report, report
+    eips = fleet.addresses(aws, ids)
+    assert [eips[i].get("InstanceId") for i in ids] == [i["id"] for i in second]
+
+    fleet.delete_stack(aws, "static-fleet-1")
+    found = aws["ec2"].describe_instances(InstanceIds=[i["id"] for i in first])["Reservations"]
+    states = {i["InstanceId"]: i["State"]["Name"] for r in found for i in r["Instances"]}
+    assert set(states.values()) <= {"shutting-down", "terminated"}, states
+    assert [i["allocation_id"] for i in fleet.instances(aws, "static-fleet-2")] == ids
+    # The addresses outlive every fleet.
+    assert sorted(fleet.addresses(aws, ids)) == sorted(ids)
+
+
+def test_addresses_are_kept_when_their_stack_is_deleted(aws):
+    ids = allocation_ids(fleet.deploy_addresses(aws, ADDRESSES))
+    fleet.delete_stack(aws, ADDRESSES)
+    assert sorted(fleet.addresses(aws, ids)) == sorted(ids)

@@ -1,0 +1,241 @@
+"""The .deb in a booted Debian 13 container (systemd-nspawn, private network): installed with
+dpkg, the unit starts at boot under its sandbox, /health answers, the proxy serves port 443 as
+an unprivileged user, the watchdog is fed, a stop drains, and a bad config never serves but
+heals by itself once fixed. Needs root; run by `make container-test`.
+
+The backend is the proxy's own admin port (127.0.0.1:9001): the container has no other network,
+and an address that accepts TCP is all the health checks need."""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT
+
+UNIT = "static-ingress.service"
+ENV_FILE = "etc/static-ingress/static-ingress.env"
+ENV = """\
+STATIC_INGRESS_BACKEND_ADDRESS=127.0.0.1:9001
+STATIC_INGRESS_LIFECYCLE_DRAIN_DELAY=4s
+STATIC_INGRESS_LIFECYCLE_GRACE_PERIOD=2s
+"""
+WATCHDOG_S = 3
+
+
+def run(args, timeout=60, check=False):
+    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args} exited {r.returncode}: {r.stdout}{r.stderr}")
+    return r
+
+
+def wait_for(what, predicate, timeout_s, interval_s=0.25):
+    """Polls `predicate` until it returns a true value, at most `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last: {last!r}")
+
+
+class Container:
+    """A booted systemd-nspawn container, stopped by the PID of the nspawn it started."""
+
+    def __init__(self, root, name, log):
+        self.root, self.name, self.log_path = root, name, log
+        self.proc = None
+        self.leader = None
+
+    def boot(self):
+        log = open(self.log_path, "wb")
+        # --register=no and --keep-unit: this machine's PID 1 is not systemd, so there is no
+        # machined to register with and no scope to move into.
+        self.proc = subprocess.Popen(
+            ["systemd-nspawn", "--quiet", "-D", str(self.root), "-M", self.name, "--register=no",
+             "--keep-unit", "--private-network", "--boot", "--console=passive"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.leader = wait_for("the container's init", self._leader, 30)
+        # systemctl answers once systemd has opened its private socket, a moment after exec.
+        wait_for("systemd in the container to answer",
+                 lambda: self.sh("systemctl", "is-system-running").stdout.strip(), 30)
+        r = self.sh("timeout", "90", "systemctl", "is-system-running", "--wait", timeout=100)
+        state = r.stdout.strip() or r.stderr.strip()
+        if state != "running":
+            failed = self.sh("systemctl", "--failed", "--no-pager").stdout
+            raise AssertionError(f"container booted {state!r}; failed units:\n{failed}\n{self.journal()}")
+
+    def _leader(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"systemd-nspawn exited {self.proc.returncode}: "
+                                 + pathlib.Path(self.log_path).read_text(errors="replace"))
+        try:
+            children = pathlib.Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            return None
+        # The container's PID 1 once it has exec'd systemd (before that the child is still a
+        # copy of nspawn, setting the namespaces up).
+        for pid in children:
+            try:
+                if pathlib.Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                    return int(pid)
+            except OSError:
+                pass
+        return None
+
+    def sh(self, *args, timeout=60):
+        """Runs a command inside the container (its mount, PID, network and other namespaces)."""
+        return run(["nsenter", "-t", str(self.leader), "-m", "-u", "-i", "-n", "-p", "--", *args], timeout=timeout)
+
+    def net(self, *args, timeout=30):
+        """Runs a host command in the container's network namespace only (e.g. the host's curl)."""
+        return run(["nsenter", "-t", str(self.leader), "-n", "--", *args], timeout=timeout)
+
+    def show(self, *props):
+        out = self.sh("systemctl", "show", UNIT, *[f"--property={p}" for p in props]).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def journal(self):
+        return self.sh("journalctl", "-u", UNIT, "--no-pager", "-o", "cat").stdout
+
+    def stop(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # nspawn turns SIGTERM into an orderly shutdown of the booted system.
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def container(deb_path, tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.fail("the container test needs root (systemd-nspawn)")
+    cached = run([str(ROOT / "scripts/debian-rootfs.sh"), "trixie"], timeout=1000, check=True).stdout.split()[-1]
+    work = tmp_path_factory.mktemp("container")
+    root = work / "root"
+    # A copy, so the cached tree stays pristine.
+    run(["cp", "-a", "--reflink=auto", cached, str(root)], timeout=300, check=True)
+    # Install as on the AMI: dpkg inside the (not yet booted) root. (Not in /tmp: nspawn mounts
+    # a fresh tmpfs there.)
+    shutil.copy(deb_path, root / "root/static-ingress.deb")
+    r = run(["systemd-nspawn", "--quiet", "-D", str(root), "--register=no", "--keep-unit", "--private-network",
+             "dpkg", "-i", "/root/static-ingress.deb"], timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (root / "root/static-ingress.deb").unlink()
+    # The launch template's part: the environment file (here with a short drain for the test),
+    # and a short watchdog so the test sees it fed.
+    (root / ENV_FILE).write_text(ENV)
+    dropin = root / f"etc/systemd/system/{UNIT}.d"
+    dropin.mkdir(parents=True)
+    (dropin / "test-watchdog.conf").write_text(f"[Service]\nWatchdogSec={WATCHDOG_S}s\n")
+
+    c = Container(root, f"si-test-{os.getpid()}", work / "nspawn.log")
+    try:
+        c.boot()
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def health(c):
+    """The body and status of /health, e.g. "ok 200" or "draining 503"."""
+    r = c.net("curl", "-s", "-m", "3", "-o", "-", "-w", " %{http_code}", "http://127.0.0.1:9001/health")
+    return " ".join(r.stdout.split())
+
+
+# The tests below run in this order on one booted container.
+
+def test_unit_is_enabled_and_running_after_boot(container):
+    props = container.show("ActiveState", "SubState", "UnitFileState", "NRestarts", "Type")
+    assert props == {"ActiveState": "active", "SubState": "running", "UnitFileState": "enabled",
+                     "NRestarts": "0", "Type": "notify"}, container.journal()
+
+
+def test_health_answers_ok(container):
+    wait_for("/health to answer 200", lambda: health(container) == "ok 200", 30)
+
+
+def test_proxy_serves_443_as_an_unprivileged_sandboxed_user(container):
+    # Port 443 passes through to the backend, here the admin port: /live comes back.
+    r = container.net("curl", "-s", "-m", "5", "http://127.0.0.1:443/live")
+    assert r.stdout.strip() == "live", r.stdout + r.stderr
+    pid = container.show("MainPID")["MainPID"]
+    status = container.sh("cat", f"/proc/{pid}/status").stdout
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    uid = fields["Uid"].split()[0]
+    assert uid != "0", "the proxy runs as root"
+    # CAP_NET_BIND_SERVICE (bit 10) and nothing else, no new privileges, a seccomp filter.
+    assert fields["CapEff"].strip() == "0000000000000400"
+    assert fields["CapBnd"].strip() == "0000000000000400"
+    assert fields["NoNewPrivs"].strip() == "1"
+    assert fields["Seccomp"].strip() == "2"
+
+
+def test_process_metrics_see_the_limits_and_start_time(container):
+    metrics = container.net("curl", "-s", "-m", "5", "http://127.0.0.1:9001/metrics").stdout
+    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("process_"))
+    # The unit's LimitNOFILE (32768), unless the machine running the container caps every
+    # process lower (systemd cannot give more than its own hard limit).
+    limits = pathlib.Path(f"/proc/{container.leader}/limits").read_text()
+    [hard] = [line.split()[4] for line in limits.splitlines() if line.startswith("Max open files")]
+    expected = 32768 if hard == "unlimited" else min(32768, int(hard))
+    assert int(values["process_max_fds"]) == expected, values
+    # The sandbox leaves /proc/stat readable, which the start time is computed from.
+    assert float(values["process_start_time_seconds"]) > 0, values
+
+
+def test_watchdog_is_fed(container):
+    props = container.show("WatchdogUSec", "MainPID", "ActiveEnterTimestampMonotonic")
+    assert props["WatchdogUSec"] == f"{WATCHDOG_S}s"
+    # Well past the watchdog interval: an unfed watchdog would have killed and restarted it.
+    time.sleep(WATCHDOG_S * 2 + 2)
+    after = container.show("ActiveState", "MainPID", "NRestarts")
+    assert after == {"ActiveState": "active", "MainPID": props["MainPID"], "NRestarts": "0"}, container.journal()
+
+
+def test_systemd_analyze_verify_in_the_container(container):
+    r = container.sh("systemd-analyze", "verify", UNIT)
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")
+
+
+def test_stop_drains_then_exits_cleanly(container):
+    r = container.sh("systemctl", "stop", "--no-block", UNIT)
+    assert r.returncode == 0, r.stderr
+    # Route 53's view while draining: 503 with the reason, not a refused connection.
+    wait_for("/health to answer 503 draining", lambda: health(container) == "draining 503", 5, 0.1)
+    wait_for("the unit to stop", lambda: container.show("ActiveState")["ActiveState"] == "inactive", 30)
+    props = container.show("Result", "ExecMainStatus", "ExecMainCode")
+    assert props == {"Result": "success", "ExecMainStatus": "0", "ExecMainCode": "1"}, container.journal()
+    assert container.net("curl", "-s", "-m", "3", "http://127.0.0.1:9001/health").returncode != 0
+
+
+def test_bad_config_never_serves_and_heals_once_fixed(container):
+    env = container.root / ENV_FILE
+    env.write_text(ENV + "STATIC_INGRESS_PROXY_CONNECT_TIMEOUT=5\n")
+    r = container.sh("systemctl", "start", UNIT)
+    assert r.returncode != 0
+    assert container.show("Result")["Result"] == "exit-code"
+    # The config check names the bad value in the journal, and nothing listens.
+    assert "STATIC_INGRESS_PROXY_CONNECT_TIMEOUT" in container.journal()
+    assert container.net("curl", "-s", "-m", "3", "http://127.0.0.1:9001/health").returncode != 0
+    # Restart=always: the check is retried every RestartSec (5s)...
+    wait_for("a retry of the config check",
+             lambda: int(container.show("NRestarts")["NRestarts"]) >= 1, 15)
+    assert container.show("ActiveState")["ActiveState"] != "active"
+    # ...so once the file is fixed the proxy comes up by itself, with no one to restart it.
+    env.write_text(ENV)
+    wait_for("the unit to become active", lambda: container.show("ActiveState")["ActiveState"] == "active", 20)
+    wait_for("/health to answer 200 again", lambda: health(container) == "ok 200", 30)

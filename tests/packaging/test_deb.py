@@ -1,0 +1,125 @@
+"""The .deb (STATIC_INGRESS_DEB, from `make deb` or scripts/build-deb.sh) and the systemd unit
+it carries: contents, conffile, maintainer scripts, `systemd-analyze verify` and `security`, and
+the packaged binary judging the packaged config the way the unit's ExecStartPre does."""
+
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+
+import pytest
+
+from conftest import ROOT
+
+UNIT = "static-ingress.service"
+CONFFILE = "/etc/static-ingress/static-ingress.toml"
+
+
+def run(*args, **kw):
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def extracted(deb_path, tmp_path_factory):
+    """The .deb unpacked into a directory, with the host's systemd units beside it so that
+    `systemd-analyze verify --root` can resolve the unit's dependencies."""
+    root = tmp_path_factory.mktemp("deb-root")
+    r = run("dpkg-deb", "-x", str(deb_path), str(root))
+    assert r.returncode == 0, r.stderr
+    units = root / "usr/lib/systemd/system"
+    units.mkdir(parents=True, exist_ok=True)
+    for f in os.listdir("/usr/lib/systemd/system"):
+        src = os.path.join("/usr/lib/systemd/system", f)
+        if not (units / f).exists() and os.path.isfile(src):
+            shutil.copy2(src, units / f, follow_symlinks=True)
+    return root
+
+
+def unit_path(root):
+    for d in ("usr/lib/systemd/system", "lib/systemd/system"):
+        if (root / d / UNIT).is_file() and (root / d / UNIT).read_text() == (ROOT / "systemd" / UNIT).read_text():
+            return root / d / UNIT
+    pytest.fail(f"{UNIT} from systemd/ is not in the package")
+
+
+def test_package_holds_binary_unit_and_config(deb_path):
+    fields = run("dpkg-deb", "-f", str(deb_path), "Package", "Architecture", "Depends").stdout
+    assert "Package: static-ingress" in fields
+    assert "Architecture: amd64" in fields
+    assert re.search(r"Depends: .*libc6", fields), fields
+    assert re.search(r"Depends: .*ca-certificates", fields), fields
+    listing = run("dpkg-deb", "-c", str(deb_path)).stdout
+    paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
+    assert "/usr/bin/static-ingress" in paths
+    assert CONFFILE in paths
+    assert any(p.endswith(f"/systemd/system/{UNIT}") for p in paths), paths
+
+
+def test_config_is_a_conffile(deb_path):
+    # dpkg keeps an operator's edits of a conffile across upgrades.
+    r = run("dpkg-deb", "-I", str(deb_path), "conffiles")
+    assert r.returncode == 0, r.stderr
+    assert CONFFILE in r.stdout.split()
+
+
+def test_install_enables_the_unit_without_starting_it(deb_path):
+    postinst = run("dpkg-deb", "-I", str(deb_path), "postinst").stdout
+    assert f"deb-systemd-helper enable {UNIT}" in postinst or \
+        re.search(rf"deb-systemd-helper .*enable.*{re.escape(UNIT)}", postinst), postinst
+    # Started only once the launch template has configured the backend.
+    assert not re.search(r"deb-systemd-invoke\s+(start|restart)\b", postinst), postinst
+
+
+def test_systemd_analyze_verify_prints_nothing(extracted):
+    unit = unit_path(extracted)
+    r = run("systemd-analyze", "verify", f"--root={extracted}", unit.name)
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")
+
+
+def test_security_exposure_is_at_most_2(extracted):
+    r = run("systemd-analyze", "security", "--offline=true", "--no-pager", str(ROOT / "systemd" / UNIT))
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    score = float(m.group(1))
+    print(f"systemd-analyze security: exposure {score}")
+    assert score <= 2.0, r.stdout
+
+
+def _unit_setting(key):
+    values = re.findall(rf"^{key}=(.*)$", (ROOT / "systemd" / UNIT).read_text(), re.M)
+    assert values, f"{key} not set in the unit"
+    return values[-1].strip()
+
+
+def _seconds(text):
+    m = re.fullmatch(r"(\d+)s", text)
+    assert m, f"expected a duration in seconds, got {text!r}"
+    return int(m.group(1))
+
+
+def test_stop_timeout_leaves_room_for_the_drain():
+    conf = tomllib.loads((ROOT / "deb/static-ingress.toml").read_text())
+    drain = _seconds(conf["lifecycle"]["drain_delay"]) + _seconds(conf["lifecycle"]["grace_period"])
+    assert _seconds(_unit_setting("TimeoutStopSec")) > drain
+
+
+def test_descriptor_limit_covers_the_connection_limit():
+    example = tomllib.loads((ROOT / "docs/static-ingress.example.toml").read_text())
+    max_conn = example["proxy"]["max_connections"]
+    assert int(_unit_setting("LimitNOFILE")) >= 2 * max_conn + 256
+
+
+def test_packaged_config_needs_only_the_backend(extracted):
+    """What ExecStartPre sees on an instance: with the launch template's environment file the
+    packaged config is valid; without it, the one missing thing is named and the exit code is
+    78."""
+    binary = str(extracted / "usr/bin/static-ingress")
+    conf = str(extracted / CONFFILE.lstrip("/"))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    r = run(binary, "check-config", conf, env={**env, "STATIC_INGRESS_BACKEND_ADDRESS": "api.example.com:443"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "api.example.com:443" in r.stdout
+    r = run(binary, "check-config", conf, env=env)
+    assert r.returncode == 78, r.stdout + r.stderr
+    assert "backend.address" in r.stdout + r.stderr

@@ -1,0 +1,213 @@
+"""The CloudFormation templates, checked without deploying them: cfn-lint, the cfn-guard rules
+(passing on the templates and failing on broken copies), and the instance role's policy being
+exactly docs/iam-policy.json."""
+
+import copy
+import json
+import subprocess
+
+import pytest
+
+import cfn_yaml
+from conftest import ROOT, tool
+
+TEMPLATES = ["cloudformation/addresses.yaml", "cloudformation/fleet.yaml"]
+# The templates deploy in any region; lint them against a spread of regions' resource specs.
+LINT_REGIONS = ["us-east-1", "us-west-2", "eu-west-1", "eu-central-1", "ap-southeast-2"]
+RULES = ROOT / "cloudformation" / "rules.guard"
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_cfn_lint_reports_nothing(template):
+    # Any error, warning or informational finding is printed and fails the test.
+    r = subprocess.run([tool("cfn-lint"), "--format", "parseable", "--regions", *LINT_REGIONS, "--", template],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.stdout == "" and r.returncode == 0, r.stdout + r.stderr
+
+
+def test_role_policy_is_the_documented_policy():
+    fleet = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")
+    policies = fleet["Resources"]["InstanceRole"]["Properties"]["Policies"]
+    assert len(policies) == 1
+    documented = json.loads((ROOT / "docs/iam-policy.json").read_text())
+    assert policies[0]["PolicyDocument"] == documented
+
+
+def guard(tmp_path, template_data, name="template.json"):
+    """Runs cfn-guard on the template; returns (exit code, rule name -> status)."""
+    path = tmp_path / name
+    path.write_text(json.dumps(template_data))
+    r = subprocess.run(
+        [tool("cfn-guard", "STATIC_INGRESS_TOOLS_BIN"), "validate", "--rules", str(RULES),
+         "--data", str(path), "--output-format", "json", "--show-summary", "none"],
+        capture_output=True, text=True, timeout=120,
+    )
+    statuses = {}
+    for report in _json_documents(r.stdout):
+        for rule in report.get("not_compliant", []):
+            statuses[rule["Rule"]["name"] if "Rule" in rule else rule.get("name")] = "FAIL"
+    return r, statuses
+
+
+def _json_documents(text):
+    decoder = json.JSONDecoder()
+    i, out = 0, []
+    text = text.strip()
+    while i < len(text):
+        doc, end = decoder.raw_decode(text, i)
+        out.append(doc)
+        i = end
+        while i < len(text) and text[i].isspace():
+            i += 1
+    return out
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_guard_passes_on_the_template(tmp_path, template):
+    r, failed = guard(tmp_path, cfn_yaml.load(ROOT / template))
+    assert r.returncode == 0 and not failed, r.stdout + r.stderr
+
+
+# Broken copies: each change breaks one rule, which cfn-guard must then report as failing.
+def _lt(t):
+    return t["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["MetadataOptions"]
+
+
+def _ingress(t):
+    return t["Resources"]["ProxySecurityGroup"]["Properties"]["SecurityGroupIngress"]
+
+
+def _group(t, n):
+    return t["Resources"][f"ProxyGroup{n}"]["Properties"]
+
+
+def _eip_tag(t, n):
+    return next(tag for tag in _group(t, n)["Tags"] if tag["Key"] == "static-ingress:eip-allocation-id")
+
+
+def _statements(t):
+    return t["Resources"]["InstanceRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+
+
+def imds_optional(t):
+    _lt(t)["HttpTokens"] = "optional"
+
+
+def imds_tags_off(t):
+    _lt(t)["InstanceMetadataTags"] = "disabled"
+
+
+def no_metadata_options(t):
+    del t["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["MetadataOptions"]
+
+
+def hop_limit_2(t):
+    _lt(t)["HttpPutResponseHopLimit"] = 2
+
+
+def health_port_open_to_world(t):
+    rule = _ingress(t)[1]
+    del rule["SourcePrefixListId"]
+    rule["CidrIp"] = "0.0.0.0/0"
+
+
+def health_port_from_a_cidr(t):
+    rule = _ingress(t)[1]
+    del rule["SourcePrefixListId"]
+    rule["CidrIp"] = "10.0.0.0/8"
+
+
+def extra_ingress_resource_open_to_world(t):
+    t["Resources"]["OpenHealth"] = {
+        "Type": "AWS::EC2::SecurityGroupIngress",
+        "Properties": {"GroupId": {"Ref": "ProxySecurityGroup"}, "IpProtocol": "tcp",
+                       "FromPort": 9001, "ToPort": 9001, "CidrIp": "0.0.0.0/0"},
+    }
+
+
+def group_of_two(t):
+    _group(t, 3)["MaxSize"] = "2"
+
+
+def group_of_none(t):
+    _group(t, 1)["MinSize"] = "0"
+
+
+def two_groups_one_address(t):
+    _eip_tag(t, 2)["Value"] = copy.deepcopy(_eip_tag(t, 1)["Value"])
+
+
+def tag_not_propagated(t):
+    _eip_tag(t, 4)["PropagateAtLaunch"] = False
+
+
+def group_without_address(t):
+    _group(t, 2)["Tags"] = [tag for tag in _group(t, 2)["Tags"]
+                            if tag["Key"] != "static-ingress:eip-allocation-id"]
+
+
+def group_without_tags(t):
+    del _group(t, 3)["Tags"]
+
+
+def fifth_group(t):
+    t["Resources"]["ProxyGroup5"] = copy.deepcopy(t["Resources"]["ProxyGroup4"])
+
+
+def wildcard_service_action(t):
+    _statements(t)[0]["Action"] = ["ec2:Describe*"]
+
+
+def wildcard_action(t):
+    _statements(t)[1]["Action"] = "*"
+
+
+def not_action(t):
+    st = _statements(t)[2]
+    st["NotAction"] = st.pop("Action")
+
+
+def managed_policy(t):
+    t["Resources"]["InstanceRole"]["Properties"]["ManagedPolicyArns"] = [
+        "arn:aws:iam::aws:policy/AmazonEC2FullAccess"]
+
+
+def untagged_eip(t):
+    t["Resources"]["Eip3"]["Properties"]["Tags"] = [{"Key": "Name", "Value": "x"}]
+
+
+def eip_tagged_false(t):
+    t["Resources"]["Eip2"]["Properties"]["Tags"][0]["Value"] = "false"
+
+
+BROKEN = [
+    ("fleet.yaml", imds_optional, "imdsv2_required"),
+    ("fleet.yaml", imds_tags_off, "imdsv2_required"),
+    ("fleet.yaml", no_metadata_options, "imdsv2_required"),
+    ("fleet.yaml", hop_limit_2, "imds_hop_limit_one"),
+    ("fleet.yaml", health_port_open_to_world, "only_443_open_to_world"),
+    ("fleet.yaml", extra_ingress_resource_open_to_world, "only_443_open_to_world"),
+    ("fleet.yaml", health_port_from_a_cidr, "health_port_from_prefix_list_only"),
+    ("fleet.yaml", group_of_two, "groups_hold_one_instance"),
+    ("fleet.yaml", group_of_none, "groups_hold_one_instance"),
+    ("fleet.yaml", two_groups_one_address, "groups_tag_distinct_eips"),
+    ("fleet.yaml", tag_not_propagated, "groups_tag_distinct_eips"),
+    ("fleet.yaml", group_without_address, "groups_tag_distinct_eips"),
+    ("fleet.yaml", group_without_tags, "groups_tag_distinct_eips"),
+    ("fleet.yaml", fifth_group, "groups_tag_distinct_eips"),
+    ("fleet.yaml", wildcard_service_action, "no_wildcard_actions_in_roles"),
+    ("fleet.yaml", wildcard_action, "no_wildcard_actions_in_roles"),
+    ("fleet.yaml", not_action, "no_wildcard_actions_in_roles"),
+    ("fleet.yaml", managed_policy, "no_wildcard_actions_in_roles"),
+    ("addresses.yaml", untagged_eip, "eips_tagged_managed"),
+    ("addresses.yaml", eip_tagged_false, "eips_tagged_managed"),
+]
+
+
+@pytest.mark.parametrize("template,breakage,rule", BROKEN, ids=[b[1].__name__ for b in BROKEN])
+def test_guard_fails_on_a_broken_copy(tmp_path, template, breakage, rule):
+    data = cfn_yaml.load(ROOT / "cloudformation" / template)
+    breakage(data)
+    r, failed = guard(tmp_path, data)
+    assert r.returncode != 0, f"cfn-guard passed a copy broken by {breakage.__name__}"
+    assert failed.get(rule) == "FAIL", f"{rule} not reported as failing: {sorted(failed)}\n{r.stdout}"
