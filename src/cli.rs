@@ -203,7 +203,7 @@ fn run(args: RunArgs) -> ExitCode {
         let server = match Server::bind(config) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %error_chain(&e), "startup failed");
+                tracing::error!(error = %logging::error_chain(&e), "startup failed");
                 return exit::FAILURE;
             }
         };
@@ -255,18 +255,6 @@ fn claim_eip(args: ClaimArgs) -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
-}
-
-/// `outer: inner: innermost`, for one-line error reports.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -12,22 +12,36 @@ use crate::config::{LogConfig, LogFormat};
 /// Installs the global subscriber, writing to stdout. The filter was checked when the config
 /// was loaded.
 pub fn init(config: &LogConfig) {
-    let filter = EnvFilter::builder().parse_lossy(&config.filter);
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
-    match config.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
-        LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).init(),
-    }
+    init_to(config, std::io::stdout, std::io::stdout().is_terminal());
 }
 
 /// Like [`init`], but to stderr: for one-shot commands whose stdout is their report.
 pub fn init_stderr(config: &LogConfig) {
+    init_to(config, std::io::stderr, std::io::stderr().is_terminal());
+}
+
+fn init_to<W>(config: &LogConfig, writer: W, terminal: bool)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = EnvFilter::builder().parse_lossy(&config.filter);
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     match config.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => builder.with_ansi(terminal).init(),
     }
+}
+
+/// `outer: inner: innermost`, for one-line error reports.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// Lets one event through per second and counts the ones it held back.

@@ -97,17 +97,11 @@ impl Metadata {
     }
 
     fn error(&self, what: &'static str, e: &ImdsError) -> ClaimError {
-        let mut detail = e.to_string();
-        // The useful part (connection refused, 401...) is further down the chain.
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            detail.push_str(": ");
-            detail.push_str(&s.to_string());
-            source = s.source();
-        }
-        if let ImdsError::ErrorResponse(r) = e {
-            detail = format!("HTTP {}", r.response().status().as_u16());
-        }
+        let detail = match e {
+            ImdsError::ErrorResponse(r) => format!("HTTP {}", r.response().status().as_u16()),
+            // The useful part (connection refused, a timeout...) is further down the chain.
+            _ => crate::logging::error_chain(e),
+        };
         ClaimError::Metadata { what, endpoint: self.endpoint.clone(), detail }
     }
 

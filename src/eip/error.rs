@@ -111,14 +111,7 @@ pub fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(err: &Sdk
             _ => code.to_string(),
         };
     }
-    let mut out = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
+    crate::logging::error_chain(err)
 }
 
 /// A claim that could not be completed.
