@@ -45,7 +45,7 @@ pub enum Cmd {
     CheckConfig(CheckArgs),
     /// Claim this instance's Elastic IP once (the [eip] settings; eip.enabled is not needed),
     /// print what was found and done, and exit: 0 when the address is this instance's, or
-    /// 10-16 naming what to fix (see the README).
+    /// 10-17 naming what to fix (see the README).
     ClaimEip(ClaimArgs),
 }
 
@@ -240,11 +240,7 @@ fn claim_eip(args: ClaimArgs) -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    let result = runtime.block_on(async {
-        let deadline = tokio::time::Instant::now() + eip.deadline;
-        let instance = crate::eip::claim::Instance::discover(&eip, deadline).await?;
-        instance.claim(args.dry_run, deadline).await
-    });
+    let result = runtime.block_on(crate::eip::claim_once(&eip, args.dry_run)).and_then(|(_, claimed)| claimed);
     match result {
         Ok(report) => {
             println!("{report}");

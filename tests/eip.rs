@@ -133,6 +133,31 @@ async fn an_address_already_ours_is_left_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_instance_does_not_take_its_address_back_from_a_newer_one() {
+    let moto = Moto::start().await;
+    let (alloc, _) = moto.allocate().await;
+    let old = moto.launch(&[(TAG_KEY, &alloc)]).await;
+    // Launch times have a resolution of a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let newer = moto.launch(&[(TAG_KEY, &alloc)]).await;
+    let association = moto.associate(&alloc, &newer).await;
+    // The old fleet's proxy restarts (a crash, a reboot) and claims again.
+    let imds = Imds::start(&old, Some(&[(TAG_KEY, &alloc)])).await;
+
+    let c = claim_eip(&imds, &moto, &[]).await;
+    assert_eq!(c.code, Some(15), "{}", c.stderr);
+    assert!(
+        error_line(&c).starts_with(&format!(
+            "error: {alloc} is held by {newer}, launched after {old}: a newer fleet has it, so this instance does \
+             not take it back"
+        )),
+        "{}",
+        c.stderr
+    );
+    assert_eq!(moto.holder(&alloc).await, (Some(newer), Some(association)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_changes_nothing() {
     let moto = Moto::start().await;
     let (alloc, _) = moto.allocate().await;
@@ -216,10 +241,17 @@ async fn an_instance_ec2_does_not_know_is_refused_clearly() {
     let ghost = "i-0123456789abcdef0";
     let imds = Imds::start(ghost, Some(&[(TAG_KEY, &alloc)])).await;
 
-    let c = claim_eip(&imds, &moto, &[]).await;
+    // EC2 may not know a just-launched instance yet, so this is retried until the deadline.
+    let c = claim_eip(&imds, &moto, &["--eip-deadline", "2s"]).await;
     assert_eq!(c.code, Some(14), "{}", c.stderr);
     let line = error_line(&c);
-    assert!(line.starts_with(&format!("error: EC2 refused instance {ghost} (InvalidInstanceID.NotFound")), "{line}");
+    assert!(
+        line.starts_with(&format!(
+            "error: EC2 refused instance {ghost} until the deadline (InvalidInstanceID.NotFound"
+        )),
+        "{line}"
+    );
+    assert!(c.took >= Duration::from_millis(500), "not retried: gave up after {:?}", c.took);
     assert_eq!(moto.holder(&alloc).await.0, None);
 }
 
@@ -261,8 +293,12 @@ const SETUP_REQUESTS: u32 = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_policy_allows_every_call_a_claim_makes() {
-    let moto = Moto::start_with_iam_after(Some(SETUP_REQUESTS)).await;
+    // Two more setup requests: the address starts on another instance, so the claim also
+    // compares launch times (ec2:DescribeInstances).
+    let moto = Moto::start_with_iam_after(Some(SETUP_REQUESTS + 2)).await;
     let (alloc, _) = moto.allocate().await;
+    let old = moto.launch(&[]).await;
+    moto.associate(&alloc, &old).await;
     let me = moto.launch(&[(TAG_KEY, &alloc)]).await;
     let (key, secret) = moto.iam_user(&documented_actions_policy()).await;
     // No metadata tags, so the claim also needs ec2:DescribeTags.
@@ -274,12 +310,17 @@ async fn the_documented_policy_allows_every_call_a_claim_makes() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("read with ec2:DescribeTags"), "{stdout}");
-    assert!(stdout.contains("2 EC2 reads") || stdout.contains("3 EC2 reads"), "{stdout}");
-    // The same user, without AssociateAddress, is refused: moto really enforces the policy.
+    assert!(stdout.contains(&format!("taking it from {old}")), "{stdout}");
+    // DescribeTags, DescribeAddresses, DescribeInstances, DescribeAddresses to confirm.
+    assert!(stdout.contains("4 EC2 reads, 1 EC2 write"), "{stdout}");
+    // Credentials moto's IAM does not know are refused: moto really enforces, so the claim
+    // above passed the policy check.
     let mut c = command("claim-eip", &imds.endpoint(), &moto.endpoint);
-    c.env("AWS_ACCESS_KEY_ID", "testing");
+    c.env("AWS_ACCESS_KEY_ID", "unknown-key");
     let out = within(CLAIM_BOUND, "claim-eip", c.output()).await.unwrap();
-    assert_ne!(out.status.code(), Some(0), "moto does not enforce IAM: the test proves nothing");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(13), "moto does not enforce IAM, so this test proves nothing: {stderr}");
+    assert!(stderr.contains("AuthFailure"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,6 +432,27 @@ async fn run_claims_in_the_background_and_notices_when_a_newer_fleet_takes_it() 
     assert_eq!(eip_status(p.admin).await["state"], "lost");
     // The proxy still serves and stays healthy: losing the address is not an error.
     assert_eq!(get(p.admin, "/health").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_at_once_while_the_claim_is_stuck() {
+    let moto = Moto::start().await;
+    // Instance metadata that accepts connections and never answers.
+    let stuck = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stuck_addr = stuck.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = stuck.accept().await {
+            open.push(s);
+        }
+    });
+    let p = run_with_eip(&format!("http://{stuck_addr}"), &moto.endpoint, &[]).await;
+
+    // `run_with_eip` returned once a connection went through the proxy; the claim is still on.
+    assert_eq!(eip_status(p.admin).await["state"], "claiming");
+    assert_eq!(eip_metric(p.admin).await, Some(0.0));
+    assert_eq!(get(p.admin, "/health").await.status, 200);
+    held.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,9 @@ pub use source::{ConfigError, ConfigErrors, FileLayer, Origin, Override};
 pub use value::HostPort;
 use value::{Raw, Value};
 
+/// The shortest `eip.check_interval` accepted (tests use a few hundred milliseconds).
+const MIN_EIP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Where `run` looks for its config file when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/static-ingress/static-ingress.toml";
 
@@ -327,6 +330,21 @@ impl Resolver<'_> {
         let imds_endpoint = self.get("eip.imds_endpoint", as_word);
         let ec2_endpoint = self.get("eip.ec2_endpoint", as_word);
         let non_empty = |s: String| Some(s).filter(|s| !s.is_empty());
+        if let Some(interval) = check_interval
+            && interval < MIN_EIP_CHECK_INTERVAL
+        {
+            let origin = self.origin_of("eip.check_interval");
+            self.errors.push(ConfigError {
+                origin,
+                key: Some("eip.check_interval".into()),
+                message: format!(
+                    "{} is too short: checks would hammer EC2; use at least {}",
+                    humantime::format_duration(interval),
+                    humantime::format_duration(MIN_EIP_CHECK_INTERVAL)
+                ),
+            });
+            return None;
+        }
         Some(EipConfig {
             enabled: enabled?,
             allocation_id: non_empty(allocation_id?),

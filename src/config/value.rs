@@ -137,8 +137,7 @@ pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
         },
         Kind::OptionalAllocationId => {
             let s = text(raw, "an allocation id such as \"eipalloc-0123456789abcdef0\"")?.trim();
-            let hex = s.strip_prefix("eipalloc-").unwrap_or("");
-            if s.is_empty() || (!hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit())) {
+            if s.is_empty() || is_allocation_id(s) {
                 Ok(Value::Word(s.to_string()))
             } else {
                 Err(format!(
@@ -170,6 +169,11 @@ pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
             }
         }
     }
+}
+
+/// `eipalloc-` followed by hex digits.
+pub fn is_allocation_id(s: &str) -> bool {
+    s.strip_prefix("eipalloc-").is_some_and(|hex| !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 fn text<'a>(raw: Raw<'a>, expected: &str) -> Result<&'a str, String> {

@@ -70,11 +70,18 @@ pub enum TagLookup {
 impl Metadata {
     pub fn new(config: &EipConfig, provider: &ProviderConfig) -> Result<Metadata, ClaimError> {
         let endpoint = config.imds_endpoint.clone().unwrap_or_else(|| DEFAULT_IMDS.to_string());
+        // Retry connect timeouts too (aws-config retries only 5xx and 401 by default): a busy
+        // instance can be slow to answer right after boot.
+        let classifier =
+            aws_config::imds::client::ImdsResponseRetryClassifier::default().with_retry_connect_timeouts(true);
         let builder = aws_config::imds::Client::builder()
             .configure(provider)
             .max_attempts(4)
             .connect_timeout(Duration::from_secs(1))
-            .read_timeout(Duration::from_secs(2));
+            .read_timeout(Duration::from_secs(2))
+            .retry_classifier(aws_smithy_runtime_api::client::retries::classifiers::SharedRetryClassifier::new(
+                classifier,
+            ));
         let builder = builder.endpoint(&endpoint).map_err(|e| ClaimError::Metadata {
             what: "instance id",
             endpoint: endpoint.clone(),
@@ -181,8 +188,11 @@ impl Ec2 {
             .region(region.clone())
             .build()
             .await;
+        // A read timeout as well: associating the address replaces the instance's public IP,
+        // which can leave a pooled connection to the EC2 endpoint dead; fail fast and retry.
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(Duration::from_secs(3))
+            .read_timeout(Duration::from_secs(5))
             .operation_attempt_timeout(Duration::from_secs(10))
             .build();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
@@ -209,7 +219,7 @@ impl Ec2 {
             self.client.describe_addresses().allocation_ids(allocation).send()
         })
         .await?;
-        let Some(a) = out.addresses().first() else {
+        let Some(a) = out.addresses().iter().find(|a| a.allocation_id() == Some(allocation)) else {
             return Err(Failure::Refused {
                 class: Class::UnknownAllocation,
                 action: "DescribeAddresses",
@@ -238,6 +248,31 @@ impl Ec2 {
         })
         .await?;
         Ok(out.tags().iter().find(|t| t.key() == Some(key)).and_then(|t| t.value().map(str::to_string)))
+    }
+
+    /// When each of `instances` was launched, for those EC2 still lists (terminated ones drop
+    /// out after a while).
+    pub async fn launch_times(
+        &self,
+        instances: &[&str],
+        calls: &Calls,
+        deadline: Instant,
+    ) -> Result<Vec<(String, (i64, u32))>, Failure> {
+        let ids: Vec<String> = instances.iter().map(|s| s.to_string()).collect();
+        let out = retry("DescribeInstances", deadline, || {
+            calls.ec2_reads.fetch_add(1, Ordering::Relaxed);
+            self.client.describe_instances().set_instance_ids(Some(ids.clone())).send()
+        })
+        .await?;
+        Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| {
+                let t = i.launch_time()?;
+                Some((i.instance_id()?.to_string(), (t.secs(), t.subsec_nanos())))
+            })
+            .collect())
     }
 
     /// Associates the allocation with the instance, taking it from whatever holds it. With
@@ -282,8 +317,9 @@ pub enum Failure {
     Deadline { action: &'static str, attempts: u32, waited: Duration, last: String },
 }
 
-/// Runs `call` until it succeeds, fails for good, or the next try would start after
-/// `deadline`. Retries wait with exponential backoff and jitter.
+/// Runs `call` until it succeeds, fails for good, or the deadline passes (an attempt in flight
+/// at the deadline is abandoned). Retries wait with exponential backoff and jitter. An
+/// instance EC2 does not know yet is retried too, and reported as such at the deadline.
 async fn retry<T, E, F, Fut>(action: &'static str, deadline: Instant, mut call: F) -> Result<T, Failure>
 where
     F: FnMut() -> Fut,
@@ -294,17 +330,24 @@ where
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let err = match call().await {
-            Ok(v) => return Ok(v),
-            Err(e) => e,
+        let err = match tokio::time::timeout_at(deadline, call()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => e,
+            Err(_) => {
+                let last = "the last attempt was still running at the deadline".to_string();
+                return Err(Failure::Deadline { action, attempts, waited: started.elapsed(), last });
+            }
         };
         let class = classify(&err);
         let detail = describe(&err);
-        if class != Class::Transient {
+        if !matches!(class, Class::Transient | Class::InvalidInstance) {
             return Err(Failure::Refused { class, action, detail });
         }
         let delay = backoff(attempts);
         if Instant::now() + delay >= deadline {
+            if class == Class::InvalidInstance {
+                return Err(Failure::Refused { class, action, detail });
+            }
             return Err(Failure::Deadline { action, attempts, waited: started.elapsed(), last: detail });
         }
         tracing::warn!(action, attempt = attempts, error = %detail, retry_in = ?delay, "EC2 call failed; retrying");
@@ -387,7 +430,6 @@ mod tests {
         for (status, code, class) in [
             (403, "UnauthorizedOperation", Class::AccessDenied),
             (400, "InvalidAllocationID.NotFound", Class::UnknownAllocation),
-            (400, "InvalidInstanceID.NotFound", Class::InvalidInstance),
             (400, "InvalidParameterValue", Class::Permanent),
         ] {
             let rule = mock!(aws_sdk_ec2::Client::describe_addresses)
@@ -405,6 +447,21 @@ mod tests {
             }
             assert_eq!(rule.num_calls(), 1, "{code} was retried");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unknown_instance_is_retried_then_reported_as_such() {
+        let rule = mock!(aws_sdk_ec2::Client::describe_addresses)
+            .sequence()
+            .http_status(400, Some(ec2_error("InvalidInstanceID.NotFound")))
+            .repeatedly()
+            .build();
+        let client = mocked(&[&rule]);
+        match describe(&client, Duration::from_secs(5)).await {
+            Err(Failure::Refused { class: Class::InvalidInstance, .. }) => {}
+            other => panic!("expected an invalid instance at the deadline, got {other:?}"),
+        }
+        assert!(rule.num_calls() >= 3, "only {} attempts", rule.num_calls());
     }
 
     #[tokio::test(start_paused = true)]

@@ -147,6 +147,11 @@ impl Instance {
             }
         };
         let allocation_id = allocation_id.trim().to_string();
+        if let (false, Source::MetadataTag(key) | Source::DescribeTags(key)) =
+            (crate::config::value::is_allocation_id(&allocation_id), &source)
+        {
+            return Err(ClaimError::BadTag { key: key.clone(), instance: instance_id, value: allocation_id });
+        }
         Ok(Instance { instance_id, region, allocation_id, source, ec2, calls, started })
     }
 
@@ -169,6 +174,9 @@ impl Instance {
         if before.instance_id.as_deref() == Some(self.instance_id.as_str()) {
             return Ok(self.finish(report));
         }
+        if let Some(owner) = &previous {
+            self.refuse_if_newer(owner, deadline).await?;
+        }
         let association = self
             .ec2
             .associate(&self.allocation_id, &self.instance_id, dry_run, &self.calls, deadline)
@@ -183,14 +191,37 @@ impl Instance {
         Ok(self.finish(report))
     }
 
+    /// Newer fleets take addresses from older ones, never the other way round: an instance of
+    /// an old fleet whose proxy restarts (a crash, a reboot) must not take its address back
+    /// from the instance that replaced it. So the address is taken only from an instance
+    /// launched no later than this one (or one EC2 no longer lists).
+    async fn refuse_if_newer(&self, owner: &str, deadline: Instant) -> Result<(), ClaimError> {
+        let times = self
+            .ec2
+            .launch_times(&[self.instance_id.as_str(), owner], &self.calls, deadline)
+            .await
+            .map_err(|f| self.refused(f))?;
+        let launched = |id: &str| times.iter().find(|(i, _)| i == id).map(|(_, t)| *t);
+        match (launched(&self.instance_id), launched(owner)) {
+            (Some(mine), Some(theirs)) if theirs > mine => Err(ClaimError::HeldByNewer {
+                allocation: self.allocation_id.clone(),
+                instance: self.instance_id.clone(),
+                owner: owner.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Who holds the address now: one DescribeAddresses call (retried until `deadline`).
     pub async fn describe(&self, deadline: Instant) -> Result<AddressView, ClaimError> {
         self.ec2.describe_address(&self.allocation_id, &self.calls, deadline).await.map_err(|f| self.refused(f))
     }
 
     /// Reads the address until it shows our association. DescribeAddresses is eventually
-    /// consistent, so for a while it may still show the state from before our call; a third
-    /// association means another instance took the address in the meantime.
+    /// consistent, so for a while it may still show the state from before our call, or no
+    /// instance at all; another instance with a third association means it took the address
+    /// in the meantime. One read showing ours ends the wait, so a claim racing another one can
+    /// still both succeed here; `run`'s next ownership check then tells which one won.
     async fn confirm(&self, ours: Option<&str>, before: &AddressView, deadline: Instant) -> Result<u32, ClaimError> {
         let started = Instant::now();
         let mut wait = CONFIRM_FIRST_WAIT;
@@ -204,7 +235,7 @@ impl Instance {
                 // Without an association id to compare, our instance id will do.
                 (None, _) if mine => return Ok(reads),
                 (_, seen) if seen == before.association_id.as_deref() => {} // not caught up yet
-                _ if mine => {}                                             // ours, newer view coming
+                _ if mine || now.instance_id.is_none() => {}                // a view in between
                 _ => {
                     return Err(ClaimError::Lost {
                         allocation: self.allocation_id.clone(),
@@ -250,6 +281,7 @@ fn refused(f: Failure, instance: &str, region: &str, allocation: &str, source: &
                 detail,
             },
             Class::InvalidInstance => ClaimError::InvalidInstance { instance: instance.to_string(), detail },
+            Class::NoCredentials => ClaimError::NoCredentials { action, detail },
             Class::Transient | Class::DryRunOk | Class::Permanent => ClaimError::Other { action, detail },
         },
     }

@@ -19,10 +19,13 @@ pub mod exit {
     pub const ACCESS_DENIED: u8 = 13;
     /// EC2 does not accept this instance for the association.
     pub const INVALID_INSTANCE: u8 = 14;
-    /// Another instance took the address while this one was confirming its claim.
+    /// Another instance holds the address: it took it while this one was confirming, or it
+    /// was launched later (a newer fleet), so this one does not take it.
     pub const LOST: u8 = 15;
     /// Calls kept failing with retryable errors until the deadline.
     pub const DEADLINE: u8 = 16;
+    /// No AWS credentials: no instance role, and none in the environment or a profile.
+    pub const CREDENTIALS: u8 = 17;
 }
 
 /// How a failed EC2 call is treated.
@@ -32,7 +35,11 @@ pub enum Class {
     Transient,
     AccessDenied,
     UnknownAllocation,
+    /// EC2 does not know the instance, or it is not running yet. Right after launch that is
+    /// eventual consistency, so it is retried like a transient error until the deadline.
     InvalidInstance,
+    /// No credentials could be loaded.
+    NoCredentials,
     /// `DryRunOperation`: the call would have succeeded.
     DryRunOk,
     /// Anything else EC2 refused: retrying would not help.
@@ -64,11 +71,13 @@ const ACCESS_CODES: &[&str] =
     &["UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "AuthFailure", "OptInRequired", "Blocked"];
 
 /// Sorts a failed call into retry-or-not, and the not-retryable ones by what to fix.
-pub fn classify<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Class {
+pub fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(err: &SdkError<E, HttpResponse>) -> Class {
     match err {
         // Timeouts, connection failures and responses that could not be read are all worth
         // another try; a request the SDK could not even build is not.
         SdkError::TimeoutError(_) | SdkError::ResponseError(_) => Class::Transient,
+        // Credentials that cannot be loaded also arrive as a dispatch failure: that is final.
+        SdkError::DispatchFailure(_) if missing_credentials(err) => Class::NoCredentials,
         SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout() || d.is_other() => Class::Transient,
         SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_) => Class::Permanent,
         SdkError::ServiceError(ctx) => {
@@ -77,6 +86,20 @@ pub fn classify<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Cla
         }
         _ => Class::Permanent,
     }
+}
+
+/// True when the error's causes include credentials that could not be loaded (as opposed to a
+/// credential provider that timed out, which is worth another try).
+fn missing_credentials(err: &(dyn std::error::Error + 'static)) -> bool {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if let Some(c) = e.downcast_ref::<CredentialsError>() {
+            return matches!(c, CredentialsError::CredentialsNotLoaded(_) | CredentialsError::InvalidConfiguration(_));
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// The part of [`classify`] that looks at an EC2 error code and HTTP status.
@@ -117,25 +140,73 @@ pub fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(err: &Sdk
 /// A claim that could not be completed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimError {
-    Metadata { what: &'static str, endpoint: String, detail: String },
-    MissingTag { key: String, instance: String, metadata_tags: bool },
-    UnknownAllocation { allocation: String, region: String, source: String, detail: String },
-    AccessDenied { action: &'static str, detail: String },
-    InvalidInstance { instance: String, detail: String },
-    Lost { allocation: String, instance: String, owner: String },
-    Deadline { action: &'static str, attempts: u32, waited: Duration, last: String },
-    Other { action: &'static str, detail: String },
+    Metadata {
+        what: &'static str,
+        endpoint: String,
+        detail: String,
+    },
+    MissingTag {
+        key: String,
+        instance: String,
+        metadata_tags: bool,
+    },
+    BadTag {
+        key: String,
+        instance: String,
+        value: String,
+    },
+    UnknownAllocation {
+        allocation: String,
+        region: String,
+        source: String,
+        detail: String,
+    },
+    AccessDenied {
+        action: &'static str,
+        detail: String,
+    },
+    NoCredentials {
+        action: &'static str,
+        detail: String,
+    },
+    InvalidInstance {
+        instance: String,
+        detail: String,
+    },
+    /// Another instance took the address while this one was confirming its claim.
+    Lost {
+        allocation: String,
+        instance: String,
+        owner: String,
+    },
+    /// The address is held by an instance launched after this one: a newer fleet.
+    HeldByNewer {
+        allocation: String,
+        instance: String,
+        owner: String,
+    },
+    Deadline {
+        action: &'static str,
+        attempts: u32,
+        waited: Duration,
+        last: String,
+    },
+    Other {
+        action: &'static str,
+        detail: String,
+    },
 }
 
 impl ClaimError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ClaimError::Metadata { .. } => exit::METADATA,
-            ClaimError::MissingTag { .. } => exit::MISSING_TAG,
+            ClaimError::MissingTag { .. } | ClaimError::BadTag { .. } => exit::MISSING_TAG,
             ClaimError::UnknownAllocation { .. } => exit::UNKNOWN_ALLOCATION,
             ClaimError::AccessDenied { .. } => exit::ACCESS_DENIED,
+            ClaimError::NoCredentials { .. } => exit::CREDENTIALS,
             ClaimError::InvalidInstance { .. } => exit::INVALID_INSTANCE,
-            ClaimError::Lost { .. } => exit::LOST,
+            ClaimError::Lost { .. } | ClaimError::HeldByNewer { .. } => exit::LOST,
             ClaimError::Deadline { .. } => exit::DEADLINE,
             ClaimError::Other { .. } => 1,
         }
@@ -163,6 +234,11 @@ impl fmt::Display for ClaimError {
                      {key} = <eipalloc-...> and PropagateAtLaunch, or set eip.allocation_id"
                 )
             }
+            ClaimError::BadTag { key, instance, value } => write!(
+                f,
+                "instance {instance}'s tag {key} is \"{value}\", which is not an allocation id (eipalloc- and hex \
+                 digits); fix the tag on its Auto Scaling group"
+            ),
             ClaimError::UnknownAllocation { allocation, region, source, detail } => write!(
                 f,
                 "Elastic IP allocation {allocation} (from {source}) does not exist in {region} ({detail}); use an \
@@ -173,15 +249,26 @@ impl fmt::Display for ClaimError {
                 "ec2:{action} was denied ({detail}); attach the policy in docs/iam-policy.json to the instance role, \
                  and tag the Elastic IP static-ingress:managed = true"
             ),
+            ClaimError::NoCredentials { action, detail } => write!(
+                f,
+                "no AWS credentials for ec2:{action} ({detail}); attach an instance profile whose role has the \
+                 policy in docs/iam-policy.json"
+            ),
             ClaimError::InvalidInstance { instance, detail } => write!(
                 f,
-                "EC2 refused instance {instance} ({detail}); the id came from this instance's metadata, so check \
-                 that eip.imds_endpoint and eip.ec2_endpoint point at the same account and region"
+                "EC2 refused instance {instance} until the deadline ({detail}); the id came from this instance's \
+                 metadata, so EC2 in this region should know it: check that the instance is running"
             ),
             ClaimError::Lost { allocation, instance, owner } => write!(
                 f,
                 "{allocation} was associated with {instance} and then with {owner} before the claim was confirmed: \
                  another instance claims the same allocation; give each instance its own allocation id"
+            ),
+            ClaimError::HeldByNewer { allocation, instance, owner } => write!(
+                f,
+                "{allocation} is held by {owner}, launched after {instance}: a newer fleet has it, so this \
+                 instance does not take it back; terminate this instance (its group replaces it with a new one \
+                 that claims the address) to move the address here"
             ),
             ClaimError::Deadline { action, attempts, waited, last } => write!(
                 f,
@@ -217,6 +304,19 @@ mod tests {
     }
 
     #[test]
+    fn missing_credentials_are_found_down_the_chain() {
+        use aws_credential_types::provider::error::CredentialsError;
+        #[derive(Debug, thiserror::Error)]
+        #[error("dispatch failed")]
+        struct Wrapper(#[source] CredentialsError);
+        let missing = Wrapper(CredentialsError::not_loaded("no providers in chain provided credentials"));
+        assert!(missing_credentials(&missing));
+        let slow = Wrapper(CredentialsError::provider_timed_out(Duration::from_secs(5)));
+        assert!(!missing_credentials(&slow), "a timed-out provider is worth another try");
+        assert!(!missing_credentials(&std::io::Error::other("connection refused")));
+    }
+
+    #[test]
     fn exit_codes_are_distinct() {
         let mut codes = vec![
             exit::METADATA,
@@ -226,6 +326,7 @@ mod tests {
             exit::INVALID_INSTANCE,
             exit::LOST,
             exit::DEADLINE,
+            exit::CREDENTIALS,
         ];
         let n = codes.len();
         codes.sort_unstable();

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EipConfig;
-use claim::{Instance, Outcome};
+use claim::{Instance, Outcome, Report};
 use error::ClaimError;
 
 /// Where the claim stands.
@@ -109,19 +109,38 @@ pub async fn keep(config: EipConfig, eip: Arc<Eip>, stop: CancellationToken) {
     }
 }
 
-/// Claims until a claim succeeds or the address turns out to be another instance's. A failed
-/// claim (a missing tag, a missing permission...) is retried every check interval, so fixing
-/// it needs no restart.
+/// One claim, discovery included, bounded by `eip.deadline` even if a call hangs. The outer
+/// error is from discovery; the inner one from the claim, with the instance found.
+pub async fn claim_once(
+    config: &EipConfig,
+    dry_run: bool,
+) -> Result<(Instance, Result<Report, ClaimError>), ClaimError> {
+    let deadline = Instant::now() + config.deadline;
+    let attempt = async {
+        let instance = Instance::discover(config, deadline).await?;
+        let result = instance.claim(dry_run, deadline).await;
+        Ok((instance, result))
+    };
+    match tokio::time::timeout_at(deadline, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(ClaimError::Deadline {
+            action: "the claim",
+            attempts: 1,
+            waited: config.deadline,
+            last: "instance metadata or EC2 did not answer".into(),
+        }),
+    }
+}
+
+/// Claims until the address is ours, or another instance is found to hold it (then there is
+/// nothing to claim: the caller watches). A failed claim (a missing tag, a missing
+/// permission...) is tried again every check interval, so fixing it needs no restart; each
+/// kind of failure is logged once.
 async fn claim_until_done(config: &EipConfig, eip: &Eip) -> Instance {
-    let mut last_error = String::new();
+    let mut last_logged: Option<(u8, std::mem::Discriminant<ClaimError>)> = None;
     loop {
-        let deadline = Instant::now() + config.deadline;
-        let result = match Instance::discover(config, deadline).await {
-            Ok(instance) => instance.claim(false, deadline).await.map(|report| (instance, report)),
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok((instance, report)) => {
+        let error = match claim_once(config, false).await {
+            Ok((instance, Ok(report))) => {
                 let (imds, reads, writes) = report.calls;
                 let what = match &report.outcome {
                     Outcome::AlreadyOurs => "already associated with this instance",
@@ -148,33 +167,37 @@ async fn claim_until_done(config: &EipConfig, eip: &Eip) -> Instance {
                 });
                 return instance;
             }
-            Err(ClaimError::Lost { allocation, instance, owner }) => {
-                tracing::warn!(%allocation, %owner,
-                    "another instance took the Elastic IP while this one claimed it; not claiming again");
+            Ok((instance, Err(e @ (ClaimError::Lost { .. } | ClaimError::HeldByNewer { .. })))) => {
+                let owner = match &e {
+                    ClaimError::Lost { owner, .. } | ClaimError::HeldByNewer { owner, .. } => owner.clone(),
+                    _ => String::new(),
+                };
+                tracing::warn!(allocation = %instance.allocation_id, %owner, reason = %e,
+                    "another instance holds the Elastic IP; not taking it, still serving");
                 eip.update(|s| {
                     s.state = State::Lost;
-                    s.allocation_id = Some(allocation);
-                    s.instance_id = Some(instance);
+                    s.allocation_id = Some(instance.allocation_id.clone());
+                    s.instance_id = Some(instance.instance_id.clone());
                     s.owner = Some(owner);
                     s.last_check = Some(SystemTime::now());
+                    s.error = None;
                 });
-                // Nothing left to do: hold no address, keep serving.
-                std::future::pending::<()>().await;
+                return instance;
             }
-            Err(e) => {
-                let message = e.to_string();
-                if message != last_error {
-                    tracing::error!(error = %message, exit_code = e.exit_code(), retry_in = ?config.check_interval,
-                        "Elastic IP claim failed; the proxy keeps serving");
-                    last_error = message.clone();
-                }
-                eip.update(|s| {
-                    s.state = State::Failed;
-                    s.error = Some(message);
-                    s.last_check = Some(SystemTime::now());
-                });
-            }
+            Ok((_, Err(e))) | Err(e) => e,
+        };
+        let message = error.to_string();
+        let kind = (error.exit_code(), std::mem::discriminant(&error));
+        if last_logged != Some(kind) {
+            tracing::error!(error = %message, exit_code = error.exit_code(), retry_in = ?config.check_interval,
+                "Elastic IP claim failed; the proxy keeps serving");
+            last_logged = Some(kind);
         }
+        eip.update(|s| {
+            s.state = State::Failed;
+            s.error = Some(message);
+            s.last_check = Some(SystemTime::now());
+        });
         tokio::time::sleep(config.check_interval).await;
     }
 }
@@ -186,41 +209,62 @@ async fn watch(config: &EipConfig, eip: &Eip, instance: &Instance) {
         tokio::time::sleep(config.check_interval).await;
         // A check must not run into the next one.
         let deadline = Instant::now() + config.deadline.min(config.check_interval);
-        match instance.describe(deadline).await {
-            Ok(view) => {
-                warned_error = false;
-                let ours = view.instance_id.as_deref() == Some(instance.instance_id.as_str());
-                let before = eip.update(|s| {
-                    s.state = if ours { State::Associated } else { State::Lost };
-                    s.owner = if ours { None } else { view.instance_id.clone() };
-                    s.public_ip = view.public_ip.clone();
-                    s.last_check = Some(SystemTime::now());
-                    s.error = None;
-                });
-                let owner = view.instance_id.as_deref().unwrap_or("no instance");
-                match (before, ours) {
-                    (State::Associated, false) => tracing::warn!(
-                        allocation = %instance.allocation_id,
-                        public_ip = view.public_ip.as_deref().unwrap_or(""),
-                        %owner,
-                        "Elastic IP is now associated with another instance (a newer fleet took it); \
-                         this instance keeps serving connections that still reach it"
-                    ),
-                    (State::Lost, true) => tracing::info!(
-                        allocation = %instance.allocation_id,
-                        "Elastic IP is associated with this instance again"
-                    ),
-                    _ => {}
-                }
-            }
-            Err(e) => {
-                // Keep the last known state; say once that it could not be refreshed.
+        let checked = match tokio::time::timeout_at(deadline, instance.describe(deadline)).await {
+            Ok(result) => result,
+            Err(_) => Err(ClaimError::Deadline {
+                action: "DescribeAddresses",
+                attempts: 1,
+                waited: config.check_interval,
+                last: "EC2 did not answer before the next check".into(),
+            }),
+        };
+        let view = match checked {
+            Ok(view) => view,
+            Err(e @ ClaimError::Deadline { .. }) => {
+                // EC2 slow or unreachable: keep the last known state, say so once.
                 if !warned_error {
                     tracing::warn!(error = %e, "Elastic IP ownership check failed; keeping the last known state");
                     warned_error = true;
                 }
                 eip.update(|s| s.error = Some(e.to_string()));
+                continue;
             }
+            Err(e) => {
+                // The allocation is gone, or the role lost its permission: the last state can
+                // no longer be vouched for.
+                let message = e.to_string();
+                let before = eip.update(|s| {
+                    s.state = State::Failed;
+                    s.error = Some(message.clone());
+                    s.last_check = Some(SystemTime::now());
+                });
+                if before != State::Failed {
+                    tracing::error!(error = %message, "Elastic IP ownership check failed");
+                }
+                continue;
+            }
+        };
+        warned_error = false;
+        let ours = view.instance_id.as_deref() == Some(instance.instance_id.as_str());
+        let before = eip.update(|s| {
+            s.state = if ours { State::Associated } else { State::Lost };
+            s.owner = if ours { None } else { view.instance_id.clone() };
+            s.public_ip = view.public_ip.clone();
+            s.last_check = Some(SystemTime::now());
+            s.error = None;
+        });
+        let allocation = &instance.allocation_id;
+        let ip = view.public_ip.as_deref().unwrap_or("");
+        match (before, ours, view.instance_id.as_deref()) {
+            (State::Lost, false, _) | (State::Associated, true, _) => {}
+            (_, true, _) => {
+                tracing::info!(%allocation, public_ip = ip, "Elastic IP is associated with this instance again")
+            }
+            (_, false, Some(owner)) => tracing::warn!(%allocation, public_ip = ip, %owner,
+                "Elastic IP is now associated with another instance (a newer fleet took it); \
+                 this instance keeps serving connections that still reach it"),
+            (_, false, None) => tracing::warn!(%allocation, public_ip = ip,
+                "Elastic IP is no longer associated with any instance; this instance does not take it back"),
         }
     }
 }
