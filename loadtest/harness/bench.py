@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark on loopback: a direct connection, static-ingress, HAProxy and nginx
+stream in front of the same backends, alternated within each round so that drift of a shared
+machine hits all four alike. `make bench` runs the full mode and writes docs/benchmarks.md;
+`make bench-smoke` runs a few seconds of each measurement and fails if any number is missing.
+
+    python3 loadtest/harness/bench.py --mode full|smoke [--binary PATH] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import measure
+import peers
+import report
+from procs import HarnessError, Processes, run
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS = Path(os.environ.get("STATIC_INGRESS_TOOLS", Path.home() / ".cache/static-ingress/tools")) / "bin"
+REQUIRED_TOOLS = ("nginx", "haproxy", "iperf3", "dnsmasq", "openssl")
+# Open files the run needs in one process: the proxies hold two per idle connection.
+NEEDED_NOFILE = 12000
+
+
+@dataclass(frozen=True)
+class Mode:
+    rounds: int
+    bulk_seconds: int  # each iperf3 run, one stream and eight
+    rate: int  # the constant rate for latency, new connections per second
+    rate_seconds: float
+    search_start: int  # the highest-clean-rate search: first rate, cap, runs, seconds a run
+    search_ceiling: int
+    search_steps: int
+    search_seconds: float
+    idle_connections: int
+    profile: str  # cargo profile of the static-ingress binary
+
+
+MODES = {
+    # About 2.5 minutes a round on 2 cores; three rounds fit the 10-minute budget.
+    "full": Mode(3, 3, 300, 5, 500, 16000, 7, 2, 5000, "release"),
+    # Enough of each measurement to prove it still yields a number, in well under a minute.
+    "smoke": Mode(1, 1, 50, 1, 100, 200, 2, 1, 200, "debug"),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=MODES, default="full")
+    parser.add_argument("--binary", type=Path, help="static-ingress binary (default: build it with cargo)")
+    parser.add_argument("--out", type=Path, help="Markdown report (default: docs/benchmarks.md in full mode)")
+    parser.add_argument("--results", type=Path, help="raw results JSON (default: loadtest/results/TIME.json in full mode)")
+    parser.add_argument("--paths", default=",".join(peers.PATHS), help="comma-separated subset of the paths")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep configurations and logs")
+    args = parser.parse_args()
+    mode = MODES[args.mode]
+    paths = [p for p in args.paths.split(",") if p]
+    unknown = [p for p in paths if p not in peers.PATHS]
+    if unknown:
+        parser.error(f"unknown path {unknown[0]}: choose from {', '.join(peers.PATHS)}")
+
+    # SIGTERM (CI's timeout, a supervisor) ends the run through the same cleanup as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    workdir = Path(tempfile.mkdtemp(prefix="static-ingress-bench-"))
+    procs = Processes(workdir)
+    ok = False
+    try:
+        oha = preflight()
+        binary = args.binary or build(mode.profile)
+        started = time.time()
+        machine = report.describe_machine(REPO, binary, oha)
+        load_before = Path("/proc/loadavg").read_text().strip()
+        rounds, commands = run_rounds(procs, workdir, binary, oha, mode, paths)
+        results = {
+            "mode": args.mode,
+            "settings": mode.__dict__,
+            "started_utc": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+            "duration_s": round(time.time() - started, 1),
+            "loadavg_before": load_before,
+            "loadavg_after": Path("/proc/loadavg").read_text().strip(),
+            "machine": machine,
+            "command": command_line(args),
+            "commands": commands,
+            "rounds": rounds,
+            "medians": medians(rounds, paths),
+        }
+        missing = report.problems(results["medians"], paths, strict=args.mode == "smoke")
+        write_outputs(args, results, paths)
+        if missing:
+            raise HarnessError(f"{len(missing)} problem(s): " + "; ".join(missing))
+        ok = True
+        return 0
+    except HarnessError as err:
+        print(f"bench: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        if ok and not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"bench: configurations and logs kept in {workdir}", file=sys.stderr)
+
+
+def preflight() -> Path:
+    """Every tool present and enough open files allowed, or a one-line reason why not."""
+    for tool in REQUIRED_TOOLS:
+        if not shutil.which(tool):
+            raise HarnessError(f"{tool} not found: run loadtest/install.sh")
+    oha = TOOLS / "oha"
+    if not os.access(oha, os.X_OK):
+        raise HarnessError(f"oha not found at {oha}: run loadtest/install.sh")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < NEEDED_NOFILE:
+        raise HarnessError(f"open-file limit {hard} is below the {NEEDED_NOFILE} the idle-connection test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    return oha
+
+
+def build(profile: str) -> Path:
+    """Builds static-ingress with cargo (a no-op when up to date) and returns the binary."""
+    argv = ["cargo", "build", "--locked", "--bin", "static-ingress"] + (["--release"] if profile == "release" else [])
+    print(f"bench: {' '.join(argv)}", file=sys.stderr)
+    result = run(argv, 3600, "building static-ingress")
+    if result.returncode != 0:
+        raise HarnessError(f"cargo build failed: {result.stderr.strip().splitlines()[-1:]}")
+    meta = run(["cargo", "metadata", "--no-deps", "--format-version", "1"], 120, "cargo metadata")
+    if meta.returncode != 0:
+        raise HarnessError(f"cargo metadata failed: {meta.stderr.strip()[:200]}")
+    binary = Path(json.loads(meta.stdout)["target_directory"]) / profile / "static-ingress"
+    if not os.access(binary, os.X_OK):
+        raise HarnessError(f"no binary at {binary} after cargo build")
+    return binary
+
+
+def run_rounds(procs: Processes, workdir: Path, binary: Path, oha: Path, mode: Mode, paths: list[str]):
+    """Starts the backends once; then per round each path in turn (the order rotates by one
+    every round) gets fresh proxy processes and every measurement."""
+    backends = peers.start_backends(procs, workdir)
+    ctx = peers.Context(procs, workdir, backends, binary)
+    rounds: list[dict] = []
+    commands: dict[str, dict] = {}
+    for number in range(mode.rounds):
+        order = paths[number % len(paths) :] + paths[: number % len(paths)]
+        this_round = {"round": number + 1, "order": order, "results": {}}
+        for path in order:
+            log(f"round {number + 1}/{mode.rounds}: {path}")
+            instances = peers.start_path(ctx, path)
+            commands.setdefault(path, peers.describe(ctx, path, instances))
+            try:
+                this_round["results"][path] = measure_path(instances, oha, mode)
+            finally:
+                peers.stop_path(ctx, instances)
+        rounds.append(this_round)
+    return rounds, commands
+
+
+def measure_path(instances: dict[str, peers.Instance], oha: Path, mode: Mode) -> dict:
+    result: dict = {}
+    # Memory first, while the proxy processes are fresh.
+    idle = instances["idle"]
+    result.update(measure.idle_memory(idle.port, idle.pids(), mode.idle_connections))
+    log(f"  idle: {fmt(result, 'rss_kib_per_conn')} KiB/conn RSS, {fmt(result, 'machine_kib_per_conn')} KiB/conn machine")
+    bulk = instances["bulk"]
+    result.update(measure.bulk_with_cpu(bulk.port, bulk.pids(), mode.bulk_seconds))
+    log(f"  bulk: {fmt(result, 'bulk_1_gbit_s')} / {fmt(result, 'bulk_8_gbit_s')} Gbit/s (1/8 streams), {fmt(result, 'cpu_s_per_gb')} CPU s/GB")
+    tls = instances["tls"]
+    steady = measure.constant_rate(oha, tls.port, mode.rate, mode.rate_seconds)
+    result.update({k: steady[k] for k in ("success_ratio", "p50_ms", "p99_ms", "p999_ms", "requests", "errors")})
+    log(f"  {mode.rate}/s: success {steady['success_ratio']:.4f}, p50 {fmt(steady, 'p50_ms')} p99 {fmt(steady, 'p99_ms')} p99.9 {fmt(steady, 'p999_ms')} ms")
+    search = measure.highest_clean_rate(oha, tls.port, mode.search_start, mode.search_ceiling, mode.search_steps, mode.search_seconds)
+    result.update(search)
+    log(f"  highest clean rate: {search['max_clean_rate']}/s")
+    return result
+
+
+def medians(rounds: list[dict], paths: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for path in paths:
+        per_metric: dict[str, list[float]] = {}
+        for r in rounds:
+            for metric, value in r["results"].get(path, {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    per_metric.setdefault(metric, []).append(value)
+        out[path] = {metric: statistics.median(values) for metric, values in per_metric.items()}
+    return out
+
+
+def write_outputs(args, results: dict, paths: list[str]) -> None:
+    results_file = args.results
+    out = args.out
+    if args.mode == "full":
+        stamp = results["started_utc"].replace(":", "").replace("-", "").replace("+0000", "Z")
+        results_file = results_file or REPO / "loadtest" / "results" / f"{stamp}.json"
+        out = out or REPO / "docs" / "benchmarks.md"
+    if results_file:
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        log(f"raw results: {results_file}")
+    table = report.table(results["medians"], paths)
+    if out:
+        relative = results_file.resolve().relative_to(REPO) if results_file else None
+        out.write_text(report.markdown(results, paths, relative))
+        log(f"report: {out}")
+    print(table)
+
+
+def command_line(args) -> str:
+    if args.mode == "full" and not args.out and not args.binary:
+        return "make bench"
+    return " ".join(["python3", "loadtest/harness/bench.py", *sys.argv[1:]])
+
+
+def fmt(result: dict, key: str) -> str:
+    value = result.get(key)
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def log(line: str) -> None:
+    print(f"bench: {line}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
