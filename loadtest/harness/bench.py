@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def main() -> int:
         parser.error(f"unknown path {unknown[0]}: choose from {', '.join(peers.PATHS)}")
 
     # SIGTERM (CI's timeout, a supervisor) ends the run through the same cleanup as Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="static-ingress-bench-"))
     procs = Processes(workdir)
     ok = False
@@ -109,12 +110,20 @@ def main() -> int:
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug or a tool's output changed shape: say where, keep the logs
+        (workdir / "traceback.txt").write_text(traceback.format_exc())
+        print(f"bench: error: unexpected {type(err).__name__}: {err} (traceback in {workdir}/traceback.txt)", file=sys.stderr)
+        return 1
     finally:
         procs.stop_all()
         if ok and not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"bench: configurations and logs kept in {workdir}", file=sys.stderr)
+
+
+def interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def preflight() -> Path:

@@ -6,6 +6,7 @@
 #   loadtest/vegeta/run-10x.sh NORMAL_RATE DURATION TARGET [-- extra vegeta attack flags]
 #   loadtest/vegeta/run-10x.sh 50 5m https://static.example.com/     # attacks at 500/s
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
 source "$(dirname "$0")/lib.sh"
 
 (($# >= 3)) || die "usage: $0 NORMAL_RATE DURATION TARGET [-- extra vegeta attack flags]"

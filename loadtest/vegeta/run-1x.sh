@@ -7,6 +7,7 @@
 #   loadtest/vegeta/run-1x.sh 50 5m https://static.example.com/
 #   loadtest/vegeta/run-1x.sh 50 5m loadtest/vegeta/targets.txt -- -insecure
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
 source "$(dirname "$0")/lib.sh"
 
 (($# >= 3)) || die "usage: $0 RATE DURATION TARGET [-- extra vegeta attack flags]"

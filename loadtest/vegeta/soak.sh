@@ -7,6 +7,7 @@
 #   loadtest/vegeta/soak.sh RATE DURATION TARGET [-- extra vegeta attack flags]
 #   loadtest/vegeta/soak.sh 50 4h https://static.example.com/
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
 source "$(dirname "$0")/lib.sh"
 
 (($# >= 3)) || die "usage: $0 RATE DURATION TARGET [-- extra vegeta attack flags]"
