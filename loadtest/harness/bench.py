@@ -27,7 +27,7 @@ from pathlib import Path
 import measure
 import peers
 import report
-from procs import HarnessError, Processes, run
+from procs import HarnessError, Processes, cpu_seconds, run
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = Path(os.environ.get("STATIC_INGRESS_TOOLS", Path.home() / ".cache/static-ingress/tools")) / "bin"
@@ -189,12 +189,18 @@ def measure_path(instances: dict[str, peers.Instance], oha: Path, mode: Mode) ->
     result.update(measure.bulk_with_cpu(bulk.port, bulk.pids(), mode.bulk_seconds))
     log(f"  bulk: {fmt(result, 'bulk_1_gbit_s')} / {fmt(result, 'bulk_8_gbit_s')} Gbit/s (1/8 streams), {fmt(result, 'cpu_s_per_gb')} CPU s/GB")
     tls = instances["tls"]
+    cpu_before = cpu_seconds(tls.pids())
     steady = measure.constant_rate(oha, tls.port, mode.rate, mode.rate_seconds)
     result.update({k: steady[k] for k in ("success_ratio", "p50_ms", "p99_ms", "p999_ms", "requests", "errors")})
     log(f"  {mode.rate}/s: success {steady['success_ratio']:.4f}, p50 {fmt(steady, 'p50_ms')} p99 {fmt(steady, 'p99_ms')} p99.9 {fmt(steady, 'p999_ms')} ms")
     search = measure.highest_clean_rate(oha, tls.port, mode.search_start, mode.search_ceiling, mode.search_steps, mode.search_seconds)
     result.update(search)
-    log(f"  highest clean rate: {search['max_clean_rate']}/s")
+    # CPU per connection over both tests: tens of thousands of connections, so the 10 ms
+    # granularity of /proc's CPU times does not matter.
+    if tls.proc:
+        connections = steady["requests"] + sum(step["requests"] for step in search["max_rate_steps"])
+        result["cpu_us_per_conn"] = (cpu_seconds(tls.pids()) - cpu_before) / connections * 1e6
+    log(f"  highest clean rate: {search['max_clean_rate']}/s; {fmt(result, 'cpu_us_per_conn')} CPU us/conn")
     return result
 
 

@@ -153,11 +153,11 @@ def start_static_ingress(ctx: "Context", role: str) -> tuple[int, Proc | None]:
     return port, ctx.procs.start(f"static-ingress-{role}", argv)
 
 
-def start_haproxy(ctx: "Context", role: str) -> tuple[int, Proc | None]:
+def start_haproxy(ctx: "Context", role: str, splice: str = "option splice-auto", name: str = "haproxy") -> tuple[int, Proc | None]:
     """The 2016 design: TCP mode, a resolvers section, one server by hostname with health
     checks, plus splice-auto. Check timings as static-ingress's defaults (1s, fall 3, rise 2)."""
     port = free_port()
-    conf = ctx.workdir / f"haproxy-{role}.cfg"
+    conf = ctx.workdir / f"{name}-{role}.cfg"
     # maxpipes bounds splice's pipes (two descriptors each) so that the whole stays under the
     # 20,000 open files allowed: 2 x 9000 + 2 x 500 + a few.
     conf.write_text(f"""
@@ -173,7 +173,7 @@ defaults
     timeout connect 3s
     timeout client 360s
     timeout server 360s
-    option splice-auto
+    {splice}
 
 resolvers localdns
     nameserver dns1 {LOOPBACK}:{ctx.backends.dns}
@@ -190,7 +190,13 @@ frontend static
 backend backend_elb
     server elb {BACKEND_NAME}:{ctx.backends.port(role)} check inter 1s fall 3 rise 2 resolvers localdns resolve-prefer ipv4 init-addr none
 """)
-    return port, ctx.procs.start(f"haproxy-{role}", ["haproxy", "-db", "-f", str(conf)])
+    return port, ctx.procs.start(f"{name}-{role}", ["haproxy", "-db", "-f", str(conf)])
+
+
+def start_haproxy_spliced(ctx: "Context", role: str) -> tuple[int, Proc | None]:
+    """The same HAProxy with splicing forced both ways. On loopback splice-auto's heuristic
+    seldom splices; this shows what zero-copy forwarding buys, which static-ingress lacks."""
+    return start_haproxy(ctx, role, "option splice-request\n    option splice-response", "haproxy-splice")
 
 
 def start_nginx_stream(ctx: "Context", role: str) -> tuple[int, Proc | None]:
@@ -221,6 +227,7 @@ PATHS = {
     "static-ingress": start_static_ingress,
     "haproxy": start_haproxy,
     "nginx": start_nginx_stream,
+    "haproxy-splice": start_haproxy_spliced,
 }
 
 

@@ -32,6 +32,7 @@ METRICS = [
     Metric("p50_ms", "latency p50, new TCP+TLS connection + GET", "ms", False),
     Metric("p99_ms", "latency p99", "ms", False),
     Metric("p999_ms", "latency p99.9", "ms", False),
+    Metric("cpu_us_per_conn", "proxy CPU per connection", "CPU us", False, proxy_only=True),
     Metric("max_clean_rate", "highest clean new-connection rate", "conn/s", True),
     Metric("rss_mib", "proxy RSS with the idle connections open", "MiB", False, proxy_only=True),
     Metric("rss_kib_per_conn", "proxy RSS per idle connection", "KiB", False, proxy_only=True),
@@ -255,6 +256,10 @@ def method(s: dict) -> list[str]:
         "`option splice-auto`.",
         "- **nginx**: nginx's stream module with `proxy_pass` through a variable, so the name is "
         "resolved at run time by its `resolver` (open-source nginx has no active health checks).",
+        "- **haproxy-splice**: the same HAProxy with `option splice-request` and `option splice-response` "
+        "instead of `splice-auto`. `splice-auto` splices only when its heuristic expects a gain, which "
+        "on loopback is seldom; forcing it shows what zero-copy forwarding (which static-ingress does "
+        "not do) is worth. Ratios against HAProxy use the design's configuration, `haproxy`.",
         "",
         "Every proxy may hold 9,000 connections (two descriptors each keeps every process under "
         "the 20,000 open files a process may have here) and uses as many threads or workers as its "
@@ -264,6 +269,10 @@ def method(s: dict) -> list[str]:
         f"then {s['bulk_seconds']} s with eight.",
         "- **CPU per GB**: user plus system CPU time of the proxy's processes (`/proc/PID/stat`, all "
         "threads and nginx's workers) across both iperf3 runs, divided by the gigabytes iperf3 received.",
+        "- **CPU per connection**: the proxy's CPU time across the constant-rate test and the clean-rate "
+        "search below, divided by the requests sent in them: what accepting, connecting, copying a TLS "
+        "handshake and a request, and closing cost the proxy. Less sensitive to a busy machine than "
+        "the highest rate.",
         f"- **Latency at a constant rate**: {s['rate']} HTTPS GETs a second for {s['rate_seconds']} s, each on a new "
         "TCP and TLS connection. The tool is oha (from crates.io, pinned in `loadtest/install.sh`): "
         "Vegeta cannot be installed here, and oha with `-q` sends at a fixed rate like Vegeta does "
