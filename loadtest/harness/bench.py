@@ -66,7 +66,11 @@ def main() -> int:
     parser.add_argument("--results", type=Path, help="raw results JSON (default: loadtest/results/TIME.json in full mode)")
     parser.add_argument("--paths", default=",".join(peers.PATHS), help="comma-separated subset of the paths")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configurations and logs")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                        help="measure nothing: write the report again from saved results (after editing loadtest/analysis.md)")
     args = parser.parse_args()
+    if args.render:
+        return render(args.render, args.out or REPO / "docs" / "benchmarks.md")
     mode = MODES[args.mode]
     paths = [p for p in args.paths.split(",") if p]
     unknown = [p for p in paths if p not in peers.PATHS]
@@ -94,8 +98,10 @@ def main() -> int:
             "loadavg_after": Path("/proc/loadavg").read_text().strip(),
             "machine": machine,
             "command": command_line(args),
+            "workdir": str(workdir),
             "commands": commands,
             "rounds": rounds,
+            "paths": paths,
             "medians": medians(rounds, paths),
         }
         missing = report.problems(results["medians"], paths, strict=args.mode == "smoke")
@@ -163,16 +169,17 @@ def run_rounds(procs: Processes, workdir: Path, binary: Path, oha: Path, mode: M
     backends = peers.start_backends(procs, workdir)
     ctx = peers.Context(procs, workdir, backends, binary)
     rounds: list[dict] = []
-    commands: dict[str, dict] = {}
+    commands: dict[str, dict] = {"backends": {proc.name: peers.describe(proc) for proc in procs.procs}}
     for number in range(mode.rounds):
         order = paths[number % len(paths) :] + paths[: number % len(paths)]
         this_round = {"round": number + 1, "order": order, "results": {}}
         for path in order:
             log(f"round {number + 1}/{mode.rounds}: {path}")
             instances = peers.start_path(ctx, path)
-            commands.setdefault(path, peers.describe(ctx, path, instances))
+            commands.setdefault(path, peers.describe_path(instances))
             try:
                 this_round["results"][path] = measure_path(instances, oha, mode)
+                this_round["results"][path]["loadavg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
             finally:
                 peers.stop_path(ctx, instances)
         rounds.append(this_round)
@@ -233,6 +240,19 @@ def write_outputs(args, results: dict, paths: list[str]) -> None:
         out.write_text(report.markdown(results, paths, relative))
         log(f"report: {out}")
     print(table)
+
+
+def render(results_file: Path, out: Path) -> int:
+    try:
+        results = json.loads(results_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        print(f"bench: error: cannot read results {results_file}: {err}", file=sys.stderr)
+        return 1
+    paths = results.get("paths") or [p for p in peers.PATHS if p in results["medians"]]
+    relative = results_file.resolve().relative_to(REPO) if results_file.resolve().is_relative_to(REPO) else None
+    out.write_text(report.markdown(results, paths, relative))
+    log(f"report: {out}")
+    return 0
 
 
 def command_line(args) -> str:

@@ -328,17 +328,17 @@ def dns_probe(port: int) -> str | None:
     return None if answer.endswith(socket.inet_aton(LOOPBACK)) else "DNS answer without 127.0.0.1"
 
 
-def describe(ctx: Context, path: str, instances: dict[str, Instance]) -> dict[str, dict]:
-    """Each role's exact command line and configuration file, for the report."""
-    out: dict[str, dict] = {}
-    for role, instance in instances.items():
-        if instance.proc is None:
-            out[role] = {"connect_to": f"{LOOPBACK}:{instance.port}"}
-            continue
-        entry: dict = {"argv": instance.proc.argv}
-        argv = instance.proc.argv
-        for flag in ("-f", "-c"):  # haproxy -f FILE, nginx -c FILE
-            if flag in argv:
-                entry["config"] = Path(argv[argv.index(flag) + 1]).read_text()
-        out[role] = entry
-    return out
+def describe(proc: Proc) -> dict:
+    """A process's exact command line and configuration file, for the report."""
+    entry: dict = {"argv": proc.argv}
+    for flag in ("-f", "-c"):  # haproxy -f FILE, nginx -c FILE
+        if flag in proc.argv:
+            entry["config"] = Path(proc.argv[proc.argv.index(flag) + 1]).read_text()
+    return entry
+
+
+def describe_path(instances: dict[str, Instance]) -> dict[str, dict]:
+    return {
+        role: describe(instance.proc) if instance.proc else {"connect_to": f"{LOOPBACK}:{instance.port}"}
+        for role, instance in instances.items()
+    }

@@ -73,13 +73,13 @@ def behind_factor(metric: Metric, proxy, reference) -> float | None:
     return 1 / r if metric.higher_is_better else r
 
 
-def furthest_behind(medians: dict[str, dict], count: int = 2) -> list[tuple[Metric, float]]:
-    """The metrics where static-ingress trails HAProxy most, worst first."""
-    if "static-ingress" not in medians or "haproxy" not in medians:
+def furthest_behind(medians: dict[str, dict], reference: str = "haproxy", count: int = 2) -> list[tuple[Metric, float]]:
+    """The metrics where static-ingress trails the reference most, worst first."""
+    if "static-ingress" not in medians or reference not in medians:
         return []
     scored = []
     for metric in METRICS:
-        factor = behind_factor(metric, medians["static-ingress"].get(metric.key), medians["haproxy"].get(metric.key))
+        factor = behind_factor(metric, medians["static-ingress"].get(metric.key), medians[reference].get(metric.key))
         if factor is not None:
             scored.append((metric, factor))
     scored.sort(key=lambda item: item[1], reverse=True)
@@ -169,19 +169,61 @@ def describe_machine(repo: Path, binary: Path, oha: Path) -> dict:
     }
 
 
+MACHINE_LABELS = {
+    "cpu_model": "CPU", "cores": "cores", "memory_gib": "memory (GiB)", "kernel": "kernel", "os": "OS",
+    "static_ingress": "static-ingress", "rustc": "rustc", "haproxy": "HAProxy", "nginx": "nginx",
+    "iperf3": "iperf3", "oha": "oha", "dnsmasq": "dnsmasq", "openssl": "OpenSSL", "python": "Python",
+}  # fmt: skip
+
+
+def spread_table(rounds: list[dict], paths: list[str]) -> str:
+    """Lowest and highest value over the rounds: how far a ratio can be trusted."""
+    head = ["metric", *paths]
+    rows = [head, ["---"] * len(head)]
+    for metric in METRICS:
+        row = [metric.label]
+        for path in paths:
+            values = [r["results"][path].get(metric.key) for r in rounds if path in r["results"]]
+            values = [v for v in values if v is not None]
+            row.append(f"{number(min(values), metric.unit)} to {number(max(values), metric.unit)}" if values else "n/a")
+        rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def behind_section(results: dict, reference: str) -> list[str]:
+    medians = results["medians"]
+    behind = furthest_behind(medians, reference)
+    if not behind:
+        return []
+    out = []
+    for metric, factor in behind:
+        si, ref = medians["static-ingress"].get(metric.key), medians[reference].get(metric.key)
+        verdict = f"{factor:.2f}x worse" if factor > 1 else f"{1 / factor:.2f}x better: level or ahead everywhere"
+        per_round = lambda path: ", ".join(number(r["results"][path].get(metric.key), metric.unit) for r in results["rounds"])  # noqa: E731
+        out.append(
+            f"- **{metric.label}**: {number(si, metric.unit)} against {number(ref, metric.unit)} {metric.unit}, {verdict} "
+            f"(rounds: static-ingress {per_round('static-ingress')}; {reference} {per_round(reference)})."
+        )
+    return out
+
+
 def markdown(results: dict, paths: list[str], results_file: Path | None) -> str:
     s = results["settings"]
     m = results["machine"]
     medians = results["medians"]
+    loads = [r["results"][p]["loadavg_1m"] for r in results["rounds"] for p in r["order"] if "loadavg_1m" in r["results"][p]]
     out = [
         "# Benchmarks: static-ingress against HAProxy, nginx and a direct connection",
         "",
-        f"Written by `{results['command']}` (`loadtest/harness/bench.py`); rerun it rather than edit this page. "
+        f"Written by `{results['command']}` (`loadtest/harness/bench.py`); rerun it rather than edit this page, "
+        "except for the analysis, which comes from `loadtest/analysis.md`. "
         f"Run started {results['started_utc']} and took {results['duration_s']:.0f} s: {s['rounds']} rounds, "
         "each path in turn within a round (the order rotates every round), medians over the rounds.",
         "",
-        f"Load average (1, 5, 15 min) before: `{results['loadavg_before']}`; after: `{results['loadavg_after']}`. "
-        f"On {m['cores']} cores, a load above {m['cores']} means other work shared the CPU and the numbers are noisy.",
+        f"**Load on the machine**: the 1-minute load average was {results['loadavg_before'].split()[0]} before the run"
+        + (f" and from {min(loads):.2f} to {max(loads):.2f} during it (read after each path's turn)" if loads else "")
+        + f", on {m['cores']} cores. The run itself keeps about 2 busy; well above that, other work shared the "
+        "CPU and the numbers are noisy.",
         "",
         "## Results",
         "",
@@ -191,23 +233,20 @@ def markdown(results: dict, paths: list[str], results_file: Path | None) -> str:
         "follows the `better` column. `n/a`: the direct path has no proxy process to measure.",
         "",
     ]
-    behind = furthest_behind(medians)
-    if behind:
+    if "static-ingress" in paths and "haproxy" in paths:
         out += ["### Where static-ingress is furthest behind HAProxy in this run", ""]
-        for metric, factor in behind:
-            si, ha = medians["static-ingress"].get(metric.key), medians["haproxy"].get(metric.key)
-            verdict = f"{factor:.2f}x worse" if factor > 1 else f"{1 / factor:.2f}x better (level or ahead everywhere)"
-            out.append(f"- **{metric.label}**: {number(si, metric.unit)} against {number(ha, metric.unit)} {metric.unit}, {verdict}.")
+        out += behind_section(results, "haproxy")
+        if "haproxy-splice" in paths:
+            out += ["", "Against HAProxy with splicing forced (`haproxy-splice`):", ""]
+            out += behind_section(results, "haproxy-splice")
         out.append("")
     if ANALYSIS.exists():
         out += [ANALYSIS.read_text().strip(), ""]
+    out += ["### Spread over the rounds (lowest to highest)", "", spread_table(results["rounds"], paths), ""]
     out += method(s)
     out += ["## Machine", "", "| what | value |", "|---|---|"]
-    for key in ("cpu_model", "cores", "memory_gib", "kernel", "os", "static_ingress", "rustc", "haproxy", "nginx",
-                "iperf3", "oha", "dnsmasq", "openssl", "python"):  # fmt: skip
-        out.append(f"| {key} | {m[key]} |")
-    for key, value in m["sysctl"].items():
-        out.append(f"| {key} | `{value}` |")
+    out += [f"| {label} | {m[key]} |" for key, label in MACHINE_LABELS.items()]
+    out += [f"| {key} | `{value}` |" for key, value in m["sysctl"].items()]
     out += ["", "## Exact commands", "", f"The whole run: `{results['command']}` from the repository root.", ""]
     out += [
         "Load generators (PORT is the path's port for that role):",
@@ -217,18 +256,30 @@ def markdown(results: dict, paths: list[str], results_file: Path | None) -> str:
         shlex.join(measure.oha_argv(Path("oha"), 0, 0, 0)).replace(":0/", ":PORT/").replace("-z 0s", "-z SECONDS").replace("-q 0", "-q RATE"),
         "```",
         "",
+        "Ports are picked free at each run, and files live in a temporary directory (WORK below).",
+        "",
     ]
-    for path in paths:
-        out += [f"### {path}", ""]
-        for role, entry in results["commands"].get(path, {}).items():
-            if "argv" not in entry:
-                out.append(f"- {role}: clients connect straight to {entry['connect_to']}")
-                continue
-            out.append(f"- {role}: `{shlex.join(entry['argv'])}`")
-        tls = results["commands"].get(path, {}).get("tls", {})
-        if "config" in tls:
-            out += ["", "Configuration of the `tls` instance (the others differ only in ports):", "", "```", tls["config"].strip(), "```"]
+    work = str(results.get("workdir", ""))
+    def cmd(entry: dict) -> str:
+        return shlex.join(entry["argv"]).replace(work, "WORK") if work else shlex.join(entry["argv"])
+    backends = results["commands"].get("backends", {})
+    if backends:
+        out += ["### Backends and DNS", ""]
+        out += [f"- {name}: `{cmd(entry)}`" for name, entry in backends.items()]
+        https = backends.get("backend-https", {})
+        if "config" in https:
+            out += ["", "The HTTPS backend's configuration:", "", "```nginx", https["config"].replace(work, "WORK").strip(), "```"]
         out.append("")
+    for path in paths:
+        entry = results["commands"].get(path, {}).get("tls", {})
+        out += [f"### {path}", ""]
+        if "argv" not in entry:
+            out += ["Clients connect straight to each backend's port.", ""]
+            continue
+        out += ["The instance in front of the HTTPS backend (those in front of iperf3 and the echo server "
+                "differ only in ports):", "", f"`{cmd(entry)}`", ""]  # fmt: skip
+        if "config" in entry:
+            out += ["```", entry["config"].replace(work, "WORK").strip(), "```", ""]
     out += ["## Raw results", ""]
     if results_file:
         out += [f"Every number of every round, with the clean-rate search steps: [`{results_file}`](../{results_file}).", ""]
@@ -246,7 +297,7 @@ def method(s: dict) -> list[str]:
         "on different ports: nginx serving HTTPS (a self-signed ECDSA P-256 certificate, TLS session "
         "resumption off, so every connection is a full handshake; `return 200`), an iperf3 server, and "
         "an echo server. Each proxy path runs one process per backend, so CPU time and memory are "
-        "read from the process that did that work alone. The four paths:",
+        "read from the process that did that work alone. The paths:",
         "",
         "- **direct**: clients connect straight to the backend; the limit of what this machine can do.",
         "- **static-ingress**: the release build (`make bench`) with `--dns-nameservers` pointing at the "
@@ -288,9 +339,12 @@ def method(s: dict) -> list[str]:
         "much of the machine the proxy leaves to them; compare it with the direct path.",
         f"- **Memory per idle connection**: {s['idle_connections']:,} connections opened through the path "
         "(from the harness, one process; the echo server is another; the proxy a third), one byte "
-        "echoed on each, then left idle. The proxy's RSS (`VmRSS`) and the machine's `MemAvailable` "
-        "are read before and with them open; the machine's figure includes the kernel's socket "
-        "memory (and HAProxy's splice pipes) and the client's and echo server's sockets, so compare "
-        "it with the direct path, which has only those.",
+        "echoed on each, then left idle. Read before and with them open: the proxy's RSS (`VmRSS`); "
+        "the machine's `MemAvailable`, which counts everything, kernel buffers included, but also "
+        "moves with any other process on the machine (a negative figure means something else freed "
+        "memory meanwhile); and the kernel's socket memory (unreclaimable slab, where socket "
+        "structures live, plus the pages TCP buffers hold, from `/proc/net/sockstat`), which other "
+        "work disturbs much less. The machine and kernel figures include the client's and the echo "
+        "server's sockets, so compare them with the direct path, which has only those.",
         "",
     ]
