@@ -330,7 +330,10 @@ def method(s: dict) -> list[str]:
         "(open loop), opens a new connection per request with `--disable-keepalive`, and with "
         "`--latency-correction` measures each request from when it was due, not from when a worker "
         "got to it, so a stall shows in the percentiles instead of lowering the rate. A request "
-        f"fails on any error or after {measure.OHA_TIMEOUT}.",
+        f"fails on any error or after {measure.OHA_TIMEOUT}. The percentiles come from oha's record of each request "
+        f"(`--db-url`) and leave out the requests due in the first {measure.WARMUP_S:.0f} s, which wait for oha's own "
+        "start-up (tens of milliseconds, the same on every path) and would otherwise be most of the p99.9; "
+        "the success ratio counts every request.",
         f"- **Highest clean new-connection rate**: the same test for {s['search_seconds']} s a step, the rate "
         f"doubling from {s['search_start']}/s (up to {s['search_ceiling']}/s) until a step fails, then halving the "
         f"gap, at most {s['search_steps']} steps. A step passes with no failed request, at least "
