@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark on loopback: a direct connection, static-ingress, HAProxy and nginx
-stream in front of the same backends, alternated within each round so that drift of a shared
-machine hits all four alike. `make bench` runs the full mode and writes docs/benchmarks.md;
-`make bench-smoke` runs a few seconds of each measurement and fails if any number is missing.
+"""Side-by-side benchmark on loopback: a direct connection, static-ingress, HAProxy (as in the
+2016 design, and with splicing forced) and nginx stream in front of the same backends,
+alternated within each round so that drift of a shared machine hits all paths alike.
+`make bench` runs the full mode and writes docs/benchmarks.md; `make bench-smoke` runs a few
+seconds of each measurement and fails if any number is missing.
 
     python3 loadtest/harness/bench.py --mode full|smoke [--binary PATH] [--out FILE]
 """
@@ -51,7 +52,7 @@ class Mode:
 
 
 MODES = {
-    # About 2.5 minutes a round on 2 cores; three rounds fit the 10-minute budget.
+    # About 2.4 minutes a round for the five paths on 2 cores: three rounds fit the 10 minutes.
     "full": Mode(3, 3, 300, 6, 500, 16000, 7, 2, 5000, "release"),
     # Enough of each measurement to prove it still yields a number, in well under a minute.
     "smoke": Mode(1, 1, 50, 1, 100, 200, 2, 1, 200, "debug"),
@@ -63,11 +64,17 @@ def main() -> int:
     parser.add_argument("--mode", choices=MODES, default="full")
     parser.add_argument("--binary", type=Path, help="static-ingress binary (default: build it with cargo)")
     parser.add_argument("--out", type=Path, help="Markdown report (default: docs/benchmarks.md in full mode)")
-    parser.add_argument("--results", type=Path, help="raw results JSON (default: loadtest/results/TIME.json in full mode)")
+    parser.add_argument(
+        "--results", type=Path, help="raw results JSON (default: loadtest/results/TIME.json in full mode)"
+    )
     parser.add_argument("--paths", default=",".join(peers.PATHS), help="comma-separated subset of the paths")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configurations and logs")
-    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
-                        help="measure nothing: write the report again from saved results (after editing loadtest/analysis.md)")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: write the report again from saved results (after editing loadtest/analysis.md)",
+    )
     args = parser.parse_args()
     if args.render:
         return render(args.render, args.out or REPO / "docs" / "benchmarks.md")
@@ -92,7 +99,7 @@ def main() -> int:
         results = {
             "mode": args.mode,
             "settings": mode.__dict__,
-            "started_utc": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+            "started_utc": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="seconds"),
             "duration_s": round(time.time() - started, 1),
             "loadavg_before": load_before,
             "loadavg_after": Path("/proc/loadavg").read_text().strip(),
@@ -105,9 +112,11 @@ def main() -> int:
             "medians": medians(rounds, paths),
         }
         missing = report.problems(results["medians"], paths, strict=args.mode == "smoke")
-        write_outputs(args, results, paths)
         if missing:
+            # Keep the numbers for a look, but never let an incomplete run replace the report.
+            (workdir / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
             raise HarnessError(f"{len(missing)} problem(s): " + "; ".join(missing))
+        write_outputs(args, results, paths)
         ok = True
         return 0
     except HarnessError as err:
@@ -118,7 +127,10 @@ def main() -> int:
         return 130
     except Exception as err:  # a bug or a tool's output changed shape: say where, keep the logs
         (workdir / "traceback.txt").write_text(traceback.format_exc())
-        print(f"bench: error: unexpected {type(err).__name__}: {err} (traceback in {workdir}/traceback.txt)", file=sys.stderr)
+        print(
+            f"bench: error: unexpected {type(err).__name__}: {err} (traceback in {workdir}/traceback.txt)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         procs.stop_all()
@@ -151,10 +163,11 @@ def build(profile: str) -> Path:
     """Builds static-ingress with cargo (a no-op when up to date) and returns the binary."""
     argv = ["cargo", "build", "--locked", "--bin", "static-ingress"] + (["--release"] if profile == "release" else [])
     print(f"bench: {' '.join(argv)}", file=sys.stderr)
-    result = run(argv, 3600, "building static-ingress")
+    result = run(argv, 3600, "building static-ingress", cwd=REPO)
     if result.returncode != 0:
-        raise HarnessError(f"cargo build failed: {result.stderr.strip().splitlines()[-1:]}")
-    meta = run(["cargo", "metadata", "--no-deps", "--format-version", "1"], 120, "cargo metadata")
+        last = result.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise HarnessError(f"cargo build failed: {last[0]}")
+    meta = run(["cargo", "metadata", "--no-deps", "--format-version", "1"], 120, "cargo metadata", cwd=REPO)
     if meta.returncode != 0:
         raise HarnessError(f"cargo metadata failed: {meta.stderr.strip()[:200]}")
     binary = Path(json.loads(meta.stdout)["target_directory"]) / profile / "static-ingress"
@@ -191,16 +204,29 @@ def measure_path(instances: dict[str, peers.Instance], oha: Path, mode: Mode) ->
     # Memory first, while the proxy processes are fresh.
     idle = instances["idle"]
     result.update(measure.idle_memory(idle.port, idle.pids(), mode.idle_connections))
-    log(f"  idle: {fmt(result, 'rss_kib_per_conn')} KiB/conn RSS, {fmt(result, 'machine_kib_per_conn')} KiB/conn machine")
+    log(f"  idle: {fmt(result, 'rss_kib_per_conn')} KiB/conn RSS, {fmt(result, 'kernel_kib_per_conn')} KiB/conn kernel")
     bulk = instances["bulk"]
     result.update(measure.bulk_with_cpu(bulk.port, bulk.pids(), mode.bulk_seconds))
-    log(f"  bulk: {fmt(result, 'bulk_1_gbit_s')} / {fmt(result, 'bulk_8_gbit_s')} Gbit/s (1/8 streams), {fmt(result, 'cpu_s_per_gb')} CPU s/GB")
+    log(
+        f"  bulk: {fmt(result, 'bulk_1_gbit_s')} / {fmt(result, 'bulk_8_gbit_s')} Gbit/s (1/8 streams), "
+        f"{fmt(result, 'cpu_s_per_gb')} CPU s/GB"
+    )
     tls = instances["tls"]
     cpu_before = cpu_seconds(tls.pids())
     steady = measure.constant_rate(oha, tls.port, mode.rate, mode.rate_seconds)
-    result.update({k: steady[k] for k in ("success_ratio", "p50_ms", "p99_ms", "p999_ms", "requests", "latency_samples", "errors")})
-    log(f"  {mode.rate}/s: success {steady['success_ratio']:.4f}, p50 {fmt(steady, 'p50_ms')} p99 {fmt(steady, 'p99_ms')} p99.9 {fmt(steady, 'p999_ms')} ms")
-    search = measure.highest_clean_rate(oha, tls.port, mode.search_start, mode.search_ceiling, mode.search_steps, mode.search_seconds)
+    result.update(
+        {
+            k: steady[k]
+            for k in ("success_ratio", "p50_ms", "p99_ms", "p999_ms", "requests", "latency_samples", "errors")
+        }
+    )
+    log(
+        f"  {mode.rate}/s: success {steady['success_ratio']:.4f}, p50 {fmt(steady, 'p50_ms')} "
+        f"p99 {fmt(steady, 'p99_ms')} p99.9 {fmt(steady, 'p999_ms')} ms"
+    )
+    search = measure.highest_clean_rate(
+        oha, tls.port, mode.search_start, mode.search_ceiling, mode.search_steps, mode.search_seconds
+    )
     result.update(search)
     # CPU per connection over both tests: tens of thousands of connections, so the 10 ms
     # granularity of /proc's CPU times does not matter.
@@ -236,8 +262,7 @@ def write_outputs(args, results: dict, paths: list[str]) -> None:
         log(f"raw results: {results_file}")
     table = report.table(results["medians"], paths)
     if out:
-        relative = results_file.resolve().relative_to(REPO) if results_file else None
-        out.write_text(report.markdown(results, paths, relative))
+        out.write_text(report.markdown(results, paths, repo_relative(results_file)))
         log(f"report: {out}")
     print(table)
 
@@ -249,10 +274,16 @@ def render(results_file: Path, out: Path) -> int:
         print(f"bench: error: cannot read results {results_file}: {err}", file=sys.stderr)
         return 1
     paths = results.get("paths") or [p for p in peers.PATHS if p in results["medians"]]
-    relative = results_file.resolve().relative_to(REPO) if results_file.resolve().is_relative_to(REPO) else None
-    out.write_text(report.markdown(results, paths, relative))
+    out.write_text(report.markdown(results, paths, repo_relative(results_file)))
     log(f"report: {out}")
     return 0
+
+
+def repo_relative(path: Path | None) -> Path | None:
+    """The path as the report links it (from docs/), or None when it is outside the repository."""
+    if path is None or not path.resolve().is_relative_to(REPO):
+        return None
+    return path.resolve().relative_to(REPO)
 
 
 def command_line(args) -> str:

@@ -5,6 +5,7 @@ thousands of connections open while they send nothing.
 """
 
 import asyncio
+import contextlib
 import resource
 import sys
 
@@ -33,9 +34,7 @@ async def main(port: int) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not sys.argv[1].isdigit():
         sys.exit("usage: echo.py PORT")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main(int(sys.argv[1])))
-    except KeyboardInterrupt:
-        pass

@@ -93,7 +93,9 @@ def constant_rate(oha: Path, port: int, rate: int, seconds: float) -> dict:
         db = Path(tmp) / "requests.db"
         result = run([*oha_argv(oha, port, rate, seconds), "--db-url", str(db)], seconds + 30, f"oha at {rate}/s")
         if result.returncode != 0:
-            raise HarnessError(f"oha at {rate}/s failed (exit status {result.returncode}): {result.stderr.strip()[:200]}")
+            raise HarnessError(
+                f"oha at {rate}/s failed (exit status {result.returncode}): {result.stderr.strip()[:200]}"
+            )
         try:
             report = json.loads(result.stdout)
         except json.JSONDecodeError as err:
@@ -183,8 +185,8 @@ SETTLE_S = 1.0
 
 def idle_memory(port: int, pids: list[int], count: int) -> dict:
     """Opens `count` connections through the path, each echoing one byte (so buffers have been
-    used once, as on a real connection), and reads the proxy's RSS and the machine's
-    MemAvailable and kernel socket memory before and while they are open. Closes them all before returning."""
+    used once, as on a real connection), and reads the proxy's RSS, the machine's MemAvailable
+    and the kernel's socket memory before and while they are open. Closes them all at the end."""
     rss_before = rss_bytes(pids) if pids else 0
     avail_before = steady_mem_available()
     kernel_before = kernel_socket_bytes()
@@ -228,23 +230,29 @@ def open_echoed(port: int, n: int, already: int, count: int) -> list[socket.sock
         while pending and time.monotonic() < deadline:
             for key, _ in sel.select(timeout=0.5):
                 conn = key.fileobj
-                if pending[conn] == "connect":
-                    err = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        raise HarnessError(f"idle connection {already + len(done) + 1} of {count} via port {port}: connect failed: {os.strerror(err)}")
-                    conn.send(b"x")
-                    pending[conn] = "echo"
-                    sel.modify(conn, selectors.EVENT_READ)
-                else:
-                    got = conn.recv(1)
-                    if got != b"x":
-                        raise HarnessError(f"idle connection {already + len(done) + 1} of {count} via port {port}: closed before the echo")
-                    del pending[conn]
-                    sel.unregister(conn)
-                    done.append(conn)
+                where = f"idle connection {already + len(done) + 1} of {count} via port {port}"
+                try:
+                    if pending[conn] == "connect":
+                        err = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if err:
+                            raise HarnessError(f"{where}: connect failed: {os.strerror(err)}")
+                        conn.send(b"x")
+                        pending[conn] = "echo"
+                        sel.modify(conn, selectors.EVENT_READ)
+                    elif conn.recv(1) == b"x":
+                        del pending[conn]
+                        sel.unregister(conn)
+                        done.append(conn)
+                    else:
+                        raise HarnessError(f"{where}: closed before the echo")
+                except OSError as err:
+                    raise HarnessError(f"{where}: {err.strerror or err}") from err
         if pending:
             steps = sorted(set(pending.values()))
-            raise HarnessError(f"idle connections via port {port}: {len(pending)} of a batch of {n} stuck at {'/'.join(steps)} after {IDLE_STEP_TIMEOUT_S:.0f}s ({already + len(done)} of {count} open)")
+            raise HarnessError(
+                f"idle connections via port {port}: {len(pending)} of a batch of {n} stuck at {'/'.join(steps)} "
+                f"after {IDLE_STEP_TIMEOUT_S:.0f}s ({already + len(done)} of {count} open)"
+            )
     except BaseException:
         for conn in [*pending, *done]:
             conn.close()

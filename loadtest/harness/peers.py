@@ -129,11 +129,11 @@ def start_nginx(procs: Processes, workdir: Path, name: str, body: str) -> Proc:
 # The four paths. Each starts one instance per role and returns (port clients use, process).
 
 
-def start_direct(ctx: "Context", role: str) -> tuple[int, Proc | None]:
+def start_direct(ctx: Context, role: str) -> tuple[int, Proc | None]:
     return ctx.backends.port(role), None
 
 
-def start_static_ingress(ctx: "Context", role: str) -> tuple[int, Proc | None]:
+def start_static_ingress(ctx: Context, role: str) -> tuple[int, Proc | None]:
     port = free_port()
     # An empty config file, so that neither /etc/static-ingress/static-ingress.toml nor
     # STATIC_INGRESS_* variables of this machine (dropped in Processes.start) change the run.
@@ -153,7 +153,12 @@ def start_static_ingress(ctx: "Context", role: str) -> tuple[int, Proc | None]:
     return port, ctx.procs.start(f"static-ingress-{role}", argv)
 
 
-def start_haproxy(ctx: "Context", role: str, splice: str = "option splice-auto", name: str = "haproxy") -> tuple[int, Proc | None]:
+HAPROXY_SERVER_OPTIONS = "check inter 1s fall 3 rise 2 resolvers localdns resolve-prefer ipv4 init-addr none"
+
+
+def start_haproxy(
+    ctx: Context, role: str, splice: str = "option splice-auto", name: str = "haproxy"
+) -> tuple[int, Proc | None]:
     """The 2016 design: TCP mode, a resolvers section, one server by hostname with health
     checks, plus splice-auto. Check timings as static-ingress's defaults (1s, fall 3, rise 2)."""
     port = free_port()
@@ -188,18 +193,18 @@ frontend static
     default_backend backend_elb
 
 backend backend_elb
-    server elb {BACKEND_NAME}:{ctx.backends.port(role)} check inter 1s fall 3 rise 2 resolvers localdns resolve-prefer ipv4 init-addr none
+    server elb {BACKEND_NAME}:{ctx.backends.port(role)} {HAPROXY_SERVER_OPTIONS}
 """)
     return port, ctx.procs.start(f"{name}-{role}", ["haproxy", "-db", "-f", str(conf)])
 
 
-def start_haproxy_spliced(ctx: "Context", role: str) -> tuple[int, Proc | None]:
+def start_haproxy_spliced(ctx: Context, role: str) -> tuple[int, Proc | None]:
     """The same HAProxy with splicing forced both ways. On loopback splice-auto's heuristic
     seldom splices; this shows what zero-copy forwarding buys, which static-ingress lacks."""
     return start_haproxy(ctx, role, "option splice-request\n    option splice-response", "haproxy-splice")
 
 
-def start_nginx_stream(ctx: "Context", role: str) -> tuple[int, Proc | None]:
+def start_nginx_stream(ctx: Context, role: str) -> tuple[int, Proc | None]:
     """nginx's stream module. proxy_pass through a variable makes nginx resolve the name at run
     time with its resolver (re-asked after valid=); open-source nginx has no active checks."""
     port = free_port()
@@ -286,10 +291,12 @@ def https_probe(port: int) -> str | None:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        with socket.create_connection((LOOPBACK, port), timeout=PROBE_TIMEOUT_S) as raw:
-            with context.wrap_socket(raw, server_hostname=BACKEND_NAME) as tls:
-                tls.sendall(f"GET / HTTP/1.1\r\nHost: {BACKEND_NAME}\r\nConnection: close\r\n\r\n".encode())
-                head = tls.recv(64)
+        with (
+            socket.create_connection((LOOPBACK, port), timeout=PROBE_TIMEOUT_S) as raw,
+            context.wrap_socket(raw, server_hostname=BACKEND_NAME) as tls,
+        ):
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {BACKEND_NAME}\r\nConnection: close\r\n\r\n".encode())
+            head = tls.recv(64)
     except (OSError, ssl.SSLError) as err:
         return f"HTTPS request via {LOOPBACK}:{port}: {err}"
     return None if head.startswith(b"HTTP/1.1 200") else f"HTTPS request via {LOOPBACK}:{port}: got {head[:20]!r}"

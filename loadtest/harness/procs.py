@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -32,9 +33,10 @@ def free_port() -> int:
         if port in _taken:
             continue
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, socket.socket(
-                socket.AF_INET, socket.SOCK_DGRAM
-            ) as udp:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+            ):
                 tcp.bind((LOOPBACK, port))
                 udp.bind((LOOPBACK, port))
         except OSError:
@@ -94,10 +96,8 @@ class Proc:
             self.popen.wait(timeout=STOP_GRACE_S)
         # Workers normally leave with their master; one left behind is ours to end.
         for child in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 class Processes:
@@ -197,10 +197,12 @@ def mem_available_bytes() -> int:
     raise HarnessError("no MemAvailable line in /proc/meminfo")
 
 
-def run(argv: list[str], timeout_s: float, what: str) -> subprocess.CompletedProcess[str]:
+def run(argv: list[str], timeout_s: float, what: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Runs a tool to completion under a time bound; a failure to start or a hang is an error."""
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL, cwd=cwd
+        )
     except FileNotFoundError as err:
         raise HarnessError(f"{what}: {argv[0]} not found (run loadtest/install.sh)") from err
     except subprocess.TimeoutExpired as err:

@@ -127,9 +127,10 @@ def round_table(rounds: list[dict], paths: list[str]) -> str:
 # The machine and the exact versions of everything that ran.
 
 
-def first_line(argv: list[str]) -> str:
+def first_line(argv: list[str], cwd: Path | None = None) -> str:
+    """The first line a tool prints (a version), or "unknown" when it prints nothing."""
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=cwd)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise HarnessError(f"cannot get the version of {argv[0]}: {err}") from err
     lines = (done.stdout + done.stderr).strip().splitlines()
@@ -138,13 +139,27 @@ def first_line(argv: list[str]) -> str:
 
 def describe_machine(repo: Path, binary: Path, oha: Path) -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "unknown")
-    memtotal = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:"))
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "unknown"
+    )
+    memtotal = next(
+        line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:")
+    )
     commit = first_line(["git", "-C", str(repo), "rev-parse", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", "src", "Cargo.toml", "Cargo.lock"],
-                           capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
+    # Local changes to what the binary is built from make the commit alone an incomplete name.
+    changes = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
     sysctl = {}
-    for name in ("net/core/somaxconn", "net/ipv4/tcp_tw_reuse", "net/ipv4/ip_local_port_range", "net/ipv4/tcp_congestion_control"):
+    for name in (
+        "net/core/somaxconn",
+        "net/ipv4/tcp_tw_reuse",
+        "net/ipv4/ip_local_port_range",
+        "net/ipv4/tcp_congestion_control",
+    ):
         try:
             sysctl[name.replace("/", ".")] = " ".join(Path(f"/proc/sys/{name}").read_text().split())
         except OSError:
@@ -156,8 +171,10 @@ def describe_machine(repo: Path, binary: Path, oha: Path) -> dict:
         "memory_gib": round(int(memtotal) / 2**20, 1),
         "kernel": platform.release(),
         "os": f"Debian {debian}",
-        "static_ingress": f"{first_line([str(binary), '--version'])}, commit {commit}{' with local changes' if dirty else ''}, {binary.parent.name} build",
-        "rustc": first_line(["rustc", "--version"]),
+        "static_ingress": f"{first_line([str(binary), '--version'])}, commit {commit}"
+        + (" with local changes" if changes else "")
+        + f", {binary.parent.name} build",
+        "rustc": first_line(["rustc", "--version"], cwd=repo),  # the toolchain rust-toolchain.toml pins
         "haproxy": first_line(["haproxy", "-v"]),
         "nginx": first_line(["nginx", "-v"]),
         "iperf3": first_line(["iperf3", "--version"]),
@@ -199,10 +216,13 @@ def behind_section(results: dict, reference: str) -> list[str]:
     for metric, factor in behind:
         si, ref = medians["static-ingress"].get(metric.key), medians[reference].get(metric.key)
         verdict = f"{factor:.2f}x worse" if factor > 1 else f"{1 / factor:.2f}x better: level or ahead everywhere"
-        per_round = lambda path: ", ".join(number(r["results"][path].get(metric.key), metric.unit) for r in results["rounds"])  # noqa: E731
+        rounds = {
+            path: ", ".join(number(r["results"][path].get(metric.key), metric.unit) for r in results["rounds"])
+            for path in ("static-ingress", reference)
+        }
         out.append(
-            f"- **{metric.label}**: {number(si, metric.unit)} against {number(ref, metric.unit)} {metric.unit}, {verdict} "
-            f"(rounds: static-ingress {per_round('static-ingress')}; {reference} {per_round(reference)})."
+            f"- **{metric.label}**: {number(si, metric.unit)} against {number(ref, metric.unit)} {metric.unit}, "
+            f"{verdict} (rounds: static-ingress {rounds['static-ingress']}; {reference} {rounds[reference]})."
         )
     return out
 
@@ -211,7 +231,9 @@ def markdown(results: dict, paths: list[str], results_file: Path | None) -> str:
     s = results["settings"]
     m = results["machine"]
     medians = results["medians"]
-    loads = [r["results"][p]["loadavg_1m"] for r in results["rounds"] for p in r["order"] if "loadavg_1m" in r["results"][p]]
+    loads = [
+        r["results"][p]["loadavg_1m"] for r in results["rounds"] for p in r["order"] if "loadavg_1m" in r["results"][p]
+    ]
     out = [
         "# Benchmarks: static-ingress against HAProxy, nginx and a direct connection",
         "",
@@ -252,23 +274,36 @@ def markdown(results: dict, paths: list[str], results_file: Path | None) -> str:
         "Load generators (PORT is the path's port for that role):",
         "",
         "```sh",
-        f"iperf3 --client 127.0.0.1 --port PORT --time {s['bulk_seconds']} --parallel 1|8 --connect-timeout 3000 --json",
-        shlex.join(measure.oha_argv(Path("oha"), 0, 0, 0)).replace(":0/", ":PORT/").replace("-z 0s", "-z SECONDS").replace("-q 0", "-q RATE"),
+        f"iperf3 --client 127.0.0.1 --port PORT --time {s['bulk_seconds']} --parallel 1|8 "
+        "--connect-timeout 3000 --json",
+        shlex.join(measure.oha_argv(Path("oha"), 0, 0, 0))
+        .replace(":0/", ":PORT/")
+        .replace("-z 0s", "-z SECONDS")
+        .replace("-q 0", "-q RATE"),
         "```",
         "",
         "Ports are picked free at each run, and files live in a temporary directory (WORK below).",
         "",
     ]
     work = str(results.get("workdir", ""))
+
     def cmd(entry: dict) -> str:
         return shlex.join(entry["argv"]).replace(work, "WORK") if work else shlex.join(entry["argv"])
+
     backends = results["commands"].get("backends", {})
     if backends:
         out += ["### Backends and DNS", ""]
         out += [f"- {name}: `{cmd(entry)}`" for name, entry in backends.items()]
         https = backends.get("backend-https", {})
         if "config" in https:
-            out += ["", "The HTTPS backend's configuration:", "", "```nginx", https["config"].replace(work, "WORK").strip(), "```"]
+            out += [
+                "",
+                "The HTTPS backend's configuration:",
+                "",
+                "```nginx",
+                https["config"].replace(work, "WORK").strip(),
+                "```",
+            ]
         out.append("")
     for path in paths:
         entry = results["commands"].get(path, {}).get("tls", {})
@@ -282,7 +317,10 @@ def markdown(results: dict, paths: list[str], results_file: Path | None) -> str:
             out += ["```", entry["config"].replace(work, "WORK").strip(), "```", ""]
     out += ["## Raw results", ""]
     if results_file:
-        out += [f"Every number of every round, with the clean-rate search steps: [`{results_file}`](../{results_file}).", ""]
+        out += [
+            f"Every number of every round, with the clean-rate search steps: [`{results_file}`](../{results_file}).",
+            "",
+        ]
     out += [round_table(results["rounds"], paths), ""]
     return "\n".join(out)
 
