@@ -10,7 +10,8 @@ for script in "${scripts[@]}"; do
   bash -n "$script" || { echo "vegeta/test.sh: syntax error in $script" >&2; exit 1; }
 done
 if command -v shellcheck >/dev/null; then
-  shellcheck -x "${scripts[@]}" || { echo "vegeta/test.sh: shellcheck found problems" >&2; exit 1; }
+  shellcheck -x "${scripts[@]}" "$here/../install.sh" "$0" ||
+    { echo "vegeta/test.sh: shellcheck found problems" >&2; exit 1; }
 else
   echo "vegeta/test.sh: shellcheck missing (loadtest/install.sh installs it)" >&2
   exit 1
