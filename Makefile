@@ -60,3 +60,16 @@ container-test:
 
 docs:
 	scripts/config-table.py
+
+# Load tests (loadtest/README.md). bench: the side-by-side benchmark, under 10 minutes, writes
+# docs/benchmarks.md; bench-smoke: a few seconds of each measurement and the Vegeta script checks.
+.PHONY: bench bench-smoke
+
+bench:
+	loadtest/install.sh >/dev/null
+	python3 loadtest/harness/bench.py --mode full
+
+bench-smoke:
+	loadtest/install.sh >/dev/null
+	loadtest/vegeta/test.sh
+	python3 loadtest/harness/bench.py --mode smoke

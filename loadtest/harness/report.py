@@ -1,0 +1,391 @@
+"""The machine's description, the table of medians and ratios, and docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import measure
+from procs import HarnessError
+
+ANALYSIS = Path(__file__).resolve().parents[1] / "analysis.md"
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    proxy_only: bool = False  # no number for the direct path (no proxy process)
+
+
+METRICS = [
+    Metric("bulk_1_gbit_s", "bulk throughput, 1 stream", "Gbit/s", True),
+    Metric("bulk_8_gbit_s", "bulk throughput, 8 streams", "Gbit/s", True),
+    Metric("cpu_s_per_gb", "proxy CPU per GB moved", "CPU s/GB", False, proxy_only=True),
+    Metric("success_ratio", "success, HTTPS at a constant rate", "ratio", True),
+    Metric("p50_ms", "latency p50, new TCP+TLS connection + GET", "ms", False),
+    Metric("p99_ms", "latency p99", "ms", False),
+    Metric("p999_ms", "latency p99.9", "ms", False),
+    Metric("cpu_us_per_conn", "proxy CPU per connection", "CPU us", False, proxy_only=True),
+    Metric("max_clean_rate", "highest clean new-connection rate", "conn/s", True),
+    Metric("rss_mib", "proxy RSS with the idle connections open", "MiB", False, proxy_only=True),
+    Metric("rss_kib_per_conn", "proxy RSS per idle connection", "KiB", False, proxy_only=True),
+    Metric("machine_kib_per_conn", "machine memory per idle connection (MemAvailable)", "KiB", False),
+    Metric("kernel_kib_per_conn", "kernel socket memory per idle connection", "KiB", False),
+]
+
+
+def problems(medians: dict[str, dict], paths: list[str], strict: bool) -> list[str]:
+    """What makes a run unusable: a number missing for a path, or (strict, for the smoke run)
+    a failed request at the constant rate or no clean rate at all."""
+    found = []
+    for path in paths:
+        numbers = medians.get(path, {})
+        for metric in METRICS:
+            if metric.proxy_only and path == "direct":
+                continue
+            if numbers.get(metric.key) is None:
+                found.append(f"{path}: no {metric.label}")
+        if strict and numbers.get("success_ratio", 0) < 1:
+            found.append(f"{path}: success ratio {numbers.get('success_ratio')} at the constant rate")
+        if strict and not numbers.get("max_clean_rate"):
+            found.append(f"{path}: no rate passed the clean-rate search")
+    return found
+
+
+def ratio(value, base) -> float | None:
+    if value is None or base is None or base == 0:
+        return None
+    return value / base
+
+
+def behind_factor(metric: Metric, proxy, reference) -> float | None:
+    """How many times worse than the reference the proxy is on this metric (1 = level)."""
+    r = ratio(proxy, reference)
+    if r is None or r == 0:
+        return None
+    return 1 / r if metric.higher_is_better else r
+
+
+def furthest_behind(medians: dict[str, dict], reference: str = "haproxy", count: int = 2) -> list[tuple[Metric, float]]:
+    """The metrics where static-ingress trails the reference most, worst first."""
+    if "static-ingress" not in medians or reference not in medians:
+        return []
+    scored = []
+    for metric in METRICS:
+        factor = behind_factor(metric, medians["static-ingress"].get(metric.key), medians[reference].get(metric.key))
+        if factor is not None:
+            scored.append((metric, factor))
+    scored.sort(key=lambda item: item[1], reverse=True)
+    return scored[:count]
+
+
+def number(value, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if unit == "ratio":
+        return f"{value:.4f}"
+    if isinstance(value, int) or abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) >= 1 else f"{value:.3f}"
+
+
+def times(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def table(medians: dict[str, dict], paths: list[str]) -> str:
+    head = ["metric", "unit", "better", *paths]
+    compare = [("static-ingress", "haproxy"), ("static-ingress", "direct"), ("haproxy", "direct")]
+    compare = [(a, b) for a, b in compare if a in paths and b in paths]
+    head += [f"{a} / {b}" for a, b in compare]
+    rows = [head, ["---"] * len(head)]
+    for metric in METRICS:
+        row = [metric.label, metric.unit, "higher" if metric.higher_is_better else "lower"]
+        row += [number(medians.get(p, {}).get(metric.key), metric.unit) for p in paths]
+        row += [times(ratio(medians[a].get(metric.key), medians[b].get(metric.key))) for a, b in compare]
+        rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def round_table(rounds: list[dict], paths: list[str]) -> str:
+    head = ["round", "path", *[m.key for m in METRICS]]
+    rows = [head, ["---"] * len(head)]
+    for r in rounds:
+        for path in r["order"]:
+            numbers = r["results"][path]
+            rows.append([str(r["round"]), path, *[number(numbers.get(m.key), m.unit) for m in METRICS]])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+# The machine and the exact versions of everything that ran.
+
+
+def first_line(argv: list[str], cwd: Path | None = None) -> str:
+    """The first line a tool prints (a version), or "unknown" when it prints nothing."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=cwd)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise HarnessError(f"cannot get the version of {argv[0]}: {err}") from err
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+def describe_machine(repo: Path, binary: Path, oha: Path) -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "unknown"
+    )
+    memtotal = next(
+        line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:")
+    )
+    commit = first_line(["git", "-C", str(repo), "rev-parse", "HEAD"])
+    # Local changes to what the binary is built from make the commit alone an incomplete name.
+    changes = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
+    sysctl = {}
+    for name in (
+        "net/core/somaxconn",
+        "net/ipv4/tcp_tw_reuse",
+        "net/ipv4/ip_local_port_range",
+        "net/ipv4/tcp_congestion_control",
+    ):
+        try:
+            sysctl[name.replace("/", ".")] = " ".join(Path(f"/proc/sys/{name}").read_text().split())
+        except OSError:
+            sysctl[name.replace("/", ".")] = "unknown"
+    debian = Path("/etc/debian_version").read_text().strip() if Path("/etc/debian_version").exists() else "not Debian"
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(int(memtotal) / 2**20, 1),
+        "kernel": platform.release(),
+        "os": f"Debian {debian}",
+        "static_ingress": f"{first_line([str(binary), '--version'])}, commit {commit}"
+        + (" with local changes" if changes else "")
+        + f", {binary.parent.name} build",
+        "rustc": first_line(["rustc", "--version"], cwd=repo),  # the toolchain rust-toolchain.toml pins
+        "haproxy": first_line(["haproxy", "-v"]),
+        "nginx": first_line(["nginx", "-v"]),
+        "iperf3": first_line(["iperf3", "--version"]),
+        "oha": first_line([str(oha), "--version"]),
+        "dnsmasq": first_line(["dnsmasq", "--version"]),
+        "openssl": first_line(["openssl", "version"]),
+        "python": platform.python_version(),
+        "sysctl": sysctl,
+    }
+
+
+MACHINE_LABELS = {
+    "cpu_model": "CPU", "cores": "cores", "memory_gib": "memory (GiB)", "kernel": "kernel", "os": "OS",
+    "static_ingress": "static-ingress", "rustc": "rustc", "haproxy": "HAProxy", "nginx": "nginx",
+    "iperf3": "iperf3", "oha": "oha", "dnsmasq": "dnsmasq", "openssl": "OpenSSL", "python": "Python",
+}  # fmt: skip
+
+
+def spread_table(rounds: list[dict], paths: list[str]) -> str:
+    """Lowest and highest value over the rounds: how far a ratio can be trusted."""
+    head = ["metric", *paths]
+    rows = [head, ["---"] * len(head)]
+    for metric in METRICS:
+        row = [metric.label]
+        for path in paths:
+            values = [r["results"][path].get(metric.key) for r in rounds if path in r["results"]]
+            values = [v for v in values if v is not None]
+            row.append(f"{number(min(values), metric.unit)} to {number(max(values), metric.unit)}" if values else "n/a")
+        rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def behind_section(results: dict, reference: str) -> list[str]:
+    medians = results["medians"]
+    behind = furthest_behind(medians, reference)
+    if not behind:
+        return []
+    out = []
+    for metric, factor in behind:
+        si, ref = medians["static-ingress"].get(metric.key), medians[reference].get(metric.key)
+        verdict = f"{factor:.2f}x worse" if factor > 1 else f"{1 / factor:.2f}x better: level or ahead everywhere"
+        rounds = {
+            path: ", ".join(number(r["results"][path].get(metric.key), metric.unit) for r in results["rounds"])
+            for path in ("static-ingress", reference)
+        }
+        out.append(
+            f"- **{metric.label}**: {number(si, metric.unit)} against {number(ref, metric.unit)} {metric.unit}, "
+            f"{verdict} (rounds: static-ingress {rounds['static-ingress']}; {reference} {rounds[reference]})."
+        )
+    return out
+
+
+def markdown(results: dict, paths: list[str], results_file: Path | None) -> str:
+    s = results["settings"]
+    m = results["machine"]
+    medians = results["medians"]
+    loads = [
+        r["results"][p]["loadavg_1m"] for r in results["rounds"] for p in r["order"] if "loadavg_1m" in r["results"][p]
+    ]
+    out = [
+        "# Benchmarks: static-ingress against HAProxy, nginx and a direct connection",
+        "",
+        f"Written by `{results['command']}` (`loadtest/harness/bench.py`); rerun it rather than edit this page, "
+        "except for the analysis, which comes from `loadtest/analysis.md`. "
+        f"Run started {results['started_utc']} and took {results['duration_s']:.0f} s: {s['rounds']} rounds, "
+        "each path in turn within a round (the order rotates every round), medians over the rounds.",
+        "",
+        f"**Load on the machine**: the 1-minute load average was {results['loadavg_before'].split()[0]} before the run"
+        + (f" and from {min(loads):.2f} to {max(loads):.2f} during it (read after each path's turn)" if loads else "")
+        + f", on {m['cores']} cores. The run itself keeps about 2 busy; well above that, other work shared the "
+        "CPU and the numbers are noisy.",
+        "",
+        "## Results",
+        "",
+        table(medians, paths),
+        "",
+        "Ratios divide the first path's median by the second's; whether above or below 1 is better "
+        "follows the `better` column. `n/a`: the direct path has no proxy process to measure.",
+        "",
+    ]
+    if "static-ingress" in paths and "haproxy" in paths:
+        out += ["### Where static-ingress is furthest behind HAProxy in this run", ""]
+        out += behind_section(results, "haproxy")
+        if "haproxy-splice" in paths:
+            out += ["", "Against HAProxy with splicing forced (`haproxy-splice`):", ""]
+            out += behind_section(results, "haproxy-splice")
+        out.append("")
+    if ANALYSIS.exists():
+        out += [ANALYSIS.read_text().strip(), ""]
+    out += ["### Spread over the rounds (lowest to highest)", "", spread_table(results["rounds"], paths), ""]
+    out += method(s)
+    out += ["## Machine", "", "| what | value |", "|---|---|"]
+    out += [f"| {label} | {m[key]} |" for key, label in MACHINE_LABELS.items()]
+    out += [f"| {key} | `{value}` |" for key, value in m["sysctl"].items()]
+    out += ["", "## Exact commands", "", f"The whole run: `{results['command']}` from the repository root.", ""]
+    out += [
+        "Load generators (PORT is the path's port for that role):",
+        "",
+        "```sh",
+        f"iperf3 --client 127.0.0.1 --port PORT --time {s['bulk_seconds']} --parallel 1|8 "
+        "--connect-timeout 3000 --json",
+        shlex.join(measure.oha_argv(Path("oha"), 0, 0, 0))
+        .replace(":0/", ":PORT/")
+        .replace("-z 0s", "-z SECONDS")
+        .replace("-q 0", "-q RATE"),
+        "```",
+        "",
+        "Ports are picked free at each run, and files live in a temporary directory (WORK below).",
+        "",
+    ]
+    work = str(results.get("workdir", ""))
+
+    def cmd(entry: dict) -> str:
+        return shlex.join(entry["argv"]).replace(work, "WORK") if work else shlex.join(entry["argv"])
+
+    backends = results["commands"].get("backends", {})
+    if backends:
+        out += ["### Backends and DNS", ""]
+        out += [f"- {name}: `{cmd(entry)}`" for name, entry in backends.items()]
+        https = backends.get("backend-https", {})
+        if "config" in https:
+            out += [
+                "",
+                "The HTTPS backend's configuration:",
+                "",
+                "```nginx",
+                https["config"].replace(work, "WORK").strip(),
+                "```",
+            ]
+        out.append("")
+    for path in paths:
+        entry = results["commands"].get(path, {}).get("tls", {})
+        out += [f"### {path}", ""]
+        if "argv" not in entry:
+            out += ["Clients connect straight to each backend's port.", ""]
+            continue
+        out += ["The instance in front of the HTTPS backend (those in front of iperf3 and the echo server "
+                "differ only in ports):", "", f"`{cmd(entry)}`", ""]  # fmt: skip
+        if "config" in entry:
+            out += ["```", entry["config"].replace(work, "WORK").strip(), "```", ""]
+    out += ["## Raw results", ""]
+    if results_file:
+        out += [
+            f"Every number of every round, with the clean-rate search steps: [`{results_file}`](../{results_file}).",
+            "",
+        ]
+    out += [round_table(results["rounds"], paths), ""]
+    return "\n".join(out)
+
+
+def method(s: dict) -> list[str]:
+    return [
+        "## How it was measured",
+        "",
+        "Everything runs on loopback on this one machine: a local DNS server (dnsmasq) answers "
+        "`backend.test` with 127.0.0.1, and every proxy is given that name, not an address, so that "
+        "each resolves it the way it would resolve an ELB name. Three backends sit behind the name "
+        "on different ports: nginx serving HTTPS (a self-signed ECDSA P-256 certificate, TLS session "
+        "resumption off, so every connection is a full handshake; `return 200`), an iperf3 server, and "
+        "an echo server. Each proxy path runs one process per backend, so CPU time and memory are "
+        "read from the process that did that work alone. The paths:",
+        "",
+        "- **direct**: clients connect straight to the backend; the limit of what this machine can do.",
+        "- **static-ingress**: the release build (`make bench`) with `--dns-nameservers` pointing at the "
+        "local DNS server and everything else at its defaults except the connection cap (9,000).",
+        "- **haproxy**: HAProxy 2.6 configured as in the 2016 design (TCP mode, a `resolvers` section, "
+        "one server by hostname with health checks every second, fall 3, rise 2), plus "
+        "`option splice-auto`.",
+        "- **nginx**: nginx's stream module with `proxy_pass` through a variable, so the name is "
+        "resolved at run time by its `resolver` (open-source nginx has no active health checks).",
+        "- **haproxy-splice**: the same HAProxy with `option splice-request` and `option splice-response` "
+        "instead of `splice-auto`. `splice-auto` splices only when its heuristic expects a gain, which "
+        "on loopback is seldom; forcing it shows what zero-copy forwarding (which static-ingress does "
+        "not do) is worth. Ratios against HAProxy use the design's configuration, `haproxy`.",
+        "",
+        "Every proxy may hold 9,000 connections (two descriptors each keeps every process under "
+        "the 20,000 open files a process may have here) and uses as many threads or workers as its "
+        "default for the machine's cores.",
+        "",
+        f"- **Bulk throughput**: iperf3, client to server through the path, {s['bulk_seconds']} s with one stream, "
+        f"then {s['bulk_seconds']} s with eight.",
+        "- **CPU per GB**: user plus system CPU time of the proxy's processes (`/proc/PID/stat`, all "
+        "threads and nginx's workers) across both iperf3 runs, divided by the gigabytes iperf3 received.",
+        "- **CPU per connection**: the proxy's CPU time across the constant-rate test and the clean-rate "
+        "search below, divided by the requests sent in them: what accepting, connecting, copying a TLS "
+        "handshake and a request, and closing cost the proxy. Less sensitive to a busy machine than "
+        "the highest rate.",
+        f"- **Latency at a constant rate**: {s['rate']} HTTPS GETs a second for {s['rate_seconds']} s, each on a new "
+        "TCP and TLS connection. The tool is oha (from crates.io, pinned in `loadtest/install.sh`): "
+        "Vegeta cannot be installed here, and oha with `-q` sends at a fixed rate like Vegeta does "
+        "(open loop), opens a new connection per request with `--disable-keepalive`, and with "
+        "`--latency-correction` measures each request from when it was due, not from when a worker "
+        "got to it, so a stall shows in the percentiles instead of lowering the rate. A request "
+        f"fails on any error or after {measure.OHA_TIMEOUT}. The percentiles come from oha's record of each request "
+        f"(`--db-url`) and leave out the requests due in the first {measure.WARMUP_S:.0f} s, which wait for oha's own "
+        "start-up (tens of milliseconds, the same on every path) and would otherwise be most of the p99.9; "
+        "the success ratio counts every request.",
+        f"- **Highest clean new-connection rate**: the same test for {s['search_seconds']} s a step, the rate "
+        f"doubling from {s['search_start']}/s (up to {s['search_ceiling']}/s) until a step fails, then halving the "
+        f"gap, at most {s['search_steps']} steps. A step passes with no failed request, at least "
+        f"{measure.PASS_SHARE:.0%} of the asked rate completed, and p99 under {measure.PASS_P99_MS:.0f} ms. On two "
+        "cores the client's and the backend's TLS work share the CPU with the proxy, so this says how "
+        "much of the machine the proxy leaves to them; compare it with the direct path.",
+        f"- **Memory per idle connection**: {s['idle_connections']:,} connections opened through the path "
+        "(from the harness, one process; the echo server is another; the proxy a third), one byte "
+        "echoed on each, then left idle. Read before and with them open: the proxy's RSS (`VmRSS`); "
+        "the machine's `MemAvailable`, which counts everything, kernel buffers included, but also "
+        "moves with any other process on the machine (a negative figure means something else freed "
+        "memory meanwhile); and the kernel's socket memory (unreclaimable slab, where socket "
+        "structures live, plus the pages TCP buffers hold, from `/proc/net/sockstat`), which other "
+        "work disturbs much less. The machine and kernel figures include the client's and the echo "
+        "server's sockets, so compare them with the direct path, which has only those.",
+        "",
+    ]
