@@ -40,7 +40,7 @@ lint:
 	cargo clippy --all-targets -- -D warnings
 	tools="$$(scripts/install-tools.sh | tail -n 1)"; "$$tools/cargo-deny" check bans sources licenses
 
-ci: lint test package-test container-test
+ci: lint test package-test container-test bench-smoke
 
 deb:
 	scripts/build-deb.sh release | tail -n 1
