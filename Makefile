@@ -2,7 +2,7 @@
 #   make run BACKEND=host:port   run the proxy on this machine (no AWS needed)
 #   make test                    run every test
 #   make lint                    formatting, clippy, cargo-deny
-#   make ci                      what CI runs: lint + test + package-test + container-test
+#   make ci                      what CI runs: lint + test + package-test + container-test + bench-smoke
 #   make deb                     build the .deb (release) and print its path
 #   make package-test            the unit, .deb, AMI recipe and CloudFormation templates
 #   make container-test          the .deb booted in a Debian container (root, systemd-nspawn)
