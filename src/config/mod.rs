@@ -333,16 +333,14 @@ impl Resolver<'_> {
         if let Some(interval) = check_interval
             && interval < MIN_EIP_CHECK_INTERVAL
         {
-            let origin = self.origin_of("eip.check_interval");
-            self.errors.push(ConfigError {
-                origin,
-                key: Some("eip.check_interval".into()),
-                message: format!(
+            self.reject(
+                "eip.check_interval",
+                format!(
                     "{} is too short: checks would hammer EC2; use at least {}",
                     humantime::format_duration(interval),
                     humantime::format_duration(MIN_EIP_CHECK_INTERVAL)
                 ),
-            });
+            );
             return None;
         }
         Some(EipConfig {
@@ -365,28 +363,30 @@ impl Resolver<'_> {
     /// Rules that involve more than one key.
     fn cross_checks(&mut self, c: &Config) {
         if c.admin.listen.port() != 0 && c.proxy.listen.contains(&c.admin.listen) {
-            let origin = self.origin_of("admin.listen");
-            self.errors.push(ConfigError {
-                origin,
-                key: Some("admin.listen".into()),
-                message: format!("{} is also in proxy.listen; the admin server needs its own port", c.admin.listen),
-            });
+            self.reject(
+                "admin.listen",
+                format!("{} is also in proxy.listen; the admin server needs its own port", c.admin.listen),
+            );
         }
     }
 
     fn dns_checks(&mut self, c: &Config) {
         if c.dns.min_ttl > c.dns.refresh_interval {
-            let origin = self.origin_of("dns.min_ttl");
-            self.errors.push(ConfigError {
-                origin,
-                key: Some("dns.min_ttl".into()),
-                message: format!(
+            self.reject(
+                "dns.min_ttl",
+                format!(
                     "{} is longer than dns.refresh_interval ({}); the floor must not exceed the interval",
                     humantime::format_duration(c.dns.min_ttl),
                     humantime::format_duration(c.dns.refresh_interval)
                 ),
-            });
+            );
         }
+    }
+
+    /// Records that `key`'s value breaks a rule, where that value came from.
+    fn reject(&mut self, key: &'static str, message: String) {
+        let origin = self.origin_of(key);
+        self.errors.push(ConfigError { origin, key: Some(key.into()), message });
     }
 
     fn origin_of(&self, name: &str) -> Origin {
