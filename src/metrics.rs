@@ -9,10 +9,20 @@ use prometheus::{
 pub enum CloseReason {
     /// Both sides finished sending and the proxy forwarded everything.
     Completed,
-    /// The client's socket failed (reset, broken pipe...).
+    /// The client's socket failed (reset, broken pipe...) with bytes still pending toward it.
     ClientError,
-    /// The backend's socket failed after the connection was established.
+    /// The backend's socket failed after the connection was established, with bytes still
+    /// pending toward it.
     BackendError,
+    /// The client ended with a reset when everything sent to it had been acknowledged: how
+    /// many clients end a connection they are done with, not a fault.
+    ClientReset,
+    /// The backend ended with a reset when everything sent to it had been acknowledged: how
+    /// nginx with `keepalive_timeout 0` ends a TLS stream, not a fault.
+    BackendReset,
+    /// The proxy could not open a socket to the backend: out of file descriptors or memory.
+    /// The proxy's fault, not the backend's.
+    FdLimit,
     /// Nothing moved either way for `proxy.idle_timeout`.
     IdleTimeout,
     /// One side had closed and the other stayed idle for `proxy.half_close_timeout`.
@@ -30,10 +40,13 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::Completed,
         CloseReason::ClientError,
         CloseReason::BackendError,
+        CloseReason::ClientReset,
+        CloseReason::BackendReset,
+        CloseReason::FdLimit,
         CloseReason::IdleTimeout,
         CloseReason::HalfCloseTimeout,
         CloseReason::ConnectFailed,
@@ -48,6 +61,9 @@ impl CloseReason {
             CloseReason::Completed => "completed",
             CloseReason::ClientError => "client_error",
             CloseReason::BackendError => "backend_error",
+            CloseReason::ClientReset => "client_reset",
+            CloseReason::BackendReset => "backend_reset",
+            CloseReason::FdLimit => "fd_limit",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::HalfCloseTimeout => "half_close_timeout",
             CloseReason::ConnectFailed => "connect_failed",
@@ -91,6 +107,73 @@ impl ConnectError {
     }
 }
 
+/// The errno class of an I/O error that ended a proxied connection: a small fixed set, so
+/// `tcp_errors_total` stays bounded and a spike of `backend_error` explains itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Errno {
+    ConnReset,
+    Pipe,
+    TimedOut,
+    HostUnreach,
+    NetUnreach,
+    ConnAborted,
+    Other,
+}
+
+impl Errno {
+    pub const ALL: [Errno; 7] = [
+        Errno::ConnReset,
+        Errno::Pipe,
+        Errno::TimedOut,
+        Errno::HostUnreach,
+        Errno::NetUnreach,
+        Errno::ConnAborted,
+        Errno::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Errno::ConnReset => "ECONNRESET",
+            Errno::Pipe => "EPIPE",
+            Errno::TimedOut => "ETIMEDOUT",
+            Errno::HostUnreach => "EHOSTUNREACH",
+            Errno::NetUnreach => "ENETUNREACH",
+            Errno::ConnAborted => "ECONNABORTED",
+            Errno::Other => "other",
+        }
+    }
+
+    pub fn classify(e: &std::io::Error) -> Errno {
+        match e.raw_os_error() {
+            Some(libc::ECONNRESET) => Errno::ConnReset,
+            Some(libc::EPIPE) => Errno::Pipe,
+            Some(libc::ETIMEDOUT) => Errno::TimedOut,
+            Some(libc::EHOSTUNREACH) => Errno::HostUnreach,
+            Some(libc::ENETUNREACH) => Errno::NetUnreach,
+            Some(libc::ECONNABORTED) => Errno::ConnAborted,
+            _ => Errno::Other,
+        }
+    }
+}
+
+/// Which end of a proxied connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client = 0,
+    Backend = 1,
+}
+
+impl Side {
+    pub const ALL: [Side; 2] = [Side::Client, Side::Backend];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        }
+    }
+}
+
 /// Direction of proxied bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -106,6 +189,8 @@ pub struct Metrics {
     tcp_close_total: [IntCounter; CloseReason::ALL.len()],
     proxied_bytes_total: [IntCounter; 2],
     connect_errors_total: [IntCounter; ConnectError::ALL.len()],
+    /// By side (client, backend) and errno class.
+    tcp_errors_total: [[IntCounter; Errno::ALL.len()]; 2],
     pub connect_duration_seconds: Histogram,
     pub accept_errors_total: IntCounterVec,
     pub draining: IntGauge,
@@ -149,6 +234,16 @@ impl Metrics {
             "Failed connect attempts to backend addresses, by reason.",
             "reason",
         )?;
+        let tcp_errors = IntCounterVec::new(
+            Opts::new(
+                "tcp_errors_total",
+                "I/O errors that ended proxied connections (client_error and backend_error closes), by side and errno.",
+            ),
+            &["side", "errno"],
+        )?;
+        registry.register(Box::new(tcp_errors.clone()))?;
+        let tcp_errors_total =
+            Side::ALL.map(|side| Errno::ALL.map(|e| tcp_errors.with_label_values(&[side.as_str(), e.as_str()])));
         let accept_errors_total =
             counter_vec("accept_errors_total", "Errors accepting client connections, by reason.", "reason")?;
         for reason in ["fd_limit", "other"] {
@@ -194,6 +289,7 @@ impl Metrics {
             tcp_close_total: CloseReason::ALL.map(|r| close.with_label_values(&[r.as_str()])),
             proxied_bytes_total: [bytes.with_label_values(&["to_backend"]), bytes.with_label_values(&["to_client"])],
             connect_errors_total: ConnectError::ALL.map(|r| connect.with_label_values(&[r.as_str()])),
+            tcp_errors_total,
             connect_duration_seconds,
             accept_errors_total,
             draining: gauge("draining", "1 while the proxy is draining after SIGTERM, else 0.")?,
@@ -230,6 +326,11 @@ impl Metrics {
 
     pub fn connect_error(&self, reason: ConnectError) {
         self.connect_errors_total[reason as usize].inc();
+    }
+
+    /// Counts an I/O error that ended a connection, by the side that failed.
+    pub fn tcp_error(&self, side: Side, e: &std::io::Error) {
+        self.tcp_errors_total[side as usize][Errno::classify(e) as usize].inc();
     }
 
     pub fn dns_resolution(&self, result: &str) {

@@ -81,11 +81,28 @@ impl Server {
             Arc::new(Eip::new(config.eip.enabled, metrics.eip_associated.clone())),
             proxy_addrs.clone(),
         ));
+        // Everything that can fail comes before anything is spawned: a failed start leaves no
+        // task behind claiming the Elastic IP or checking backends.
+        let target = &config.backend.address;
+        let follower = match dns::hickory::literal(&target.host, target.port) {
+            // An IP address needs no DNS: publish it once.
+            Some(addr) => {
+                backends.publish([addr], Resolution::answered(None));
+                None
+            }
+            None => Some(Follower {
+                lookup: HickoryLookup::new(&config.dns)?,
+                host: target.host.clone(),
+                port: target.port,
+                config: config.dns.clone(),
+                backends: Arc::clone(&backends),
+                metrics: Arc::clone(&metrics),
+            }),
+        };
         let stop_sources = CancellationToken::new();
         if config.eip.enabled {
             tokio::spawn(eip::keep(config.eip.clone(), Arc::clone(&state.eip), stop_sources.clone()));
         }
-        let target = &config.backend.address;
         let checker =
             Checker { config: config.health.clone(), backends: Arc::clone(&backends), metrics: Arc::clone(&metrics) };
         tokio::spawn(checker.run(stop_sources.clone()));
@@ -94,20 +111,8 @@ impl Server {
             config.backend.removed_grace,
             stop_sources.clone(),
         ));
-        match dns::hickory::literal(&target.host, target.port) {
-            // An IP address needs no DNS: publish it once.
-            Some(addr) => backends.publish([addr], Resolution::answered(None)),
-            None => {
-                let follower = Follower {
-                    lookup: HickoryLookup::new(&config.dns)?,
-                    host: target.host.clone(),
-                    port: target.port,
-                    config: config.dns.clone(),
-                    backends: Arc::clone(&backends),
-                    metrics: Arc::clone(&metrics),
-                };
-                tokio::spawn(follower.run(stop_sources.clone()));
-            }
+        if let Some(follower) = follower {
+            tokio::spawn(follower.run(stop_sources.clone()));
         }
         Ok(Server {
             config,

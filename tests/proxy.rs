@@ -227,3 +227,197 @@ async fn with_no_backend_address_connections_close_and_health_says_why() {
     assert_eq!(read_until_closed(&mut c).await.expect("closed").len(), 0);
     eventually("no_backend", async || proxy.closed("no_backend").await == 1.0).await;
 }
+
+/// A client socket with a small receive buffer, the shape of a slow reader: the proxy can only
+/// hand it a few KiB at a time, so the rest waits in the proxy's send queue.
+fn slow_reader_socket() -> socket2::Socket {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    s.set_recv_buffer_size(16 * 1024).expect("SO_RCVBUF");
+    s
+}
+
+async fn connect_slow_reader(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let s = slow_reader_socket();
+    let s = within(BOUND, "connecting", async {
+        tokio::task::spawn_blocking(move || s.connect(&addr.into()).map(|()| s)).await.expect("connect task")
+    })
+    .await
+    .expect("proxy accepts");
+    s.set_nonblocking(true).expect("nonblocking");
+    tokio::net::TcpStream::from_std(s.into()).expect("a tokio stream")
+}
+
+/// Waits until the peer has acknowledged everything written to `s` (the kernel's send queue is
+/// empty), then closes with a reset: how nginx ends a stream with `keepalive_timeout 0`.
+async fn reset_once_acknowledged(s: tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    within(BOUND, "the peer to acknowledge everything", async {
+        loop {
+            let mut n: libc::c_int = 0;
+            // SAFETY: TIOCOUTQ writes one c_int into `n`; the descriptor is open.
+            assert_eq!(unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) }, 0, "TIOCOUTQ");
+            if n == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+    drop(s);
+}
+
+/// Reads everything until the end of the stream, which may be a FIN or a reset.
+async fn read_all_until_end(s: &mut tokio::net::TcpStream) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+    within(BOUND, "the stream to end", async {
+        let mut got = Vec::new();
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return (got, None),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, Some(e.kind())),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_gets_every_byte_a_backend_sent_before_its_reset() {
+    // The backend reads a short request (a TLS close_notify, say), answers 1 MiB and ends with
+    // a reset once its answer is acknowledged: nginx with `keepalive_timeout 0`.
+    const RUNS: usize = 5;
+    let reply = pattern(1024 * 1024, 7);
+    let sent = reply.clone();
+    let backend = Backend::start(move |mut s| {
+        let reply = sent.clone();
+        async move {
+            let mut req = [0; 5];
+            // Health checks connect and close without a byte.
+            if s.read_exact(&mut req).await.is_err() {
+                return;
+            }
+            s.write_all(&reply).await.expect("write the reply");
+            reset_once_acknowledged(s).await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(backend.addr, &[]).await;
+
+    for run in 0..RUNS {
+        let mut client = connect_slow_reader(proxy.addr).await;
+        client.write_all(b"hello").await.expect("write the request");
+        // A client busy elsewhere: the reply piles up in the proxy meanwhile, and the backend's
+        // reset arrives while most of it is still on its way to the client.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (got, end) = read_all_until_end(&mut client).await;
+        assert_eq!(got.len(), reply.len(), "run {run}: bytes received before the end");
+        assert!(got == reply, "run {run}: the reply arrived corrupted");
+        // As talking to the backend directly: the data, then the reset passed on.
+        assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "run {run}: how the stream ended");
+    }
+    let runs = RUNS as f64;
+    eventually("the closes to be counted", async || proxy.closed("backend_reset").await == runs).await;
+    // Such a reset is how that backend ends a stream, not an error.
+    assert_eq!(proxy.closed("backend_error").await, 0.0);
+    assert_eq!(proxy.metric("static_ingress_tcp_errors_total{errno=\"ECONNRESET\",side=\"backend\"}").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backend_gets_every_byte_a_client_sent_before_its_reset() {
+    let upload = pattern(1024 * 1024, 11);
+    let (tx, mut received) = tokio::sync::mpsc::unbounded_channel();
+    // A backend that reads slowly: a small receive buffer, and it starts reading late.
+    let socket = slow_reader_socket();
+    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind");
+    socket.listen(16).expect("listen");
+    socket.set_nonblocking(true).expect("nonblocking");
+    let listener = tokio::net::TcpListener::from_std(socket.into()).expect("listener");
+    let backend_addr = listener.local_addr().expect("address");
+    let backend = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { continue };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let (got, end) = read_all_until_end(&mut s).await;
+                if !got.is_empty() {
+                    let _ = tx.send((got, end));
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(backend_addr, &[]).await;
+
+    let mut client = proxy.connect().await;
+    client.write_all(&upload).await.expect("write the upload");
+    reset_once_acknowledged(client).await;
+
+    let (got, end) = within(BOUND, "the backend to report", received.recv()).await.expect("a report");
+    assert_eq!(got.len(), upload.len(), "bytes the backend received");
+    assert!(got == upload, "the upload arrived corrupted");
+    assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "the client's reset is passed on after the data");
+    eventually("client_reset", async || proxy.closed("client_reset").await == 1.0).await;
+    assert_eq!(proxy.closed("client_error").await, 0.0);
+    backend.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_reset_with_bytes_still_pending_toward_it_counts_as_an_error_by_errno() {
+    // Reads one byte, then resets while the client is still sending: the upload is cut short.
+    let backend = Backend::start(|mut s| async move {
+        if s.read_exact(&mut [0; 1]).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+    })
+    .await;
+    let proxy = Proxy::start(backend.addr, &[]).await;
+
+    let client = proxy.connect().await;
+    let (mut r, mut w) = client.into_split();
+    // More than the kernel buffers on the way can hold, so some is pending when the reset comes.
+    let writer = tokio::spawn(async move { w.write_all(&pattern(32 * 1024 * 1024, 5)).await });
+    let (got, end) = read_all_until_end_half(&mut r).await;
+    assert!(got.is_empty());
+    assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "the client sees the abort");
+    assert!(within(BOUND, "the writer", writer).await.expect("writer task").is_err(), "the upload was cut short");
+
+    eventually("backend_error", async || proxy.closed("backend_error").await == 1.0).await;
+    let reset = proxy.metric("static_ingress_tcp_errors_total{errno=\"ECONNRESET\",side=\"backend\"}").await;
+    let pipe = proxy.metric("static_ingress_tcp_errors_total{errno=\"EPIPE\",side=\"backend\"}").await;
+    assert_eq!(reset + pipe, 1.0, "the error is counted by its errno");
+    assert_eq!(proxy.closed("backend_reset").await, 0.0);
+}
+
+async fn read_all_until_end_half(r: &mut tokio::net::tcp::OwnedReadHalf) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+    within(BOUND, "the stream to end", async {
+        let mut got = Vec::new();
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => return (got, None),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, Some(e.kind())),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_address_is_tried_once_per_connection() {
+    let proxy = Proxy::start(refusing_addr().await, &[("proxy.connect_timeout", "200ms")]).await;
+    let (a, b) = (Blackhole::new(), Blackhole::new());
+    let refusing = refusing_addr().await;
+    proxy.set_backends(&[a.addr, refusing, b.addr]);
+
+    let mut c = proxy.connect().await;
+    let _ = read_until_closed(&mut c).await;
+    eventually("connect_failed", async || proxy.closed("connect_failed").await == 1.0).await;
+    // Three addresses, three attempts: a failed one is not tried again as "suspect".
+    assert_eq!(proxy.metric("static_ingress_backend_connect_errors_total{reason=\"timeout\"}").await, 2.0);
+    assert_eq!(proxy.metric("static_ingress_backend_connect_errors_total{reason=\"refused\"}").await, 1.0);
+}

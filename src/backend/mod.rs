@@ -179,7 +179,9 @@ impl BackendSet {
     /// unhealthy ones as a last resort: when every check fails, trying beats refusing outright.
     pub fn candidates(&self, start: usize) -> impl Iterator<Item = &Arc<BackendAddr>> {
         let n = self.addrs.len();
-        let rotated = (0..n).map(move |i| &self.addrs[(start + i) % n.max(1)]);
+        // A retired address may still be in a snapshot taken just before it was retired: its
+        // connections are being closed, so a new one must not start there.
+        let rotated = (0..n).map(move |i| &self.addrs[(start + i) % n.max(1)]).filter(|a| !a.retired.is_cancelled());
         let good = rotated.clone().filter(|a| a.is_healthy() && !a.is_suspect());
         let suspect = rotated.clone().filter(|a| a.is_healthy() && a.is_suspect());
         let unhealthy = rotated.filter(|a| !a.is_healthy());
@@ -341,6 +343,17 @@ mod tests {
         assert_eq!(order(4), vec![2, 3, 1]);
         set.addrs[1].set_healthy(false);
         assert_eq!(order(1), vec![3, 1, 2]);
+    }
+
+    #[test]
+    fn a_retired_address_is_never_a_candidate() {
+        let b = Backends::new("x");
+        b.publish([addr(1), addr(2)], Resolution::answered(None));
+        // A snapshot taken before the address left DNS and its grace ran out.
+        let set = b.current();
+        b.publish([addr(2)], Resolution::answered(None));
+        b.retire_due(Duration::ZERO);
+        assert_eq!(set.candidates(0).map(|a| a.addr.port()).collect::<Vec<_>>(), vec![2]);
     }
 
     #[test]

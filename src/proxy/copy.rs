@@ -1,14 +1,24 @@
 //! Copying bytes both ways between client and backend, with half-close semantics, an idle
-//! timeout and a bound on how long a half-closed connection may linger.
+//! timeout, a bound on how long a half-closed connection may linger, and no byte lost when one
+//! side ends with a reset.
 //!
 //! Both directions are driven by one future, so neither is ever dropped early: when one side
 //! finishes sending, its FIN is passed on (`shutdown(Write)`) and the other direction keeps
 //! running until it finishes too. A direction holds a buffer only while data is in flight, so an
 //! idle connection costs two sockets and a little state, not two buffers.
+//!
+//! When one side fails (a reset, a broken pipe), what it sent before failing is still owed to
+//! the other side: the bytes in our buffer and those still queued in the kernel for us to read.
+//! So the direction *from* the failed side goes on until its source runs dry, the other side's
+//! send queue is waited on until the kernel has it acknowledged, and only then is the abort
+//! passed on, as a reset (the caller's job). A reset sent earlier, with SO_LINGER 0, would make
+//! the kernel throw away what it still holds for a slow reader. The direction *toward* the
+//! failed side is abandoned: nobody is left to receive it.
 
 use std::future::poll_fn;
 use std::io;
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::pin::pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -18,17 +28,39 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+pub use crate::metrics::Side;
+
 /// Per-direction read size. Large enough that bulk transfers need few system calls; only
 /// connections with data in flight hold one.
 const BUF_SIZE: usize = 64 * 1024;
+/// How often the send queue is looked at while waiting for the kernel to deliver the last
+/// bytes before a reset: the kernel has no readiness event for "acknowledged", so poll, from
+/// fast (a fast reader is done within a round trip) to slow (a stalled reader costs little).
+const DRAIN_POLL_MIN: Duration = Duration::from_millis(2);
+const DRAIN_POLL_MAX: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     /// Nothing moved either way for this long: close.
     pub idle: Duration,
     /// After one direction has finished, the other may stay idle this long (or `idle`, if
-    /// shorter).
+    /// shorter). Also bounds how long the last bytes toward a slow reader may take to drain
+    /// after the other side failed, counted from the last progress.
     pub half_close: Duration,
+}
+
+/// One side's socket failed.
+#[derive(Debug)]
+pub struct Failure {
+    pub side: Side,
+    pub error: io::Error,
+    /// The failure was a reset that arrived when nothing was pending toward that side: every
+    /// byte sent to it had been acknowledged. That is how many servers (nginx with
+    /// `keepalive_timeout 0`, say) and clients end a stream they are done with, not a fault.
+    pub clean_reset: bool,
+    /// Everything the failed side sent reached the other side's kernel, acknowledged, before
+    /// the reset is passed on. False when the other side failed too or the drain timed out.
+    pub delivered: bool,
 }
 
 /// How a proxied connection ended.
@@ -36,16 +68,11 @@ pub struct Timeouts {
 pub enum Outcome {
     /// Both directions reached end of stream and everything was forwarded.
     Completed,
-    ClientError(io::Error),
-    BackendError(io::Error),
+    /// One side failed. The caller passes the abort on to the other side with a reset: its
+    /// send queue has drained already (see [`Failure::delivered`]).
+    Failed(Failure),
     IdleTimeout,
     HalfCloseTimeout,
-}
-
-#[derive(Clone, Copy)]
-enum Side {
-    Client,
-    Backend,
 }
 
 /// One direction: reads from `from`, writes to `to`.
@@ -54,13 +81,20 @@ struct Pipe {
     written: usize,
     eof: bool,
     done: bool,
+    /// The other side failed: a read error here is the end of what can be salvaged, and the
+    /// end is not passed on as a FIN (the caller resets once the data is out).
+    salvage: bool,
     from: Side,
     to: Side,
 }
 
 impl Pipe {
     fn new(from: Side, to: Side) -> Pipe {
-        Pipe { buf: Vec::new(), written: 0, eof: false, done: false, from, to }
+        Pipe { buf: Vec::new(), written: 0, eof: false, done: false, salvage: false, from, to }
+    }
+
+    fn pending(&self) -> usize {
+        self.buf.len() - self.written
     }
 
     /// Moves what it can. Ready(Ok) once the source has ended and the FIN has been passed on.
@@ -92,21 +126,31 @@ impl Pipe {
             self.buf.clear();
             self.written = 0;
             if self.eof {
-                // Pass the FIN on. NotConnected means the peer is already fully gone, which the
-                // other direction will report if it matters.
-                match SockRef::from(to).shutdown(Shutdown::Write) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                    Err(e) => return Poll::Ready(Err((self.to, e))),
+                if !self.salvage {
+                    // Pass the FIN on. NotConnected means the peer is already fully gone, which
+                    // the other direction will report if it matters.
+                    match SockRef::from(to).shutdown(Shutdown::Write) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                        Err(e) => return Poll::Ready(Err((self.to, e))),
+                    }
                 }
                 self.done = true;
                 self.buf = Vec::new();
                 continue;
             }
-            if from.poll_read_ready(cx).map_err(|e| (self.from, e))?.is_pending() {
-                // Going idle: give the buffer back rather than hold it while nothing moves.
-                self.buf = Vec::new();
-                return Poll::Pending;
+            match from.poll_read_ready(cx) {
+                Poll::Pending => {
+                    // Going idle: give the buffer back rather than hold it while nothing moves.
+                    self.buf = Vec::new();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(_)) if self.salvage => {
+                    self.eof = true;
+                    continue;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err((self.from, e))),
+                Poll::Ready(Ok(())) => {}
             }
             if self.buf.capacity() == 0 {
                 self.buf.reserve_exact(BUF_SIZE);
@@ -118,10 +162,23 @@ impl Pipe {
                     *moved = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The failed side's kernel hands out what it had queued, then the error (or
+                // end of file once the error was reported elsewhere): that is the end.
+                Err(_) if self.salvage => self.eof = true,
                 Err(e) => return Poll::Ready(Err((self.from, e))),
             }
         }
     }
+}
+
+/// Bytes written to `stream` that its peer has not acknowledged yet (`SIOCOUTQ`), including a
+/// FIN once sent. None when the kernel cannot say.
+fn unacknowledged(stream: &TcpStream) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ for TCP sockets) writes one c_int through the pointer, which
+    // points at a live c_int; the descriptor is open for as long as `stream` is borrowed.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    (rc == 0).then(|| usize::try_from(n).unwrap_or(0))
 }
 
 /// Proxies until both directions end, a side fails, or a timeout fires.
@@ -139,28 +196,30 @@ pub async fn bidirectional(
     let mut half_closed = false;
     // The timer is re-armed lazily: activity only moves `last_activity`, and when the timer
     // fires early it is pushed to the real deadline. That keeps timer work off the per-read path.
+    // `checked_add` everywhere: a deadline past the end of time means "never".
     let mut timer = pin!(tokio::time::sleep(timeouts.idle));
 
-    poll_fn(|cx| {
+    let ended = poll_fn(|cx| {
         let mut moved = false;
-        let up_poll = up.poll(cx, client, backend, to_backend, &mut moved);
-        let down_poll = down.poll(cx, backend, client, to_client, &mut moved);
-        for p in [up_poll, down_poll] {
-            if let Poll::Ready(Err((side, e))) = p {
-                return Poll::Ready(match side {
-                    Side::Client => Outcome::ClientError(e),
-                    Side::Backend => Outcome::BackendError(e),
-                });
-            }
+        // Stop at the first failure, before polling the other direction: a socket reports its
+        // error once, and a read after a write consumed it returns end of file, which would be
+        // passed on as a FIN, as if the failed side had ended cleanly.
+        if let Poll::Ready(Err(failed)) = up.poll(cx, client, backend, to_backend, &mut moved) {
+            return Poll::Ready(Err(failed));
+        }
+        if let Poll::Ready(Err(failed)) = down.poll(cx, backend, client, to_client, &mut moved) {
+            return Poll::Ready(Err(failed));
         }
         if up.done && down.done {
-            return Poll::Ready(Outcome::Completed);
+            return Poll::Ready(Ok(Outcome::Completed));
         }
         if moved {
             last_activity = Instant::now();
         }
         let limit = if up.done || down.done { half_limit } else { timeouts.idle };
-        let deadline = last_activity + limit;
+        let Some(deadline) = last_activity.checked_add(limit) else {
+            return Poll::Pending;
+        };
         if (up.done || down.done) && !half_closed {
             // The half-close limit may be shorter than the idle one: bring the timer forward.
             half_closed = true;
@@ -168,11 +227,85 @@ pub async fn bidirectional(
         }
         while timer.as_mut().poll(cx).is_ready() {
             if Instant::now() >= deadline {
-                return Poll::Ready(if half_closed { Outcome::HalfCloseTimeout } else { Outcome::IdleTimeout });
+                return Poll::Ready(Ok(if half_closed { Outcome::HalfCloseTimeout } else { Outcome::IdleTimeout }));
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
+    let (side, error) = match ended {
+        Ok(outcome) => return outcome,
+        Err(failed) => failed,
+    };
+
+    // `failed`/`other`: the sockets; `salvaged`: the pipe from the failed side; `abandoned`:
+    // the pipe toward it, whose bytes have nowhere to go.
+    let (failed, other, mut salvaged, abandoned, counter) = match side {
+        Side::Client => (client, backend, up, &down, to_backend),
+        Side::Backend => (backend, client, down, &up, to_client),
+    };
+    let fin_sent = usize::from(abandoned.done);
+    let clean_reset = error.kind() == io::ErrorKind::ConnectionReset
+        && abandoned.pending() == 0
+        && unacknowledged(failed).is_some_and(|n| n <= fin_sent);
+    salvaged.salvage = true;
+    let delivered = salvage(&mut salvaged, failed, other, counter, half_limit).await && drain(other, half_limit).await;
+    Outcome::Failed(Failure { side, error, clean_reset, delivered })
+}
+
+/// Forwards what the failed side had sent before failing. False if the other side failed too
+/// or nothing moved for `limit`.
+async fn salvage(pipe: &mut Pipe, from: &TcpStream, to: &TcpStream, bytes: &IntCounter, limit: Duration) -> bool {
+    let mut last_activity = Instant::now();
+    let mut timer = pin!(tokio::time::sleep(limit));
+    poll_fn(|cx| {
+        let mut moved = false;
+        match pipe.poll(cx, from, to, bytes, &mut moved) {
+            Poll::Ready(Ok(())) => return Poll::Ready(true),
+            Poll::Ready(Err(_)) => return Poll::Ready(false),
+            Poll::Pending => {}
+        }
+        if moved {
+            last_activity = Instant::now();
+        }
+        let Some(deadline) = last_activity.checked_add(limit) else {
+            return Poll::Pending;
+        };
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return Poll::Ready(false);
             }
             timer.as_mut().reset(deadline);
         }
         Poll::Pending
     })
     .await
+}
+
+/// Waits until the kernel has delivered everything written to `stream` (acknowledged by the
+/// peer), giving up after `limit` without progress. True when it drained.
+async fn drain(stream: &TcpStream, limit: Duration) -> bool {
+    let mut interval = DRAIN_POLL_MIN;
+    let mut last = usize::MAX;
+    let mut last_progress = Instant::now();
+    loop {
+        let Some(left) = unacknowledged(stream) else { return false };
+        if left == 0 {
+            return true;
+        }
+        if left < last {
+            last = left;
+            last_progress = Instant::now();
+            interval = DRAIN_POLL_MIN;
+        } else if last_progress.elapsed() >= limit {
+            return false;
+        }
+        // A peer that closed or reset cannot acknowledge anything more.
+        if stream.peer_addr().is_err() {
+            return false;
+        }
+        tokio::time::sleep(interval).await;
+        interval = (interval * 2).min(DRAIN_POLL_MAX);
+    }
 }

@@ -16,7 +16,7 @@ use tracing::Instrument;
 use crate::backend::{BackendAddr, Backends};
 use crate::config::ProxyConfig;
 use crate::logging::Throttle;
-use crate::metrics::{CloseReason, ConnectError, Direction, Metrics};
+use crate::metrics::{CloseReason, ConnectError, Direction, Metrics, Side};
 
 /// How many backend addresses one client connection tries before giving up. Refused connects
 /// cost nothing, but each timeout costs `connect_timeout`; four keeps the worst case well
@@ -153,11 +153,25 @@ impl Proxy {
         if set.addrs.is_empty() {
             return CloseReason::NoBackend;
         }
-        let Some((backend, addr)) = self.connect(set.candidates(self.backends.next_start())).await else {
-            if let Some(suppressed) = self.connect_log.allow() {
-                tracing::warn!(backend = %self.backends.name, suppressed, "no backend address accepted the connection");
+        // The order is decided before the first attempt: marking an address suspect below
+        // must not move it into a later place in this same connection's list.
+        let candidates: Vec<&Arc<BackendAddr>> =
+            set.candidates(self.backends.next_start()).take(MAX_CONNECT_ATTEMPTS).collect();
+        let (backend, addr) = match self.connect(&candidates).await {
+            Ok(connected) => connected,
+            Err(Unconnected::OutOfResources(e)) => {
+                if let Some(suppressed) = self.connect_log.allow() {
+                    tracing::warn!(error = %e, suppressed, "cannot open a backend socket: out of file descriptors or memory");
+                }
+                socket::reset(client);
+                return CloseReason::FdLimit;
             }
-            return CloseReason::ConnectFailed;
+            Err(Unconnected::AllFailed) => {
+                if let Some(suppressed) = self.connect_log.allow() {
+                    tracing::warn!(backend = %self.backends.name, suppressed, "no backend address accepted the connection");
+                }
+                return CloseReason::ConnectFailed;
+            }
         };
         tracing::Span::current().record("backend.addr", tracing::field::display(addr.addr));
         let _active = addr.track();
@@ -184,33 +198,48 @@ impl Proxy {
             copy::Outcome::Completed => CloseReason::Completed,
             copy::Outcome::IdleTimeout => CloseReason::IdleTimeout,
             copy::Outcome::HalfCloseTimeout => CloseReason::HalfCloseTimeout,
-            copy::Outcome::ClientError(e) => {
-                tracing::debug!(error = %e, "client connection failed");
-                // Tell the backend the stream was aborted, as the client did.
-                socket::reset(&backend);
-                CloseReason::ClientError
-            }
-            copy::Outcome::BackendError(e) => {
-                tracing::debug!(error = %e, "backend connection failed");
-                socket::reset(client);
-                CloseReason::BackendError
+            copy::Outcome::Failed(failure) => {
+                tracing::debug!(side = failure.side.as_str(), error = %failure.error, clean = failure.clean_reset,
+                    delivered = failure.delivered, "connection ended by a failure of one side");
+                // The other side has received (and acknowledged) everything the failed side sent
+                // before it failed, or the drain gave up: now pass the abort on, as a reset, so
+                // that it sees what it would have seen talking to the failed side directly.
+                let other = match failure.side {
+                    Side::Client => &backend,
+                    Side::Backend => client,
+                };
+                socket::reset(other);
+                match (failure.side, failure.clean_reset) {
+                    (Side::Client, true) => CloseReason::ClientReset,
+                    (Side::Backend, true) => CloseReason::BackendReset,
+                    (side, false) => {
+                        self.metrics.tcp_error(side, &failure.error);
+                        match side {
+                            Side::Client => CloseReason::ClientError,
+                            Side::Backend => CloseReason::BackendError,
+                        }
+                    }
+                }
             }
         }
     }
 
-    /// Tries candidates in order until one accepts, each under the connect timeout.
+    /// Tries `candidates` in order until one accepts, each once, under the connect timeout.
     async fn connect<'a>(
         &self,
-        candidates: impl Iterator<Item = &'a Arc<BackendAddr>>,
-    ) -> Option<(TcpStream, &'a Arc<BackendAddr>)> {
-        for addr in candidates.take(MAX_CONNECT_ATTEMPTS) {
+        candidates: &[&'a Arc<BackendAddr>],
+    ) -> Result<(TcpStream, &'a Arc<BackendAddr>), Unconnected> {
+        for &addr in candidates {
             let started = tokio::time::Instant::now();
             let result = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr.addr)).await;
             let error = match result {
                 Ok(Ok(stream)) => {
                     self.metrics.connect_duration_seconds.observe(started.elapsed().as_secs_f64());
-                    return Some((stream, addr));
+                    return Ok((stream, addr));
                 }
+                // No socket could be made: the next address would fail the same way, and the
+                // backend is not at fault, so it is neither counted nor marked suspect.
+                Ok(Err(e)) if socket::out_of_resources(&e) => return Err(Unconnected::OutOfResources(e)),
                 Ok(Err(e)) => {
                     tracing::debug!(backend.addr = %addr.addr, error = %e, "connect failed; trying the next address");
                     ConnectError::classify(&e)
@@ -225,6 +254,14 @@ impl Proxy {
             // The address may have left DNS: ask for a fresh answer (rate-limited there).
             self.backends.request_refresh();
         }
-        None
+        Err(Unconnected::AllFailed)
     }
+}
+
+/// Why no backend connection was made.
+enum Unconnected {
+    /// Every candidate was tried once and failed.
+    AllFailed,
+    /// The proxy itself is out of descriptors or memory.
+    OutOfResources(io::Error),
 }
