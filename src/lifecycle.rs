@@ -71,23 +71,18 @@ const FD_RESERVE: u64 = 256;
 /// Raises the soft open-file limit to the hard one, and warns when it is still too low for
 /// `max_connections` (each proxied connection holds two descriptors).
 pub fn raise_fd_limit(max_connections: usize) {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit only writes into the struct we pass, which outlives the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    let Ok((soft, hard)) = rlimit::Resource::NOFILE.get() else {
         return;
-    }
-    let target = lim.rlim_max.min(FD_LIMIT_CAP);
-    if lim.rlim_cur < target {
-        let raised = libc::rlimit { rlim_cur: target, rlim_max: lim.rlim_max };
-        // SAFETY: setrlimit only reads the struct we pass.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            lim.rlim_cur = target;
-        }
+    };
+    let target = hard.min(FD_LIMIT_CAP);
+    let mut current = soft;
+    if soft < target && rlimit::Resource::NOFILE.set(target, hard).is_ok() {
+        current = target;
     }
     let needed = 2 * max_connections as u64 + FD_RESERVE;
-    if lim.rlim_cur < needed {
+    if current < needed {
         tracing::warn!(
-            limit = lim.rlim_cur,
+            limit = current,
             needed,
             "the open-file limit is too low for proxy.max_connections (2 per connection): accepts will back off \
              when it runs out; raise LimitNOFILE or lower proxy.max_connections"

@@ -382,8 +382,15 @@ async fn a_backend_reset_with_bytes_still_pending_toward_it_counts_as_an_error_b
     let writer = tokio::spawn(async move { w.write_all(&pattern(32 * 1024 * 1024, 5)).await });
     let (got, end) = read_all_until_end_half(&mut r).await;
     assert!(got.is_empty());
-    assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "the client sees the abort");
-    assert!(within(BOUND, "the writer", writer).await.expect("writer task").is_err(), "the upload was cut short");
+    let written = within(BOUND, "the writer", writer).await.expect("writer task");
+    // The reset reaches whichever of the client's two halves asks first; the other then sees
+    // the socket closed (end of file, or a broken pipe).
+    let reset = |kind: Option<std::io::ErrorKind>| kind == Some(std::io::ErrorKind::ConnectionReset);
+    assert!(
+        reset(end) || reset(written.as_ref().err().map(|e| e.kind())),
+        "the client sees the abort: {end:?}, {written:?}"
+    );
+    assert!(written.is_err(), "the upload was cut short");
 
     eventually("backend_error", async || proxy.closed("backend_error").await == 1.0).await;
     let reset = proxy.metric("static_ingress_tcp_errors_total{errno=\"ECONNRESET\",side=\"backend\"}").await;
