@@ -156,6 +156,39 @@ impl Errno {
     }
 }
 
+/// The process collector, keeping each family's last value when `/proc` cannot be read: the
+/// moment descriptors run out is when `process_open_fds` matters most, and a family that
+/// vanished from `/metrics` would look like a scrape problem instead.
+#[cfg(target_os = "linux")]
+struct LastGoodProcess {
+    inner: prometheus::process_collector::ProcessCollector,
+    last: std::sync::Mutex<Vec<prometheus::proto::MetricFamily>>,
+    stale: IntGauge,
+}
+
+#[cfg(target_os = "linux")]
+impl prometheus::core::Collector for LastGoodProcess {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.inner.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut fresh = self.inner.collect();
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut missing = false;
+        for old in last.iter() {
+            if !fresh.iter().any(|f| f.name() == old.name()) {
+                missing = true;
+                fresh.push(old.clone());
+            }
+        }
+        // Before the first good read there is nothing to repeat, and nothing is "missing".
+        self.stale.set(i64::from(missing || fresh.is_empty()));
+        last.clone_from(&fresh);
+        fresh
+    }
+}
+
 /// Which end of a proxied connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -280,8 +313,17 @@ impl Metrics {
         build_info.with_label_values(&[version]).set(1);
 
         let process = Registry::new();
+        let process_stale = gauge(
+            "process_metrics_stale",
+            "1 while the process_* metrics repeat their last values because /proc could not be read (out of \
+             file descriptors, say), else 0.",
+        )?;
         #[cfg(target_os = "linux")]
-        process.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        process.register(Box::new(LastGoodProcess {
+            inner: prometheus::process_collector::ProcessCollector::for_self(),
+            last: std::sync::Mutex::new(Vec::new()),
+            stale: process_stale.clone(),
+        }))?;
 
         Ok(Metrics {
             tcp_open_total: counter("tcp_open_total", "Client connections accepted.")?,

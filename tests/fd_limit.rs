@@ -33,6 +33,10 @@ async fn out_of_descriptors_while_connecting_is_fd_limit_not_a_backend_error() {
     eventually("the first health check", async || addr.last_check().is_some()).await;
     within(BOUND, "the backend to close the health check's connection", ends.recv()).await;
 
+    // A scrape before the shortage, as Prometheus makes every few seconds.
+    let before = proxy.metrics.render();
+    assert!(before.contains("process_open_fds "), "{before}");
+
     let (soft, hard) = rlimit::Resource::NOFILE.get().expect("getrlimit");
     let open = std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count() as u64;
     rlimit::Resource::NOFILE.set(open + 64, hard).expect("lower the soft limit");
@@ -55,6 +59,8 @@ async fn out_of_descriptors_while_connecting_is_fd_limit_not_a_backend_error() {
         Err(e) => Err(e.kind()),
     };
     let closes = proxy.metrics.close_count(CloseReason::FdLimit);
+    // A scrape now cannot read /proc: the process metrics keep their last values, flagged.
+    let during = proxy.metrics.render();
 
     drop(filler);
     rlimit::Resource::NOFILE.set(soft, hard).expect("restore the soft limit");
@@ -69,6 +75,10 @@ async fn out_of_descriptors_while_connecting_is_fd_limit_not_a_backend_error() {
         assert_eq!(proxy.metric(&sample).await, 0.0, "{sample}");
     }
     assert!(!addr.is_suspect(), "the backend address was blamed for the proxy's own shortage");
+
+    assert!(during.contains("process_open_fds "), "process_open_fds vanished while out of descriptors:\n{during}");
+    assert!(during.contains("static_ingress_process_metrics_stale 1"), "{during}");
+    assert_eq!(proxy.metric("static_ingress_process_metrics_stale").await, 0.0);
 
     // With descriptors back, the same address serves.
     let mut c = proxy.connect().await;

@@ -10,6 +10,7 @@ use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::{Resolver, TokioResolver};
+use tokio::time::Instant;
 
 use super::{Answer, Failure, FailureKind, Lookup};
 use crate::config::{DnsConfig, Family};
@@ -28,6 +29,86 @@ pub struct SetupError(#[source] NetError);
 pub struct HickoryLookup {
     resolver: TokioResolver,
     family: Family,
+    /// With `dns.family = "both"`: each family's last good answer, for its transient failures.
+    held: std::sync::Mutex<Held>,
+    hold: Duration,
+}
+
+/// Each family's last good answer and when it came.
+#[derive(Debug, Default)]
+struct Held {
+    v4: Option<(Answer, Instant)>,
+    v6: Option<(Answer, Instant)>,
+}
+
+/// One family's part of a dual-stack answer: its fresh answer, else its last good one while a
+/// failure is transient and the answer younger than `hold`. An authoritative "none" (NXDOMAIN,
+/// no records of that type) is believed: that family's addresses are gone.
+fn family_part(
+    fresh: Result<Answer, Failure>,
+    held: &mut Option<(Answer, Instant)>,
+    hold: Duration,
+    now: Instant,
+) -> Part {
+    match fresh {
+        Ok(answer) => {
+            *held = Some((answer.clone(), now));
+            Part::Fresh(answer)
+        }
+        Err(f) if matches!(f.kind, FailureKind::NxDomain | FailureKind::NoData) => {
+            *held = None;
+            Part::Failed(f)
+        }
+        Err(f) => match held {
+            Some((answer, at)) if now.saturating_duration_since(*at) < hold => Part::Held(answer.addrs.clone(), f),
+            _ => Part::Failed(f),
+        },
+    }
+}
+
+enum Part {
+    Fresh(Answer),
+    /// The family failed transiently; these are its last good addresses.
+    Held(Vec<IpAddr>, Failure),
+    Failed(Failure),
+}
+
+/// Both families' lookups made into one answer. A transient failure of one family keeps that
+/// family's last good addresses instead of leaving only the other family's: otherwise, after
+/// `backend.removed_grace`, every connection of the failed family would be cut by one bad
+/// query. Fails only when no family has a fresh answer (the follower then holds the whole set).
+fn merge(
+    v4: Result<Answer, Failure>,
+    v6: Result<Answer, Failure>,
+    held: &mut Held,
+    hold: Duration,
+    now: Instant,
+) -> Result<Answer, Failure> {
+    let parts = [family_part(v4, &mut held.v4, hold, now), family_part(v6, &mut held.v6, hold, now)];
+    let mut addrs = Vec::new();
+    let mut ttl: Option<Duration> = None;
+    let mut first_error = None;
+    for part in parts {
+        match part {
+            Part::Fresh(answer) => {
+                ttl = Some(ttl.map_or(answer.ttl, |t| t.min(answer.ttl)));
+                addrs.extend(answer.addrs);
+            }
+            Part::Held(kept, f) => {
+                addrs.extend(kept);
+                first_error.get_or_insert(f);
+            }
+            Part::Failed(f) => {
+                first_error.get_or_insert(f);
+            }
+        }
+    }
+    match (ttl, first_error) {
+        (Some(ttl), _) => Ok(Answer { addrs, ttl }),
+        (None, Some(f)) => Err(f),
+        // Unreachable (two parts, each fresh or failed), but an empty answer is the honest reply.
+        (None, None) => Ok(Answer { addrs, ttl: Duration::ZERO }),
+    }
 }
 
 impl HickoryLookup {
@@ -66,7 +147,7 @@ impl HickoryLookup {
         opts.attempts = RETRIES;
         opts.use_hosts_file = ResolveHosts::Never;
         let resolver = builder.build().map_err(SetupError)?;
-        Ok(HickoryLookup { resolver, family: config.family })
+        Ok(HickoryLookup { resolver, family: config.family, held: std::sync::Mutex::default(), hold: config.hold })
     }
 
     async fn v4(&self, name: &str) -> Result<Answer, Failure> {
@@ -107,15 +188,8 @@ impl Lookup for HickoryLookup {
             Family::Ipv6 => self.v6(&name).await,
             Family::Both => {
                 let (v4, v6) = tokio::join!(self.v4(&name), self.v6(&name));
-                match (v4, v6) {
-                    (Ok(a), Ok(b)) => {
-                        let mut addrs = a.addrs;
-                        addrs.extend(b.addrs);
-                        Ok(Answer { addrs, ttl: a.ttl.min(b.ttl) })
-                    }
-                    (Ok(a), Err(_)) | (Err(_), Ok(a)) => Ok(a),
-                    (Err(e), Err(_)) => Err(e),
-                }
+                let mut held = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                merge(v4, v6, &mut held, self.hold, Instant::now())
             }
         }
     }
@@ -148,4 +222,51 @@ pub fn classify(e: &NetError) -> Failure {
 /// The address to dial for a literal IP backend, or `None` when the host is a name.
 pub fn literal(host: &str, port: u16) -> Option<SocketAddr> {
     host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(ips: &[&str], ttl: u64) -> Result<Answer, Failure> {
+        Ok(Answer { addrs: ips.iter().map(|ip| ip.parse().unwrap()).collect(), ttl: Duration::from_secs(ttl) })
+    }
+
+    fn failure(kind: FailureKind) -> Result<Answer, Failure> {
+        Err(Failure { kind, detail: String::new() })
+    }
+
+    #[test]
+    fn a_transient_failure_of_one_family_keeps_its_last_good_addresses() {
+        let mut held = Held::default();
+        let hold = Duration::from_secs(3600);
+        let t0 = Instant::now();
+        let both = merge(answer(&["192.0.2.1"], 60), answer(&["2001:db8::1"], 30), &mut held, hold, t0).unwrap();
+        assert_eq!(both.addrs.len(), 2);
+        assert_eq!(both.ttl, Duration::from_secs(30));
+
+        // IPv6 times out: its address stays, the TTL comes from the family that answered.
+        let later = t0 + Duration::from_secs(60);
+        let kept = merge(answer(&["192.0.2.1"], 60), failure(FailureKind::Timeout), &mut held, hold, later).unwrap();
+        assert_eq!(kept.addrs, both.addrs);
+        assert_eq!(kept.ttl, Duration::from_secs(60));
+
+        // Past dns.hold the old IPv6 answer is no longer trusted.
+        let much_later = t0 + hold + Duration::from_secs(1);
+        let v4_only = merge(answer(&["192.0.2.1"], 60), failure(FailureKind::ServFail), &mut held, hold, much_later);
+        assert_eq!(v4_only.unwrap().addrs, vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn an_authoritative_none_for_one_family_drops_it_and_two_failures_fail() {
+        let mut held = Held::default();
+        let hold = Duration::from_secs(3600);
+        let t0 = Instant::now();
+        merge(answer(&["192.0.2.1"], 60), answer(&["2001:db8::1"], 60), &mut held, hold, t0).unwrap();
+        let gone = merge(answer(&["192.0.2.1"], 60), failure(FailureKind::NoData), &mut held, hold, t0).unwrap();
+        assert_eq!(gone.addrs.len(), 1);
+        // Nothing fresh from either family: a failure, which the follower holds the whole set through.
+        let both_failed = merge(failure(FailureKind::Timeout), failure(FailureKind::Timeout), &mut held, hold, t0);
+        assert_eq!(both_failed.unwrap_err().kind, FailureKind::Timeout);
+    }
 }
