@@ -1,9 +1,12 @@
 //! The admin HTTP server: `/health` for Route 53, `/live`, `/metrics` and `/status`.
 //!
 //! It answers from in-memory state only (never waits on DNS or a health check), and is
-//! hardened against clients that are slow or many: a header-read timeout, a connection cap,
-//! GET and HEAD only.
+//! hardened against clients that are slow or many: a header-read timeout, GET and HEAD only,
+//! and a connection cap that makes room for a newcomer by closing a connection that waits
+//! (see [`slots`]), so slow clients cannot lock Route 53 out of `/health`.
 
+mod accept;
+mod slots;
 mod status;
 
 use std::convert::Infallible;
@@ -19,8 +22,8 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backends;
@@ -31,8 +34,6 @@ use crate::proxy::Proxy;
 
 /// How long open admin connections get to finish when the process exits.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
-/// Pause after accept fails for lack of descriptors, so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// What the admin endpoints report on.
 pub struct State {
@@ -46,6 +47,47 @@ pub struct State {
     started: Instant,
     started_at: SystemTime,
     draining: AtomicBool,
+    admin_metrics: AdminMetrics,
+}
+
+/// Metrics of the admin server itself. They live here, next to the only code that moves
+/// them, in a registry of their own that `/metrics` renders after the proxy's.
+struct AdminMetrics {
+    registry: Registry,
+    /// Connections closed to make room, by whether they had delivered a request: `none`
+    /// (slow-loris clients, scanners) or `served` (kept alive, or slow to read an answer).
+    evicted: [IntCounter; 2],
+}
+
+impl AdminMetrics {
+    fn new() -> prometheus::Result<AdminMetrics> {
+        let registry = Registry::new_custom(Some("static_ingress".into()), None)?;
+        let evicted = IntCounterVec::new(
+            Opts::new(
+                "admin_connections_evicted_total",
+                "Admin connections closed to make room for a new one at admin.max_connections, by whether they had \
+                 delivered a request (none, served).",
+            ),
+            &["request"],
+        )?;
+        registry.register(Box::new(evicted.clone()))?;
+        Ok(AdminMetrics {
+            registry,
+            evicted: [evicted.with_label_values(&["none"]), evicted.with_label_values(&["served"])],
+        })
+    }
+
+    fn evicted(&self, e: slots::Eviction) {
+        self.evicted[usize::from(e.served)].inc();
+    }
+
+    fn render(&self) -> String {
+        // Encoding only fails for invalid families, which registration rejects.
+        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "encoding admin metrics failed");
+            String::new()
+        })
+    }
 }
 
 /// The answer `/health` gives.
@@ -75,6 +117,9 @@ impl State {
             started: Instant::now(),
             started_at: SystemTime::now(),
             draining: AtomicBool::new(false),
+            // The one name and label set are fixed and valid; `admin_metrics_render` in the
+            // tests registers them.
+            admin_metrics: AdminMetrics::new().expect("admin metric definitions are valid"),
         }
     }
 
@@ -119,50 +164,58 @@ impl State {
 /// Serves until `stop` fires, then gives open admin connections a moment to finish.
 pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
     let graceful = GracefulShutdown::new();
-    let limit = Arc::new(Semaphore::new(state.config.admin.max_connections));
-    let limit_log = Throttle::new();
+    let slots = slots::Slots::new(state.config.admin.max_connections);
+    let evict_log = Throttle::new();
+    let accept_log = Throttle::new();
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(state.config.admin.header_timeout).keep_alive(true);
 
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(error = %e, "admin accept failed");
-                if crate::proxy::socket::out_of_resources(&e) {
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-                continue;
+    let mut acceptor = accept::Acceptor::new(listener);
+    let accept_failed = |e: &std::io::Error, exhausted: bool| {
+        if !exhausted {
+            tracing::debug!(error = %e, "admin accept failed");
+        } else if let Some(suppressed) = accept_log.allow() {
+            tracing::warn!(error = %e, suppressed, "admin accept failed: out of file descriptors or memory; backing off");
+        }
+    };
+    while let Some((stream, peer)) = acceptor.next(&stop, accept_failed).await {
+        let (slot, evicted) = slots.admit(peer.ip());
+        if let Some(e) = evicted {
+            state.admin_metrics.evicted(e);
+            if let Some(suppressed) = evict_log.allow() {
+                tracing::warn!(
+                    client.addr = %peer,
+                    limit = state.config.admin.max_connections,
+                    evicted.served = e.served,
+                    suppressed,
+                    "admin connection limit reached; closed the longest-waiting connection of the client holding the most"
+                );
             }
-        };
-        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-            if let Some(suppressed) = limit_log.allow() {
-                tracing::warn!(client.addr = %peer, suppressed, "admin connection limit reached; closing");
-            }
-            continue;
-        };
+        }
+        let slot = Arc::new(slot);
+        let service_slot = Arc::clone(&slot);
         let state = Arc::clone(&state);
         let conn = builder.serve_connection(
             TokioIo::new(stream),
             service_fn(move |req| {
+                // A complete request head is progress: this connection is the last to evict.
+                service_slot.progressed();
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(route(&req, &state)) }
             }),
         );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(client.addr = %peer, error = %e, "admin connection ended with an error");
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(client.addr = %peer, error = %e, "admin connection ended with an error");
+                },
+                // Dropping the connection closes the socket; the slot is already someone else's.
+                () = slot.evicted() => tracing::debug!(client.addr = %peer, "admin connection evicted"),
             }
         });
     }
-    drop(listener);
+    drop(acceptor);
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::debug!("admin connections still open at exit");
     }
@@ -183,7 +236,7 @@ fn route(req: &Request<hyper::body::Incoming>, state: &State) -> Response<Full<B
         },
         "/metrics" => {
             state.metrics.observe_backends(&state.backends.current());
-            let mut r = text(StatusCode::OK, state.metrics.render());
+            let mut r = text(StatusCode::OK, state.metrics.render() + &state.admin_metrics.render());
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
             r
         }
@@ -207,4 +260,18 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_metrics_render() {
+        let m = AdminMetrics::new().unwrap();
+        m.evicted(slots::Eviction { served: false });
+        let text = m.render();
+        assert!(text.contains("static_ingress_admin_connections_evicted_total{request=\"none\"} 1"), "{text}");
+        assert!(text.contains("static_ingress_admin_connections_evicted_total{request=\"served\"} 0"), "{text}");
+    }
 }

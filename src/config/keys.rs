@@ -255,8 +255,9 @@ pub static KEYS: &[Key] = &[
         name: "admin.max_connections",
         kind: Kind::Count { min: 1, max: 10_000 },
         default: Some("64"),
-        doc: "Admin connections served at once; more are closed at once. Route 53 uses \
-              about one per health-checker region.",
+        doc: "Admin connections held at once. A new connection is always served: at the cap, \
+              the one that has waited longest for a request, from the client holding the most, \
+              is closed to make room. Route 53 uses about one per health-checker region.",
     },
     Key {
         name: "lifecycle.drain_delay",
