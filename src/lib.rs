@@ -6,6 +6,7 @@
 //! - [`config`]: keys and defaults, file + flags + environment, checked once into [`config::Config`].
 //! - [`server`]: binds every listener, starts the parts, and drains them in one fixed order.
 //! - [`lifecycle`]: Unix signals, systemd readiness and watchdog, file-descriptor limits.
+//! - [`accept`]: the accept loop both listeners share (never dies, backs off when out of descriptors).
 //! - [`proxy`]: the data path: accept loop, connection limit, connect, two-way copy.
 //! - [`backend`]: the backend's current address set and the order connections try it in.
 //! - [`health`]: active TCP checks of every backend address (interval, rise, fall).
@@ -15,6 +16,7 @@
 //! - [`metrics`]: Prometheus metrics, all named `static_ingress_*`.
 //! - [`logging`]: text or JSON logs, and a throttle for per-connection warnings.
 
+pub mod accept;
 pub mod admin;
 pub mod backend;
 pub mod cli;

@@ -5,7 +5,6 @@
 //! and a connection cap that makes room for a newcomer by closing a connection that waits
 //! (see [`slots`]), so slow clients cannot lock Route 53 out of `/health`.
 
-mod accept;
 mod slots;
 mod status;
 
@@ -170,7 +169,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationT
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(state.config.admin.header_timeout).keep_alive(true);
 
-    let mut acceptor = accept::Acceptor::new(listener);
+    let mut acceptor = crate::accept::Acceptor::new(listener);
     let accept_failed = |e: &std::io::Error, exhausted: bool| {
         if !exhausted {
             tracing::debug!(error = %e, "admin accept failed");

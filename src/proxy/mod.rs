@@ -5,7 +5,6 @@ pub mod socket;
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -22,10 +21,6 @@ use crate::metrics::{CloseReason, ConnectError, Direction, Metrics, Side};
 /// cost nothing, but each timeout costs `connect_timeout`; four keeps the worst case well
 /// inside the ~30 s a TLS client waits for its handshake at the default 3 s.
 const MAX_CONNECT_ATTEMPTS: usize = 4;
-/// Backoff after accept fails for lack of file descriptors or memory: start small so service
-/// resumes quickly, cap at one second so a sustained shortage does not spin a core.
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Everything a connection task needs, shared by all of them.
 pub struct Proxy {
@@ -69,28 +64,9 @@ impl Proxy {
     /// Accepts until `stop` fires, then drops the listener so the port closes. Never returns
     /// early because of an error: per-connection failures are counted and the loop goes on.
     pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
-        let mut backoff = ACCEPT_BACKOFF_MIN;
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                () = stop.cancelled() => break,
-                r = listener.accept() => r,
-            };
-            let (stream, peer) = match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    if !self.accept_failed(&e) {
-                        continue;
-                    }
-                    tokio::select! {
-                        () = stop.cancelled() => break,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                    continue;
-                }
-            };
-            backoff = ACCEPT_BACKOFF_MIN;
+        let addr = listener.local_addr().ok();
+        let mut acceptor = crate::accept::Acceptor::new(listener);
+        while let Some((stream, peer)) = acceptor.next(&stop, |e, exhausted| self.accept_failed(e, exhausted)).await {
             self.metrics.tcp_open_total.inc();
             self.metrics.tcp_open_connections.inc();
             match Arc::clone(&self.limit).try_acquire_owned() {
@@ -113,12 +89,12 @@ impl Proxy {
                 }
             }
         }
-        tracing::info!(addr = ?listener.local_addr().ok(), "stopped accepting");
+        tracing::info!(addr = ?addr, "stopped accepting");
     }
 
-    /// Counts and logs an accept error; true when the loop should back off.
-    fn accept_failed(&self, e: &io::Error) -> bool {
-        let exhausted = socket::out_of_resources(e);
+    /// Counts and logs an accept error; `exhausted` when out of descriptors or memory (the
+    /// acceptor then backs off).
+    fn accept_failed(&self, e: &io::Error, exhausted: bool) {
         let reason = if exhausted { "fd_limit" } else { "other" };
         self.metrics.accept_errors_total.with_label_values(&[reason]).inc();
         if exhausted {
@@ -128,7 +104,6 @@ impl Proxy {
         } else {
             tracing::debug!(error = %e, "accept failed");
         }
-        exhausted
     }
 
     async fn serve(self: Arc<Self>, client: TcpStream, permit: OwnedSemaphorePermit) {

@@ -1,8 +1,6 @@
 //! An accept loop that never gives up: a failed accept is skipped, and a shortage of
 //! descriptors or memory backs off instead of spinning.
-//!
-//! Nothing here knows about the admin server, so the proxy's accept loop (which has the same
-//! shape in `proxy::Proxy::accept_loop`) can move onto it.
+//! Shared by the proxy's and the admin server's listeners.
 
 use std::io;
 use std::net::SocketAddr;
