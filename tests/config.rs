@@ -2,6 +2,8 @@
 //! `check-config`, `run` and `claim-eip` tell an operator, and that they exit 78 instead of
 //! panicking later.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -195,4 +197,17 @@ fn file_mistakes_are_named_with_their_line() {
         assert_eq!(out.status.code(), Some(78), "{name}");
         assert_eq!(stderr(&out), format!("error: {path}:{want}\nconfiguration invalid: 1 error\n"), "{name}");
     }
+}
+
+/// The bounds are safe to use: a proxy with every duration at its bound serves a connection
+/// and counts its close (the deadlines it computes from them do not overflow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_duration_at_its_bound_still_proxies() {
+    let backend = common::Backend::echo().await;
+    let proxy = common::Proxy::start(backend.addr, &bounded_keys()).await;
+    let mut client = proxy.connect().await;
+    assert_eq!(common::round_trip(&mut client, b"still here").await, b"still here");
+    tokio::io::AsyncWriteExt::shutdown(&mut client).await.expect("half-close");
+    assert_eq!(common::read_until_closed(&mut client).await.expect("a clean end"), b"");
+    common::eventually("the close to be counted", async || proxy.closed("completed").await == 1.0).await;
 }
