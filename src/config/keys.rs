@@ -7,10 +7,13 @@
 /// What a key's value must look like; each kind has one parser in `config::value`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// A duration with a unit, like `5s`, `250ms` or `10m`; zero is refused.
-    Duration,
-    /// A duration that may be zero (`0s` turns the step off).
-    DurationOrZero,
+    /// A duration with a unit, like `5s`, `250ms` or `10m`, above zero and at most `max`
+    /// (written like a default). Every duration has an upper bound so that no value reaching
+    /// `Instant + duration` can overflow it, and so that a slip such as `300000000000y` is
+    /// refused by `check-config` instead of panicking at run time.
+    Duration { max: &'static str },
+    /// Like `Duration`, but zero is allowed (`0s` turns the step off).
+    DurationOrZero { max: &'static str },
     /// A whole number within `min..=max`.
     Count { min: u64, max: u64 },
     /// One `IP:port` socket address.
@@ -39,7 +42,7 @@ impl Kind {
     /// The placeholder shown for the value in `--help`.
     pub fn value_name(self) -> &'static str {
         match self {
-            Kind::Duration | Kind::DurationOrZero => "DURATION",
+            Kind::Duration { .. } | Kind::DurationOrZero { .. } => "DURATION",
             Kind::Count { .. } => "N",
             Kind::SocketAddr => "IP:PORT",
             Kind::SocketAddrs | Kind::OptionalSocketAddrs => "IP:PORT[,IP:PORT...]",
@@ -50,6 +53,14 @@ impl Kind {
             Kind::OptionalAllocationId => "ALLOCATION-ID",
             Kind::TagKey => "TAG-KEY",
             Kind::OptionalUrl => "URL",
+        }
+    }
+
+    /// The longest value a duration kind accepts, as written in [`KEYS`].
+    pub fn max_duration(self) -> Option<&'static str> {
+        match self {
+            Kind::Duration { max } | Kind::DurationOrZero { max } => Some(max),
+            _ => None,
         }
     }
 }
@@ -112,26 +123,31 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "proxy.connect_timeout",
-        kind: Kind::Duration,
+        kind: Kind::Duration { max: "10m" },
         default: Some("3s"),
         doc: "How long one connect to a backend address may take before the next address is \
               tried. 3s allows one SYN retransmission (1s) and still leaves time to try \
-              another address inside a client's TLS handshake timeout.",
+              another address inside a client's TLS handshake timeout. \
+              At most 10m: Linux itself gives up a connect after about 2 minutes of SYN retries.",
     },
     Key {
         name: "proxy.idle_timeout",
-        kind: Kind::Duration,
+        kind: Kind::Duration { max: "30d" },
         default: Some("360s"),
         doc: "A connection on which neither side sends anything for this long is closed. \
-              Above the 350s of AWS NLB, so clients tuned for AWS load balancers keep working.",
+              Above the 350s of AWS NLB, so clients tuned for AWS load balancers keep working. \
+              At most 30d: quiet long-lived connections may want days, but a month-old silence is a dead peer.",
     },
     Key {
         name: "proxy.half_close_timeout",
-        kind: Kind::Duration,
+        kind: Kind::Duration { max: "30d" },
         default: Some("60s"),
         doc: "Once one side has closed its sending half, the other direction may stay idle \
               this long (or idle_timeout, if shorter) before the connection is closed, so \
-              half-closed connections cannot pile up.",
+              half-closed connections cannot pile up. After one side resets, it also bounds \
+              how long the proxy waits, without progress, for the other side to receive the \
+              last bytes before the reset is passed on. \
+              At most 30d: as for idle_timeout, which caps it anyway.",
     },
     Key {
         name: "proxy.max_connections",
@@ -143,10 +159,11 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "proxy.tcp_keepalive",
-        kind: Kind::Duration,
+        kind: Kind::Duration { max: "32767s" },
         default: Some("60s"),
         doc: "Idle time before TCP keepalive probes start on both sides (then every 10s, 6 \
-              probes), so peers that vanished without a FIN are noticed and NAT state stays warm.",
+              probes), so peers that vanished without a FIN are noticed and NAT state stays warm. \
+              At most 32767s: Linux refuses a keepalive idle time above 32767 seconds.",
     },
     Key {
         name: "backend.address",
@@ -156,11 +173,12 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "backend.removed_grace",
-        kind: Kind::DurationOrZero,
+        kind: Kind::DurationOrZero { max: "7d" },
         default: Some("5m"),
         doc: "When an address leaves DNS, new connections stop going there at once; connections \
               already open to it are closed after this grace, because AWS hands retired ELB \
-              addresses to other customers. An address that comes back within it is kept.",
+              addresses to other customers. An address that comes back within it is kept. \
+              At most 7d: a retired ELB address may soon serve another AWS customer.",
     },
     Key {
         name: "dns.nameservers",
@@ -171,32 +189,36 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "dns.refresh_interval",
-        kind: Kind::Duration,
+        kind: Kind::Duration { max: "1d" },
         default: Some("1s"),
         doc: "Re-resolve at the earlier of the answer's TTL and this interval, so a blue/green \
-              flip is seen within a second even when the record's TTL is long.",
+              flip is seen within a second even when the record's TTL is long. \
+              At most 1d: re-resolving less than daily would miss blue/green flips for a day.",
     },
     Key {
         name: "dns.min_ttl",
-        kind: Kind::Duration,
+        kind: Kind::Duration { max: "1d" },
         default: Some("250ms"),
         doc: "Never re-resolve faster than this, whatever the TTL (a TTL of 0 uses it), and \
               never retry a failed lookup faster than this, so a broken resolver cannot make \
-              the proxy spin.",
+              the proxy spin. \
+              At most 1d: it may not exceed dns.refresh_interval anyway.",
     },
     Key {
         name: "dns.hold",
-        kind: Kind::Duration,
+        kind: Kind::Duration { max: "7d" },
         default: Some("6h"),
         doc: "While lookups fail (NXDOMAIN, SERVFAIL, timeouts, no answer), keep using the last \
               good addresses for this long after that answer. Past it the addresses are dropped, \
-              because ELB addresses are eventually given to other AWS customers.",
+              because ELB addresses are eventually given to other AWS customers. \
+              At most 7d: a week rides out any resolver outage; older ELB addresses may belong to others by then.",
     },
     Key {
         name: "dns.timeout",
-        kind: Kind::Duration,
+        kind: Kind::Duration { max: "10m" },
         default: Some("2s"),
-        doc: "How long one lookup may take (one retry included) before it counts as a timeout.",
+        doc: "How long one lookup may take (one retry included) before it counts as a timeout. \
+              At most 10m: a resolver answers or fails within seconds.",
     },
     Key {
         name: "dns.family",
@@ -207,16 +229,18 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "health.interval",
-        kind: Kind::Duration,
+        kind: Kind::Duration { max: "1h" },
         default: Some("1s"),
         doc: "How often every backend address is checked with a TCP connect. New addresses from \
-              DNS are checked at once.",
+              DNS are checked at once. \
+              At most 1h: checked more rarely, a dead address would take hours to be marked down.",
     },
     Key {
         name: "health.timeout",
-        kind: Kind::Duration,
+        kind: Kind::Duration { max: "10m" },
         default: Some("1s"),
-        doc: "A check whose connect takes longer than this fails.",
+        doc: "A check whose connect takes longer than this fails. \
+              At most 10m: Linux itself gives up a connect after about 2 minutes.",
     },
     Key {
         name: "health.fall",
@@ -246,10 +270,11 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "admin.header_timeout",
-        kind: Kind::Duration,
+        kind: Kind::Duration { max: "10m" },
         default: Some("5s"),
         doc: "A client must send a whole request header within this time, also between \
-              requests on a kept-alive connection, or it is disconnected.",
+              requests on a kept-alive connection, or it is disconnected. \
+              At most 10m: a request header is a few hundred bytes; waiting longer only holds an admin slot.",
     },
     Key {
         name: "admin.max_connections",
@@ -261,18 +286,20 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "lifecycle.drain_delay",
-        kind: Kind::DurationOrZero,
+        kind: Kind::DurationOrZero { max: "1d" },
         default: Some("90s"),
         doc: "After SIGTERM, /health answers 503 but the proxy keeps accepting for this long, \
               so Route 53 (3 failed checks at 10s, about 30s) drops this IP and clients' \
-              cached answers (TTL 60s) expire before the listener closes.",
+              cached answers (TTL 60s) expire before the listener closes. \
+              At most 1d: it only has to outlast Route 53's checks and the clients' DNS TTL.",
     },
     Key {
         name: "lifecycle.grace_period",
-        kind: Kind::DurationOrZero,
+        kind: Kind::DurationOrZero { max: "7d" },
         default: Some("120s"),
         doc: "After the listeners close, open connections may finish for this long; those \
-              still open then are closed (counted as shutdown).",
+              still open then are closed (counted as shutdown). \
+              At most 7d: long-lived connections may need hours to finish; a week is plenty.",
     },
     Key {
         name: "eip.enabled",
@@ -299,19 +326,21 @@ pub static KEYS: &[Key] = &[
     },
     Key {
         name: "eip.check_interval",
-        kind: Kind::Duration,
+        kind: Kind::Duration { max: "1d" },
         default: Some("1m"),
         doc: "How often the running proxy checks that the Elastic IP is still associated with \
               this instance (one DescribeAddresses call). Losing it to a newer fleet is logged \
-              and shown, not fought over.",
+              and shown, not fought over. \
+              At most 1d: a rarer check would leave a lost address unnoticed for more than a day.",
     },
     Key {
         name: "eip.deadline",
-        kind: Kind::Duration,
+        kind: Kind::Duration { max: "1h" },
         default: Some("2m"),
         doc: "How long one claim may take in all: retries of throttled or failed calls (with \
               exponential backoff and jitter) and waiting for DescribeAddresses to show the new \
-              association, which is eventually consistent.",
+              association, which is eventually consistent. \
+              At most 1h: an instance that cannot claim its address within an hour needs a person, not more retries.",
     },
     Key {
         name: "eip.imds_endpoint",

@@ -465,6 +465,25 @@ mod tests {
     }
 
     #[test]
+    fn every_duration_has_a_documented_bound_above_its_default() {
+        // 30 days is far below where `Instant + Duration` overflows (Instant counts i64
+        // seconds since boot), also for the sum of a few such values.
+        let longest = Duration::from_secs(30 * 86_400);
+        let mut bounded = 0;
+        for key in keys::KEYS {
+            let Some(max) = key.kind.max_duration() else { continue };
+            bounded += 1;
+            let limit = value::duration(max).unwrap_or_else(|e| panic!("{}: bound {max}: {e}", key.name));
+            assert!(limit <= longest, "{}: bound {max} is past 30d", key.name);
+            if let Some(default) = key.default {
+                assert!(value::duration(default).unwrap() <= limit, "{}: default above {max}", key.name);
+            }
+            assert!(key.doc.contains(&format!("At most {max}: ")), "{} does not say why it stops at {max}", key.name);
+        }
+        assert!(bounded > 0);
+    }
+
+    #[test]
     fn missing_backend_is_one_clear_error() {
         let err = Config::from_pairs([]).unwrap_err();
         assert_eq!(
@@ -545,7 +564,8 @@ mod doc_tests {
                 Some("") => "`\"\"`".to_string(),
                 Some(d) => format!("`{d}`"),
             };
-            let row = format!("| `{}` | {default} | `--{}` | `{}` |", key.name, key.flag(), key.env());
+            // The whole row, meaning included, so a duration's bound and its reason are there too.
+            let row = format!("| `{}` | {default} | `--{}` | `{}` | {} |", key.name, key.flag(), key.env(), key.doc);
             assert!(doc.contains(&row), "docs/configuration.md lacks the row:\n{row}");
         }
     }

@@ -1,6 +1,7 @@
 //! Where a configuration value comes from: the TOML file (with its line), a flag, an
 //! environment variable or the default; and the errors that name that place.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use super::keys::{self, Key};
+use super::value::cut;
 
 /// Where a value was set. Shown in every error and in `check-config`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,27 +105,59 @@ impl FileLayer {
     /// Reads and parses `path`, refusing unknown sections and keys (all of them, not just
     /// the first).
     pub fn read(path: &Path) -> Result<FileLayer, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let bytes = std::fs::read(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 origin: Origin::File { path: path.to_path_buf(), line: None },
                 key: None,
                 message: format!("cannot read the config file: {e}"),
             }])
         })?;
-        Self::parse(path, &text)
+        Self::parse_bytes(path, &bytes)
+    }
+
+    /// Like [`FileLayer::parse`], for the file's bytes: text that is not UTF-8 is refused with
+    /// the line and column of the first bad byte, so it can be found in an editor.
+    pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<FileLayer, ConfigErrors> {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Self::parse(path, text),
+            Err(e) => {
+                let good = &bytes[..e.valid_up_to()];
+                let line_start = good.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                // Characters, not bytes, as an editor counts columns; the part before the bad
+                // byte is valid UTF-8 by definition.
+                let column = String::from_utf8_lossy(&good[line_start..]).chars().count() + 1;
+                let line = good.iter().filter(|b| **b == b'\n').count() + 1;
+                let what = match bytes.get(e.valid_up_to()) {
+                    Some(b) if e.error_len().is_some() => format!("byte 0x{b:02X} at column {column}"),
+                    _ => format!("a character cut short at column {column}"),
+                };
+                Err(ConfigErrors(vec![ConfigError {
+                    origin: Origin::File { path: path.to_path_buf(), line: Some(line) },
+                    key: None,
+                    message: format!("the config file is not valid UTF-8 ({what}); save it as UTF-8"),
+                }]))
+            }
+        }
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<FileLayer, ConfigErrors> {
+        Self::parse_indexed(path, text, &LineIndex::new(text))
+    }
+
+    fn parse_indexed(path: &Path, text: &str, lines: &LineIndex) -> Result<FileLayer, ConfigErrors> {
         let at = |line: Option<usize>| Origin::File { path: path.to_path_buf(), line };
-        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
 
         let doc: Document = match toml::from_str(text) {
             Ok(doc) => doc,
             Err(e) => {
-                let line = e.span().map(|s| line_of(s.start));
-                let message = match not_a_section(text) {
-                    Some(name) => format!("`{name}` must be a section: write [{name}] and put its keys below it"),
-                    None => e.message().trim().to_string(),
+                let line = e.span().map(|s| lines.line(s.start));
+                let message = match (not_a_section(text), e.span()) {
+                    (Some(name), _) => {
+                        let name = cut(&name);
+                        format!("`{name}` must be a section: write [{name}] and put its keys below it")
+                    }
+                    (None, Some(span)) if e.message().starts_with("duplicate key") => duplicate(text, span, lines),
+                    (None, _) => cut(e.message().trim()).into_owned(),
                 };
                 return Err(ConfigErrors(vec![ConfigError { origin: at(line), key: None, message }]));
             }
@@ -136,10 +170,11 @@ impl FileLayer {
             if !known_sections.contains(&section.as_str()) {
                 let hint = did_you_mean(&section, known_sections.iter().copied());
                 errors.push(ConfigError {
-                    origin: at(Some(line_of(table.span().start))),
+                    origin: at(Some(lines.line(table.span().start))),
                     key: None,
                     message: format!(
-                        "unknown section [{section}]{}",
+                        "unknown section [{}]{}",
+                        cut(&section),
                         hint.map(|h| format!(" (did you mean [{h}]?)")).unwrap_or_default()
                     ),
                 });
@@ -147,16 +182,15 @@ impl FileLayer {
             }
             for (field, value) in table.into_inner() {
                 let name = format!("{section}.{field}");
-                let line = line_of(value.span().start);
+                let line = lines.line(value.span().start);
                 if keys::find(&name).is_none() {
-                    let in_section = keys::KEYS.iter().filter(|k| k.section() == section).map(|k| k.field());
-                    let hint = did_you_mean(&field, in_section);
                     errors.push(ConfigError {
                         origin: at(Some(line)),
                         key: None,
                         message: format!(
-                            "unknown key {name}{}",
-                            hint.map(|h| format!(" (did you mean {section}.{h}?)")).unwrap_or_default()
+                            "unknown key {section}.{}{}",
+                            cut(&field),
+                            key_hint(&section, &field).map(|h| format!(" (did you mean {h}?)")).unwrap_or_default()
                         ),
                     });
                     continue;
@@ -172,33 +206,99 @@ impl FileLayer {
     }
 }
 
+/// Line numbers of byte offsets, from one pass over the text. Finding each key's line by
+/// rescanning the text up to it made a file of 80,000 unknown keys take quadratic time.
+struct LineIndex {
+    /// The offset at which each line after the first starts.
+    starts: Vec<usize>,
+    /// Bytes scanned and comparisons made, so a test can hold the work to linear.
+    steps: Cell<usize>,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> LineIndex {
+        let starts = text.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i + 1).collect();
+        LineIndex { starts, steps: Cell::new(text.len()) }
+    }
+
+    /// The 1-based line that byte `offset` is on.
+    fn line(&self, offset: usize) -> usize {
+        let before = self.starts.partition_point(|&start| {
+            self.steps.set(self.steps.get() + 1);
+            start <= offset
+        });
+        before + 1
+    }
+}
+
+/// The message for a key or section defined twice, naming it and where it was first set.
+/// toml says only "duplicate key", with the span of the second one.
+fn duplicate(text: &str, span: std::ops::Range<usize>, lines: &LineIndex) -> String {
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = &text[line_start..];
+    let unquote = |k: &'_ str| k.trim().trim_matches(['"', '\'']).to_string();
+    // The text before this line parsed up to here, so it holds the first definition (the
+    // duplicate is the first error toml meets).
+    let before: Option<Document> = toml::from_str(&text[..line_start]).ok();
+    if line.trim_start().starts_with('[') {
+        let name = unquote(text.get(span).unwrap_or_default());
+        let first = before.as_ref().and_then(|d| d.get(&name)).map(|t| lines.line(t.span().start));
+        let first = first.map(|l| format!(" (first on line {l})")).unwrap_or_default();
+        let name = cut(&name);
+        return format!("section [{name}] appears twice{first}; put all its keys under one [{name}]");
+    }
+    // The key as written before its `=`, dots and all; a span past the `=` is a key inside an
+    // inline table, which no key here takes.
+    let key_end = line_start + line.find('=').unwrap_or(line.len());
+    if start >= key_end {
+        return format!("duplicate key {} in an inline table", cut(&unquote(text.get(span).unwrap_or_default())));
+    }
+    let key = unquote(&text[line_start..key_end]);
+    // The key's section is the last header before it.
+    match before.as_ref().and_then(|d| d.iter().max_by_key(|(_, t)| t.span().start)) {
+        Some((section, table)) => {
+            let first = table.get_ref().get(&key).map(|v| lines.line(v.span().start));
+            let first = first.map(|l| format!(" (first set on line {l})")).unwrap_or_default();
+            format!("duplicate key {}.{}{first}", cut(section), cut(&key))
+        }
+        None => format!("duplicate key {}", cut(&key)),
+    }
+}
+
 /// The first top-level key that is a plain value instead of a `[section]`, if any.
 fn not_a_section(text: &str) -> Option<String> {
     let table: toml::Table = text.parse().ok()?;
     table.into_iter().find(|(_, v)| !v.is_table()).map(|(k, _)| k)
 }
 
-/// The candidate closest to `word`, if it is close enough to be a likely typo.
-fn did_you_mean<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    candidates
-        .map(|c| (edit_distance(word, c), c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 4))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
+/// Whether `word` is close enough to `candidate` to be a likely typo of it.
+fn close(word: &str, candidate: &str) -> Option<usize> {
+    let limit = 2.max(candidate.len() / 4);
+    // The distance is at least the difference in length: skip the quadratic comparison for a
+    // word far longer than any key (a pasted value, say).
+    if word.chars().count().abs_diff(candidate.chars().count()) > limit {
+        return None;
+    }
+    Some(strsim::levenshtein(word, candidate)).filter(|d| *d <= limit)
 }
 
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
+/// The candidate closest to `word`, if it is close enough to be a likely typo.
+fn did_you_mean<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates.filter_map(|c| close(word, c).map(|d| (d, c))).min_by_key(|(d, _)| *d).map(|(_, c)| c)
+}
+
+/// The known keys an unknown `section.field` most likely meant: a typo of a field in its own
+/// section first, then the same (or a similar) field in another section, as when a key is put
+/// under the wrong header. Ties are all named.
+fn key_hint(section: &str, field: &str) -> Option<String> {
+    let scored: Vec<((usize, bool), &str)> = keys::KEYS
+        .iter()
+        .filter_map(|k| close(field, k.field()).map(|d| ((d, k.section() != section), k.name)))
+        .collect();
+    let best = scored.iter().map(|(score, _)| *score).min()?;
+    let names: Vec<&str> = scored.iter().filter(|(score, _)| *score == best).map(|(_, name)| *name).collect();
+    Some(names.join(" or "))
 }
 
 #[cfg(test)]
@@ -238,6 +338,88 @@ mod tests {
         let got = errors("[proxy]\nlisten = \n");
         assert_eq!(got.len(), 1);
         assert!(got[0].starts_with("t.toml:2: "), "{got:?}");
+    }
+
+    #[test]
+    fn line_lookups_cost_linear_work() {
+        // A fuzzed file: 80,000 unknown keys. Looking each one's line up by rescanning the
+        // text before it cost about n²/2 byte steps (40 s); one pass and a binary search per
+        // key is linear (up to a log factor).
+        let n = 80_000;
+        let mut text = String::from("[proxy]\n");
+        for i in 0..n {
+            text.push_str(&format!("k{i} = 1\n"));
+        }
+        let lines = LineIndex::new(&text);
+        let errors = FileLayer::parse_indexed(Path::new("t.toml"), &text, &lines).unwrap_err().0;
+        assert_eq!(errors.len(), n);
+        assert_eq!(errors[n - 1].to_string(), format!("t.toml:{}: unknown key proxy.k{}", n + 1, n - 1));
+        let per_lookup = (usize::BITS - (n + 1).leading_zeros()) as usize + 1;
+        let budget = text.len() + n * per_lookup;
+        assert!(lines.steps.get() <= budget, "{} steps for {n} keys, budget {budget}", lines.steps.get());
+    }
+
+    #[test]
+    fn duplicates_name_the_key_and_where_it_was_first_set() {
+        assert_eq!(
+            errors("[backend]\naddress = \"a:1\"\n\naddress = \"b:1\"\n"),
+            vec!["t.toml:4: duplicate key backend.address (first set on line 2)"]
+        );
+        assert_eq!(
+            errors("[proxy]\nidle_timeout = \"1s\"\n[backend]\naddress = \"a:1\"\n[proxy]\n"),
+            vec!["t.toml:5: section [proxy] appears twice (first on line 1); put all its keys under one [proxy]"]
+        );
+        assert_eq!(errors("[proxy]\na.b = 1\na.b = 2\n"), vec!["t.toml:3: duplicate key proxy.a.b"]);
+        assert_eq!(errors("[proxy]\nx = { a = 1, a = 2 }\n"), vec!["t.toml:2: duplicate key a in an inline table"]);
+    }
+
+    #[test]
+    fn a_key_in_the_wrong_section_is_found_in_the_right_one() {
+        assert_eq!(
+            errors("[proxy]\ndrain_delay = \"1s\"\ndrain_dealy = \"1s\"\n"),
+            vec![
+                "t.toml:2: unknown key proxy.drain_delay (did you mean lifecycle.drain_delay?)",
+                "t.toml:3: unknown key proxy.drain_dealy (did you mean lifecycle.drain_delay?)",
+            ]
+        );
+        // A typo within the section beats the same typo's distance elsewhere; equal ones are
+        // all named.
+        assert_eq!(
+            errors("[dns]\ntimeot = \"1s\"\n[proxy]\ntimeout = \"1s\"\n"),
+            vec![
+                "t.toml:2: unknown key dns.timeot (did you mean dns.timeout?)",
+                "t.toml:4: unknown key proxy.timeout (did you mean dns.timeout or health.timeout?)",
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_names_the_line_and_column() {
+        let err =
+            FileLayer::parse_bytes(Path::new("t.toml"), b"[backend]\naddress = \"a:1\"\n# caf\xe9 \n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "t.toml:3: the config file is not valid UTF-8 (byte 0xE9 at column 6); save it as UTF-8"
+        );
+        let err = FileLayer::parse_bytes(Path::new("t.toml"), b"# \xc3").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "t.toml:1: the config file is not valid UTF-8 (a character cut short at column 3); save it as UTF-8"
+        );
+    }
+
+    #[test]
+    fn huge_names_are_cut() {
+        let long = "k".repeat(1 << 20);
+        for text in [
+            format!("[proxy]\n{long} = 1\n"),
+            format!("[{long}]\n"),
+            format!("[proxy]\n{long} = 1\n{long} = 2\n"),
+            format!("{long} = 1\n"),
+        ] {
+            let got = errors(&text);
+            assert!(got.iter().all(|e| e.len() < 300), "{:?}", got.iter().map(String::len).collect::<Vec<_>>());
+        }
     }
 
     #[test]

@@ -67,10 +67,17 @@ impl fmt::Display for Value {
 /// with where the value came from and which key it is for.
 pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
     match kind {
-        Kind::Duration | Kind::DurationOrZero => {
-            let d = duration(text(raw, "a duration such as \"5s\"")?)?;
-            if kind == Kind::Duration && d.is_zero() {
+        Kind::Duration { max } | Kind::DurationOrZero { max } => {
+            let s = text(raw, "a duration such as \"5s\"")?;
+            let d = duration(s)?;
+            if matches!(kind, Kind::Duration { .. }) && d.is_zero() {
                 return Err("must be greater than zero".into());
+            }
+            // A bound that does not parse is a mistake in KEYS, which a unit test rules out;
+            // refusing the value then is safer than letting an unbounded duration through.
+            let limit = duration(max).map_err(|e| format!("internal error: the bound {max} does not parse: {e}"))?;
+            if d > limit {
+                return Err(format!("must be at most {max}, got \"{}\"", cut(s.trim())));
             }
             Ok(Value::Duration(d))
         }
@@ -116,14 +123,14 @@ pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
             let s = text(raw, "a word")?;
             match words.iter().find(|w| **w == s) {
                 Some(w) => Ok(Value::Word((*w).to_string())),
-                None => Err(format!("must be one of {}, got \"{s}\"", words.join(", "))),
+                None => Err(format!("must be one of {}, got \"{}\"", words.join(", "), cut(s))),
             }
         }
         Kind::LogFilter => {
             let s = text(raw, "a log filter such as \"info\"")?;
             tracing_subscriber::EnvFilter::builder()
                 .parse(s)
-                .map_err(|e| format!("invalid log filter \"{s}\": {e}"))?;
+                .map_err(|e| format!("invalid log filter \"{}\": {}", cut(s), cut(&e.to_string())))?;
             Ok(Value::Word(s.to_string()))
         }
         Kind::Bool => match raw {
@@ -131,7 +138,7 @@ pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
             Raw::Text(s) => match s.trim() {
                 "true" => Ok(Value::Bool(true)),
                 "false" => Ok(Value::Bool(false)),
-                other => Err(format!("must be true or false, got \"{other}\"")),
+                other => Err(format!("must be true or false, got \"{}\"", cut(other))),
             },
             Raw::Toml(other) => Err(wrong_type("true or false", other)),
         },
@@ -141,7 +148,8 @@ pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
                 Ok(Value::Word(s.to_string()))
             } else {
                 Err(format!(
-                    "\"{s}\" is not an allocation id: expected eipalloc- and hex digits, such as eipalloc-0123456789abcdef0"
+                    "\"{}\" is not an allocation id: expected eipalloc- and hex digits, such as eipalloc-0123456789abcdef0",
+                    cut(s)
                 ))
             }
         }
@@ -150,8 +158,9 @@ pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
             let allowed = |c: char| c.is_ascii_alphanumeric() || "+-=._:@,".contains(c);
             if s.is_empty() || s.len() > 128 || !s.chars().all(allowed) || s == "." || s == ".." || s == "_index" {
                 Err(format!(
-                    "\"{s}\" cannot be read from instance metadata: a tag key there is 1 to 128 letters, digits \
-                     and + - = . , _ : @ (no spaces or /)"
+                    "\"{}\" cannot be read from instance metadata: a tag key there is 1 to 128 letters, digits \
+                     and + - = . , _ : @ (no spaces or /)",
+                    cut(s)
                 ))
             } else {
                 Ok(Value::Word(s.to_string()))
@@ -165,7 +174,7 @@ pub fn parse(kind: Kind, raw: Raw<'_>) -> Result<Value, String> {
                 Some(rest) if !rest.is_empty() && !rest.starts_with('/') && !rest.contains(char::is_whitespace) => {
                     Ok(Value::Word(s.trim_end_matches('/').to_string()))
                 }
-                _ => Err(format!("\"{s}\" is not a URL: expected http://host[:port] or https://host[:port]")),
+                _ => Err(format!("\"{}\" is not a URL: expected http://host[:port] or https://host[:port]", cut(s))),
             }
         }
     }
@@ -185,13 +194,25 @@ fn text<'a>(raw: Raw<'a>, expected: &str) -> Result<&'a str, String> {
 }
 
 fn wrong_type(expected: &str, got: &toml::Value) -> String {
-    format!("expected {expected}, got {} {got}", got.type_str())
+    format!("expected {expected}, got {} {}", got.type_str(), cut(&got.to_string()))
 }
 
 fn show(raw: Raw<'_>) -> String {
     match raw {
-        Raw::Toml(v) => v.to_string(),
-        Raw::Text(s) => format!("\"{s}\""),
+        Raw::Toml(v) => cut(&v.to_string()).into_owned(),
+        Raw::Text(s) => format!("\"{}\"", cut(s)),
+    }
+}
+
+/// How many characters of a value an error message echoes: enough to recognise it, while a
+/// megabyte pasted by mistake does not become a megabyte of log.
+pub const SHOWN_CHARS: usize = 80;
+
+/// `s` itself if it is short, else its first [`SHOWN_CHARS`] characters and an ellipsis.
+pub fn cut(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(SHOWN_CHARS) {
+        None => std::borrow::Cow::Borrowed(s),
+        Some((end, _)) => std::borrow::Cow::Owned(format!("{}…", &s[..end])),
     }
 }
 
@@ -200,18 +221,29 @@ fn show(raw: Raw<'_>) -> String {
 pub fn duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) {
+        let s = cut(s);
         return Err(format!("\"{s}\" has no unit: write it as \"{s}s\" or \"{s}ms\""));
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("invalid duration \"{s}\" ({e}); write durations like \"5s\", \"250ms\" or \"10m\""))
+    humantime::parse_duration(s).map_err(|e| {
+        // Only an unknown unit echoes the input; the other reasons are short and fixed.
+        let why = match &e {
+            humantime::DurationError::UnknownUnit { unit, .. } if !unit.is_empty() => {
+                format!("unknown time unit \"{}\"", cut(unit))
+            }
+            other => other.to_string(),
+        };
+        format!("invalid duration \"{}\" ({why}); write durations like \"5s\", \"250ms\" or \"10m\"", cut(s))
+    })
 }
 
 fn socket_addr(s: &str) -> Result<SocketAddr, String> {
-    s.trim().parse().map_err(|_| format!("invalid address \"{s}\": expected IP:port, such as 0.0.0.0:443 or [::]:443"))
+    s.trim()
+        .parse()
+        .map_err(|_| format!("invalid address \"{}\": expected IP:port, such as 0.0.0.0:443 or [::]:443", cut(s)))
 }
 
 fn host_port(s: &str) -> Result<HostPort, String> {
-    let bad = |why: &str| format!("invalid host:port \"{s}\": {why}");
+    let bad = |why: &str| format!("invalid host:port \"{}\": {why}", cut(s));
     let s = s.trim();
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (host, port) = rest.split_once("]:").ok_or_else(|| bad("expected [IPv6]:port"))?;
@@ -261,8 +293,50 @@ mod tests {
 
     #[test]
     fn zero_duration_only_where_allowed() {
-        assert!(parse(Kind::Duration, Raw::Text("0s")).is_err());
-        assert_eq!(parse(Kind::DurationOrZero, Raw::Text("0s")), Ok(Value::Duration(Duration::ZERO)));
+        assert!(parse(Kind::Duration { max: "1h" }, Raw::Text("0s")).is_err());
+        assert_eq!(parse(Kind::DurationOrZero { max: "1h" }, Raw::Text("0s")), Ok(Value::Duration(Duration::ZERO)));
+    }
+
+    #[test]
+    fn durations_past_their_bound_are_refused() {
+        let kind = Kind::Duration { max: "30d" };
+        assert_eq!(parse(kind, Raw::Text("30d")), Ok(Value::Duration(Duration::from_secs(30 * 86_400))));
+        for huge in ["30d 1ns", "300000000000y", "18446744073709551615s"] {
+            assert_eq!(parse(kind, Raw::Text(huge)), Err(format!("must be at most 30d, got \"{huge}\"")));
+        }
+        let toml = toml::Value::String("300000000000y".into());
+        assert_eq!(parse(kind, Raw::Toml(&toml)), Err("must be at most 30d, got \"300000000000y\"".into()));
+    }
+
+    #[test]
+    fn long_values_are_cut_in_messages() {
+        assert_eq!(cut("short"), "short");
+        // A megabyte that no kind accepts (`=9x` is not a log level either).
+        let long = "é".repeat(1 << 19) + "=9x";
+        let shown = cut(&long);
+        assert_eq!(shown.chars().count(), SHOWN_CHARS + 1);
+        assert!(shown.ends_with('…'), "{shown}");
+        // Every kind that echoes a bad value keeps its message short.
+        let kinds = [
+            Kind::Duration { max: "1h" },
+            Kind::Count { min: 1, max: 10 },
+            Kind::SocketAddr,
+            Kind::SocketAddrs,
+            Kind::HostPort,
+            Kind::Choice(&["a", "b"]),
+            Kind::LogFilter,
+            Kind::Bool,
+            Kind::OptionalAllocationId,
+            Kind::TagKey,
+            Kind::OptionalUrl,
+        ];
+        let as_toml = toml::Value::Array(vec![toml::Value::Integer(1); 1 << 16]);
+        for kind in kinds {
+            for raw in [Raw::Text(&long), Raw::Toml(&as_toml)] {
+                let Err(err) = parse(kind, raw) else { panic!("{kind:?} accepted the megabyte") };
+                assert!(err.len() < 400, "{kind:?}: a {} byte message", err.len());
+            }
+        }
     }
 
     #[test]
