@@ -68,6 +68,9 @@ pub fn out_of_resources(e: &io::Error) -> bool {
 /// handshakes) and keepalive.
 pub fn tune(stream: &TcpStream, keepalive: Duration) {
     let sock = SockRef::from(stream);
+    // The kernel counts keepalive idle time in whole seconds and refuses 0: a sub-second
+    // setting means "as soon as possible", which is one second.
+    let keepalive = keepalive.max(Duration::from_secs(1));
     let ka = TcpKeepalive::new().with_time(keepalive).with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_RETRIES);
     // Failing to tune a socket that works is not worth dropping the connection for.
     if let Err(e) = stream.set_nodelay(true).and_then(|()| sock.set_tcp_keepalive(&ka)) {
@@ -80,5 +83,19 @@ pub fn tune(stream: &TcpStream, keepalive: Duration) {
 pub fn reset(stream: &TcpStream) {
     if let Err(e) = SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
         tracing::debug!(error = %e, "could not set SO_LINGER; the socket will close with a FIN");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sub_second_keepalive_is_set_as_one_second_not_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        tune(&client, Duration::from_millis(500));
+        assert!(SockRef::from(&client).keepalive().unwrap());
+        assert_eq!(SockRef::from(&client).tcp_keepalive_time().unwrap(), Duration::from_secs(1));
     }
 }
