@@ -428,3 +428,97 @@ async fn each_address_is_tried_once_per_connection() {
     assert_eq!(proxy.metric("static_ingress_backend_connect_errors_total{reason=\"timeout\"}").await, 2.0);
     assert_eq!(proxy.metric("static_ingress_backend_connect_errors_total{reason=\"refused\"}").await, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_close_after_a_quiet_spell_still_gets_its_reply() {
+    // Answers once the client has finished sending: the reply comes after the client's FIN.
+    let backend = Backend::start(|mut s| async move {
+        let mut req = Vec::new();
+        if s.read_to_end(&mut req).await.is_ok() && !req.is_empty() {
+            let _ = s.write_all(b"reply after the FIN").await;
+        }
+    })
+    .await;
+    let proxy =
+        Proxy::start(backend.addr, &[("proxy.idle_timeout", "30s"), ("proxy.half_close_timeout", "300ms")]).await;
+    let mut c = proxy.connect().await;
+    c.write_all(b"request").await.expect("write");
+    // Quiet for longer than the half-close limit (but well inside the idle one), then the FIN.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    c.shutdown().await.expect("half-close");
+    let reply = read_until_closed(&mut c).await.expect("a clean end");
+    assert_eq!(reply, b"reply after the FIN");
+    eventually("completed", async || proxy.closed("completed").await == 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_resets_on_the_clients_last_bytes_is_a_clean_end() {
+    // nginx with `keepalive_timeout 0`: the reply, then on the client's close_notify a reset at
+    // once, before any separate ACK of those last bytes.
+    let backend = Backend::start(|mut s| async move {
+        if s.read_exact(&mut [0; 5]).await.is_err() {
+            return;
+        }
+        s.write_all(&pattern(200_000, 9)).await.expect("reply");
+        if s.read_exact(&mut [0; 3]).await.is_ok() {
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+        }
+    })
+    .await;
+    let proxy = Proxy::start(backend.addr, &[]).await;
+    const RUNS: usize = 5;
+    for run in 0..RUNS {
+        let mut c = proxy.connect().await;
+        c.write_all(b"hello").await.expect("request");
+        let mut reply = vec![0; 200_000];
+        within(BOUND, "the reply", c.read_exact(&mut reply)).await.expect("the whole reply");
+        assert!(reply == pattern(200_000, 9), "run {run}: reply corrupted");
+        c.write_all(b"bye").await.expect("close_notify");
+        let (rest, end) = read_all_until_end(&mut c).await;
+        assert!(rest.is_empty(), "run {run}");
+        assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "run {run}: the reset is passed on");
+    }
+    let runs = RUNS as f64;
+    eventually("backend_reset", async || proxy.closed("backend_reset").await == runs).await;
+    assert_eq!(proxy.closed("backend_error").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_too_stalled_to_take_the_tail_is_reset_and_counted_as_an_error() {
+    let backend = Backend::start(|mut s| async move {
+        if s.read_exact(&mut [0; 5]).await.is_err() {
+            return;
+        }
+        s.write_all(&pattern(1024 * 1024, 7)).await.expect("write the reply");
+        reset_once_acknowledged(s).await;
+    })
+    .await;
+    let proxy = Proxy::start(backend.addr, &[("proxy.half_close_timeout", "300ms")]).await;
+    let mut client = connect_slow_reader(proxy.addr).await;
+    client.write_all(b"hello").await.expect("request");
+    // Reads nothing for longer than the drain may wait without progress.
+    eventually("the drain to give up", async || proxy.closed("backend_error").await == 1.0).await;
+    let (got, end) = read_all_until_end(&mut client).await;
+    assert!(got.len() < 1024 * 1024, "the tail cannot have arrived");
+    assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "a truncated stream never ends with a FIN");
+    assert_eq!(proxy.closed("backend_reset").await, 0.0, "an undelivered tail is not a clean end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_timeout_with_bytes_still_owed_ends_with_a_reset_not_a_fin() {
+    // Sends more than the buffers on the way hold, to a client that does not read.
+    let backend = Backend::start(|mut s| async move {
+        if s.read_exact(&mut [0; 5]).await.is_ok() {
+            let _ = s.write_all(&pattern(8 * 1024 * 1024, 3)).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(backend.addr, &[("proxy.idle_timeout", "400ms")]).await;
+    let mut client = connect_slow_reader(proxy.addr).await;
+    client.write_all(b"hello").await.expect("request");
+    eventually("idle_timeout", async || proxy.closed("idle_timeout").await == 1.0).await;
+    let (got, end) = read_all_until_end(&mut client).await;
+    assert!(got.len() < 8 * 1024 * 1024);
+    assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "the cut stream must not look complete");
+}

@@ -171,14 +171,42 @@ impl Pipe {
     }
 }
 
-/// Bytes written to `stream` that its peer has not acknowledged yet (`SIOCOUTQ`), including a
-/// FIN once sent. None when the kernel cannot say.
-fn unacknowledged(stream: &TcpStream) -> Option<usize> {
+/// `SIOCOUTQNSD` from linux/sockios.h (not in the libc crate): bytes written but not yet sent.
+const SIOCOUTQNSD: libc::Ioctl = 0x894B;
+
+/// One of the queue-size ioctls on `stream`; None when the kernel cannot say.
+fn queued(stream: &TcpStream, request: libc::Ioctl) -> Option<usize> {
     let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ for TCP sockets) writes one c_int through the pointer, which
-    // points at a live c_int; the descriptor is open for as long as `stream` is borrowed.
-    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    // SAFETY: these ioctls write one c_int through the pointer, which points at a live c_int;
+    // the descriptor is open for as long as `stream` is borrowed.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), request, &mut n) };
     (rc == 0).then(|| usize::try_from(n).unwrap_or(0))
+}
+
+/// Bytes written to `stream` that its peer has not acknowledged yet (`SIOCOUTQ`), including a
+/// FIN once sent.
+fn unacknowledged(stream: &TcpStream) -> Option<usize> {
+    queued(stream, libc::TIOCOUTQ)
+}
+
+/// Bytes written to `stream` that have not even been sent yet: still owed to the peer.
+fn unsent(stream: &TcpStream) -> Option<usize> {
+    queued(stream, SIOCOUTQNSD)
+}
+
+/// Bytes received on `stream` that the proxy has not read yet (`FIONREAD`).
+fn unread(stream: &TcpStream) -> Option<usize> {
+    queued(stream, libc::FIONREAD)
+}
+
+/// Ends `stream` with a reset when the pipe toward it still held bytes: a FIN would make the
+/// truncated stream look complete to that peer.
+fn reset_if_truncated(pipe: &Pipe, stream: &TcpStream) {
+    if pipe.pending() > 0 || unsent(stream).is_some_and(|n| n > 0) {
+        if let Err(e) = SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+            tracing::debug!(error = %e, "could not set SO_LINGER; the truncated stream ends with a FIN");
+        }
+    }
 }
 
 /// Proxies until both directions end, a side fails, or a timeout fires.
@@ -221,9 +249,19 @@ pub async fn bidirectional(
             return Poll::Pending;
         };
         if (up.done || down.done) && !half_closed {
-            // The half-close limit may be shorter than the idle one: bring the timer forward.
+            // The FIN just passed on is activity: the half-close limit counts from it, not from
+            // the last data, which may be long ago. It may be shorter than the idle limit, so
+            // bring the timer forward.
             half_closed = true;
+            last_activity = Instant::now();
+            let Some(deadline) = last_activity.checked_add(limit) else {
+                return Poll::Pending;
+            };
             timer.as_mut().reset(deadline);
+            return match timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Ok(Outcome::HalfCloseTimeout)),
+                Poll::Pending => Poll::Pending,
+            };
         }
         while timer.as_mut().poll(cx).is_ready() {
             if Instant::now() >= deadline {
@@ -235,7 +273,15 @@ pub async fn bidirectional(
     })
     .await;
     let (side, error) = match ended {
-        Ok(outcome) => return outcome,
+        Ok(outcome) => {
+            if !matches!(outcome, Outcome::Completed) {
+                // A timeout cuts the stream: whoever had bytes still coming must not take the
+                // end for a complete one.
+                reset_if_truncated(&up, backend);
+                reset_if_truncated(&down, client);
+            }
+            return outcome;
+        }
         Err(failed) => failed,
     };
 
@@ -245,12 +291,15 @@ pub async fn bidirectional(
         Side::Client => (client, backend, up, &down, to_backend),
         Side::Backend => (backend, client, down, &up, to_client),
     };
-    let fin_sent = usize::from(abandoned.done);
-    let clean_reset = error.kind() == io::ErrorKind::ConnectionReset
-        && abandoned.pending() == 0
-        && unacknowledged(failed).is_some_and(|n| n <= fin_sent);
+    // "Nothing pending toward it": every byte for the failed side had left this machine. Sent
+    // but unacknowledged bytes do not count against it: a peer that resets within its delayed
+    // ACK window carries its last ACK on the RST, which Linux does not apply.
+    let nothing_pending =
+        abandoned.pending() == 0 && unsent(failed).is_some_and(|n| n == 0) && unread(other).is_some_and(|n| n == 0);
     salvaged.salvage = true;
     let delivered = salvage(&mut salvaged, failed, other, counter, half_limit).await && drain(other, half_limit).await;
+    // A reset is only "how that side ends a stream" if the other side got everything too.
+    let clean_reset = error.kind() == io::ErrorKind::ConnectionReset && nothing_pending && delivered;
     Outcome::Failed(Failure { side, error, clean_reset, delivered })
 }
 
@@ -301,7 +350,7 @@ async fn drain(stream: &TcpStream, limit: Duration) -> bool {
         } else if last_progress.elapsed() >= limit {
             return false;
         }
-        // A peer that closed or reset cannot acknowledge anything more.
+        // A peer that reset (the socket is closed) cannot acknowledge anything more.
         if stream.peer_addr().is_err() {
             return false;
         }

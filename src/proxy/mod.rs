@@ -166,7 +166,15 @@ impl Proxy {
                 // The address may now belong to someone else: end the stream with a reset so
                 // the client reconnects (and resolves again) rather than mistaking it for an end.
                 socket::reset(client);
+                socket::reset(&backend);
                 return CloseReason::BackendRetired;
+            }
+            () = self.cut.cancelled() => {
+                // Cut mid-stream by the end of the drain: both ends see an abort, so neither
+                // takes a partial upload or reply for a complete one.
+                socket::reset(client);
+                socket::reset(&backend);
+                return CloseReason::Shutdown;
             }
         };
         match outcome {
