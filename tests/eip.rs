@@ -5,14 +5,24 @@
 #[path = "common/aws.rs"]
 mod aws;
 mod common;
+#[path = "common/ec2_proxy.rs"]
+mod ec2_proxy;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws::{Imds, Moto, TAG_KEY};
 use common::*;
+use ec2_proxy::{Ec2Proxy, Lag, Seen};
+
+/// The fleet generation tag (`static_ingress::eip::newer::GENERATION_TAG`), spelled out as the
+/// fleet template spells it.
+const GENERATION: &str = "static-ingress:fleet-generation";
+/// How long a claim keeps confirming (`static_ingress::eip::claim::CONFIRM_SETTLE`).
+const SETTLE: Duration = static_ingress::eip::claim::CONFIRM_SETTLE;
 
 const BIN: &str = env!("CARGO_BIN_EXE_static-ingress");
 
@@ -49,8 +59,13 @@ struct Claimed {
 }
 
 async fn claim_eip(imds: &Imds, moto: &Moto, extra: &[&str]) -> Claimed {
+    claim_eip_via(imds, &moto.endpoint, extra).await
+}
+
+/// `claim-eip` with EC2 at `ec2` (moto, or a proxy in front of it).
+async fn claim_eip_via(imds: &Imds, ec2: &str, extra: &[&str]) -> Claimed {
     let started = Instant::now();
-    let mut c = command("claim-eip", &imds.endpoint(), &moto.endpoint);
+    let mut c = command("claim-eip", &imds.endpoint(), ec2);
     c.args(extra);
     let out = within(CLAIM_BOUND, "claim-eip to finish", c.output()).await.expect("claim-eip runs");
     let claimed = Claimed {
@@ -71,14 +86,75 @@ fn error_line(c: &Claimed) -> &str {
     c.stderr.lines().last().unwrap_or("")
 }
 
+/// The report's `calls:` line as (metadata reads, EC2 reads, EC2 writes).
+fn calls(stdout: &str) -> (u32, u32, u32) {
+    let line = stdout.lines().find_map(|l| l.strip_prefix("calls:      ")).expect("a calls line");
+    let n: Vec<u32> = line.split([' ', ',']).filter_map(|w| w.parse().ok()).collect();
+    (n[0], n[1], n[2])
+}
+
+/// The report's confirmation: (DescribeAddresses reads, seconds), from
+/// `confirmed by N DescribeAddresses reads over S.SSs`.
+fn confirmation(stdout: &str) -> (u32, f64) {
+    let rest = stdout.split("confirmed by ").nth(1).expect("a confirmation");
+    let reads = rest.split(' ').next().and_then(|n| n.parse().ok()).expect("a read count");
+    let secs = rest.split("reads over ").nth(1).and_then(|r| r.split('s').next()).and_then(|s| s.parse().ok());
+    (reads, secs.expect("a duration"))
+}
+
+/// The launch time of `instance`, to the second, as EC2 reports it.
+async fn launched(moto: &Moto, instance: &str) -> i64 {
+    let out = moto.ec2.describe_instances().instance_ids(instance).send().await.expect("DescribeInstances");
+    out.reservations()[0].instances()[0].launch_time().expect("a launch time").secs()
+}
+
+/// Launches an instance in a later second than `after` (EC2's launch times are to the second):
+/// waits for the clock to pass that second, not for a guessed time.
+async fn launch_later_than(moto: &Moto, after: &str, tags: &[(&str, &str)]) -> String {
+    let then = launched(moto, after).await;
+    within(BOUND, "the clock to pass the first launch's second", async {
+        while SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64 <= then {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let later = moto.launch(tags).await;
+    assert!(launched(moto, &later).await > then, "the second instance was not launched later");
+    later
+}
+
+/// Two instances from one RunInstances call: the same launch time. Sorted by id.
+async fn launch_two(moto: &Moto, tags: &[(&str, &str)]) -> (String, String) {
+    let mut spec =
+        aws_sdk_ec2::types::TagSpecification::builder().resource_type(aws_sdk_ec2::types::ResourceType::Instance);
+    for (k, v) in tags {
+        spec = spec.tags(aws_sdk_ec2::types::Tag::builder().key(*k).value(*v).build());
+    }
+    let out = moto
+        .ec2
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .min_count(2)
+        .max_count(2)
+        .tag_specifications(spec.build())
+        .send()
+        .await
+        .expect("RunInstances");
+    let mut ids: Vec<String> = out.instances().iter().filter_map(|i| i.instance_id().map(str::to_string)).collect();
+    ids.sort();
+    (ids[0].clone(), ids[1].clone())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_free_address_is_claimed_and_confirmed() {
     let moto = Moto::start().await;
     let (alloc, ip) = moto.allocate().await;
     let me = moto.launch(&[(TAG_KEY, &alloc)]).await;
     let imds = Imds::start(&me, Some(&[(TAG_KEY, &alloc)])).await;
+    // Through a proxy that only counts, to check the report's counts against what EC2 got.
+    let ec2 = Ec2Proxy::start(&moto.endpoint, Lag::default(), Arc::default()).await;
 
-    let c = claim_eip(&imds, &moto, &[]).await;
+    let c = claim_eip_via(&imds, &ec2.endpoint(), &[]).await;
     assert_eq!(c.code, Some(0), "{}", c.stderr);
     assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(me.as_str()));
     for line in [
@@ -86,12 +162,20 @@ async fn a_free_address_is_claimed_and_confirmed() {
         format!("allocation: {alloc} (from instance tag {TAG_KEY}, read from instance metadata)"),
         format!("address:    {ip}, was not associated"),
         "result:     associated (eipassoc-".to_string(),
-        // 3 metadata reads (instance id, region, tag); DescribeAddresses, AssociateAddress,
-        // and at least one DescribeAddresses to confirm.
-        "calls:      3 instance metadata, 2 EC2 reads, 1 EC2 write".to_string(),
     ] {
         assert!(c.stdout.contains(&line), "missing {line:?} in:\n{}", c.stdout);
     }
+    // One read before, one write, then reads for as long as the claim confirms: never a
+    // single lucky read.
+    let (reads, secs) = confirmation(&c.stdout);
+    assert!(reads >= 3, "confirmed after {reads} reads:\n{}", c.stdout);
+    assert!(secs >= SETTLE.as_secs_f64(), "confirmed after {secs}s, less than {SETTLE:?}");
+    // 3 metadata reads (instance id, region, tag); the EC2 counts are what EC2 got.
+    let (imds_reads, ec2_reads, ec2_writes) = calls(&c.stdout);
+    assert_eq!(imds_reads, 3, "{}", c.stdout);
+    assert_eq!((ec2_reads, ec2_writes), ec2.reads_and_writes(), "{}", c.stdout);
+    assert_eq!(ec2.count("DescribeAddresses"), 1 + reads);
+    assert_eq!(ec2.count("AssociateAddress"), 1);
     // IMDSv2 only: every metadata read carried a token.
     let s = imds.state.lock().unwrap();
     assert_eq!(s.unauthorized, 0, "a metadata request came without a token (IMDSv1)");
@@ -99,12 +183,32 @@ async fn a_free_address_is_claimed_and_confirmed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waits_out_reads_that_lag_its_write() {
+    let moto = Moto::start().await;
+    let (alloc, _) = moto.allocate().await;
+    let me = moto.launch(&[(TAG_KEY, &alloc)]).await;
+    let imds = Imds::start(&me, Some(&[(TAG_KEY, &alloc)])).await;
+    // EC2's reads may show the state from before a write for a while.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let lag = Lag { stale_reads: Duration::from_millis(600), ..Lag::default() };
+    let ec2 = Ec2Proxy::start(&moto.endpoint, lag, Arc::clone(&seen)).await;
+
+    let c = claim_eip_via(&imds, &ec2.endpoint(), &[]).await;
+    assert_eq!(c.code, Some(0), "{}", c.stderr);
+    assert!(seen.lock().unwrap().stale_answers >= 1, "no read lagged: the test proves nothing");
+    assert_eq!(ec2.count("AssociateAddress"), 1, "a lagging read made the claim write again");
+    let (reads, secs) = confirmation(&c.stdout);
+    assert!(reads >= 4 && secs >= SETTLE.as_secs_f64(), "{}", c.stdout);
+    assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(me.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_held_by_another_instance_is_taken() {
     let moto = Moto::start().await;
     let (alloc, ip) = moto.allocate().await;
-    let old = moto.launch(&[(TAG_KEY, &alloc)]).await;
+    let old = moto.launch(&[(TAG_KEY, &alloc), (GENERATION, "1")]).await;
     let old_association = moto.associate(&alloc, &old).await;
-    let new = moto.launch(&[(TAG_KEY, &alloc)]).await;
+    let new = moto.launch(&[(TAG_KEY, &alloc), (GENERATION, "2")]).await;
     let imds = Imds::start(&new, Some(&[(TAG_KEY, &alloc)])).await;
 
     let c = claim_eip(&imds, &moto, &[]).await;
@@ -133,28 +237,129 @@ async fn an_address_already_ours_is_left_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_old_instance_does_not_take_its_address_back_from_a_newer_one() {
+async fn an_old_fleets_replacement_does_not_take_the_address_from_the_new_fleet() {
     let moto = Moto::start().await;
     let (alloc, _) = moto.allocate().await;
-    let old = moto.launch(&[(TAG_KEY, &alloc)]).await;
-    // Launch times have a resolution of a second.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let newer = moto.launch(&[(TAG_KEY, &alloc)]).await;
-    let association = moto.associate(&alloc, &newer).await;
-    // The old fleet's proxy restarts (a crash, a reboot) and claims again.
-    let imds = Imds::start(&old, Some(&[(TAG_KEY, &alloc)])).await;
+    let new_fleet = moto.launch(&[(TAG_KEY, &alloc), (GENERATION, "20261205")]).await;
+    let association = moto.associate(&alloc, &new_fleet).await;
+    // The old fleet's group replaces a broken instance: launched after the new fleet's.
+    let replacement = launch_later_than(&moto, &new_fleet, &[(TAG_KEY, &alloc), (GENERATION, "20261121")]).await;
+    let imds = Imds::start(&replacement, Some(&[(TAG_KEY, &alloc)])).await;
+
+    let c = claim_eip(&imds, &moto, &[]).await;
+    assert_eq!(c.code, Some(15), "{}", c.stderr);
+    assert_eq!(
+        error_line(&c),
+        format!(
+            "error: {alloc} is held by {new_fleet}, which is newer than {replacement} (a newer fleet: \
+             {GENERATION} 20261205 against 20261121), so this instance does not take it; to move the address \
+             here, deploy a fleet with a larger FleetGeneration"
+        ),
+    );
+    assert_eq!(moto.holder(&alloc).await, (Some(new_fleet), Some(association)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_one_generation_an_earlier_instance_does_not_take_it_from_a_later_one() {
+    let moto = Moto::start().await;
+    let (alloc, _) = moto.allocate().await;
+    let earlier = moto.launch(&[(TAG_KEY, &alloc), (GENERATION, "3")]).await;
+    let later = launch_later_than(&moto, &earlier, &[(TAG_KEY, &alloc), (GENERATION, "3")]).await;
+    let association = moto.associate(&alloc, &later).await;
+    // The earlier instance's proxy restarts (a crash, a reboot) and claims again.
+    let imds = Imds::start(&earlier, Some(&[(TAG_KEY, &alloc)])).await;
 
     let c = claim_eip(&imds, &moto, &[]).await;
     assert_eq!(c.code, Some(15), "{}", c.stderr);
     assert!(
         error_line(&c).starts_with(&format!(
-            "error: {alloc} is held by {newer}, launched after {old}: a newer fleet has it, so this instance does \
-             not take it back"
+            "error: {alloc} is held by {later}, which is newer than {earlier} (the same fleet generation, \
+             launched later)"
         )),
         "{}",
         c.stderr
     );
-    assert_eq!(moto.holder(&alloc).await, (Some(newer), Some(association)));
+    assert_eq!(moto.holder(&alloc).await, (Some(later), Some(association)));
+}
+
+/// Who a race is between, and how the newer one is newer.
+#[derive(Debug, Clone, Copy)]
+enum Newer {
+    /// A larger generation tag.
+    Generation,
+    /// The same generation and launch time: the larger instance id.
+    InstanceId,
+}
+
+/// One race: two instances claim the same allocation at once, one of them with a slow
+/// AssociateAddress, behind proxies whose reads lag writes. Asserts who wins and what each says.
+async fn race(moto: &Moto, slow_newer: bool, held_by_old_fleet: bool, by: Newer) {
+    let (alloc, _) = moto.allocate().await;
+    let (older, newer, why) = match by {
+        Newer::Generation => {
+            let a = moto.launch(&[(TAG_KEY, &alloc), (GENERATION, "1")]).await;
+            let b = moto.launch(&[(TAG_KEY, &alloc), (GENERATION, "2")]).await;
+            (a, b, format!("a newer fleet: {GENERATION} 2 against 1"))
+        }
+        Newer::InstanceId => {
+            let (a, b) = launch_two(moto, &[(TAG_KEY, &alloc), (GENERATION, "2")]).await;
+            (a, b, "the same fleet generation and launch time, and a larger instance id".to_string())
+        }
+    };
+    if held_by_old_fleet {
+        let old_fleet = moto.launch(&[(TAG_KEY, &alloc)]).await;
+        moto.associate(&alloc, &old_fleet).await;
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stale_reads = Duration::from_millis(300);
+    let slow = Lag { associate: Duration::from_millis(150), stale_reads };
+    let fast = Lag { stale_reads, ..Lag::default() };
+    let (older_lag, newer_lag) = if slow_newer { (fast, slow) } else { (slow, fast) };
+    let older_ec2 = Ec2Proxy::start(&moto.endpoint, older_lag, Arc::clone(&seen)).await;
+    let newer_ec2 = Ec2Proxy::start(&moto.endpoint, newer_lag, Arc::clone(&seen)).await;
+    let older_imds = Imds::start(&older, Some(&[(TAG_KEY, &alloc)])).await;
+    let newer_imds = Imds::start(&newer, Some(&[(TAG_KEY, &alloc)])).await;
+
+    let (older_url, newer_url) = (older_ec2.endpoint(), newer_ec2.endpoint());
+    let (o, n) = tokio::join!(claim_eip_via(&older_imds, &older_url, &[]), claim_eip_via(&newer_imds, &newer_url, &[]));
+    let case = format!("slow newer: {slow_newer}, held by an old fleet: {held_by_old_fleet}, newer by {by:?}");
+    assert_eq!(n.code, Some(0), "{case}: the newer instance did not win: {}", n.stderr);
+    assert!(n.stdout.contains("result:     associated"), "{case}: {}", n.stdout);
+    assert_eq!(o.code, Some(15), "{case}: the older instance did not report the loss: {}{}", o.stdout, o.stderr);
+    let line = error_line(&o);
+    let held = format!("error: {alloc} is held by {newer}, which is newer than {older} ({why}), ");
+    let taken =
+        format!("error: {alloc} was taken by {newer} while {older} was claiming it; {newer} is newer ({why}), ");
+    assert!(line.starts_with(&held) || line.starts_with(&taken), "{case}: {line}");
+    assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(newer.as_str()), "{case}");
+    // Once associated, never left without an instance while both wanted it.
+    let holders = seen.lock().unwrap().holders.clone();
+    let first = holders.iter().position(Option::is_some).expect("the address was associated");
+    assert!(holders[first..].iter().all(Option::is_some), "{case}: unassociated in between: {holders:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_racing_claims_leave_the_address_with_the_newer_instance_only() {
+    let moto = Arc::new(Moto::start().await);
+    // Every combination twice: which side is slow, a free or a held address, how it is newer.
+    // Four races at a time, each with its own allocation and instances.
+    let cases: Vec<(bool, bool, Newer)> = (0..16)
+        .map(|i| (i % 2 == 0, (i / 2) % 2 == 0, if (i / 4) % 2 == 0 { Newer::Generation } else { Newer::InstanceId }))
+        .collect();
+    let started = Instant::now();
+    for batch in cases.chunks(4) {
+        let mut races = tokio::task::JoinSet::new();
+        for &(slow_newer, held, by) in batch {
+            let moto = Arc::clone(&moto);
+            races.spawn(async move { race(&moto, slow_newer, held, by).await });
+        }
+        while let Some(done) = races.join_next().await {
+            if let Err(e) = done {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+    }
+    println!("16 races in {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,7 +368,7 @@ async fn a_dry_run_changes_nothing() {
     let (alloc, _) = moto.allocate().await;
     let old = moto.launch(&[]).await;
     let association = moto.associate(&alloc, &old).await;
-    let me = moto.launch(&[(TAG_KEY, &alloc)]).await;
+    let me = moto.launch(&[(TAG_KEY, &alloc), (GENERATION, "1")]).await;
     let imds = Imds::start(&me, Some(&[(TAG_KEY, &alloc)])).await;
 
     let c = claim_eip(&imds, &moto, &["--dry-run"]).await;
@@ -258,10 +463,11 @@ async fn an_instance_ec2_does_not_know_is_refused_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_instance_metadata_it_says_so_and_exits_10() {
     let moto = Moto::start().await;
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // A port held by a socket that is bound but not listening: connections to it are refused,
+    // and no other test can take the port meanwhile.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = held.local_addr().unwrap();
     let mut c = command("claim-eip", &format!("http://{dead}"), &moto.endpoint);
     let out = within(CLAIM_BOUND, "claim-eip to give up", c.output()).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -299,7 +505,7 @@ async fn the_documented_policy_allows_every_call_a_claim_makes() {
     let (alloc, _) = moto.allocate().await;
     let old = moto.launch(&[]).await;
     moto.associate(&alloc, &old).await;
-    let me = moto.launch(&[(TAG_KEY, &alloc)]).await;
+    let me = moto.launch(&[(TAG_KEY, &alloc), (GENERATION, "1")]).await;
     let (key, secret) = moto.iam_user(&documented_actions_policy()).await;
     // No metadata tags, so the claim also needs ec2:DescribeTags.
     let imds = Imds::start(&me, None).await;
@@ -311,8 +517,11 @@ async fn the_documented_policy_allows_every_call_a_claim_makes() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("read with ec2:DescribeTags"), "{stdout}");
     assert!(stdout.contains(&format!("taking it from {old}")), "{stdout}");
-    // DescribeTags, DescribeAddresses, DescribeInstances, DescribeAddresses to confirm.
-    assert!(stdout.contains("4 EC2 reads, 1 EC2 write"), "{stdout}");
+    // DescribeTags, DescribeAddresses, DescribeInstances, and the confirming DescribeAddresses.
+    let (confirm_reads, _) = confirmation(&stdout);
+    assert!(confirm_reads >= 3, "{stdout}");
+    assert_eq!(calls(&stdout).1, 3 + confirm_reads, "{stdout}");
+    assert_eq!(calls(&stdout).2, 1, "{stdout}");
     // Credentials moto's IAM does not know are refused: moto really enforces, so the claim
     // above passed the policy check.
     let mut c = command("claim-eip", &imds.endpoint(), &moto.endpoint);
@@ -351,32 +560,68 @@ async fn a_missing_permission_names_the_call_and_the_policy() {
     assert_eq!(moto.holder_as(&key, &secret, &alloc).await.0, None);
 }
 
-/// A running proxy with the claim on; its admin address for /status and /metrics.
+/// A running proxy with the claim on: its admin address for /status and /metrics, and its log
+/// lines (JSON, fields flattened), collected as they come.
 struct Running {
     _child: tokio::process::Child,
     _backend: Backend,
     admin: SocketAddr,
+    logs: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
-async fn run_with_eip(imds: &str, moto: &str, extra: &[&str]) -> Running {
+async fn run_with_eip(imds: &str, ec2: &str, extra: &[&str]) -> Running {
+    use tokio::io::AsyncBufReadExt;
     let backend = Backend::echo().await;
-    let port = |()| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let (proxy, admin) = (port(()), port(()));
-    let mut cmd = command("run", imds, moto);
+    let mut cmd = command("run", imds, ec2);
     cmd.args(["--backend-address", &backend.addr.to_string()])
-        .args(["--proxy-listen", &proxy.to_string(), "--admin-listen", &admin.to_string()])
-        .args(["--eip-enabled", "true", "--lifecycle-drain-delay", "0s"])
+        .args(["--proxy-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--eip-enabled", "true", "--lifecycle-drain-delay", "0s", "--log-format", "json"])
         .args(extra)
-        .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let child = cmd.spawn().expect("the proxy starts");
+    let mut child = cmd.spawn().expect("the proxy starts");
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+    let collected = Arc::clone(&logs);
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                collected.lock().unwrap().push(v);
+            }
+        }
+    });
+    // The addresses it bound, as it reports them once it serves.
+    let serving = wait_for_log(&logs, "serving", |_| true).await;
+    let field = |name: &str| serving[name].as_str().unwrap_or_default().trim_matches(['[', ']']).to_string();
+    let proxy: SocketAddr = field("proxy").parse().expect("the proxy address in the log");
+    let admin: SocketAddr = field("admin").parse().expect("the admin address in the log");
     // Serving at once, whatever the claim is doing.
-    eventually("the proxy to serve", async || match tokio::net::TcpStream::connect(proxy).await {
-        Ok(mut s) => round_trip(&mut s, b"ping").await == b"ping",
-        Err(_) => false,
+    let mut s = within(BOUND, "a connection to the proxy", tokio::net::TcpStream::connect(proxy)).await.unwrap();
+    assert_eq!(round_trip(&mut s, b"ping").await, b"ping");
+    Running { _child: child, _backend: backend, admin, logs }
+}
+
+/// The first log line whose message starts with `message` and that `matches`.
+async fn wait_for_log(
+    logs: &Mutex<Vec<serde_json::Value>>,
+    message: &str,
+    matches: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let find = || {
+        logs.lock()
+            .unwrap()
+            .iter()
+            .find(|l| l["message"].as_str().is_some_and(|m| m.starts_with(message)) && matches(l))
+            .cloned()
+    };
+    within(CLAIM_BOUND, &format!("a log line {message:?}"), async {
+        loop {
+            if let Some(line) = find() {
+                return line;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     })
-    .await;
-    Running { _child: child, _backend: backend, admin }
+    .await
 }
 
 async fn eip_status(admin: SocketAddr) -> serde_json::Value {
@@ -406,12 +651,13 @@ async fn wait_for_state(admin: SocketAddr, want: &str) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_claims_in_the_background_and_notices_when_a_newer_fleet_takes_it() {
+async fn run_keeps_the_address_from_older_instances_and_leaves_it_to_newer_ones() {
     let moto = Moto::start().await;
     let (alloc, ip) = moto.allocate().await;
-    let me = moto.launch(&[(TAG_KEY, &alloc)]).await;
+    let me = moto.launch(&[(TAG_KEY, &alloc), (GENERATION, "2")]).await;
     let imds = Imds::start(&me, Some(&[(TAG_KEY, &alloc)])).await;
-    let p = run_with_eip(&imds.endpoint(), &moto.endpoint, &["--eip-check-interval", "200ms"]).await;
+    let ec2 = Ec2Proxy::start(&moto.endpoint, Lag::default(), Arc::default()).await;
+    let p = run_with_eip(&imds.endpoint(), &ec2.endpoint(), &["--eip-check-interval", "200ms"]).await;
 
     let eip = wait_for_state(p.admin, "associated").await;
     assert_eq!(eip["allocation_id"], alloc.as_str());
@@ -420,35 +666,68 @@ async fn run_claims_in_the_background_and_notices_when_a_newer_fleet_takes_it() 
     assert_eq!(eip_metric(p.admin).await, Some(1.0));
     assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(me.as_str()));
 
-    // A newer fleet's instance takes the address.
-    let newer = moto.launch(&[(TAG_KEY, &alloc)]).await;
+    // An old fleet's replacement takes it: this instance takes it back, and says why.
+    let old = moto.launch(&[(TAG_KEY, &alloc), (GENERATION, "1")]).await;
+    moto.associate(&alloc, &old).await;
+    let line = wait_for_log(&p.logs, "Elastic IP is associated with an older instance; taking it back", |l| {
+        l["owner"] == old.as_str()
+    })
+    .await;
+    assert_eq!(line["level"], "WARN");
+    wait_for_log(&p.logs, "Elastic IP claimed", |l| l["previous"] == old.as_str()).await;
+    assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(me.as_str()));
+    assert_eq!(wait_for_state(p.admin, "associated").await["owner"], serde_json::Value::Null);
+
+    // A newer fleet's instance takes it: lost, with the right reason, and not fought over.
+    let newer = moto.launch(&[(TAG_KEY, &alloc), (GENERATION, "3")]).await;
     moto.associate(&alloc, &newer).await;
     let eip = wait_for_state(p.admin, "lost").await;
     assert_eq!(eip["owner"], newer.as_str());
     assert_eq!(eip_metric(p.admin).await, Some(0.0));
-    // Not fought over: the newer instance keeps it through several checks.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let line = wait_for_log(&p.logs, "Elastic IP is now associated with a newer instance", |_| true).await;
+    assert_eq!(line["owner"], newer.as_str());
+    assert_eq!(line["reason"], format!("a newer fleet: {GENERATION} 3 against 2").as_str());
+    let (checks, writes) = (ec2.count("DescribeAddresses"), ec2.count("AssociateAddress"));
+    eventually("three more ownership checks", async || ec2.count("DescribeAddresses") >= checks + 3).await;
+    assert_eq!(ec2.count("AssociateAddress"), writes, "the address was fought over");
     assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(newer.as_str()));
     assert_eq!(eip_status(p.admin).await["state"], "lost");
     // The proxy still serves and stays healthy: losing the address is not an error.
     assert_eq!(get(p.admin, "/health").await.status, 200);
+
+    // The newer instance goes away and the address falls free: it is not left unassociated.
+    let association = moto.holder(&alloc).await.1.expect("an association");
+    moto.ec2.disassociate_address().association_id(association).send().await.expect("DisassociateAddress");
+    wait_for_log(&p.logs, "Elastic IP is not associated with any instance; claiming it", |_| true).await;
+    wait_for_state(p.admin, "associated").await;
+    assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(me.as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_at_once_while_the_claim_is_stuck() {
     let moto = Moto::start().await;
-    // Instance metadata that accepts connections and never answers.
+    // Instance metadata that accepts connections, reads the request, and never answers.
     let stuck = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let stuck_addr = stuck.local_addr().unwrap();
+    let asked = Arc::new(tokio::sync::Notify::new());
+    let notify = Arc::clone(&asked);
     let held = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
         let mut open = Vec::new();
-        while let Ok((s, _)) = stuck.accept().await {
+        while let Ok((mut s, _)) = stuck.accept().await {
+            let mut buf = vec![0; 4096];
+            if let Ok(n) = s.read(&mut buf).await
+                && buf[..n].starts_with(b"PUT /latest/api/token")
+            {
+                notify.notify_one();
+            }
             open.push(s);
         }
     });
     let p = run_with_eip(&format!("http://{stuck_addr}"), &moto.endpoint, &[]).await;
 
-    // `run_with_eip` returned once a connection went through the proxy; the claim is still on.
+    // The claim has started (it asked instance metadata for a token) and is still on.
+    within(BOUND, "the claim to ask instance metadata", asked.notified()).await;
     assert_eq!(eip_status(p.admin).await["state"], "claiming");
     assert_eq!(eip_metric(p.admin).await, Some(0.0));
     assert_eq!(get(p.admin, "/health").await.status, 200);

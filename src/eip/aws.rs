@@ -25,6 +25,7 @@ use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use tokio::time::Instant;
 
 use super::error::{ClaimError, Class, classify, describe};
+use super::newer::{GENERATION_TAG, Rank, parse_generation};
 use crate::config::EipConfig;
 
 /// Where IMDS is when `eip.imds_endpoint` is empty.
@@ -250,14 +251,10 @@ impl Ec2 {
         Ok(out.tags().iter().find(|t| t.key() == Some(key)).and_then(|t| t.value().map(str::to_string)))
     }
 
-    /// When each of `instances` was launched, for those EC2 still lists (terminated ones drop
-    /// out after a while).
-    pub async fn launch_times(
-        &self,
-        instances: &[&str],
-        calls: &Calls,
-        deadline: Instant,
-    ) -> Result<Vec<(String, (i64, u32))>, Failure> {
+    /// How each of `instances` ranks for the newer-wins rule (generation tag, launch time),
+    /// for those EC2 lists. Terminated instances stay listed for a while; an EC2 that does not
+    /// know one of the ids at all refuses the whole call (retried as an unknown instance).
+    pub async fn ranks(&self, instances: &[&str], calls: &Calls, deadline: Instant) -> Result<Vec<Rank>, Failure> {
         let ids: Vec<String> = instances.iter().map(|s| s.to_string()).collect();
         let out = retry("DescribeInstances", deadline, || {
             calls.ec2_reads.fetch_add(1, Ordering::Relaxed);
@@ -270,17 +267,28 @@ impl Ec2 {
             .flat_map(|r| r.instances())
             .filter_map(|i| {
                 let t = i.launch_time()?;
-                Some((i.instance_id()?.to_string(), (t.secs(), t.subsec_nanos())))
+                let instance_id = i.instance_id()?.to_string();
+                let tag = i.tags().iter().find(|t| t.key() == Some(GENERATION_TAG)).and_then(|t| t.value());
+                let generation = tag.and_then(parse_generation);
+                if let (Some(value), None) = (tag, generation) {
+                    tracing::warn!(instance = %instance_id, tag = GENERATION_TAG, value,
+                        "the fleet generation tag is not a whole number; ranking the instance as untagged");
+                }
+                Some(Rank { instance_id, generation, launched: (t.secs(), t.subsec_nanos()) })
             })
             .collect())
     }
 
-    /// Associates the allocation with the instance, taking it from whatever holds it. With
-    /// `dry_run`, EC2 only checks that the call would be allowed; nothing changes.
+    /// Associates the allocation with the instance. With `reassociate`, it is taken from
+    /// whatever holds it; without, EC2 refuses (`Resource.AlreadyAssociated`) if anything
+    /// holds it by the time the call arrives, which makes taking a free address a
+    /// compare-and-set: two claims of a free address cannot both succeed. With `dry_run`, EC2
+    /// only checks that the call would be allowed; nothing changes.
     pub async fn associate(
         &self,
         allocation: &str,
         instance: &str,
+        reassociate: bool,
         dry_run: bool,
         calls: &Calls,
         deadline: Instant,
@@ -295,7 +303,7 @@ impl Ec2 {
                 .associate_address()
                 .allocation_id(allocation)
                 .instance_id(instance)
-                .allow_reassociation(true)
+                .allow_reassociation(reassociate)
                 .dry_run(dry_run)
                 .send()
         })
@@ -360,9 +368,15 @@ where
 /// throttled together do not retry together.
 pub fn backoff(attempt: u32) -> Duration {
     let ceiling = BACKOFF_BASE.saturating_mul(1 << attempt.saturating_sub(1).min(16)).min(BACKOFF_CAP);
+    jittered(ceiling)
+}
+
+/// A random time between half and all of `ceiling`, so that instances doing the same thing at
+/// the same moment drift apart.
+pub fn jittered(ceiling: Duration) -> Duration {
     let half = ceiling / 2;
     let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u32(attempt);
+    hasher.write_u128(ceiling.as_nanos());
     let jitter = hasher.finish() % (u64::try_from(half.as_micros()).unwrap_or(u64::MAX).max(1));
     half + Duration::from_micros(jitter)
 }

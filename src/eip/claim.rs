@@ -6,13 +6,36 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::aws::{AddressView, Calls, Ec2, Failure, Metadata, TagLookup, provider_config};
+use super::aws::{AddressView, Calls, Ec2, Failure, Metadata, TagLookup, jittered, provider_config};
 use super::error::{ClaimError, Class};
+use super::newer::Newer;
 use crate::config::EipConfig;
 
-/// First wait between two DescribeAddresses calls while confirming; doubles up to the cap.
+/// First wait between two DescribeAddresses calls while confirming; doubles up to the cap,
+/// each wait jittered (half to all of it).
 const CONFIRM_FIRST_WAIT: Duration = Duration::from_millis(100);
-const CONFIRM_MAX_WAIT: Duration = Duration::from_secs(2);
+const CONFIRM_MAX_WAIT: Duration = Duration::from_millis(500);
+/// How long DescribeAddresses must keep showing our association before the claim counts as
+/// won. It covers a racing claim whose AssociateAddress is still on its way (it read the
+/// owner before our write landed) and EC2's lag in showing that write; against EC2, reads
+/// usually catch up within a second. A write that lands even later is still settled by the
+/// same rule: the running proxy's ownership check takes the address back from an older
+/// instance.
+pub const CONFIRM_SETTLE: Duration = Duration::from_secs(2);
+/// Reads showing our association needed at the least, so that one lucky read is never enough.
+const CONFIRM_MIN_READS: u32 = 3;
+/// The pause (jittered) before reading the owner again when a racing claim got in between.
+const RETAKE_PAUSE: Duration = Duration::from_millis(200);
+
+/// How a confirmation ended.
+enum Confirmed {
+    Ours {
+        reads: u32,
+        settled: Duration,
+    },
+    /// Another instance's association showed up after ours.
+    Taken,
+}
 
 /// Where the allocation id came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,8 +72,9 @@ pub struct Instance {
 pub enum Outcome {
     /// The address was already associated with this instance: nothing was written.
     AlreadyOurs,
-    /// Associated now, and seen so by DescribeAddresses after `confirm_reads` reads.
-    Associated { association_id: String, confirm_reads: u32 },
+    /// Associated now, and seen so by DescribeAddresses in `confirm_reads` reads over
+    /// `settled` (at least [`CONFIRM_SETTLE`] of them showing ours).
+    Associated { association_id: String, confirm_reads: u32, settled: Duration },
     /// `--dry-run`: EC2 said the association would be allowed; nothing was written.
     WouldAssociate,
 }
@@ -88,11 +112,11 @@ impl fmt::Display for Report {
         };
         match &self.outcome {
             Outcome::AlreadyOurs => writeln!(f, "result:     already ours; nothing to do")?,
-            Outcome::Associated { association_id, confirm_reads } => writeln!(
+            Outcome::Associated { association_id, confirm_reads, settled } => writeln!(
                 f,
-                "result:     associated{taking} ({association_id}); confirmed by DescribeAddresses after {} read{}",
-                confirm_reads,
-                if *confirm_reads == 1 { "" } else { "s" }
+                "result:     associated{taking} ({association_id}); confirmed by {confirm_reads} DescribeAddresses \
+                 reads over {:.2}s",
+                settled.as_secs_f64()
             )?,
             Outcome::WouldAssociate => {
                 writeln!(f, "result:     dry run: EC2 would allow the association{taking}; nothing was changed")?
@@ -157,6 +181,15 @@ impl Instance {
 
     /// Associates the allocation with this instance unless it already is, then confirms it.
     /// With `dry_run`, only reads and a DryRun association are made.
+    ///
+    /// Two instances may claim the same allocation at once (an old fleet's proxy restarting
+    /// while the new fleet boots, or a misconfiguration). Every decision follows one rule,
+    /// [`Rank::newer_than`], so they agree on the winner whatever the order of their calls:
+    /// a free address is taken without reassociation (EC2 refuses it if another claim got
+    /// there first), an address held by an older instance is taken, one held by a newer
+    /// instance is left alone, and each later step reads the owner afresh. The claim counts
+    /// as won only once DescribeAddresses has shown it for [`CONFIRM_SETTLE`], long enough
+    /// for a racing claim's write still in flight, and EC2's lag in showing it, to surface.
     pub async fn claim(&self, dry_run: bool, deadline: Instant) -> Result<Report, ClaimError> {
         let before = self.describe(deadline).await?;
         let previous = before.instance_id.clone().filter(|i| *i != self.instance_id);
@@ -174,42 +207,101 @@ impl Instance {
         if before.instance_id.as_deref() == Some(self.instance_id.as_str()) {
             return Ok(self.finish(report));
         }
-        if let Some(owner) = &previous {
-            self.refuse_if_newer(owner, deadline).await?;
+        // `replaced`: the view our last write replaced, so that a read still showing it is
+        // known for what it is (EC2 not caught up yet).
+        let mut replaced = before.clone();
+        let mut view = before;
+        let mut wrote = false;
+        loop {
+            let association = match view.instance_id.as_deref() {
+                // A fresh read after a race shows ours: confirm it, without another write.
+                Some(owner) if owner == self.instance_id => view.association_id.clone(),
+                owner => {
+                    let reassociate = match owner {
+                        Some(owner) => match self.newer(owner, deadline).await? {
+                            Some(why) => return Err(self.lost(owner, why, wrote)),
+                            None => true,
+                        },
+                        None => false,
+                    };
+                    let written = self
+                        .ec2
+                        .associate(&self.allocation_id, &self.instance_id, reassociate, dry_run, &self.calls, deadline)
+                        .await;
+                    match written {
+                        Ok(_) if dry_run => {
+                            report.outcome = Outcome::WouldAssociate;
+                            return Ok(self.finish(report));
+                        }
+                        Ok(association) => {
+                            wrote = true;
+                            replaced = view;
+                            association
+                        }
+                        Err(Failure::Refused { class: Class::AlreadyAssociated, .. }) => {
+                            // Another claim got the free address between our read and our write.
+                            view = self.read_again(deadline).await?;
+                            continue;
+                        }
+                        Err(f) => return Err(self.refused(f)),
+                    }
+                }
+            };
+            match self.confirm(association.as_deref(), &replaced, deadline).await? {
+                Confirmed::Ours { reads, settled } => {
+                    report.outcome = Outcome::Associated {
+                        association_id: association.unwrap_or_default(),
+                        confirm_reads: reads,
+                        settled,
+                    };
+                    return Ok(self.finish(report));
+                }
+                // Someone else's association: the top of the loop ranks it.
+                Confirmed::Taken => view = self.read_again(deadline).await?,
+            }
         }
-        let association = self
-            .ec2
-            .associate(&self.allocation_id, &self.instance_id, dry_run, &self.calls, deadline)
-            .await
-            .map_err(|f| self.refused(f))?;
-        if dry_run {
-            report.outcome = Outcome::WouldAssociate;
-            return Ok(self.finish(report));
-        }
-        let confirm_reads = self.confirm(association.as_deref(), &before, deadline).await?;
-        report.outcome = Outcome::Associated { association_id: association.unwrap_or_default(), confirm_reads };
-        Ok(self.finish(report))
     }
 
-    /// Newer fleets take addresses from older ones, never the other way round: an instance of
-    /// an old fleet whose proxy restarts (a crash, a reboot) must not take its address back
-    /// from the instance that replaced it. So the address is taken only from an instance
-    /// launched no later than this one (or one EC2 no longer lists).
-    async fn refuse_if_newer(&self, owner: &str, deadline: Instant) -> Result<(), ClaimError> {
-        let times = self
+    /// The error for a newer `owner` holding the address: it held it from the start, or (after
+    /// our write) took it while we were claiming.
+    fn lost(&self, owner: &str, why: Newer, wrote: bool) -> ClaimError {
+        let (allocation, instance, owner) = (self.allocation_id.clone(), self.instance_id.clone(), owner.to_string());
+        if wrote {
+            ClaimError::Lost { allocation, instance, owner, why }
+        } else {
+            ClaimError::HeldByNewer { allocation, instance, owner, why }
+        }
+    }
+
+    /// A fresh read before another attempt, after a short jittered pause so that two racing
+    /// claims do not keep meeting at the same moment.
+    async fn read_again(&self, deadline: Instant) -> Result<AddressView, ClaimError> {
+        let pause = jittered(RETAKE_PAUSE);
+        if Instant::now() + pause >= deadline {
+            return Err(ClaimError::Deadline {
+                action: "claiming the address against a racing claim",
+                attempts: 1,
+                waited: self.started.elapsed(),
+                last: "another instance kept taking it".into(),
+            });
+        }
+        tokio::time::sleep(pause).await;
+        self.describe(deadline).await
+    }
+
+    /// Whether `owner` is newer than this instance, and why. An owner EC2 no longer lists
+    /// cannot be ranked and is not newer.
+    pub async fn newer(&self, owner: &str, deadline: Instant) -> Result<Option<Newer>, ClaimError> {
+        let ranks = self
             .ec2
-            .launch_times(&[self.instance_id.as_str(), owner], &self.calls, deadline)
+            .ranks(&[self.instance_id.as_str(), owner], &self.calls, deadline)
             .await
             .map_err(|f| self.refused(f))?;
-        let launched = |id: &str| times.iter().find(|(i, _)| i == id).map(|(_, t)| *t);
-        match (launched(&self.instance_id), launched(owner)) {
-            (Some(mine), Some(theirs)) if theirs > mine => Err(ClaimError::HeldByNewer {
-                allocation: self.allocation_id.clone(),
-                instance: self.instance_id.clone(),
-                owner: owner.to_string(),
-            }),
-            _ => Ok(()),
-        }
+        let find = |id: &str| ranks.iter().find(|r| r.instance_id == id);
+        Ok(match (find(&self.instance_id), find(owner)) {
+            (Some(mine), Some(theirs)) => theirs.newer_than(mine),
+            _ => None,
+        })
     }
 
     /// Who holds the address now: one DescribeAddresses call (retried until `deadline`).
@@ -217,33 +309,42 @@ impl Instance {
         self.ec2.describe_address(&self.allocation_id, &self.calls, deadline).await.map_err(|f| self.refused(f))
     }
 
-    /// Reads the address until it shows our association. DescribeAddresses is eventually
-    /// consistent, so for a while it may still show the state from before our call, or no
-    /// instance at all; another instance with a third association means it took the address
-    /// in the meantime. One read showing ours ends the wait, so a claim racing another one can
-    /// still both succeed here; `run`'s next ownership check then tells which one won.
-    async fn confirm(&self, ours: Option<&str>, before: &AddressView, deadline: Instant) -> Result<u32, ClaimError> {
+    /// Reads the address until it has shown our association for [`CONFIRM_SETTLE`] (and at
+    /// least [`CONFIRM_MIN_READS`] times), or shows someone else's. DescribeAddresses is
+    /// eventually consistent, so for a while it may still show the state from before our call
+    /// (`before`), or no instance at all: those reads are waited out. Another instance with a
+    /// third association took the address after our write, or is a racing claim whose write
+    /// landed after ours: the caller ranks it.
+    async fn confirm(
+        &self,
+        ours: Option<&str>,
+        before: &AddressView,
+        deadline: Instant,
+    ) -> Result<Confirmed, ClaimError> {
         let started = Instant::now();
         let mut wait = CONFIRM_FIRST_WAIT;
-        let mut reads = 0;
+        let (mut reads, mut ours_reads) = (0, 0);
+        let mut ours_since: Option<Instant> = None;
         loop {
             let now = self.describe(deadline).await?;
             reads += 1;
             let mine = now.instance_id.as_deref() == Some(self.instance_id.as_str());
-            match (ours, now.association_id.as_deref()) {
-                (Some(ours), Some(seen)) if seen == ours && mine => return Ok(reads),
+            let is_ours = match (ours, now.association_id.as_deref()) {
+                (Some(ours), Some(seen)) => seen == ours && mine,
                 // Without an association id to compare, our instance id will do.
-                (None, _) if mine => return Ok(reads),
-                (_, seen) if seen == before.association_id.as_deref() => {} // not caught up yet
-                _ if mine || now.instance_id.is_none() => {}                // a view in between
-                _ => {
-                    return Err(ClaimError::Lost {
-                        allocation: self.allocation_id.clone(),
-                        instance: self.instance_id.clone(),
-                        owner: now.instance_id.unwrap_or_else(|| "no instance".into()),
-                    });
+                (None, _) => mine,
+                (Some(_), None) => false,
+            };
+            if is_ours {
+                ours_reads += 1;
+                let since = *ours_since.get_or_insert_with(Instant::now);
+                if ours_reads >= CONFIRM_MIN_READS && since.elapsed() >= CONFIRM_SETTLE {
+                    return Ok(Confirmed::Ours { reads, settled: started.elapsed() });
                 }
+            } else if now.association_id != before.association_id && !mine && now.instance_id.is_some() {
+                return Ok(Confirmed::Taken);
             }
+            // Otherwise: not caught up yet (the view from before our call), or a view in between.
             if Instant::now() + wait >= deadline {
                 return Err(ClaimError::Deadline {
                     action: "confirming the association with DescribeAddresses",
@@ -252,7 +353,7 @@ impl Instance {
                     last: format!("the address still shows {}", now.instance_id.as_deref().unwrap_or("no instance")),
                 });
             }
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(jittered(wait)).await;
             wait = (wait * 2).min(CONFIRM_MAX_WAIT);
         }
     }
@@ -282,7 +383,9 @@ fn refused(f: Failure, instance: &str, region: &str, allocation: &str, source: &
             },
             Class::InvalidInstance => ClaimError::InvalidInstance { instance: instance.to_string(), detail },
             Class::NoCredentials => ClaimError::NoCredentials { action, detail },
-            Class::Transient | Class::DryRunOk | Class::Permanent => ClaimError::Other { action, detail },
+            Class::Transient | Class::DryRunOk | Class::AlreadyAssociated | Class::Permanent => {
+                ClaimError::Other { action, detail }
+            }
         },
     }
 }

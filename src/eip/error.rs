@@ -7,6 +7,8 @@ use std::time::Duration;
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 
+use super::newer::Newer;
+
 /// Exit codes of `claim-eip`, one per thing the operator has to fix (documented in the README).
 pub mod exit {
     /// The instance metadata service could not be read: not on EC2, or IMDSv2 is off.
@@ -19,8 +21,8 @@ pub mod exit {
     pub const ACCESS_DENIED: u8 = 13;
     /// EC2 does not accept this instance for the association.
     pub const INVALID_INSTANCE: u8 = 14;
-    /// Another instance holds the address: it took it while this one was confirming, or it
-    /// was launched later (a newer fleet), so this one does not take it.
+    /// A newer instance holds the address (a newer fleet generation, else a later launch, else
+    /// a larger instance id): it held it already, or took it while this one was claiming.
     pub const LOST: u8 = 15;
     /// Calls kept failing with retryable errors until the deadline.
     pub const DEADLINE: u8 = 16;
@@ -42,6 +44,9 @@ pub enum Class {
     NoCredentials,
     /// `DryRunOperation`: the call would have succeeded.
     DryRunOk,
+    /// `Resource.AlreadyAssociated`: an association without reassociation found the address
+    /// taken (another instance claimed it between our read and our write).
+    AlreadyAssociated,
     /// Anything else EC2 refused: retrying would not help.
     Permanent,
 }
@@ -108,6 +113,7 @@ pub fn classify_code(code: Option<&str>, status: u16) -> Class {
         Some(c) if TRANSIENT_CODES.contains(&c) => Class::Transient,
         Some(c) if ACCESS_CODES.contains(&c) => Class::AccessDenied,
         Some("DryRunOperation") => Class::DryRunOk,
+        Some("Resource.AlreadyAssociated") => Class::AlreadyAssociated,
         Some("InvalidAllocationID.NotFound" | "InvalidAddress.NotFound" | "InvalidAllocationID.Malformed") => {
             Class::UnknownAllocation
         }
@@ -173,17 +179,19 @@ pub enum ClaimError {
         instance: String,
         detail: String,
     },
-    /// Another instance took the address while this one was confirming its claim.
+    /// A newer instance took the address while this one was claiming it.
     Lost {
         allocation: String,
         instance: String,
         owner: String,
+        why: Newer,
     },
-    /// The address is held by an instance launched after this one: a newer fleet.
+    /// The address is held by a newer instance (by [`Newer`]'s rule): this one does not take it.
     HeldByNewer {
         allocation: String,
         instance: String,
         owner: String,
+        why: Newer,
     },
     Deadline {
         action: &'static str,
@@ -259,16 +267,15 @@ impl fmt::Display for ClaimError {
                 "EC2 refused instance {instance} until the deadline ({detail}); the id came from this instance's \
                  metadata, so EC2 in this region should know it: check that the instance is running"
             ),
-            ClaimError::Lost { allocation, instance, owner } => write!(
+            ClaimError::Lost { allocation, instance, owner, why } => write!(
                 f,
-                "{allocation} was associated with {instance} and then with {owner} before the claim was confirmed: \
-                 another instance claims the same allocation; give each instance its own allocation id"
+                "{allocation} was taken by {owner} while {instance} was claiming it; {owner} is newer ({why}), so \
+                 this instance leaves it to {owner} and keeps serving whoever still reaches it"
             ),
-            ClaimError::HeldByNewer { allocation, instance, owner } => write!(
+            ClaimError::HeldByNewer { allocation, instance, owner, why } => write!(
                 f,
-                "{allocation} is held by {owner}, launched after {instance}: a newer fleet has it, so this \
-                 instance does not take it back; terminate this instance (its group replaces it with a new one \
-                 that claims the address) to move the address here"
+                "{allocation} is held by {owner}, which is newer than {instance} ({why}), so this instance does \
+                 not take it; to move the address here, deploy a fleet with a larger FleetGeneration"
             ),
             ClaimError::Deadline { action, attempts, waited, last } => write!(
                 f,
@@ -299,6 +306,7 @@ mod tests {
         assert_eq!(classify_code(Some("InvalidAllocationID.NotFound"), 400), Class::UnknownAllocation);
         assert_eq!(classify_code(Some("InvalidInstanceID.NotFound"), 400), Class::InvalidInstance);
         assert_eq!(classify_code(Some("DryRunOperation"), 412), Class::DryRunOk);
+        assert_eq!(classify_code(Some("Resource.AlreadyAssociated"), 400), Class::AlreadyAssociated);
         assert_eq!(classify_code(Some("InvalidParameterValue"), 400), Class::Permanent);
         assert_eq!(classify_code(None, 400), Class::Permanent);
     }

@@ -2,13 +2,16 @@
 //!
 //! Each instance of a fleet is told which allocation to hold by a tag its Auto Scaling group
 //! propagates. At start it claims it (in the background: the proxy serves at once, whatever
-//! the claim does), then checks every `eip.check_interval` that it still holds it. A newer
-//! fleet taking the address is the normal end of a deployment: it is logged once and shown in
-//! `/status` and `static_ingress_eip_associated`, never fought over.
+//! the claim does), then checks every `eip.check_interval` that it still holds it. Claim and
+//! check follow one rule ([`newer`]): the newer fleet holds the address. A newer fleet taking
+//! it is the normal end of a deployment: it is logged once, with the reason, and shown in
+//! `/status` and `static_ingress_eip_associated`, never fought over; an older instance taking
+//! it, or nobody holding it, makes this instance claim it again.
 
 pub mod aws;
 pub mod claim;
 pub mod error;
+pub mod newer;
 
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -21,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::EipConfig;
 use claim::{Instance, Outcome, Report};
 use error::ClaimError;
+use newer::Newer;
 
 /// Where the claim stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -32,7 +36,7 @@ pub enum State {
     Claiming,
     /// Confirmed associated with this instance at the last check.
     Associated,
-    /// Another instance holds it now (a newer fleet took it).
+    /// A newer instance holds it now (a newer fleet took it, or won a race for it).
     Lost,
     /// The claim failed; it is tried again every check interval.
     Failed,
@@ -132,7 +136,7 @@ pub async fn claim_once(
     }
 }
 
-/// Claims until the address is ours, or another instance is found to hold it (then there is
+/// Claims until the address is ours, or a newer instance is found to hold it (then there is
 /// nothing to claim: the caller watches). A failed claim (a missing tag, a missing
 /// permission...) is tried again every check interval, so fixing it needs no restart; each
 /// kind of failure is logged once.
@@ -140,86 +144,127 @@ async fn claim_until_done(config: &EipConfig, eip: &Eip) -> Instance {
     let mut last_logged: Option<(u8, std::mem::Discriminant<ClaimError>)> = None;
     loop {
         let error = match claim_once(config, false).await {
-            Ok((instance, Ok(report))) => {
-                let (imds, reads, writes) = report.calls;
-                let what = match &report.outcome {
-                    Outcome::AlreadyOurs => "already associated with this instance",
-                    _ => "claimed",
-                };
-                tracing::info!(
-                    allocation = %report.allocation_id,
-                    public_ip = report.public_ip.as_deref().unwrap_or(""),
-                    instance = %report.instance_id,
-                    previous = report.previous.as_deref().unwrap_or(""),
-                    source = %report.source,
-                    calls.imds = imds, calls.ec2_reads = reads, calls.ec2_writes = writes,
-                    seconds = report.elapsed.as_secs_f64(),
-                    "Elastic IP {what}"
-                );
-                eip.update(|s| {
-                    s.state = State::Associated;
-                    s.allocation_id = Some(report.allocation_id.clone());
-                    s.public_ip = report.public_ip.clone();
-                    s.instance_id = Some(report.instance_id.clone());
-                    s.owner = None;
-                    s.last_check = Some(SystemTime::now());
-                    s.error = None;
-                });
-                return instance;
-            }
-            Ok((instance, Err(e @ (ClaimError::Lost { .. } | ClaimError::HeldByNewer { .. })))) => {
-                let owner = match &e {
-                    ClaimError::Lost { owner, .. } | ClaimError::HeldByNewer { owner, .. } => owner.clone(),
-                    _ => String::new(),
-                };
-                tracing::warn!(allocation = %instance.allocation_id, %owner, reason = %e,
-                    "another instance holds the Elastic IP; not taking it, still serving");
-                eip.update(|s| {
-                    s.state = State::Lost;
-                    s.allocation_id = Some(instance.allocation_id.clone());
-                    s.instance_id = Some(instance.instance_id.clone());
-                    s.owner = Some(owner);
-                    s.last_check = Some(SystemTime::now());
-                    s.error = None;
-                });
-                return instance;
-            }
-            Ok((_, Err(e))) | Err(e) => e,
+            Ok((instance, result)) => match record(eip, &instance, result) {
+                Ok(()) => return instance,
+                Err(e) => e,
+            },
+            Err(e) => e,
         };
-        let message = error.to_string();
-        let kind = (error.exit_code(), std::mem::discriminant(&error));
-        if last_logged != Some(kind) {
-            tracing::error!(error = %message, exit_code = error.exit_code(), retry_in = ?config.check_interval,
-                "Elastic IP claim failed; the proxy keeps serving");
-            last_logged = Some(kind);
-        }
-        eip.update(|s| {
-            s.state = State::Failed;
-            s.error = Some(message);
-            s.last_check = Some(SystemTime::now());
-        });
+        log_failure(&error, &mut last_logged, config);
+        record_failure(eip, &error);
         tokio::time::sleep(config.check_interval).await;
     }
 }
 
-/// Checks every interval that the address is still ours; logs each change once.
+/// Shows and logs a finished claim. Associated, or lost to a newer instance, is an end state;
+/// any other error is handed back for the caller to retry.
+fn record(eip: &Eip, instance: &Instance, result: Result<Report, ClaimError>) -> Result<(), ClaimError> {
+    match result {
+        Ok(report) => {
+            let (imds, reads, writes) = report.calls;
+            let what = match &report.outcome {
+                Outcome::AlreadyOurs => "already associated with this instance",
+                _ => "claimed",
+            };
+            tracing::info!(
+                allocation = %report.allocation_id,
+                public_ip = report.public_ip.as_deref().unwrap_or(""),
+                instance = %report.instance_id,
+                previous = report.previous.as_deref().unwrap_or(""),
+                source = %report.source,
+                calls.imds = imds, calls.ec2_reads = reads, calls.ec2_writes = writes,
+                seconds = report.elapsed.as_secs_f64(),
+                "Elastic IP {what}"
+            );
+            eip.update(|s| {
+                s.state = State::Associated;
+                s.allocation_id = Some(report.allocation_id.clone());
+                s.public_ip = report.public_ip.clone();
+                s.instance_id = Some(report.instance_id.clone());
+                s.owner = None;
+                s.last_check = Some(SystemTime::now());
+                s.error = None;
+            });
+            Ok(())
+        }
+        Err(
+            ref e @ (ClaimError::Lost { ref owner, ref why, .. } | ClaimError::HeldByNewer { ref owner, ref why, .. }),
+        ) => {
+            tracing::warn!(allocation = %instance.allocation_id, %owner, reason = %why, error = %e,
+                "a newer instance holds the Elastic IP ({why}); not taking it, still serving");
+            let owner = owner.clone();
+            eip.update(|s| {
+                s.state = State::Lost;
+                s.allocation_id = Some(instance.allocation_id.clone());
+                s.instance_id = Some(instance.instance_id.clone());
+                s.owner = Some(owner);
+                s.last_check = Some(SystemTime::now());
+                s.error = None;
+            });
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn log_failure(
+    error: &ClaimError,
+    last_logged: &mut Option<(u8, std::mem::Discriminant<ClaimError>)>,
+    config: &EipConfig,
+) {
+    let kind = (error.exit_code(), std::mem::discriminant(error));
+    if *last_logged != Some(kind) {
+        tracing::error!(error = %error, exit_code = error.exit_code(), retry_in = ?config.check_interval,
+            "Elastic IP claim failed; the proxy keeps serving");
+        *last_logged = Some(kind);
+    }
+}
+
+fn record_failure(eip: &Eip, error: &ClaimError) {
+    let message = error.to_string();
+    eip.update(|s| {
+        s.state = State::Failed;
+        s.error = Some(message);
+        s.last_check = Some(SystemTime::now());
+    });
+}
+
+/// Checks every interval who holds the address, and applies the claim's rule to what it finds:
+/// a newer instance keeps it (logged once, with the reason), an older one or none at all means
+/// this instance claims it again, so an address is never left unassociated, nor with an older
+/// fleet, while this instance wants it.
 async fn watch(config: &EipConfig, eip: &Eip, instance: &Instance) {
     let mut warned_error = false;
+    let mut last_logged = None;
+    // The last other owner ranked, with the verdict: ranks do not change, so an address held
+    // by a newer instance costs one DescribeAddresses per check, not a DescribeInstances too.
+    let mut ranked: Option<(String, Option<Newer>)> = None;
     loop {
         tokio::time::sleep(config.check_interval).await;
         // A check must not run into the next one.
         let deadline = Instant::now() + config.deadline.min(config.check_interval);
-        let checked = match tokio::time::timeout_at(deadline, instance.describe(deadline)).await {
+        let checked = async {
+            let view = instance.describe(deadline).await?;
+            let verdict = match view.instance_id.as_deref() {
+                Some(owner) if owner != instance.instance_id => match &ranked {
+                    Some((seen, verdict)) if seen == owner => Some(verdict.clone()),
+                    _ => Some(instance.newer(owner, deadline).await?),
+                },
+                _ => None,
+            };
+            Ok((view, verdict))
+        };
+        let checked = match tokio::time::timeout_at(deadline, checked).await {
             Ok(result) => result,
             Err(_) => Err(ClaimError::Deadline {
-                action: "DescribeAddresses",
+                action: "the ownership check",
                 attempts: 1,
                 waited: config.check_interval,
                 last: "EC2 did not answer before the next check".into(),
             }),
         };
-        let view = match checked {
-            Ok(view) => view,
+        let (view, verdict) = match checked {
+            Ok(checked) => checked,
             Err(e @ ClaimError::Deadline { .. }) => {
                 // EC2 slow or unreachable: keep the last known state, say so once.
                 if !warned_error {
@@ -245,26 +290,64 @@ async fn watch(config: &EipConfig, eip: &Eip, instance: &Instance) {
             }
         };
         warned_error = false;
-        let ours = view.instance_id.as_deref() == Some(instance.instance_id.as_str());
-        let before = eip.update(|s| {
-            s.state = if ours { State::Associated } else { State::Lost };
-            s.owner = if ours { None } else { view.instance_id.clone() };
-            s.public_ip = view.public_ip.clone();
-            s.last_check = Some(SystemTime::now());
-            s.error = None;
-        });
         let allocation = &instance.allocation_id;
         let ip = view.public_ip.as_deref().unwrap_or("");
-        match (before, ours, view.instance_id.as_deref()) {
-            (State::Lost, false, _) | (State::Associated, true, _) => {}
-            (_, true, _) => {
-                tracing::info!(%allocation, public_ip = ip, "Elastic IP is associated with this instance again")
+        match (view.instance_id.as_deref(), verdict) {
+            (Some(_), None) => {
+                let before = eip.update(|s| {
+                    s.state = State::Associated;
+                    s.owner = None;
+                    s.public_ip = view.public_ip.clone();
+                    s.last_check = Some(SystemTime::now());
+                    s.error = None;
+                });
+                if before != State::Associated {
+                    tracing::info!(%allocation, public_ip = ip, "Elastic IP is associated with this instance again");
+                }
             }
-            (_, false, Some(owner)) => tracing::warn!(%allocation, public_ip = ip, %owner,
-                "Elastic IP is now associated with another instance (a newer fleet took it); \
-                 this instance keeps serving connections that still reach it"),
-            (_, false, None) => tracing::warn!(%allocation, public_ip = ip,
-                "Elastic IP is no longer associated with any instance; this instance does not take it back"),
+            (Some(owner), Some(Some(why))) => {
+                let owner = owner.to_string();
+                let before_owner = eip.status().owner;
+                let before = eip.update(|s| {
+                    s.state = State::Lost;
+                    s.owner = Some(owner.clone());
+                    s.public_ip = view.public_ip.clone();
+                    s.last_check = Some(SystemTime::now());
+                    s.error = None;
+                });
+                if before != State::Lost || before_owner.as_deref() != Some(owner.as_str()) {
+                    tracing::warn!(%allocation, public_ip = ip, %owner, reason = %why,
+                        "Elastic IP is now associated with a newer instance ({why}); this instance leaves it \
+                         and keeps serving connections that still reach it");
+                }
+                ranked = Some((owner, Some(why)));
+            }
+            (owner, _) => {
+                match owner {
+                    Some(owner) => {
+                        tracing::warn!(%allocation, public_ip = ip, %owner,
+                            "Elastic IP is associated with an older instance; taking it back");
+                        ranked = Some((owner.to_string(), None));
+                    }
+                    None => tracing::warn!(%allocation, public_ip = ip,
+                        "Elastic IP is not associated with any instance; claiming it"),
+                }
+                let claim_deadline = Instant::now() + config.deadline;
+                let result = match tokio::time::timeout_at(claim_deadline, instance.claim(false, claim_deadline)).await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(ClaimError::Deadline {
+                        action: "the claim",
+                        attempts: 1,
+                        waited: config.deadline,
+                        last: "EC2 did not answer".into(),
+                    }),
+                };
+                if let Err(e) = record(eip, instance, result) {
+                    log_failure(&e, &mut last_logged, config);
+                    record_failure(eip, &e);
+                }
+            }
         }
     }
 }

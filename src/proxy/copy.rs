@@ -202,10 +202,10 @@ fn unread(stream: &TcpStream) -> Option<usize> {
 /// Ends `stream` with a reset when the pipe toward it still held bytes: a FIN would make the
 /// truncated stream look complete to that peer.
 fn reset_if_truncated(pipe: &Pipe, stream: &TcpStream) {
-    if pipe.pending() > 0 || unsent(stream).is_some_and(|n| n > 0) {
-        if let Err(e) = SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
-            tracing::debug!(error = %e, "could not set SO_LINGER; the truncated stream ends with a FIN");
-        }
+    if (pipe.pending() > 0 || unsent(stream).is_some_and(|n| n > 0))
+        && let Err(e) = SockRef::from(stream).set_linger(Some(Duration::ZERO))
+    {
+        tracing::debug!(error = %e, "could not set SO_LINGER; the truncated stream ends with a FIN");
     }
 }
 

@@ -22,6 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "cloudformation"
 REGION = "us-east-1"
 ALLOCATION_TAG = "static-ingress:eip-allocation-id"
+GENERATION_TAG = "static-ingress:fleet-generation"
 MANAGED_TAG = "static-ingress:managed"
 RECORD_NAME = "static.example.com"
 # Where moto's server writes its log; read when a test fails.
@@ -143,10 +144,12 @@ def image_id(aws):
     return next(i["ImageId"] for i in images if i.get("Architecture") == "x86_64")
 
 
-def deploy_fleet(aws, stack, addresses_stack, backend="api.example.com:443", **params):
-    """Creates a fleet stack claiming the addresses of `addresses_stack`; returns its outputs."""
+def deploy_fleet(aws, stack, addresses_stack, backend="api.example.com:443", generation=1, **params):
+    """Creates a fleet stack claiming the addresses of `addresses_stack`, of fleet generation
+    `generation`; returns its outputs."""
     params = {
         "AddressesStackName": addresses_stack,
+        "FleetGeneration": generation,
         "BackendAddress": backend,
         "ImageId": image_id(aws),
         "HealthCheckerPrefixListId": health_checker_prefix_list(aws),
@@ -174,8 +177,8 @@ def groups(aws, stack):
 
 def instances(aws, stack):
     """The running instances of a fleet stack, one dict per instance, in group order: id,
-    group, subnet, availability zone, tags (a dict), the allocation id it must claim, and the
-    public IP it has now."""
+    group, subnet, availability zone, tags (a dict), the allocation id it must claim, its fleet
+    generation, and the public IP it has now."""
     ec2 = aws["ec2"]
     result = []
     for group in groups(aws, stack):
@@ -193,6 +196,7 @@ def instances(aws, stack):
                     "az": inst["Placement"]["AvailabilityZone"],
                     "tags": tags,
                     "allocation_id": tags.get(ALLOCATION_TAG),
+                    "generation": tags.get(GENERATION_TAG),
                     "public_ip": inst.get("PublicIpAddress"),
                 })
     return result

@@ -47,9 +47,10 @@ def static_ingress(deb_path, tmp_path_factory):
     return str(root / "usr/bin/static-ingress")
 
 
-def claim_eip(static_ingress, moto, instance):
+def claim_eip(static_ingress, moto, instance, expect=0):
     """`static-ingress claim-eip` as `instance` runs it at boot: its id and tags from
-    (stand-in) instance metadata, EC2 from moto. Returns the report it prints."""
+    (stand-in) instance metadata, EC2 from moto. Checks its exit code; returns the report it
+    prints."""
     env = {"PATH": os.environ.get("PATH", ""), "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing"}
     with Imds(instance["id"], instance["tags"]) as imds:
@@ -58,7 +59,7 @@ def claim_eip(static_ingress, moto, instance):
              "--eip-imds-endpoint", imds.url, "--eip-ec2-endpoint", moto.url],
             env=env, capture_output=True, text=True, timeout=120, check=False)
         assert imds.unauthorized == 0, "a metadata read came without an IMDSv2 token"
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == expect, r.stderr
     return r.stdout
 
 
@@ -113,8 +114,17 @@ def test_fleet_gives_four_instances_each_tagged_with_a_distinct_allocation(aws):
 
     for g in fleet.groups(aws, "static-fleet-1"):
         assert (g["MinSize"], g["MaxSize"], g["DesiredCapacity"]) == (1, 1, 1)
-        [tag] = [t for t in g["Tags"] if t["Key"] == fleet.ALLOCATION_TAG]
-        assert tag["PropagateAtLaunch"] is True
+        for key in (fleet.ALLOCATION_TAG, fleet.GENERATION_TAG):
+            [tag] = [t for t in g["Tags"] if t["Key"] == key]
+            assert tag["PropagateAtLaunch"] is True
+
+
+def test_each_instance_carries_its_fleets_generation(aws):
+    fleet.deploy_addresses(aws, ADDRESSES)
+    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES, generation=20261205113000)
+
+    # The claim compares it first: an old fleet's replacement never takes an address back.
+    assert [i["generation"] for i in fleet.instances(aws, "static-fleet-1")] == ["20261205113000"] * 4
 
 
 def test_launch_template_requires_imdsv2_and_passes_the_backend(aws):
@@ -175,7 +185,7 @@ def test_a_second_fleet_takes_over_and_the_first_is_deleted(aws, moto, static_in
     ids = allocation_ids(addresses)
     vpc, subnet_a, subnet_b = _existing_network(aws)
     network = {"VpcId": vpc, "SubnetIdA": subnet_a, "SubnetIdB": subnet_b}
-    out = fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES, **network)
+    out = fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES, generation=1, **network)
     assert out["VpcId"] == vpc
     first = fleet.instances(aws, "static-fleet-1")
     assert [i["allocation_id"] for i in first] == ids
@@ -187,8 +197,8 @@ def test_a_second_fleet_takes_over_and_the_first_is_deleted(aws, moto, static_in
     eips = fleet.addresses(aws, ids)
     assert [eips[i].get("InstanceId") for i in ids] == [i["id"] for i in first]
 
-    # The next release: a new fleet naming the same four addresses.
-    fleet.deploy_fleet(aws, "static-fleet-2", ADDRESSES, **network)
+    # The next release: a new fleet, of a later generation, naming the same four addresses.
+    fleet.deploy_fleet(aws, "static-fleet-2", ADDRESSES, generation=2, **network)
     second = fleet.instances(aws, "static-fleet-2")
     assert [i["allocation_id"] for i in second] == ids
     assert not {i["id"] for i in first} & {i["id"] for i in second}
@@ -196,6 +206,11 @@ def test_a_second_fleet_takes_over_and_the_first_is_deleted(aws, moto, static_in
     for old, new in zip(first, second):
         report = claim_eip(static_ingress, moto, new)
         assert f"result:     associated, taking it from {old['id']}" in report, report
+    eips = fleet.addresses(aws, ids)
+    assert [eips[i].get("InstanceId") for i in ids] == [i["id"] for i in second]
+    # An old instance's proxy restarting now does not take its address back.
+    for old in first:
+        assert claim_eip(static_ingress, moto, old, expect=15) == ""
     eips = fleet.addresses(aws, ids)
     assert [eips[i].get("InstanceId") for i in ids] == [i["id"] for i in second]
 

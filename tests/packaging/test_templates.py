@@ -85,6 +85,22 @@ def _eip_tag(t, n):
     return next(tag for tag in _group(t, n)["Tags"] if tag["Key"] == "static-ingress:eip-allocation-id")
 
 
+def _generation_tag(t, n):
+    return next(tag for tag in _group(t, n)["Tags"] if tag["Key"] == "static-ingress:fleet-generation")
+
+
+def generation_not_propagated(t):
+    _generation_tag(t, 2)["PropagateAtLaunch"] = False
+
+
+def group_without_generation(t):
+    _group(t, 3)["Tags"] = [tag for tag in _group(t, 3)["Tags"] if tag["Key"] != "static-ingress:fleet-generation"]
+
+
+def generation_fixed(t):
+    _generation_tag(t, 4)["Value"] = "1"
+
+
 def _statements(t):
     return t["Resources"]["InstanceRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
 
@@ -195,6 +211,9 @@ BROKEN = [
     ("fleet.yaml", group_without_address, "groups_tag_distinct_eips"),
     ("fleet.yaml", group_without_tags, "groups_tag_distinct_eips"),
     ("fleet.yaml", fifth_group, "groups_tag_distinct_eips"),
+    ("fleet.yaml", generation_not_propagated, "groups_tag_fleet_generation"),
+    ("fleet.yaml", group_without_generation, "groups_tag_fleet_generation"),
+    ("fleet.yaml", generation_fixed, "groups_tag_fleet_generation"),
     ("fleet.yaml", wildcard_service_action, "no_wildcard_actions_in_roles"),
     ("fleet.yaml", wildcard_action, "no_wildcard_actions_in_roles"),
     ("fleet.yaml", not_action, "no_wildcard_actions_in_roles"),
