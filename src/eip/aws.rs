@@ -7,8 +7,6 @@
 //! - EC2, through aws-sdk-ec2 on rustls with ring. The SDK's own retries are off: this module
 //!   retries, so that one deadline bounds the whole claim and every retry is logged.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -375,10 +373,7 @@ pub fn backoff(attempt: u32) -> Duration {
 /// the same moment drift apart.
 pub fn jittered(ceiling: Duration) -> Duration {
     let half = ceiling / 2;
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u128(ceiling.as_nanos());
-    let jitter = hasher.finish() % (u64::try_from(half.as_micros()).unwrap_or(u64::MAX).max(1));
-    half + Duration::from_micros(jitter)
+    half + half.mul_f64(fastrand::f64())
 }
 
 #[cfg(test)]
