@@ -24,9 +24,9 @@ pub const REGION: &str = "us-east-1";
 pub const TAG_KEY: &str = "static-ingress:eip-allocation-id";
 const MOTO_START: Duration = Duration::from_secs(60);
 
-/// The directory of the test virtualenv's programs, installing it on first use. Every test of
-/// this binary that needs it asks at once; the install runs once, and the others wait for its
-/// answer (a failure included, so it is reported once per test, not retried per test).
+/// The directory of the test virtualenv's programs, installing it on first use. The tests of
+/// this binary all ask at once; the install runs once and the others wait for its answer. A
+/// failure is kept too: every test then reports it, and none starts the install again.
 fn python_tools() -> String {
     static BIN: OnceLock<Result<String, String>> = OnceLock::new();
     BIN.get_or_init(install_python_tools).clone().unwrap_or_else(|e| panic!("{e}"))
