@@ -2,7 +2,9 @@
 #   make run BACKEND=host:port   run the proxy on this machine (no AWS needed)
 #   make test                    run every test
 #   make lint                    formatting, clippy, cargo-deny
-#   make ci                      what CI runs: lint + test + package-test + container-test + bench-smoke
+#   make install-test            the install scripts run concurrently into new directories
+#   make ci                      what CI runs: lint + install-test + test + package-test
+#                                + container-test + bench-smoke
 #   make deb                     build the .deb (release) and print its path
 #   make package-test            the unit, .deb, AMI recipe and CloudFormation templates
 #   make container-test          the .deb booted in a Debian container (root, systemd-nspawn)
@@ -20,7 +22,7 @@ ADMIN ?= 127.0.0.1:9001
 PACKAGE_TEST_PROFILE ?= dev
 PYTEST := -m pytest -p no:cacheprovider -o console_output_style=classic
 
-.PHONY: run test lint ci build release docs deb package-test container-test
+.PHONY: run test lint install-test ci build release docs deb package-test container-test
 
 build:
 	cargo build --all-targets
@@ -40,7 +42,11 @@ lint:
 	cargo clippy --all-targets -- -D warnings
 	tools="$$(scripts/install-tools.sh | tail -n 1)"; "$$tools/cargo-deny" check bans sources licenses
 
-ci: lint test package-test container-test bench-smoke
+# INTO=DIR (a new directory): the Python tools the test builds stay there for later steps.
+install-test:
+	scripts/test-install-scripts.sh $(if $(INTO),--into "$(INTO)")
+
+ci: lint install-test test package-test container-test bench-smoke
 
 deb:
 	scripts/build-deb.sh release | tail -n 1

@@ -3,13 +3,23 @@
 # against (HAProxy, nginx with its stream module), the tools that drive and serve load (iperf3,
 # oha), a local DNS server (dnsmasq) and shellcheck for the Vegeta scripts. Idempotent: a
 # package or tool already at the pinned version is left alone. Prints the directory holding
-# oha on its last line.
+# oha on its last line. Safe to run concurrently with itself and with scripts/install-tools.sh:
+# one lock on the tools directory, builds aside, stamps written last (scripts/cargo-tools.sh).
+# STATIC_INGRESS_TOOLS: the tools directory (default ~/.cache/static-ingress/tools).
 set -euo pipefail
 
 tools_root="${STATIC_INGRESS_TOOLS:-$HOME/.cache/static-ingress/tools}"
-mkdir -p "$tools_root/bin"
 
-fail() { echo "loadtest/install.sh: $*" >&2; exit 1; }
+fail() {
+  echo "loadtest/install.sh: $*" >&2
+  exit 1
+}
+
+# shellcheck source=SCRIPTDIR/../scripts/cargo-tools.sh
+source "$(dirname "$0")/../scripts/cargo-tools.sh"
+# Held for the apt-get steps too, so two copies do not both decide a package is missing.
+tools_lock
+tools_clean
 
 # Debian packages. Services that the packages would start are not used: the harness runs its
 # own instances on loopback ports with its own configuration files.
@@ -31,13 +41,6 @@ if ((${#missing[@]} > 0)); then
 fi
 
 # oha: the constant-rate HTTPS load generator, pinned. Built once per machine (a few minutes).
-oha_version="1.16.0"
-if ! "$tools_root/bin/oha" --version 2>/dev/null | grep -qx "oha $oha_version"; then
-  command -v cargo >/dev/null || fail "cargo not found: install Rust (rustup) to build oha"
-  echo "installing oha $oha_version into $tools_root (a few minutes, once per machine)" >&2
-  # A temporary target directory, so oha's build never mixes with the project's.
-  env -u CARGO_TARGET_DIR cargo install --locked --quiet --version "$oha_version" oha \
-    --root "$tools_root" >&2 || fail "cargo install oha $oha_version failed"
-fi
+cargo_tool oha 1.16.0 oha
 
 echo "$tools_root/bin"

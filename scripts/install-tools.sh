@@ -1,31 +1,29 @@
 #!/usr/bin/env bash
-# Installs the tools the checks need that a fresh machine lacks. Idempotent: tools already
-# installed (in the cache below, kept between runs on the same machine) are not built again.
+# Installs the tools the checks need that a fresh machine lacks, and prints their directory on
+# the last line. Idempotent: tools already installed (in the cache below, kept between runs on
+# the same machine) are not built again. Safe to run concurrently with itself and with
+# loadtest/install.sh (one lock, builds aside, stamps written last: see scripts/cargo-tools.sh).
+# STATIC_INGRESS_TOOLS: the tools directory (default ~/.cache/static-ingress/tools).
 set -euo pipefail
 
 tools_root="${STATIC_INGRESS_TOOLS:-$HOME/.cache/static-ingress/tools}"
-mkdir -p "$tools_root/bin"
+
+fail() {
+  echo "scripts/install-tools.sh: $*" >&2
+  exit 1
+}
+
+# shellcheck source=SCRIPTDIR/cargo-tools.sh
+source "$(dirname "$0")/cargo-tools.sh"
+tools_lock
+tools_clean
 
 # cargo-deny: licence, source and duplicate-crate checks (offline; advisories need a database
 # that cannot be fetched here, so they are not checked).
-deny_version="0.20.2"
-if ! "$tools_root/bin/cargo-deny" --version 2>/dev/null | grep -q "$deny_version"; then
-  echo "installing cargo-deny $deny_version into $tools_root (a few minutes, once per machine)"
-  cargo install --locked --quiet --version "$deny_version" cargo-deny --root "$tools_root"
-fi
-
+cargo_tool cargo-deny 0.20.2 cargo-deny
 # cargo-deb: builds the .deb (make deb).
-deb_version="3.8.0"
-if ! "$tools_root/bin/cargo-deb" --version 2>/dev/null | grep -q "$deb_version"; then
-  echo "installing cargo-deb $deb_version into $tools_root (a few minutes, once per machine)"
-  cargo install --locked --quiet --version "$deb_version" cargo-deb --root "$tools_root"
-fi
-
+cargo_tool cargo-deb 3.8.0 cargo-deb
 # cfn-guard: checks the CloudFormation templates against cloudformation/rules.guard.
-guard_version="3.2.1"
-if ! "$tools_root/bin/cfn-guard" --version 2>/dev/null | grep -q "$guard_version"; then
-  echo "installing cfn-guard $guard_version into $tools_root (a few minutes, once per machine)"
-  cargo install --locked --quiet --version "$guard_version" cfn-guard --root "$tools_root"
-fi
+cargo_tool cfn-guard 3.2.1 cfn-guard
 
 echo "$tools_root/bin"

@@ -96,18 +96,28 @@ async fn every_kind_of_dns_failure_keeps_the_last_good_addresses() {
 async fn a_stopped_nameserver_keeps_the_last_good_addresses() {
     let (port, _fleet) = Backend::fleet(&[BLUE], &["blue"]).await;
     let dns = DnsServer::start(&[BLUE], 1).await;
+    // Before the proxy starts, so before its first answer.
+    let started = Instant::now();
     let proxy = proxy_via(&dns, port, &[("dns.timeout", "300ms")]).await;
     eventually("healthy", async || get(proxy.admin, "/health").await.status == 200).await;
+    let stopped = Instant::now();
     drop(dns);
-    eventually("lookups to fail", async || {
-        proxy.metric("static_ingress_dns_resolutions_total{result=\"timeout\"}").await
-            + proxy.metric("static_ingress_dns_resolutions_total{result=\"unreachable\"}").await
-            > 0.0
-    })
-    .await;
+    // Nothing listens on its port now. The kernel answers a UDP query with port unreachable,
+    // which the resolver's unconnected socket never sees: each lookup times out.
+    let timeouts = "static_ingress_dns_resolutions_total{result=\"timeout\"}";
+    // Two failed lookups: the second comes a refresh after the first, so by then the last good
+    // answer is more than a TTL (1 s) old and must still be the one served.
+    eventually("two lookups to time out", async || proxy.metric(timeouts).await >= 2.0).await;
     assert_eq!(get(proxy.admin, "/health").await.status, 200);
     assert_eq!(greeting(proxy.addr).await.expect("still proxying").0, "blue");
-    assert!(proxy.metric("static_ingress_dns_answer_age_seconds").await > 0.0);
+    let s = status(&proxy).await;
+    assert_eq!(s["backend"]["resolution"]["stale"], true);
+    // The age counts from the last good answer, which came before the stop and after the start.
+    let at_least = stopped.elapsed().as_secs_f64();
+    let age = proxy.metric("static_ingress_dns_answer_age_seconds").await;
+    let at_most = started.elapsed().as_secs_f64();
+    assert!(at_least > 1.0, "the failures took only {at_least} s");
+    assert!((at_least..=at_most).contains(&age), "answer age {age} s, expected {at_least}..={at_most} s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

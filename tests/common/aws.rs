@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region};
@@ -16,18 +17,48 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 
 pub const REGION: &str = "us-east-1";
 pub const TAG_KEY: &str = "static-ingress:eip-allocation-id";
 const MOTO_START: Duration = Duration::from_secs(60);
 
-/// The directory of the test virtualenv's programs, installing it on first use.
+/// The directory of the test virtualenv's programs, installing it on first use. The tests of
+/// this binary all ask at once; the install runs once and the others wait for its answer. A
+/// failure is kept too: every test then reports it, and none starts the install again.
 fn python_tools() -> String {
+    static BIN: OnceLock<Result<String, String>> = OnceLock::new();
+    BIN.get_or_init(install_python_tools).clone().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// How many times this test binary ran `scripts/python-tools.sh`.
+static INSTALLS: AtomicUsize = AtomicUsize::new(0);
+
+fn install_python_tools() -> Result<String, String> {
+    INSTALLS.fetch_add(1, Ordering::SeqCst);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/python-tools.sh");
-    let out = std::process::Command::new(&script).stderr(Stdio::inherit()).output().expect("python-tools.sh runs");
-    assert!(out.status.success(), "{} failed", script.display());
-    String::from_utf8(out.stdout).unwrap().lines().last().expect("it prints the bin directory").to_string()
+    let out = std::process::Command::new(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("{} does not run: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} failed ({})", script.display(), out.status));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let bin = stdout.lines().last().ok_or_else(|| format!("{} printed no bin directory", script.display()))?;
+    Ok(bin.to_string())
+}
+
+#[test]
+fn python_tools_are_installed_once_per_test_binary() {
+    let bins: Vec<String> = std::thread::scope(|s| {
+        let askers: Vec<_> = (0..4).map(|_| s.spawn(python_tools)).collect();
+        askers.into_iter().map(|a| a.join().expect("python_tools does not panic")).collect()
+    });
+    assert!(bins.iter().all(|b| *b == bins[0]), "different answers: {bins:?}");
+    assert!(Path::new(&bins[0]).join("moto_server").is_file(), "no moto_server in {}", bins[0]);
+    assert_eq!(INSTALLS.load(Ordering::SeqCst), 1, "python-tools.sh ran more than once");
 }
 
 /// A `moto_server` process of this test's own, killed (by its PID) when dropped.
@@ -46,28 +77,36 @@ impl Moto {
     /// With `Some(n)`, moto serves `n` requests without checking credentials (the test's
     /// setup), then enforces IAM policies on every request.
     pub async fn start_with_iam_after(free_requests: Option<u32>) -> Moto {
-        let bin = tokio::task::spawn_blocking(python_tools).await.unwrap();
-        // Ask the kernel for a free port, then hand it to moto.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let bin = tokio::task::spawn_blocking(python_tools).await.expect("python_tools does not panic");
         let mut command = tokio::process::Command::new(format!("{bin}/moto_server"));
         if let Some(n) = free_requests {
             command.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
         }
-        let child = command
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        // Port 0: moto's server binds a free port itself and logs the address it listens on,
+        // before it serves, so the address is known without guessing a port or polling one.
+        let mut child = command
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("moto_server starts");
-        let endpoint = format!("http://127.0.0.1:{port}");
+        let mut log = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
         // moto imports a lot of Python at start: allow it more than the usual bound.
-        crate::common::within(MOTO_START, "moto_server to accept connections", async {
-            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let addr = crate::common::within(MOTO_START, "moto_server to log its address", async {
+            let mut seen = Vec::new();
+            while let Some(line) = log.next_line().await.expect("read moto_server's log") {
+                if let Some(addr) = listening_on(&line) {
+                    return addr;
+                }
+                seen.push(line);
             }
+            panic!("moto_server exited without saying where it listens:\n{}", seen.join("\n"));
         })
         .await;
+        // It logs every request there too: keep reading, so a full pipe never stalls it.
+        tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+        let endpoint = format!("http://{addr}");
         let ec2 = client(&endpoint, "testing", "testing").await;
         Moto { _child: child, bin, endpoint, ec2 }
     }
@@ -148,6 +187,22 @@ impl Moto {
     pub async fn holder_as(&self, key: &str, secret: &str, allocation: &str) -> (Option<String>, Option<String>) {
         holder(&client(&self.endpoint, key, secret).await, allocation).await
     }
+}
+
+/// The address in werkzeug's start-up line, ` * Running on http://127.0.0.1:PORT`.
+fn listening_on(line: &str) -> Option<SocketAddr> {
+    let rest = line.split_once("Running on http://")?.1;
+    rest.split(|c: char| c.is_whitespace() || c == '/' || c == '\u{1b}').next()?.parse().ok()
+}
+
+#[test]
+fn the_address_moto_logs_is_read() {
+    assert_eq!(listening_on(" * Running on http://127.0.0.1:34703"), Some(SocketAddr::from(([127, 0, 0, 1], 34703))));
+    assert_eq!(
+        listening_on("\u{1b}[1m * Running on http://127.0.0.1:80/\u{1b}[0m"),
+        Some(SocketAddr::from(([127, 0, 0, 1], 80)))
+    );
+    assert_eq!(listening_on("Press CTRL+C to quit"), None);
 }
 
 async fn holder(ec2: &aws_sdk_ec2::Client, allocation: &str) -> (Option<String>, Option<String>) {

@@ -234,10 +234,17 @@ impl Backend {
     }
 }
 
-/// An address where nothing listens: connects are refused.
+/// An address where nothing listens: connects are refused. The port stays bound (without
+/// listening) for the rest of the test binary's life, so no other test can start listening on
+/// it; a port closed and handed on could be taken by a parallel test's listener at once.
 pub async fn refusing_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    l.local_addr().expect("address")
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind");
+    let addr = socket.local_addr().expect("address").as_socket().expect("an IP address");
+    // Kept open on purpose, one descriptor per call: a bound socket that never listens is what
+    // makes the kernel refuse connects to its port.
+    std::mem::forget(socket);
+    addr
 }
 
 /// A listener whose accept queue is full, so further SYNs are dropped and connects hang: the
