@@ -102,16 +102,18 @@ async fn when_every_address_fails_its_checks_connections_still_try_them() {
     // Nothing listens on the only address yet, so its checks fail and it is marked down. When it
     // comes back, a client that connects before enough good checks have passed is still served:
     // with every address down the proxy tries them anyway (fail open) instead of refusing.
-    let addr = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 9), free_port_on(Ipv4Addr::new(127, 0, 0, 9))));
+    // Bound but not listening: connects are refused, and no other test can take the port.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.bind(&SocketAddr::from((Ipv4Addr::new(127, 0, 0, 9), 0)).into()).expect("bind");
+    let addr = socket.local_addr().expect("address").as_socket().expect("an IP address");
     let proxy = Proxy::start(addr, &with(&[("health.interval", "1s"), ("health.rise", "5")])).await;
     eventually("marked down", async || address_state(&proxy, addr).await == "unhealthy").await;
     assert_eq!(get(proxy.admin, "/health").await.status, 503);
 
-    let _back = Backend::named(addr, "nine").await.expect("bind");
+    socket.listen(16).expect("listen");
+    socket.set_nonblocking(true).expect("nonblocking");
+    let listener = tokio::net::TcpListener::from_std(socket.into()).expect("listener");
+    let _back = Backend::named_on(listener, "nine");
     assert_eq!(greeting(proxy.addr).await.expect("fail open: still tried").0, "nine");
     assert_eq!(address_state(&proxy, addr).await, "unhealthy", "5 good checks at 1 s are needed to mark it up");
-}
-
-fn free_port_on(ip: Ipv4Addr) -> u16 {
-    std::net::TcpListener::bind((ip, 0)).and_then(|l| l.local_addr()).expect("a free port").port()
 }

@@ -195,8 +195,12 @@ impl Backend {
 
     /// Greets every connection with `name` and a newline, then echoes.
     pub async fn named(addr: SocketAddr, name: &'static str) -> std::io::Result<Backend> {
-        let listener = TcpListener::bind(addr).await?;
-        Ok(Backend::serve(listener, move |mut s| async move {
+        Ok(Backend::named_on(TcpListener::bind(addr).await?, name))
+    }
+
+    /// [`Backend::named`] on a listener the test already holds.
+    pub fn named_on(listener: TcpListener, name: &'static str) -> Backend {
+        Backend::serve(listener, move |mut s| async move {
             if s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
                 return;
             }
@@ -204,7 +208,7 @@ impl Backend {
             if tokio::io::copy(&mut r, &mut w).await.is_ok() {
                 let _ = w.shutdown().await;
             }
-        }))
+        })
     }
 
     /// One named backend per loopback IP, all on the same port (as an ELB's addresses are).
