@@ -14,11 +14,11 @@ pub enum CloseReason {
     /// The backend's socket failed after the connection was established, with bytes still
     /// pending toward it.
     BackendError,
-    /// The client ended with a reset when everything sent to it had been acknowledged: how
-    /// many clients end a connection they are done with, not a fault.
+    /// The client ended with a reset when nothing was left unsent toward it and the backend got
+    /// every byte: how many clients end a connection they are done with, not a fault.
     ClientReset,
-    /// The backend ended with a reset when everything sent to it had been acknowledged: how
-    /// nginx with `keepalive_timeout 0` ends a TLS stream, not a fault.
+    /// The backend ended with a reset when nothing was left unsent toward it and the client got
+    /// every byte: how nginx with `keepalive_timeout 0` ends a TLS stream, not a fault.
     BackendReset,
     /// The proxy could not open a socket to the backend: out of file descriptors or memory.
     /// The proxy's fault, not the backend's.

@@ -54,8 +54,8 @@ pub struct Timeouts {
 pub struct Failure {
     pub side: Side,
     pub error: io::Error,
-    /// The failure was a reset that arrived when nothing was pending toward that side: every
-    /// byte sent to it had been acknowledged. That is how many servers (nginx with
+    /// The failure was a reset that arrived when nothing was left unsent toward that side, and
+    /// the other side then got every byte. That is how many servers (nginx with
     /// `keepalive_timeout 0`, say) and clients end a stream they are done with, not a fault.
     pub clean_reset: bool,
     /// Everything the failed side sent reached the other side's kernel, acknowledged, before
