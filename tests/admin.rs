@@ -220,12 +220,7 @@ async fn closed_by_server(s: &mut TcpStream) -> bool {
 async fn metric_on(s: &mut TcpStream, sample: &str) -> f64 {
     let (status, body) = ask_on(s, "/metrics").await;
     assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("metric {sample} not found in:\n{body}"))
-        .trim()
-        .parse()
-        .expect("metric value is a number")
+    sample_value(&body, sample)
 }
 
 const EVICTED_NONE: &str = "static_ingress_admin_connections_evicted_total{request=\"none\"}";

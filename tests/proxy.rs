@@ -268,7 +268,7 @@ async fn reset_once_acknowledged(s: tokio::net::TcpStream) {
 }
 
 /// Reads everything until the end of the stream, which may be a FIN or a reset.
-async fn read_all_until_end(s: &mut tokio::net::TcpStream) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+async fn read_all_until_end(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> (Vec<u8>, Option<std::io::ErrorKind>) {
     within(BOUND, "the stream to end", async {
         let mut got = Vec::new();
         let mut buf = vec![0; 64 * 1024];
@@ -380,7 +380,7 @@ async fn a_backend_reset_with_bytes_still_pending_toward_it_counts_as_an_error_b
     let (mut r, mut w) = client.into_split();
     // More than the kernel buffers on the way can hold, so some is pending when the reset comes.
     let writer = tokio::spawn(async move { w.write_all(&pattern(32 * 1024 * 1024, 5)).await });
-    let (got, end) = read_all_until_end_half(&mut r).await;
+    let (got, end) = read_all_until_end(&mut r).await;
     assert!(got.is_empty());
     let written = within(BOUND, "the writer", writer).await.expect("writer task");
     // The reset reaches whichever of the client's two halves asks first; the other then sees
@@ -397,21 +397,6 @@ async fn a_backend_reset_with_bytes_still_pending_toward_it_counts_as_an_error_b
     let pipe = proxy.metric("static_ingress_tcp_errors_total{errno=\"EPIPE\",side=\"backend\"}").await;
     assert_eq!(reset + pipe, 1.0, "the error is counted by its errno");
     assert_eq!(proxy.closed("backend_reset").await, 0.0);
-}
-
-async fn read_all_until_end_half(r: &mut tokio::net::tcp::OwnedReadHalf) -> (Vec<u8>, Option<std::io::ErrorKind>) {
-    within(BOUND, "the stream to end", async {
-        let mut got = Vec::new();
-        let mut buf = vec![0; 64 * 1024];
-        loop {
-            match r.read(&mut buf).await {
-                Ok(0) => return (got, None),
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) => return (got, Some(e.kind())),
-            }
-        }
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,18 +101,22 @@ impl Proxy {
 
     /// The value of one sample in `/metrics`, e.g. `static_ingress_tcp_close_total{reason="completed"}`.
     pub async fn metric(&self, sample: &str) -> f64 {
-        let body = get(self.admin, "/metrics").await.body;
-        body.lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("metric {sample} not found in:\n{body}"))
-            .trim()
-            .parse()
-            .expect("metric value is a number")
+        sample_value(&get(self.admin, "/metrics").await.body, sample)
     }
 
     pub async fn closed(&self, reason: &str) -> f64 {
         self.metric(&format!("static_ingress_tcp_close_total{{reason=\"{reason}\"}}")).await
     }
+}
+
+/// The value of one sample in a `/metrics` body; fails the test when it is missing.
+pub fn sample_value(body: &str, sample: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("metric {sample} not found in:\n{body}"))
+        .trim()
+        .parse()
+        .expect("metric value is a number")
 }
 
 /// A response from the admin server.
