@@ -8,6 +8,9 @@
 #   make deb                     build the .deb (release) and print its path
 #   make package-test            the unit, .deb, AMI recipe and CloudFormation templates
 #   make container-test          the .deb booted in a Debian container (root, systemd-nspawn)
+#   make lab [SCENARIO=flip]     the whole fleet rehearsed in network namespaces (root); writes
+#                                docs/rehearsal.md and its plots (loadtest/lab/README.md)
+#   make lab-test                the lab's own unit tests, then its short version (CI)
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -46,7 +49,7 @@ lint:
 install-test:
 	scripts/test-install-scripts.sh $(if $(INTO),--into "$(INTO)")
 
-ci: lint install-test test package-test container-test bench-smoke
+ci: lint install-test test package-test container-test lab-test bench-smoke
 
 deb:
 	scripts/build-deb.sh release | tail -n 1
@@ -79,3 +82,29 @@ bench-smoke:
 	loadtest/install.sh >/dev/null
 	loadtest/vegeta/test.sh
 	python3 loadtest/harness/bench.py --mode smoke
+
+# The lab (loadtest/lab/README.md). It runs the release binary, as shipped; LAB_PROFILE=dev runs
+# the debug one `make test` built. LAB_ARGS passes more flags to lab.py (e.g. --scale 1).
+.PHONY: lab lab-test
+LAB_PROFILE ?= release
+LAB_PACKAGES := nginx dnsmasq-base openssl iproute2
+lab_target = $$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/$(if $(filter dev,$(1)),debug,$(1))/static-ingress
+
+lab:
+	scripts/install-system-packages.sh $(LAB_PACKAGES)
+	cargo build --profile $(LAB_PROFILE)
+	venv="$$(scripts/python-tools.sh | tail -n 1)"; \
+	"$$venv/python" loadtest/lab/lab.py --binary "$(call lab_target,$(LAB_PROFILE))" \
+		$(if $(SCENARIO),--scenario $(SCENARIO)) --doc docs/rehearsal.md --check $(LAB_ARGS)
+
+# CI: the unit tests of the lab's parts, then the flip and one instance death at a low rate with
+# the debug binary `make test` built; fails on any client-visible failure where the goal is zero.
+lab-test:
+	scripts/install-system-packages.sh $(LAB_PACKAGES)
+	cargo build --all-targets
+	venv="$$(scripts/python-tools.sh | tail -n 1)"; \
+	"$$venv/python" $(PYTEST) tests/lab; \
+	out="$$(mktemp -d)"; \
+	"$$venv/python" loadtest/lab/lab.py --binary "$(call lab_target,dev)" --short --out "$$out/records" \
+		--doc "$$out/rehearsal.md" --check $(LAB_ARGS) || { echo "lab records kept in $$out" >&2; exit 1; }; \
+	rm -rf -- "$$out"

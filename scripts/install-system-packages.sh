@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the packaging tests need (make package-test, make
-# container-test), when missing. Idempotent; needs root (as CI and the dev machines run).
+# container-test), when missing, or the packages named as arguments (make lab names its own).
+# Idempotent; needs root (as CI and the dev machines run).
 #   - packer: `packer validate` of ami/ (Debian's 1.6; see ami/README.md)
 #   - debootstrap: the Debian root file system the container test boots
 #   - systemd-container: systemd-nspawn, which boots it
@@ -9,6 +10,9 @@
 set -euo pipefail
 
 packages=(packer debootstrap systemd-container shellcheck curl)
+if (($#)); then
+  packages=("$@")
+fi
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

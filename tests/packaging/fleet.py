@@ -36,23 +36,26 @@ def _free_port():
 
 
 class MotoServer:
-    """moto_server on 127.0.0.1 and a free port, started and stopped by its PID."""
+    """moto_server on 127.0.0.1 and a free port (or the host and port given: the lab runs it on
+    its own address in a namespace of its own), started and stopped by its PID."""
 
-    def __init__(self, moto_server="moto_server", log_path=None):
+    def __init__(self, moto_server="moto_server", log_path=None, host="127.0.0.1", port=None):
         self.moto_server = moto_server
         self.log_path = log_path
         self.proc = None
-        self.port = None
+        self.host = host
+        self.port = port
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def __enter__(self):
-        self.port = _free_port()
+        if self.port is None:
+            self.port = _free_port()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [self.moto_server, "-H", "127.0.0.1", "-p", str(self.port)],
+            [self.moto_server, "-H", self.host, "-p", str(self.port)],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

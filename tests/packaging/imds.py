@@ -1,21 +1,34 @@
-"""A small IMDSv2 for the fleet test (moto has no instance metadata service): a PUT to
-/latest/api/token with the TTL header hands out a token, and GETs need it (401 without), as on
-an instance whose launch template requires tokens. It serves one instance's id, region and
-tags; the Rust tests have the same stand-in in tests/common/aws.rs."""
+"""A small IMDSv2 for the fleet test and the lab (moto has no instance metadata service): a PUT
+to /latest/api/token with the TTL header hands out a token, and GETs need it (401 without), as
+on an instance whose launch template requires tokens. It serves one instance's id, region,
+availability zone, tags and instance-role credentials (any key works against moto); the Rust
+tests have the same stand-in in tests/common/aws.rs.
 
+The lab runs it inside each instance's network namespace on 169.254.169.254:80, the default
+endpoint, as `python imds.py --instance-id ID --tags-json '{...}' --host 169.254.169.254
+--port 80`; it prints `ready URL` once it listens."""
+
+import argparse
+import datetime
 import http.server
+import json
 import secrets
+import signal
+import sys
 import threading
+
+ROLE = "static-ingress-lab"
 
 
 class Imds:
-    def __init__(self, instance_id, tags, region="us-east-1"):
+    def __init__(self, instance_id, tags, region="us-east-1", host="127.0.0.1", port=0, zone=None):
         self.instance_id = instance_id
         self.tags = dict(tags)
         self.region = region
+        self.zone = zone or region + "a"
         self.tokens = set()
         self.unauthorized = 0
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = http.server.ThreadingHTTPServer((host, port), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -37,6 +50,18 @@ class Imds:
             return self.instance_id
         if path == "/latest/meta-data/placement/region":
             return self.region
+        if path == "/latest/meta-data/placement/availability-zone":
+            return self.zone
+        if path == "/latest/meta-data/iam/security-credentials/":
+            return ROLE
+        if path == f"/latest/meta-data/iam/security-credentials/{ROLE}":
+            expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=6)
+            return json.dumps({
+                "Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": "ASIALABINSTANCEROLE",
+                "SecretAccessKey": "lab-secret", "Token": "lab-token",
+                "LastUpdated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            })
         if path == "/latest/meta-data/tags/instance":
             return "\n".join(self.tags)
         prefix = "/latest/meta-data/tags/instance/"
@@ -78,3 +103,26 @@ class Imds:
                 self._reply(200, body)
 
         return Handler
+
+
+def main():
+    ap = argparse.ArgumentParser(description="IMDSv2 stand-in for one instance")
+    ap.add_argument("--instance-id", required=True)
+    ap.add_argument("--tags-json", required=True, help="the instance's tags as a JSON object")
+    ap.add_argument("--region", default="us-east-1")
+    ap.add_argument("--zone")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args()
+    imds = Imds(args.instance_id, json.loads(args.tags_json), args.region, args.host, args.port, args.zone)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with imds:
+        print("ready", imds.url, flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

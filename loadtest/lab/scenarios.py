@@ -1,0 +1,349 @@
+"""The 2016 design's tests, replayed against a lab deployment. Each scenario builds a fresh
+deployment (so one scenario's damage never leaks into the next), starts the clients, records a
+quiet "before" phase, does its thing ("during"), lets the fleet settle ("after"), and writes
+scenario.json beside the clients', Route 53's and the orchestrator's records.
+
+Client load: new TLS connections with one request each at a constant rate, spread over
+several client namespaces, each with its own caching stub resolver (many clients behind many
+resolvers, as on the Internet: with one resolver every client would follow one cached answer),
+plus a few long-lived streams.
+"""
+
+import json
+import pathlib
+import signal
+import sys
+import time
+
+from deploy import ADMIN_PORT, ELBS, RECORD, SUBNETS, Deployment, Events, http_get
+from netns import ip
+from services import STREAM_BYTES, Proc, wait_until
+
+LAB_DIR = pathlib.Path(__file__).resolve().parent
+SUBNET_A = SUBNETS["us-east-1a"][0]
+
+
+class Clients:
+    """One client.py per client namespace, sharing the rate."""
+
+    def __init__(self, dep, out_dir, rate, streams, duration_s):
+        self.dep = dep
+        self.out = pathlib.Path(out_dir)
+        self.procs = []
+        self.dirs = []
+        n = len(dep.client_ns)
+        for i, (ns, _) in enumerate(dep.client_ns):
+            d = self.out / f"client{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            control = d / "control.json"
+            control.write_text(json.dumps({"rate": rate / n}))
+            # Each stream lasts STREAM_BYTES / stream_rate seconds.
+            argv = [sys.executable, LAB_DIR / "client.py", "--url", f"https://{RECORD}/",
+                    "--ca", dep.ca, "--rate", str(rate / n), "--duration", str(duration_s),
+                    "--out", d, "--workers", "1", "--control", control,
+                    "--streams", str(streams // n + (1 if i < streams % n else 0)),
+                    "--stream-bytes", str(STREAM_BYTES), "--timeout", "10"]
+            self.procs.append(Proc(f"client{i}", ns, argv, d / "client.log", ready="ready", timeout_s=30))
+            self.dirs.append(d)
+
+    def set_rate(self, rate):
+        for d in self.dirs:
+            (d / "control.json.new").write_text(json.dumps({"rate": rate / len(self.dirs)}))
+            (d / "control.json.new").rename(d / "control.json")
+
+    def stop(self, timeout_s=30):
+        for p in self.procs:
+            p.signal(signal.SIGTERM)
+        for p in self.procs:
+            if p.wait(timeout_s) is None:
+                p.stop(grace_s=1)
+            else:
+                p.stop()
+        records = []
+        for i, d in enumerate(self.dirs):
+            path = d / "client.jsonl"
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                rec["client"] = i
+                records.append(rec)
+        records.sort(key=lambda r: r.get("t", 0))
+        with open(self.out / "client.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        return records
+
+
+class Scenario:
+    name = ""
+    title = ""
+    goal = "zero"
+    goal_text = ""
+    rate = 8  # new connections per second at 1x, over all clients
+    streams = 4
+    before_s = 10
+
+    def __init__(self, lab, out_dir, work_dir, timings, binary, options):
+        self.lab = lab
+        self.out = pathlib.Path(out_dir) / self.name
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work = pathlib.Path(work_dir) / self.name
+        self.timings = timings
+        self.binary = binary
+        self.options = options
+        self.events = Events(self.out / "events.jsonl")
+        self.dep = None
+        self.phases = {}
+        self.metrics_before = {}
+        self.samples = []
+        self.bounds = {"failures": None}
+
+    def phase(self, name):
+        now = time.time()
+        for p in self.phases.values():
+            if p[1] is None:
+                p[1] = now
+        self.phases[name] = [now, None]
+        self.events("phase", name, name=name)
+
+    def snapshot(self):
+        return {i: inst.metrics() for i, inst in self.dep.instances.items() if not inst.dead}
+
+    def sample(self):
+        for inst in self.dep.instances.values():
+            s = inst.sample()
+            if s:
+                self.samples.append(s)
+
+    def sleep(self, seconds):
+        """Waits, sampling the proxies once a second."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.sample()
+            time.sleep(min(1.0, left))
+
+    def run(self):
+        started = time.time()
+        self.dep = Deployment(self.lab, self.work, self.timings, self.binary, self.events)
+        clients = None
+        try:
+            self.dep.start()
+            self.metrics_before = self.snapshot()
+            clients = Clients(self.dep, self.out, self.rate * self.options.load, self.streams,
+                              self.duration_hint())
+            self.clients = clients
+            self.phase("before")
+            self.sleep(self.before_s)
+            self.phase("during")
+            self.during()
+            self.phase("after")
+            self.after()
+        finally:
+            if clients:
+                clients.stop()
+            self.phase("end")
+            after = self.snapshot() if self.dep else {}
+            self.write(started, after)
+            if self.dep:
+                self.dep.stop()
+            self.events.close()
+            r53 = self.work / "route53.jsonl"
+            (self.out / "route53.jsonl").write_bytes(r53.read_bytes() if r53.exists() else b"")
+
+    def duration_hint(self):
+        return 3600
+
+    def after(self):
+        self.sleep(10)
+
+    def write(self, started, after):
+        t = self.timings
+        phases = {k: v for k, v in self.phases.items() if k != "end"}
+        proxies = {}
+        for i in set(self.metrics_before) | set(after):
+            proxies[i] = {"before": self.metrics_before.get(i, {}), "after": after.get(i, {})}
+        (self.out / "scenario.json").write_text(json.dumps({
+            "name": self.name, "title": self.title, "goal": self.goal, "goal_text": self.goal_text,
+            "scale": t.scale, "rate": self.rate * self.options.load, "streams": self.streams,
+            "started": started, "ended": time.time(), "phases": phases,
+            "route53": {"interval": t.r53_interval, "failure_threshold": t.r53_threshold,
+                        "ttl": t.record_ttl, "checkers": 8},
+            "timings": t.as_dict(), "proxies": proxies, "samples": self.samples, "bounds": self.bounds,
+        }, indent=1))
+
+
+class Flip(Scenario):
+    name = "flip"
+    title = "Blue/green flip of the backend under load"
+    goal_text = ("Zero client-visible failures: new connections follow the backend name to the "
+                 "green ELB within its TTL, connections open to blue finish there, and blue is "
+                 "taken away only after the proxies' backend.removed_grace.")
+
+    def during(self):
+        t = self.timings
+        self.dep.point_backend("green")
+        # The proxies follow the name within its TTL; then every new connection goes to green.
+        wait_until("every proxy to follow the flip", self.all_on_green, t.elb_ttl * 3 + 10, 0.5)
+        self.events("note", "every proxy resolves the backend name to the green ELB")
+        # Blue stays until the proxies have retired its addresses (removed_grace), as an
+        # operator deleting the old ELB after the grace would.
+        self.sleep(t.removed_grace + t.elb_ttl + 2)
+        self.dep.take_away("blue")
+
+    def all_on_green(self):
+        for inst in self.dep.instances.values():
+            st = inst.status()
+            if not st:
+                return False
+            text = json.dumps(st)
+            if any(a in text for a in ELBS["green"]) is False:
+                return False
+        return True
+
+
+class InstanceDeath(Scenario):
+    name = "instance-death"
+    title = "A proxy instance dies and its Auto Scaling group replaces it"
+    goal = "bounded"
+    goal_text = ("Failures only on connections open to the lost instance and on new connections "
+                 "sent to its address while Route 53 detects the loss and cached answers expire; "
+                 "the replacement claims the same Elastic IP and turns healthy.")
+
+    def during(self):
+        t = self.timings
+        dep = self.dep
+        alloc = dep.allocations[0]
+        victim = dep.instances[dep.holder[alloc]]
+        # The bound: every stream open to it, plus every new connection in the window where a
+        # client can still be sent to it: Route 53's detection (threshold x interval, plus a
+        # check's connect timeout and an interval of phase) and the record's TTL, counted as if
+        # every client had it cached (the worst case), plus two seconds of margin.
+        window = t.r53_threshold * t.r53_interval + t.r53_connect_timeout + t.r53_interval + t.record_ttl + 2
+        self.bounds = {"failures": int(self.streams + self.rate * self.options.load * window),
+                       "window_s": window}
+        victim.kill()
+        self.sleep(t.asg_replace_after)
+        new = dep.replace_dead(victim)
+        wait_until(f"{new.id} to hold {dep.eip_of[alloc]}", lambda: dep.holder.get(alloc) == new.id,
+                   t.eip_check_interval * 2 + 60, 0.25)
+        wait_until("Route 53 to count the address healthy again", dep.serving,
+                   t.r53_interval * (t.r53_threshold + 2) + 30, 0.25)
+        self.events("instance_ready", f"{new.id} holds {dep.eip_of[alloc]} and is healthy", instance=new.id)
+
+
+class GracefulStop(Scenario):
+    name = "graceful-stop"
+    title = "Graceful stop of one instance (SIGTERM): the drain"
+    goal_text = ("Zero client-visible failures: /health turns 503, Route 53 stops announcing the "
+                 "address, cached answers expire within the drain delay, open connections finish "
+                 "within the grace period.")
+
+    def during(self):
+        t = self.timings
+        victim = self.dep.instances[self.dep.holder[self.dep.allocations[0]]]
+        self.events("fault", f"SIGTERM to static-ingress on {victim.id}", instance=victim.id)
+        victim.proxy.signal(signal.SIGTERM)
+        code = None
+        deadline = time.monotonic() + t.drain_delay + t.grace_period + 30
+        while code is None and time.monotonic() < deadline:
+            self.sample()
+            code = victim.proxy.wait(1.0)
+        self.events("instance_stop", f"static-ingress on {victim.id} exited {code}", instance=victim.id, code=code)
+        victim.stopped_metrics = True
+
+
+class AzPartition(Scenario):
+    name = "az-partition"
+    title = "One Availability Zone partitioned, then healed"
+    goal = "bounded"
+    goal_text = ("Failures only on connections open to the partitioned instances and on new "
+                 "connections sent to their addresses while Route 53 detects the loss and cached "
+                 "answers expire; after the heal, the addresses are announced again.")
+
+    def during(self):
+        t = self.timings
+        dep = self.dep
+        zone, bridge = "us-east-1a", "az-a"
+        cut = [dep.eip_of[a] for a, i in dep.holder.items() if i and dep.instances[i].az == zone]
+        window = t.r53_threshold * t.r53_interval + t.r53_connect_timeout + t.r53_interval + t.record_ttl + 2
+        self.bounds = {"failures": int(self.streams + self.rate * self.options.load * window), "window_s": window}
+        # Policy rules in the core router: everything from the zone's subnet, and to it or to an
+        # address its instances hold, is dropped without a word (as a partition does; an
+        # unreachable route would answer with ICMP and fail clients faster than the real thing).
+        rules = [["iif", bridge], ["to", SUBNET_A]] + [["to", f"{e}/32"] for e in cut]
+        for r in rules:
+            ip("rule", "add", *r, "blackhole", ns=dep.core)
+        self.events("fault", f"{zone} partitioned: {', '.join(cut)} unreachable", zone=zone, addresses=cut)
+        # A minute at real timings, and at least long enough for Route 53 to act.
+        self.sleep(max(60 / t.scale, window * 2))
+        for r in rules:
+            ip("rule", "del", *r, "blackhole", ns=dep.core, check=False)
+        self.events("heal", f"{zone} reachable again", zone=zone)
+        wait_until("Route 53 to count every address healthy again", dep.serving,
+                   t.r53_interval * (t.r53_threshold + 2) + 30, 0.25)
+        self.events("note", "every address announced and served again")
+
+
+class TenX(Scenario):
+    name = "10x-load"
+    title = "Ten times the base load for a minute"
+    goal_text = ("Zero client-visible failures at 10x the base rate, with the load generator "
+                 "keeping its schedule (its lag is in the report).")
+
+    def during(self):
+        base = self.rate * self.options.load
+        self.clients.set_rate(base * 10)
+        self.events("note", f"rate {base:g}/s -> {base * 10:g}/s", rate=base * 10)
+        self.sleep(self.options.tenx_seconds)
+        self.clients.set_rate(base)
+        self.events("note", f"rate back to {base:g}/s", rate=base)
+
+
+class Soak(Scenario):
+    name = "soak"
+    title = "Soak: steady load, proxies sampled"
+    goal_text = ("Zero client-visible failures, and each proxy's memory, descriptors and CPU flat "
+                 "over the run (the report's flatness rule).")
+
+    def during(self):
+        self.sleep(self.options.soak_minutes * 60)
+
+
+class FleetReplacement(Scenario):
+    name = "fleet-replacement"
+    title = "Fleet replacement: a new stack takes the Elastic IPs, the old one is deleted"
+    goal = "measured"
+    goal_text = ("Today's cost, measured: the new fleet's instances claim the addresses at boot "
+                 "and every connection open through an old instance breaks when its address "
+                 "moves. The baseline for the handoff (issue #12), which aims at zero.")
+
+    def during(self):
+        t = self.timings
+        dep = self.dep
+        old = set(dep.instances)
+        new = dep.deploy_fleet("static-fleet-2", generation=2)
+        self.events("note", f"fleet stack static-fleet-2 deployed: {len(new)} new instances",
+                    instances=[i.id for i in new])
+        newer = {i.id for i in new}
+        wait_until("the new fleet to hold every address", lambda: set(dep.holder.values()) <= newer,
+                   t.eip_check_interval * 2 + 90, 0.25)
+        self.events("note", "the new fleet holds every address")
+        wait_until("Route 53 to count every address healthy", dep.serving,
+                   t.r53_interval * (t.r53_threshold + 2) + 30, 0.25)
+        # CloudFormation deletes the old stack: its groups terminate their instances, which
+        # shut down (SIGTERM to the proxy, as systemd does at shutdown).
+        dep.delete_fleet("static-fleet-1", [dep.instances[i] for i in old if i in dep.instances])
+
+
+SCENARIOS = {s.name: s for s in (InstanceDeath, Flip, AzPartition, TenX, Soak, FleetReplacement, GracefulStop)}
+# The issue's order: 1 instance death, 2 flip, 3 partition, 4 10x, 5 soak, 6 replacement, 7 stop.
+ORDER = ["instance-death", "flip", "az-partition", "10x-load", "soak", "fleet-replacement", "graceful-stop"]
+SHORT = ["flip", "instance-death"]
+
+
+def admin_reachable(addr):
+    return http_get(addr, ADMIN_PORT, "/live", 1.0)[0] == 200
