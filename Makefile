@@ -87,21 +87,21 @@ bench-smoke:
 # the debug one `make test` built. LAB_ARGS passes more flags to lab.py (e.g. --scale 1).
 .PHONY: lab lab-test
 LAB_PROFILE ?= release
-LAB_PACKAGES := nginx dnsmasq-base openssl iproute2
+LAB_PACKAGES := nginx dnsmasq-base openssl iproute2 systemd-container debootstrap
 lab_target = $$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/$(if $(filter dev,$(1)),debug,$(1))/static-ingress
 
 lab:
 	scripts/install-system-packages.sh $(LAB_PACKAGES)
-	cargo build --profile $(LAB_PROFILE)
 	venv="$$(scripts/python-tools.sh | tail -n 1)"; \
-	"$$venv/python" loadtest/lab/lab.py --binary "$(call lab_target,$(LAB_PROFILE))" \
+	deb="$$(scripts/build-deb.sh $(LAB_PROFILE) | tail -n 1)"; \
+	"$$venv/python" loadtest/lab/lab.py --binary "$(call lab_target,$(LAB_PROFILE))" --deb "$$deb" \
 		$(if $(SCENARIO),--scenario $(SCENARIO)) --doc docs/rehearsal.md --check $(LAB_ARGS)
 
 # CI: the unit tests of the lab's parts, then the flip and one instance death at a low rate with
 # the debug binary `make test` built; fails on any client-visible failure where the goal is zero.
 lab-test:
 	scripts/install-system-packages.sh $(LAB_PACKAGES)
-	cargo build --all-targets
+	cargo test --all-targets --no-run --quiet
 	venv="$$(scripts/python-tools.sh | tail -n 1)"; \
 	"$$venv/python" $(PYTEST) tests/lab; \
 	out="$$(mktemp -d)"; \

@@ -23,6 +23,7 @@ import http.client
 import json
 import pathlib
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -177,15 +178,82 @@ class Instance:
             "--tags-json", json.dumps(self.tags), "--zone", self.az,
             "--host", "169.254.169.254", "--port", "80",
         ], self.dir / "imds.log", ready="ready")
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(self.dir)}
-        env.update(self.user_data_env())
-        env["STATIC_INGRESS_EIP_EC2_ENDPOINT"] = f"http://{MOTO[0]}:{MOTO[1]}"
-        env.update(dep.timings.proxy_env())
-        (self.dir / "env").write_text("".join(f"{k}={v}\n" for k, v in sorted(env.items())))
-        self.proxy = Proc(f"static-ingress-{self.id}", self.ns, [
-            dep.binary, "run", "--config", ROOT / "deb/static-ingress.toml",
-        ], self.dir / "static-ingress.log", env=env)
-        dep.events("instance_start", f"{self.id} in {self.az} ({self.group})", instance=self.id, az=self.az)
+        user_data = self.user_data_env()
+        lab = {"STATIC_INGRESS_EIP_EC2_ENDPOINT": f"http://{MOTO[0]}:{MOTO[1]}", **dep.timings.proxy_env()}
+        if dep.root:
+            self.boot_container(user_data, lab)
+        else:
+            env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(self.dir), **user_data, **lab}
+            (self.dir / "env").write_text("".join(f"{k}={v}\n" for k, v in sorted(env.items())))
+            self.proxy = Proc(f"static-ingress-{self.id}", self.ns, [
+                dep.binary, "run", "--config", ROOT / "deb/static-ingress.toml",
+            ], self.dir / "static-ingress.log", env=env)
+        dep.events("instance_start", f"{self.id} in {self.az} ({self.group})"
+                   + (" booting the .deb" if dep.root else ""), instance=self.id, az=self.az)
+
+    def boot_container(self, user_data, lab):
+        """The instance as shipped: the .deb's root file system booted with systemd-nspawn in
+        the instance's namespace, the unit started by systemd with its sandbox, the launch
+        template's environment file in place and the lab's settings (the EC2 endpoint, the
+        scaled timings) in a drop-in."""
+        env_file = self.dir / "static-ingress.env"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in user_data.items()))
+        dropin = self.dir / "dropin"
+        dropin.mkdir(exist_ok=True)
+        (dropin / "lab.conf").write_text("# The lab's settings (loadtest/lab/deploy.py)\n[Service]\n"
+                                         + "".join(f"Environment={k}={v}\n" for k, v in sorted(lab.items())))
+        self.proxy = Proc(f"nspawn-{self.id}", None, [
+            "systemd-nspawn", "--quiet", "-D", self.dep.root, "-M", f"si-{self.id[-12:]}",
+            "--register=no", "--keep-unit", "--volatile=overlay",
+            f"--network-namespace-path=/run/netns/{self.ns}", "--boot", "--console=passive",
+            f"--bind-ro={env_file}:/etc/static-ingress/static-ingress.env",
+            f"--bind-ro={dropin}:/etc/systemd/system/static-ingress.service.d",
+            f"--bind-ro={netns.ETC_NETNS / self.ns / 'resolv.conf'}:/etc/resolv.conf",
+        ], self.dir / "nspawn.log")
+        self.container = True
+
+    def proxy_pid(self):
+        """The static-ingress process: the one the lab started, or the unit's main process
+        inside the container."""
+        if not self.proxy or not self.proxy.alive():
+            return None
+        if not getattr(self, "container", False):
+            return self.proxy.pid
+        for pid in netns.namespace_pids(self.ns):
+            try:
+                if pathlib.Path(f"/proc/{pid}/comm").read_text().strip() == "static-ingress":
+                    return pid
+            except OSError:
+                pass
+        return None
+
+    def graceful_stop(self):
+        """`systemctl stop static-ingress` inside the container, or SIGTERM to the process the
+        lab started (what systemd sends)."""
+        if getattr(self, "container", False):
+            pid = self.proxy_pid()
+            leader = self.leader()
+            if leader is None:
+                raise LabError(f"{self.id}: the container has no systemd")
+            netns.run("nsenter", "-t", str(leader), "-m", "-u", "-i", "-n", "-p", "--",
+                      "systemctl", "stop", "--no-block", "static-ingress.service")
+            return pid
+        self.proxy.signal(signal.SIGTERM)
+        return self.proxy.pid
+
+    def leader(self):
+        """The container's PID 1 (systemd), a child of systemd-nspawn."""
+        try:
+            children = pathlib.Path(f"/proc/{self.proxy.pid}/task/{self.proxy.pid}/children").read_text().split()
+        except OSError:
+            return None
+        for pid in children:
+            try:
+                if pathlib.Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                    return int(pid)
+            except OSError:
+                pass
+        return None
 
     def user_data_env(self):
         """What cloud-init would write from the launch template's user data (moto has no
@@ -224,19 +292,19 @@ class Instance:
         return self.admin("/health", 1.0)[0] == 200
 
     def kill(self):
-        """The instance dies: every process in it killed, its network link down."""
+        """The instance dies: every process in it killed at once (SIGKILL: nothing drains),
+        its network link down."""
         self.dead = True
-        netns.kill_namespace_processes(self.ns, grace_s=0)
+        netns.kill_namespace_processes(self.ns, grace_s=0, sig=signal.SIGKILL)
         ip("link", "set", "eth0", "down", ns=self.ns, check=False)
         self.dep.events("fault", f"{self.id} killed, its link down", instance=self.id)
 
     def sample(self):
         """RSS, descriptors and CPU seconds of the proxy process (the machine's /proc: the lab
         shares its PID namespace), or None once it is gone."""
-        if not self.proxy or not self.proxy.alive():
+        pid = self.proxy_pid()
+        if pid is None:
             return None
-        pid = self.proxy.pid
-        # `ip netns exec` execs the binary in place, so the PID is the proxy's.
         try:
             status = pathlib.Path(f"/proc/{pid}/status").read_text()
             rss = int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
@@ -254,8 +322,10 @@ class Instance:
 
 
 class Deployment:
-    def __init__(self, lab, directory, timings, binary, events, clients=4):
+    def __init__(self, lab, directory, timings, binary, events, clients=4, deb=None):
         self.lab = lab
+        self.deb = deb
+        self.root = None
         self.dir = pathlib.Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.timings = timings
@@ -530,8 +600,24 @@ class Deployment:
                 view[rec["ip"]] = rec["healthy"]
         return view
 
+    def prepare_root(self):
+        """The root file system the instances boot: the container test's Debian 13, with the
+        .deb installed by dpkg as on the AMI. Each instance boots it read-only under a tmpfs
+        overlay of its own."""
+        cached = netns.run(str(ROOT / "scripts/debian-rootfs.sh"), "trixie", timeout=1000).stdout.split()[-1]
+        root = self.dir / "rootfs"
+        netns.run("cp", "-a", "--reflink=auto", cached, str(root), timeout=300)
+        shutil.copy(self.deb, root / "root/static-ingress.deb")
+        netns.run("systemd-nspawn", "--quiet", "-D", str(root), "--register=no", "--keep-unit",
+                  "--private-network", "dpkg", "-i", "/root/static-ingress.deb", timeout=300)
+        (root / "root/static-ingress.deb").unlink()
+        self.root = root
+        self.events("note", f"instances boot {pathlib.Path(self.deb).name} with systemd-nspawn")
+
     # ---- the whole thing ----
     def start(self, generation=1):
+        if self.deb:
+            self.prepare_root()
         self.build_network()
         self.start_aws()
         self.start_backends()

@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--tenx-seconds", type=float, default=60.0, help="how long the 10x load lasts")
     ap.add_argument("--soak-minutes", type=float, default=10.0, help="how long the soak lasts (hours: e.g. 240)")
     ap.add_argument("--binary", required=True, help="the static-ingress binary the instances run")
+    ap.add_argument("--deb", help="the .deb the drain and replacement scenarios boot (systemd-nspawn); "
+                    "without it they run the binary like the others")
     ap.add_argument("--out", help="keep the raw records here (default: loadtest/results/lab-<time>)")
     ap.add_argument("--doc", help="write the report here (e.g. docs/rehearsal.md)")
     ap.add_argument("--images", help="write the plots here (default: beside --doc, in rehearsal/)")
@@ -86,6 +88,8 @@ def main():
     binary = pathlib.Path(args.binary).resolve()
     if not os.access(binary, os.X_OK):
         sys.exit(f"lab.py: {binary} is not an executable")
+    if args.deb and not pathlib.Path(args.deb).is_file():
+        sys.exit(f"lab.py: {args.deb} is not a file")
     names = args.scenario or (scenarios.SHORT if args.short else scenarios.ORDER)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = pathlib.Path(args.out or ROOT / "loadtest" / "results" / f"lab-{stamp}")

@@ -64,15 +64,20 @@ def _alive(pid):
     return True
 
 
-def kill_namespace_processes(name, grace_s=5.0):
-    """Stops every process inside namespace `name`, by PID: SIGTERM, then SIGKILL after
-    `grace_s`. Only lab namespaces are passed here, so these are processes the lab started."""
-    # Never this process: the orchestrator itself runs in the control namespace.
+def namespace_pids(name):
+    """The PIDs of the processes in namespace `name` (never this process: the orchestrator
+    itself runs in the control namespace)."""
     pids = [int(p) for p in run("ip", "netns", "pids", name, check=False).stdout.split()]
-    pids = [p for p in pids if p != os.getpid()]
+    return [p for p in pids if p != os.getpid()]
+
+
+def kill_namespace_processes(name, grace_s=5.0, sig=signal.SIGTERM):
+    """Stops every process inside namespace `name`, by PID: `sig`, then SIGKILL after
+    `grace_s`. Only lab namespaces are passed here, so these are processes the lab started."""
+    pids = namespace_pids(name)
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace_s
