@@ -33,9 +33,13 @@ Where it differs, plainly:
 - It serves only the configured record names (A records), with a made-up SOA for each zone apex
   (the record name minus its first label) and a short negative TTL; other names get NXDOMAIN.
 
-Run: `python loadtest/lab/route53.py --config PATH [--seed N]`. Prints `ready dns=IP:PORT` on
-stdout once DNS (UDP and TCP, same port) is listening. SIGHUP re-reads the config; SIGTERM or
-SIGINT stop it (exit 0). Events go to the config's `log` as JSON Lines (see lab-common.md).
+Run: `python loadtest/lab/route53.py --config PATH [--seed N] [--check]`. Prints
+`ready dns=IP:PORT` on stdout once DNS (UDP and TCP, same port) is listening. SIGHUP re-reads
+the config (a bad one is reported and the old one kept); SIGTERM or SIGINT stop it (exit 0).
+Events go to the config's `log` as JSON Lines (lab-common.md; `checker_status` also carries a
+`detail`: the result that made the change, e.g. "status 503", "connect ... timed out").
+Exit codes: 0 stopped by a signal (or `--check` passed), 1 cannot bind (DNS or a checker's
+source address), 2 bad config.
 """
 
 from __future__ import annotations
@@ -499,6 +503,17 @@ def bind_dns_sockets(host: str, port: int, attempts: int = 20) -> tuple[socket.s
     raise OSError(f"cannot bind DNS on {host}:{port} (UDP and TCP): {last}")
 
 
+def check_sources(sources: Iterable[str]) -> None:
+    """Fail at start if a checker's source address is not on this host (namespace): otherwise
+    every one of its checks would fail and look like an outage of the fleet."""
+    for src in sorted(set(s for s in sources if s)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((src, 0))
+            except OSError as e:
+                raise OSError(f"checker source address {src} cannot be bound here: {e}") from e
+
+
 # --------------------------------------------------------------------------------------------
 # The health checker's HTTP client.
 
@@ -624,6 +639,7 @@ class Simulator:
     # ---- lifecycle
 
     async def start(self) -> tuple[str, int]:
+        check_sources(self.config.checkers)
         tcp, udp = bind_dns_sockets(*self.config.dns_listen)
         loop = asyncio.get_running_loop()
         self._tcp_server = await asyncio.start_server(self._tcp_client, sock=tcp)
@@ -669,6 +685,7 @@ class Simulator:
             return
         try:
             new = load_config(self.config_path)
+            check_sources(new.checkers)
         except (OSError, ConfigError) as e:
             self.counters["reload_errors"] += 1
             self.log.write("reload", ok=False, error=str(e))
@@ -732,14 +749,15 @@ class Simulator:
                 task.cancel()
 
     async def _probe(self, checker: int, hc: HealthCheckConfig, source: str) -> None:
-        ok, _why = await http_check(hc.ip, hc.port, hc.path, source, hc.connect_timeout,
+        ok, why = await http_check(hc.ip, hc.port, hc.path, source, hc.connect_timeout,
                                     hc.response_timeout)
         state = self.states.get(hc.id)
         if state is None or checker >= len(state.checkers):
             return
         checker_changed, health_changed = state.observe(checker, ok)
         if checker_changed:
-            self.log.write("checker_status", checker=checker, health_check=hc.id, healthy=ok)
+            self.log.write("checker_status", checker=checker, health_check=hc.id, healthy=ok,
+                           detail=why)
         if health_changed:
             self._log_health(state)
 
@@ -842,12 +860,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="JSON config file (re-read on SIGHUP)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed for the weighted choice (default: random)")
+    parser.add_argument("--check", action="store_true",
+                        help="only validate the config, print `config ok` and exit 0")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
     except (OSError, ConfigError) as e:
         print(f"route53: bad config: {e}", file=sys.stderr)
         return 2
+    if args.check:
+        print("config ok", flush=True)
+        return 0
     return asyncio.run(_amain(config, args))
 
 

@@ -451,6 +451,18 @@ def test_main_exits_2_on_a_bad_config(tmp_path, capsys):
     bad.write_text("{not json")
     assert route53.main(["--config", str(bad)]) == 2
     assert "bad config" in capsys.readouterr().err
+    good = make_config(tmp_path, [], [rec("a", "198.18.1.1")])
+    assert route53.main(["--config", str(good), "--check"]) == 0
+    assert capsys.readouterr().out == "config ok\n"
+
+
+def test_start_fails_on_a_checker_source_address_not_on_this_host(tmp_path):
+    # 198.18.255.254 is in the lab range, never on a test machine's interfaces
+    path = make_config(tmp_path, [], [rec("a", "198.18.1.1")], checkers=["198.18.255.254"])
+    proc = subprocess.run([sys.executable, str(MODULE), "--config", str(path)],
+                          capture_output=True, text=True, timeout=10)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "198.18.255.254 cannot be bound" in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,6 +600,7 @@ def test_unhealthy_only_after_threshold_failures_then_back(tmp_path, start_sim, 
     ok_server.status = 503
     wait_until(lambda: not sim.healthy("a"), 3, "the check to turn unhealthy")
     [down] = events_of(sim.log, "checker_status", healthy=False)
+    assert down["detail"] == "status 503"
     fails_before = ok_server.served(503, since=flipped)
     fails_before = [r for r in fails_before if r[0] < down["t"]]
     assert len(fails_before) >= threshold, "not unhealthy before `threshold` failures"
