@@ -30,8 +30,9 @@ Where it differs, plainly:
   still hanging is skipped (counted in the stop event) instead of piling up tasks. The real
   service would send it and see it time out; at lab timings (timeouts shorter than the interval)
   this does not happen.
-- It serves only the configured record names (A records), with a made-up SOA for each zone apex
-  (the record name minus its first label) and a short negative TTL; other names get NXDOMAIN.
+- It serves only the configured record names (A records) and, for each zone apex (the record
+  name minus its first label), a made-up SOA with a short negative TTL and an NS `ns.<apex>`
+  whose A is the simulator's listen address; other names in the zone get NXDOMAIN.
 
 Run: `python loadtest/lab/route53.py --config PATH [--seed N] [--check]`. Prints
 `ready dns=IP:PORT` on stdout once DNS (UDP and TCP, same port) is listening. SIGHUP re-reads
@@ -60,7 +61,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, TextIO
 
-from dnslib import QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSRecord
+from dnslib import NS, QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSRecord
 
 # A blackholed endpoint holds a request for connect_timeout + response_timeout; a few in flight
 # per checker and check is what the real cadence gives at Route 53's own timings (4 s + 2 s
@@ -81,6 +82,7 @@ TCP_IDLE_S = 10.0
 MAX_TCP_CLIENTS = 256
 SUMMARY_PERIOD_S = 1.0
 DEFAULT_NEGATIVE_TTL_S = 5
+INFRA_TTL_S = 60  # the apex's NS and the name server's A: nothing in the lab changes them
 USER_AGENT = "Amazon-Route53-Health-Check-Service (static-ingress lab simulator)"
 
 
@@ -408,18 +410,27 @@ def _soa(apex: str, negative_ttl: int) -> RR:
     # Route 53's own SOA has serial 1 and these refresh/retry/expire values; the minimum (the
     # negative-caching TTL) is the lab's short one so NXDOMAIN/NODATA do not stick in caches.
     return RR(apex, QTYPE.SOA, ttl=negative_ttl, rdata=SOA(
-        f"ns-1.awsdns-lab.{apex}", f"hostmaster.{apex}", (1, 7200, 900, 1209600, negative_ttl)))
+        f"ns.{apex}", f"hostmaster.{apex}", (1, 7200, 900, 1209600, negative_ttl)))
 
 
 class Zone:
-    """The records by name, and the zone apexes they live in."""
+    """The records by name, and the zone apexes they live in.
 
-    def __init__(self, records: Iterable[RecordConfig], negative_ttl: int):
+    Each apex exists (SOA, and NS naming `ns.<apex>`, whose A is the simulator's own address
+    when it listens on one): a resolver that asks about the apex must not get NXDOMAIN, since
+    an NXDOMAIN there means, to a hardened cache (unbound's harden-below-nxdomain), that
+    nothing below it exists either.
+    """
+
+    def __init__(self, records: Iterable[RecordConfig], negative_ttl: int,
+                 ns_ip: str | None = None):
         self.by_name: dict[str, list[RecordConfig]] = {}
         for r in records:
             self.by_name.setdefault(r.name, []).append(r)
         self.apexes = {zone_apex(name) for name in self.by_name}
+        self.ns_hosts = {f"ns.{apex}" for apex in self.apexes}
         self.negative_ttl = negative_ttl
+        self.ns_ip = ns_ip if ns_ip and ns_ip != "0.0.0.0" else None
 
     def apex_of(self, name: str) -> str | None:
         matches = [a for a in self.apexes if name == a or name.endswith("." + a)]
@@ -451,17 +462,28 @@ class Zone:
         name = normalize_name(str(q.qname))
         group = self.by_name.get(name)
         apex = self.apex_of(name)
-        if group is None:
-            reply.header.rcode = RCODE.NXDOMAIN
-            if apex is not None:
-                reply.add_auth(_soa(apex, self.negative_ttl))
-            return Answer(reply.pack())
-        if q.qtype in (QTYPE.A, QTYPE.ANY):
+        # Answers carry the owner name as asked: resolvers using 0x20 case randomisation check.
+        if group is not None and q.qtype in (QTYPE.A, QTYPE.ANY):
             record, fail_open = choose(group)
-            # The owner name as asked: resolvers using 0x20 case randomisation compare it.
             reply.add_answer(RR(q.qname, QTYPE.A, ttl=record.ttl, rdata=A(record.ip)))
             return Answer(reply.pack(), record, fail_open)
-        reply.add_auth(_soa(apex, self.negative_ttl))  # NODATA: NOERROR, no answer, SOA
+        if name in self.apexes and q.qtype == QTYPE.SOA:
+            soa = _soa(name, self.negative_ttl)
+            soa.rname = q.qname
+            reply.add_answer(soa)
+            return Answer(reply.pack())
+        if name in self.apexes and q.qtype == QTYPE.NS:
+            reply.add_answer(RR(q.qname, QTYPE.NS, ttl=INFRA_TTL_S, rdata=NS(f"ns.{name}")))
+            if self.ns_ip:
+                reply.add_ar(RR(f"ns.{name}", QTYPE.A, ttl=INFRA_TTL_S, rdata=A(self.ns_ip)))
+            return Answer(reply.pack())
+        if name in self.ns_hosts and self.ns_ip and q.qtype in (QTYPE.A, QTYPE.ANY):
+            reply.add_answer(RR(q.qname, QTYPE.A, ttl=INFRA_TTL_S, rdata=A(self.ns_ip)))
+            return Answer(reply.pack())
+        if group is None and name not in self.apexes and name not in self.ns_hosts:
+            reply.header.rcode = RCODE.NXDOMAIN
+        if apex is not None:
+            reply.add_auth(_soa(apex, self.negative_ttl))  # NXDOMAIN or NODATA: with the SOA
         return Answer(reply.pack())
 
 
@@ -622,7 +644,7 @@ class Simulator:
             hc.id: HealthCheckState(hc, len(config.checkers), config.healthy_fraction)
             for hc in config.health_checks
         }
-        self.zone = Zone(config.records, config.negative_ttl)
+        self.zone = Zone(config.records, config.negative_ttl, config.dns_listen[0])
         self.counters = {"queries": 0, "malformed": 0, "skipped_ticks": 0, "udp_errors": 0,
                          "tcp_refused": 0, "reloads": 0, "reload_errors": 0}
         self.dns_addr: tuple[str, int] | None = None
@@ -708,7 +730,7 @@ class Simulator:
             t.cancel()  # their in-flight requests go with them; new pollers start at once
         self.config = new
         self.states = states
-        self.zone = Zone(new.records, new.negative_ttl)
+        self.zone = Zone(new.records, new.negative_ttl, self.config.dns_listen[0])
         self.counters["reloads"] += 1
         self.log.write("reload", ok=True, checkers=n, health_checks=self._health_summary(),
                        records=len(new.records), not_applied=ignored)

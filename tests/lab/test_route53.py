@@ -397,6 +397,29 @@ def test_zone_answers_case_insensitively_and_with_nxdomain_and_nodata():
     assert soa.rtype == QTYPE.SOA and str(soa.rname) == "lab.example." and soa.ttl == 5
 
 
+def test_zone_apex_exists_with_soa_and_ns():
+    zone = Zone([R("a", 1, None)], negative_ttl=5, ns_ip="198.18.2.2")
+    choose = lambda group: (group[0], False)  # noqa: E731
+
+    def ask(name, qtype):
+        return DNSRecord.parse(zone.respond(DNSRecord.question(name, qtype).pack(), choose).reply)
+
+    soa = ask("LAB.example.", "SOA")
+    assert soa.header.rcode == RCODE.NOERROR and soa.rr[0].rtype == QTYPE.SOA
+    assert str(soa.rr[0].rname) == "LAB.example."
+    ns = ask("lab.example", "NS")
+    assert [str(rr.rdata) for rr in ns.rr] == ["ns.lab.example."]
+    assert [str(rr.rdata) for rr in ns.ar] == ["198.18.2.2"]
+    assert [str(rr.rdata) for rr in ask("ns.lab.example", "A").rr] == ["198.18.2.2"]
+    for name, qtype in (("lab.example", "A"), ("lab.example", "AAAA"), ("ns.lab.example", "MX")):
+        nodata = ask(name, qtype)
+        assert nodata.header.rcode == RCODE.NOERROR and not nodata.rr, (name, qtype)
+        assert nodata.auth[0].rtype == QTYPE.SOA
+    assert ask("x.lab.example", "A").header.rcode == RCODE.NXDOMAIN
+    assert ask("example", "SOA").header.rcode == RCODE.NXDOMAIN
+    assert not Zone([R("a", 1, None)], 5, ns_ip="0.0.0.0").ns_ip, "no A for a wildcard bind"
+
+
 def test_zone_survives_malformed_messages():
     zone = Zone([R("a", 1, None)], negative_ttl=5)
     choose = lambda group: (group[0], False)  # noqa: E731
