@@ -1,0 +1,706 @@
+"""The lab's report: figures per scenario, docs/rehearsal.md, a plot per scenario, summary.json.
+
+Reads a run directory (RUN_DIR) written by the lab: one subdirectory per scenario run, each with
+client.jsonl, route53.jsonl, events.jsonl and scenario.json (formats: the lab's shared facts), and
+an optional RUN_DIR/run.json describing the run. Writes RUN_DIR/summary.json, the document
+(--doc) and one PNG per scenario (--images); with --check, exits 1 when a scenario fails its goal.
+
+Every figure, exactly:
+
+- **Times.** Every timestamp is wall-clock epoch seconds. The *scenario start* is scenario.json's
+  "started" (else the earliest timestamp seen). The *reference* ("the fault") is the first event in
+  events.jsonl whose kind is "fault" or "flip"; if there is none, the first "instance_stop" or
+  "eip_move"; if none, the start of the "during" phase; if none, the scenario start. Plots and
+  the events list are relative to the scenario start; detect, recover, the failure window and the
+  Route 53 health changes are relative to the reference.
+- **Scale.** The lab divides every Route 53 interval, TTL, drain delay and grace by SCALE
+  (scenario.json "scale", else run.json "scale", else 1). Every time figure derived from those
+  timings (event times, detect, recover, failure window, health changes) is shown measured and
+  "at real timings" = measured x SCALE. Latency and generator lag are network and CPU times, not
+  scaled, and are shown as measured only.
+- **Phases.** From scenario.json "phases" ({name: [from, to]}), else from the "phase" events (each
+  runs to the next one, the last to the scenario end). A record belongs to the phase whose
+  [from, to) holds its actual start ("start", else "t"); one before the first phase counts in the
+  first, one after the last in the last.
+- **Requests sent**: the client.jsonl records, short and stream counted separately (one record
+  per finished request or stream; a stream is one long-lived connection).
+- **Client-visible failures**: every record whose outcome is not "ok", counted by outcome, by
+  phase, by address connected to, and split into streams, short requests that started inside the
+  detection window [reference, reference + detect], and other short requests.
+- A failure's *time* is when the client saw it: start + latency.
+- **Detect**: from the reference to the first route53.jsonl "health" event with healthy=false at
+  or after it; null if there is none.
+- **Recover**: from the reference to the time of the last failure seen at or after it, i.e. the
+  time after which every request succeeded; null when no failure was seen after the reference.
+- **Failure window**: [start of the first failed request, time of the last failure], relative to
+  the reference, over the failures seen at or after it.
+- **Latency p50/p99** per phase: over the "latency" of ok short requests (start to last byte,
+  TCP connect + TLS + request). Percentiles are nearest-rank: the p-quantile of n sorted values
+  is the value at rank ceil(p x n).
+- **Lag** p50/p99/max per phase: the generator's "lag" (actual start - scheduled start) over every
+  record. "Schedule kept" when the lag p99 of every phase is under LAG_P99_KEPT (50 ms).
+- **Route 53**: per address, the "health" events (healthy or not, healthy checkers / checkers)
+  relative to the reference; the fraction of DNS answers per address = the sum of its counts over
+  every "answers" event / the sum of all counts; how many answer intervals were fail-open.
+- **Proxies**: per instance in scenario.json "proxies", after - before of each metric (a metric
+  missing on one side counts 0 there); only the metrics that changed are shown. An instance with
+  no "after" (it died) is listed with no differences.
+- **Samples** (scenario.json "samples"), per instance in time order: first, last and max of RSS,
+  fds and CPU seconds. *Flat* when RSS growth, from the sample at the end of the first 10% of
+  samples (rank ceil(0.1 x n)) to the last sample, is at most max(5% of that baseline, 2 MiB),
+  and the last fds are within FD_SLACK (5) of that baseline's; judged only with at least 3 samples.
+- **Verdict**: "incomplete" (a failure) when scenario.json is missing or unreadable, a file is
+  missing, or a JSONL line could not be parsed (it is skipped and the rest still counted). Else by
+  the goal: "zero" passes only with zero client-visible failures; "bounded" passes when failures
+  <= bounds.failures (no bound: fails); "measured" always reports the numbers, verdict
+  "measured" (not a failure). Where flatness is judged (scenario.json "flat_required", by default
+  only for the scenario named "soak"), an instance that is not flat fails the scenario too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+FILES = ("client.jsonl", "route53.jsonl", "events.jsonl", "scenario.json")
+PHASES = ("before", "during", "after")
+FAULT_KINDS = ("fault", "flip")
+FALLBACK_FAULT_KINDS = ("instance_stop", "eip_move")
+LAG_P99_KEPT = 0.050  # seconds
+FLAT_RSS_FRACTION = 0.05
+FLAT_RSS_MIN_BYTES = 2 * 1024 * 1024
+FD_SLACK = 5
+MIN_FLAT_SAMPLES = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The objects of a JSON Lines file and how many lines could not be used (a killed writer
+    leaves a truncated last line). A missing file reads as no records."""
+    records, broken = [], 0
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            broken += 1
+            continue
+        if isinstance(obj, dict) and _num(obj.get("t")) is not None:
+            records.append(obj)
+        else:
+            broken += 1
+    return records, broken
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _num(x) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+def scenario_dirs(run_dir: Path) -> list[Path]:
+    return sorted(d for d in run_dir.iterdir() if d.is_dir() and any((d / f).exists() for f in FILES))
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest rank: the value at rank ceil(p * n) of the sorted values."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, math.ceil(p * len(s)) - 1))]
+
+
+def _start(r: dict) -> float:
+    s = _num(r.get("start"))
+    return s if s is not None else float(r["t"])
+
+
+def _seen(r: dict) -> float:
+    """When the client saw the outcome: actual start + latency."""
+    return _start(r) + (_num(r.get("latency")) or 0.0)
+
+
+def phase_bounds(scenario: dict, events: list[dict], end: float) -> dict[str, tuple[float, float]]:
+    phases = {}
+    for name, span in (scenario.get("phases") or {}).items():
+        if isinstance(span, (list, tuple)) and len(span) == 2 and all(_num(x) is not None for x in span):
+            phases[name] = (float(span[0]), float(span[1]))
+    if phases:
+        return phases
+    marks = sorted((float(e["t"]), e.get("name")) for e in events if e.get("event") == "phase" and e.get("name"))
+    for i, (t, name) in enumerate(marks):
+        phases[name] = (t, marks[i + 1][0] if i + 1 < len(marks) else max(end, t))
+    return phases
+
+
+def phase_of(t: float, phases: dict[str, tuple[float, float]]) -> str | None:
+    if not phases:
+        return None
+    ordered = sorted(phases.items(), key=lambda kv: kv[1][0])
+    for name, (a, b) in ordered:
+        if a <= t < b:
+            return name
+    return ordered[0][0] if t < ordered[0][1][0] else ordered[-1][0]
+
+
+def reference(events: list[dict], phases: dict, started: float) -> tuple[float, str]:
+    """The time the scenario's change happened ("the fault") and what it was."""
+    ordered = sorted(events, key=lambda e: e["t"])
+    for kinds in (FAULT_KINDS, FALLBACK_FAULT_KINDS):
+        for e in ordered:
+            if e.get("event") in kinds:
+                return float(e["t"]), str(e.get("event"))
+    if "during" in phases:
+        return phases["during"][0], "during"
+    return started, "start"
+
+
+def lag_figures(records: list[dict]) -> dict:
+    lags = [x for x in (_num(r.get("lag")) for r in records) if x is not None]
+    return {"n": len(lags), "p50": percentile(lags, 0.5), "p99": percentile(lags, 0.99), "max": max(lags) if lags else None}
+
+
+def latency_figures(records: list[dict]) -> dict:
+    lat = [x for x in (_num(r.get("latency")) for r in records if r.get("kind") == "short" and r.get("outcome") == "ok") if x is not None]
+    return {"n": len(lat), "p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)}
+
+
+def route53_figures(r53: list[dict], ref: float) -> dict:
+    health = defaultdict(list)
+    answers, fail_open, intervals = Counter(), 0, 0
+    for e in sorted(r53, key=lambda e: e["t"]):
+        if e.get("event") == "health" and e.get("ip"):
+            health[str(e["ip"])].append(
+                {"t": e["t"] - ref, "healthy": bool(e.get("healthy")), "healthy_checkers": e.get("healthy_checkers"), "checkers": e.get("checkers")}
+            )
+        elif e.get("event") == "answers":
+            intervals += 1
+            fail_open += bool(e.get("fail_open"))
+            for ip, n in (e.get("counts") or {}).items():
+                if _num(n) is not None:
+                    answers[str(ip)] += n
+    total = sum(answers.values())
+    return {
+        "health_changes": dict(health),
+        "answers": dict(answers),
+        "answer_fraction": {ip: n / total for ip, n in sorted(answers.items())} if total else {},
+        "answer_intervals": intervals,
+        "fail_open_intervals": fail_open,
+    }
+
+
+def proxy_figures(proxies: dict) -> dict:
+    out = {}
+    for inst, snap in (proxies or {}).items():
+        snap = snap if isinstance(snap, dict) else {}
+        before, after = snap.get("before") or {}, snap.get("after")
+        if not isinstance(after, dict):
+            out[inst] = None
+            continue
+        changes = {}
+        for metric in sorted(set(before) | set(after)):
+            a, b = _num(after.get(metric)) or 0.0, _num(before.get(metric)) or 0.0
+            if a != b:
+                changes[metric] = a - b
+        out[inst] = changes
+    return out
+
+
+def sample_figures(samples: list) -> dict:
+    per = defaultdict(list)
+    for s in samples or []:
+        if isinstance(s, dict) and _num(s.get("t")) is not None and s.get("instance") is not None:
+            per[str(s["instance"])].append(s)
+    out = {}
+    for inst, ss in sorted(per.items()):
+        ss.sort(key=lambda s: s["t"])
+        fig = {"n": len(ss)}
+        for key in ("rss_bytes", "fds", "cpu_seconds"):
+            vals = [v for v in (_num(s.get(key)) for s in ss) if v is not None]
+            fig[key] = {"first": vals[0], "last": vals[-1], "max": max(vals)} if vals else None
+        fig["flat"] = None
+        rss = [(_num(s.get("rss_bytes")), _num(s.get("fds"))) for s in ss]
+        rss = [(r, f) for r, f in rss if r is not None and f is not None]
+        if len(rss) >= MIN_FLAT_SAMPLES:
+            base_rss, base_fds = rss[max(0, math.ceil(0.1 * len(rss)) - 1)]
+            last_rss, last_fds = rss[-1]
+            bound = max(FLAT_RSS_FRACTION * base_rss, FLAT_RSS_MIN_BYTES)
+            fig.update(
+                baseline_rss_bytes=base_rss,
+                rss_growth_bytes=last_rss - base_rss,
+                rss_bound_bytes=bound,
+                baseline_fds=base_fds,
+                fds_change=last_fds - base_fds,
+                flat=(last_rss - base_rss) <= bound and abs(last_fds - base_fds) <= FD_SLACK,
+            )
+        out[inst] = fig
+    return out
+
+
+def analyse(sdir: Path, run: dict | None) -> dict:
+    """Every figure of one scenario run (see the module docstring)."""
+    problems = []
+    scenario = read_json(sdir / "scenario.json")
+    if scenario is None:
+        problems.append("scenario.json missing or unreadable")
+        scenario = {}
+    for f in FILES[:3]:
+        if not (sdir / f).exists():
+            problems.append(f"{f} missing")
+    client, b1 = read_jsonl(sdir / "client.jsonl")
+    r53, b2 = read_jsonl(sdir / "route53.jsonl")
+    events, b3 = read_jsonl(sdir / "events.jsonl")
+    for f, b in zip(FILES, (b1, b2, b3)):
+        if b:
+            problems.append(f"{f}: {b} unreadable line(s) skipped")
+
+    times = [float(r["t"]) for r in client + r53 + events]
+    started = _num(scenario.get("started"))
+    started = started if started is not None else (min(times) if times else 0.0)
+    ended = _num(scenario.get("ended"))
+    ended = ended if ended is not None else max([started] + times + [_seen(r) for r in client])
+    scale = _num(scenario.get("scale")) or _num((run or {}).get("scale")) or 1.0
+    phases = phase_bounds(scenario, events, ended)
+    ref, ref_kind = reference(events, phases, started)
+
+    by_phase = defaultdict(list)
+    for r in client:
+        by_phase[phase_of(_start(r), phases) or "during"].append(r)
+    failed = [r for r in client if r.get("outcome") != "ok"]
+    kinds = Counter(str(r.get("kind")) for r in client)
+
+    detect = next((e["t"] - ref for e in sorted(r53, key=lambda e: e["t"]) if e.get("event") == "health" and e.get("healthy") is False and e["t"] >= ref), None)
+    after_ref = [r for r in failed if _seen(r) >= ref]
+    recover = max(_seen(r) for r in after_ref) - ref if after_ref else None
+    window = [min(_start(r) for r in after_ref) - ref, recover] if after_ref else None
+
+    split = Counter()
+    for r in failed:
+        if r.get("kind") == "stream":
+            split["streams"] += 1
+        elif detect is not None and ref <= _start(r) <= ref + detect:
+            split["in_detection_window"] += 1
+        else:
+            split["other"] += 1
+
+    phase_names = [p for p in PHASES if p in phases] + [p for p in sorted(phases) if p not in PHASES]
+    if not phase_names:
+        phase_names = ["during"]
+    per_phase = {}
+    for p in phase_names:
+        rs = by_phase.get(p, [])
+        per_phase[p] = {
+            "requests": len(rs),
+            "failures": sum(r.get("outcome") != "ok" for r in rs),
+            "failures_by_kind": dict(Counter(str(r.get("outcome")) for r in rs if r.get("outcome") != "ok")),
+            "latency": latency_figures(rs),
+            "lag": lag_figures(rs),
+        }
+    lag_p99s = [f["lag"]["p99"] for f in per_phase.values() if f["lag"]["p99"] is not None]
+
+    name = str(scenario.get("name") or sdir.name)
+    goal = scenario.get("goal")
+    bound = _num((scenario.get("bounds") or {}).get("failures"))
+    samples = sample_figures(scenario.get("samples"))
+    judge_flat = bool(scenario.get("flat_required", name == "soak"))
+    not_flat = [i for i, s in samples.items() if s["flat"] is False] if judge_flat else []
+
+    n_fail = len(failed)
+    reasons = []
+    if problems:
+        verdict = "incomplete"
+        reasons += problems
+    elif goal == "zero":
+        verdict = "pass" if n_fail == 0 else "FAIL"
+        if n_fail:
+            reasons.append(f"{n_fail} client-visible failure(s), goal zero")
+    elif goal == "bounded":
+        verdict = "pass" if bound is not None and n_fail <= bound else "FAIL"
+        if bound is None:
+            reasons.append("goal bounded but no bounds.failures given")
+        elif n_fail > bound:
+            reasons.append(f"{n_fail} client-visible failure(s), bound {bound:g}")
+    elif goal == "measured":
+        verdict = "measured"
+    else:
+        verdict = "FAIL"
+        reasons.append(f"unknown goal {goal!r}")
+    if not_flat and verdict in ("pass", "measured"):
+        verdict = "FAIL"
+    if not_flat:
+        reasons.append("not flat: " + ", ".join(not_flat))
+
+    return {
+        "name": name,
+        "dir": sdir.name,
+        "title": str(scenario.get("title") or name),
+        "goal": goal,
+        "goal_text": scenario.get("goal_text") or "",
+        "bound": bound,
+        "verdict": verdict,
+        "passed": verdict in ("pass", "measured"),
+        "reasons": reasons,
+        "complete": not problems,
+        "scale": scale,
+        "rate": scenario.get("rate"),
+        "started": started,
+        "ended": ended,
+        "duration_s": ended - started,
+        "reference": {"kind": ref_kind, "t": ref, "t_rel_start": ref - started},
+        "route53_config": scenario.get("route53") or {},
+        "phases": {p: [a - started, b - started] for p, (a, b) in phases.items()},
+        "events": [
+            {"t_rel_start": e["t"] - started, "event": e.get("event"), "detail": e.get("detail") or e.get("name") or ""}
+            for e in sorted(events, key=lambda e: e["t"])
+        ],
+        "requests": len(client),
+        "requests_by_kind": {"short": kinds.get("short", 0), "stream": kinds.get("stream", 0)},
+        "failures": n_fail,
+        "failures_by_kind": dict(sorted(Counter(str(r.get("outcome")) for r in failed).items())),
+        "failures_by_ip": dict(sorted(Counter(str(r.get("ip")) for r in failed).items())),
+        "failures_split": {k: split.get(k, 0) for k in ("in_detection_window", "streams", "other")},
+        "detect_s": detect,
+        "recover_s": recover,
+        "failure_window_s": window,
+        "per_phase": per_phase,
+        "lag_p99_threshold_s": LAG_P99_KEPT,
+        "schedule_kept": bool(lag_p99s) and max(lag_p99s) < LAG_P99_KEPT,
+        "route53": route53_figures(r53, ref),
+        "proxies": proxy_figures(scenario.get("proxies")),
+        "samples": samples,
+        "flat_judged": judge_flat,
+        "_raw": {"client": client, "route53": r53, "events": events, "samples": scenario.get("samples") or []},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot(fig_data: dict, images: Path) -> list[Path]:
+    """<name>.png (rates, failures, events, health, latency) and, with samples, <name>-resources.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images.mkdir(parents=True, exist_ok=True)
+    raw, t0 = fig_data["_raw"], fig_data["started"]
+    n_bins = max(1, math.ceil(fig_data["duration_s"]) + 1)
+    xs = list(range(n_bins))
+
+    def bin_of(t: float) -> int | None:
+        b = math.floor(t - t0)
+        return b if 0 <= b < n_bins else None
+
+    ok = [0] * n_bins
+    fails = defaultdict(lambda: [0] * n_bins)
+    lat = defaultdict(list)
+    for r in raw["client"]:
+        b = bin_of(_seen(r))
+        if b is None:
+            continue
+        if r.get("outcome") == "ok":
+            ok[b] += 1
+            if r.get("kind") == "short" and _num(r.get("latency")) is not None:
+                lat[b].append(r["latency"] * 1000)
+        else:
+            fails[str(r.get("outcome"))][b] += 1
+
+    fig, (ax, axl) = plt.subplots(2, 1, figsize=(10, 4), dpi=100, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    ax.plot(xs, ok, color="tab:green", lw=1, label="ok/s")
+    bottom = [0] * n_bins
+    colors = ["tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "black", "tab:gray", "tab:cyan"]
+    for i, (kind, counts) in enumerate(sorted(fails.items())):
+        ax.bar(xs, counts, bottom=bottom, width=1.0, align="edge", color=colors[i % len(colors)], label=f"{kind}/s")
+        bottom = [a + b for a, b in zip(bottom, counts)]
+    ref = fig_data["reference"]["t"]
+    shades = ["tab:red", "tab:blue", "tab:orange", "tab:purple"]
+    for i, (ip, changes) in enumerate(sorted(fig_data["route53"]["health_changes"].items())):
+        down = None
+        spans = []
+        for c in changes:
+            t = c["t"] + ref - t0
+            if not c["healthy"] and down is None:
+                down = t
+            elif c["healthy"] and down is not None:
+                spans.append((down, t))
+                down = None
+        if down is not None:
+            spans.append((down, fig_data["duration_s"]))
+        for j, (a, b) in enumerate(spans):
+            for axis in (ax, axl):
+                axis.axvspan(a, b, color=shades[i % len(shades)], alpha=0.12, label=f"R53 unhealthy {ip}" if (axis is ax and j == 0) else None)
+    ymax = max([1] + ok + bottom)
+    for e in fig_data["events"]:
+        if e["event"] == "phase":
+            continue
+        for axis in (ax, axl):
+            axis.axvline(e["t_rel_start"], color="gray", ls="--", lw=0.8)
+        ax.text(e["t_rel_start"], ymax * 1.02, str(e["event"])[:12], rotation=90, fontsize=6, va="bottom", ha="right")
+    for p, (a, _b) in fig_data["phases"].items():
+        ax.axvline(a, color="black", ls=":", lw=0.6)
+    ax.set_ylim(0, ymax * 1.35)
+    ax.set_ylabel("per second")
+    ax.legend(fontsize=6, loc="upper left", ncol=4)
+    ax.set_title(f"{fig_data['title']} ({fig_data['name']}), scale 1/{fig_data['scale']:g}", fontsize=8)
+    lx = sorted(lat)
+    axl.plot(lx, [percentile(lat[b], 0.5) for b in lx], lw=0.8, label="p50 ms")
+    axl.plot(lx, [percentile(lat[b], 0.99) for b in lx], lw=0.8, label="p99 ms")
+    if lx:
+        axl.set_yscale("log")
+    axl.set_ylabel("latency ms", fontsize=7)
+    axl.set_xlabel("seconds since scenario start")
+    axl.legend(fontsize=6, loc="upper left", ncol=2)
+    for axis in (ax, axl):
+        axis.tick_params(labelsize=7)
+        axis.set_xlim(0, n_bins)
+    fig.tight_layout()
+    out = [images / f"{fig_data['name']}.png"]
+    fig.savefig(out[0], dpi=100)
+    plt.close(fig)
+
+    per = defaultdict(list)
+    for s in raw["samples"]:
+        if isinstance(s, dict) and _num(s.get("t")) is not None:
+            per[str(s.get("instance"))].append(s)
+    if per:
+        fig, (ar, af) = plt.subplots(2, 1, figsize=(10, 4), dpi=100, sharex=True)
+        for inst, ss in sorted(per.items()):
+            ss.sort(key=lambda s: s["t"])
+            ar.plot([s["t"] - t0 for s in ss], [(_num(s.get("rss_bytes")) or 0) / 2**20 for s in ss], lw=0.8, label=inst)
+            af.plot([s["t"] - t0 for s in ss], [_num(s.get("fds")) or 0 for s in ss], lw=0.8, label=inst)
+        ar.set_ylabel("RSS MiB", fontsize=7)
+        af.set_ylabel("fds", fontsize=7)
+        af.set_xlabel("seconds since scenario start")
+        ar.legend(fontsize=6, loc="upper left", ncol=4)
+        ar.set_title(f"{fig_data['title']}: proxy RSS and descriptors", fontsize=8)
+        for axis in (ar, af):
+            axis.tick_params(labelsize=7)
+        fig.tight_layout()
+        out.append(images / f"{fig_data['name']}-resources.png")
+        fig.savefig(out[1], dpi=100)
+        plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The document
+
+
+def fmt_t(x: float | None, scale: float, signed: bool = False) -> str:
+    """A scaled time figure: measured, and at real timings (measured x scale)."""
+    if x is None:
+        return "-"
+    f = "{:+.1f}" if signed else "{:.1f}"
+    if scale == 1:
+        return f.format(x) + " s"
+    return f.format(x) + " s (~" + f.format(x * scale) + " s real)"
+
+
+def fmt_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.1f} ms"
+
+
+def fmt_kinds(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
+
+
+def verdict_cell(s: dict) -> str:
+    v = s["verdict"]
+    if s["goal"] == "bounded" and v in ("pass", "FAIL"):
+        return f"{v} ({s['failures']} <= {s['bound']:g})" if s["bound"] is not None and v == "pass" else (
+            f"{v} ({s['failures']} > {s['bound']:g})" if s["bound"] is not None else v
+        )
+    return v if v != "FAIL" else "**FAIL**"
+
+
+def section(s: dict, doc: Path, images: list[Path], notes_dir: Path) -> list[str]:
+    sc = s["scale"]
+    L = [f"## {s['title']} (`{s['name']}`)", ""]
+    L.append(f"Goal: **{s['goal']}**" + (f": {s['goal_text']}" if s["goal_text"] else "") + f". Verdict: **{s['verdict']}**.")
+    if s["reasons"]:
+        L.append("")
+        L += [f"- {r}" for r in s["reasons"]]
+    L += ["", "### What was done", ""]
+    rate = f", {s['rate']} requests/s at 1x" if s.get("rate") is not None else ""
+    L.append(f"Duration {fmt_t(s['duration_s'], sc)}{rate}. Times from the scenario start:")
+    L.append("")
+    L += [f"- {fmt_t(e['t_rel_start'], sc, signed=True)} {e['event']}" + (f": {e['detail']}" if e["detail"] else "") for e in s["events"]] or ["- (no events recorded)"]
+    ref = s["reference"]
+    L += ["", f"The reference (\"the fault\") is the first `{ref['kind']}`, at {fmt_t(ref['t_rel_start'], sc, signed=True)}.", ""]
+    L += ["### Figures", ""]
+    rk = s["requests_by_kind"]
+    L.append(f"- Requests sent: {s['requests']} ({rk['short']} short, {rk['stream']} streams).")
+    L.append(f"- Client-visible failures: {s['failures']} ({fmt_kinds(s['failures_by_kind'])}).")
+    if s["failures"]:
+        sp = s["failures_split"]
+        L.append(
+            f"  - {sp['streams']} on streams, {sp['in_detection_window']} short requests started in the detection window, {sp['other']} other;"
+            f" by address: {fmt_kinds(s['failures_by_ip'])}."
+        )
+    w = s["failure_window_s"]
+    L.append(f"- Detect: {fmt_t(s['detect_s'], sc)}. Recover: {fmt_t(s['recover_s'], sc)}." + (f" Failure window: {fmt_t(w[0], sc, True)} to {fmt_t(w[1], sc, True)} from the fault." if w else ""))
+    L += ["", "| phase | requests | failures | latency p50 | latency p99 | lag p50 | lag p99 | lag max |", "|---|---|---|---|---|---|---|---|"]
+    for p, f in s["per_phase"].items():
+        fails = str(f["failures"]) + (f" ({fmt_kinds(f['failures_by_kind'])})" if f["failures"] else "")
+        L.append(f"| {p} | {f['requests']} | {fails} | {fmt_ms(f['latency']['p50'])} | {fmt_ms(f['latency']['p99'])} | {fmt_ms(f['lag']['p50'])} | {fmt_ms(f['lag']['p99'])} | {fmt_ms(f['lag']['max'])} |")
+    L += ["", f"Latency: ok short requests, start to last byte (not scaled). Generator schedule: "
+          + ("**kept**" if s["schedule_kept"] else "**not kept**") + f" (lag p99 under {s['lag_p99_threshold_s'] * 1000:.0f} ms in every phase).", ""]
+    r = s["route53"]
+    L.append("Route 53:")
+    L.append("")
+    if r["health_changes"]:
+        for ip, ch in sorted(r["health_changes"].items()):
+            marks = "; ".join(f"{fmt_t(c['t'], sc, True)} {'healthy' if c['healthy'] else 'unhealthy'} ({c['healthy_checkers']}/{c['checkers']})" for c in ch)
+            L.append(f"- {ip}: {marks}")
+    else:
+        L.append("- no health changes")
+    frac = ", ".join(f"{ip} {f * 100:.1f}%" for ip, f in r["answer_fraction"].items()) or "no answers recorded"
+    L.append(f"- answers: {frac}; {r['fail_open_intervals']} of {r['answer_intervals']} answer intervals fail-open.")
+    L += ["", "Proxies (after - before, changed metrics only):", ""]
+    if s["proxies"]:
+        for inst, ch in sorted(s["proxies"].items()):
+            if ch is None:
+                L.append(f"- {inst}: no after sample (instance gone)")
+            else:
+                L.append(f"- {inst}: " + (", ".join(f"`{m}` {v:+g}" for m, v in ch.items()) or "no change"))
+    else:
+        L.append("- no proxy metrics recorded")
+    if s["samples"]:
+        L += ["", "| instance | samples | RSS first / last / max MiB | fds first / last / max | CPU s last | flat |", "|---|---|---|---|---|---|"]
+        for inst, f in s["samples"].items():
+            rss, fds, cpu = f["rss_bytes"], f["fds"], f["cpu_seconds"]
+            mib = lambda v: f"{v / 2**20:.1f}"
+            flat = "-" if f["flat"] is None else (
+                ("yes" if f["flat"] else "**no**") + f" (RSS {f['rss_growth_bytes'] / 2**20:+.2f} MiB, bound {f['rss_bound_bytes'] / 2**20:.2f}; fds {f['fds_change']:+g})"
+            )
+            L.append(
+                f"| {inst} | {f['n']} | " + (f"{mib(rss['first'])} / {mib(rss['last'])} / {mib(rss['max'])}" if rss else "-")
+                + " | " + (f"{fds['first']:g} / {fds['last']:g} / {fds['max']:g}" if fds else "-")
+                + " | " + (f"{cpu['last']:.2f}" if cpu else "-") + f" | {flat} |"
+            )
+        L += ["", f"Flat: RSS growth from the end of the first 10% of samples to the last at most max(5%, 2 MiB), fds within {FD_SLACK}"
+              + ("" if s["flat_judged"] else " (reported, not judged in this scenario)") + "."]
+    L.append("")
+    for img in images:
+        rel = Path(os.path.relpath(img, doc.parent)).as_posix()
+        L += [f"![{s['name']}]({rel})", ""]
+    note = notes_dir / f"{s['name']}.md"
+    L += ["### What this means for an operator", "", f"<!-- hand-written: edit {note.name} in the notes directory, not here; included verbatim -->", ""]
+    try:
+        L.append(note.read_text(encoding="utf-8").rstrip("\n"))
+    except OSError:
+        L.append("(no notes yet)")
+    L.append("")
+    return L
+
+
+def document(run: dict | None, summaries: list[dict], doc: Path, images: dict[str, list[Path]], notes_dir: Path, run_dir: Path) -> str:
+    L = ["# Fleet rehearsal: the 2016 design's tests in the lab", ""]
+    L.append(f"Generated by `loadtest/lab/report.py` from `{run_dir.name}`; regenerate rather than edit. The figures are defined in that module's docstring.")
+    L += ["", "## How it was run", ""]
+    if run:
+        for key in ("started", "ended", "scale", "mode", "machine", "commit", "command"):
+            if key in run:
+                v = run[key]
+                if key in ("started", "ended") and _num(v) is not None:
+                    import datetime
+
+                    v = datetime.datetime.fromtimestamp(v, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+                L.append(f"- {key}: " + (f"`{v}`" if key in ("command", "commit") else str(v)))
+    else:
+        L.append("(no run.json: when, where and how this run was made is not recorded)")
+    scales = sorted({s["scale"] for s in summaries}) or [_num((run or {}).get("scale")) or 1.0]
+    sc = scales[0]
+    L += ["", "## Time scale", ""]
+    L.append(
+        f"Scale {', '.join(f'{x:g}' for x in scales)}: every Route 53 interval, TTL, drain delay and grace is divided by SCALE. "
+        f"A detection time of 3.4 s here is about {3.4 * sc:g} s at real timings. Every time figure below is given measured and at real "
+        "timings (measured x SCALE); latencies and the generator's lag are not scaled."
+    )
+    L += ["", "## Scenarios against their goals", "", "| scenario | goal | requests | failures | verdict | detect | recover |", "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        L.append(
+            f"| {s['title']} (`{s['name']}`) | {s['goal']} | {s['requests']} | {s['failures']} | {verdict_cell(s)} | {fmt_t(s['detect_s'], s['scale'])} | {fmt_t(s['recover_s'], s['scale'])} |"
+        )
+    if not summaries:
+        L.append("| (no scenarios found) | | | | | | |")
+    L.append("")
+    for s in summaries:
+        L += section(s, doc, images.get(s["name"], []), notes_dir)
+    return "\n".join(L) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Figures: see the module docstring.")
+    ap.add_argument("run_dir", type=Path, help="directory with one subdirectory per scenario run (and run.json)")
+    ap.add_argument("--doc", type=Path, default=REPO / "docs" / "rehearsal.md", help="markdown to write (default docs/rehearsal.md)")
+    ap.add_argument("--images", type=Path, default=REPO / "docs" / "rehearsal", help="directory for <scenario>.png (default docs/rehearsal)")
+    ap.add_argument("--notes", type=Path, default=REPO / "loadtest" / "lab" / "notes", help="directory of hand-written <scenario>.md notes")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a scenario fails its goal (after writing everything)")
+    args = ap.parse_args(argv)
+    if not args.run_dir.is_dir():
+        ap.error(f"{args.run_dir} is not a directory")
+
+    run = read_json(args.run_dir / "run.json")
+    summaries = [analyse(d, run) for d in scenario_dirs(args.run_dir)]
+    summaries.sort(key=lambda s: (s["started"], s["dir"]))
+    seen = Counter()
+    for s in summaries:  # two runs of one scenario in one RUN_DIR must not share an image
+        seen[s["name"]] += 1
+        if seen[s["name"]] > 1:
+            s["name"] = f"{s['name']}-{seen[s['name']]}"
+    images = {s["name"]: plot(s, args.images) for s in summaries}
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text(document(run, summaries, args.doc, images, args.notes, args.run_dir), encoding="utf-8")
+    failed = [s for s in summaries if not s["passed"]]
+    summary = {
+        "run": run,
+        "passed": bool(summaries) and not failed,
+        "failed": [s["name"] for s in failed],
+        "scenarios": {s["name"]: {k: v for k, v in s.items() if not k.startswith("_")} for s in summaries},
+    }
+    (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    print(f"wrote {args.doc}, {sum(len(v) for v in images.values())} image(s) in {args.images}, {args.run_dir / 'summary.json'}")
+    if args.check:
+        if not summaries:
+            print("FAIL: no scenarios found", file=sys.stderr)
+            return 1
+        for s in failed:
+            print(f"FAIL {s['name']}: {s['verdict']}: " + "; ".join(s["reasons"]), file=sys.stderr)
+        return 1 if failed else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
