@@ -24,6 +24,7 @@ Every figure, exactly:
   first, one after the last in the last.
 - **Requests sent**: the client.jsonl records, short and stream counted separately (one record
   per finished request or stream; a stream is one long-lived connection).
+  Per phase also *short/s*: short requests that started in the phase / the phase's length.
 - **Client-visible failures**: every record whose outcome is not "ok", counted by outcome, by
   phase, by address connected to, and split into streams, short requests that started inside the
   detection window [reference, reference + detect], and other short requests.
@@ -315,8 +316,11 @@ def analyse(sdir: Path, run: dict | None) -> dict:
     per_phase = {}
     for p in phase_names:
         rs = by_phase.get(p, [])
+        a, b = phases.get(p, (started, ended))
+        n_short = sum(r.get("kind") == "short" for r in rs)
         per_phase[p] = {
             "requests": len(rs),
+            "short_per_s": n_short / (b - a) if b > a else None,
             "failures": sum(r.get("outcome") != "ok" for r in rs),
             "failures_by_kind": dict(Counter(str(r.get("outcome")) for r in rs if r.get("outcome") != "ok")),
             "latency": latency_figures(rs),
@@ -412,7 +416,7 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
 
     images.mkdir(parents=True, exist_ok=True)
     raw, t0 = fig_data["_raw"], fig_data["started"]
-    n_bins = max(1, math.ceil(fig_data["duration_s"]) + 1)
+    n_bins = max(1, math.ceil(fig_data["duration_s"]))  # 1 s bins over [start, end)
     xs = list(range(n_bins))
 
     def bin_of(t: float) -> int | None:
@@ -434,7 +438,7 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
             fails[str(r.get("outcome"))][b] += 1
 
     fig, (ax, axl) = plt.subplots(2, 1, figsize=(10, 4), dpi=100, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    ax.plot(xs, ok, color="tab:green", lw=1, label="ok/s")
+    ax.step(xs + [n_bins], ok + ok[-1:], where="post", color="tab:green", lw=1, label="ok/s")
     bottom = [0] * n_bins
     colors = ["tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "black", "tab:gray", "tab:cyan"]
     for i, (kind, counts) in enumerate(sorted(fails.items())):
@@ -463,20 +467,22 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
             continue
         for axis in (ax, axl):
             axis.axvline(e["t_rel_start"], color="gray", ls="--", lw=0.8)
-        ax.text(e["t_rel_start"], ymax * 1.02, str(e["event"])[:12], rotation=90, fontsize=6, va="bottom", ha="right")
+        ax.text(e["t_rel_start"], ymax * 1.33, str(e["event"])[:16], rotation=90, fontsize=6, va="top", ha="right")
     for p, (a, _b) in fig_data["phases"].items():
         ax.axvline(a, color="black", ls=":", lw=0.6)
+        ax.text(a, 0, f" {p}", fontsize=6, va="bottom", ha="left", color="black")
     ax.set_ylim(0, ymax * 1.35)
-    ax.set_ylabel("per second")
+    ax.set_ylabel("requests per second", fontsize=7)
     ax.legend(fontsize=6, loc="upper left", ncol=4)
     ax.set_title(f"{fig_data['title']} ({fig_data['name']}), scale 1/{fig_data['scale']:g}", fontsize=8)
     lx = sorted(lat)
-    axl.plot(lx, [percentile(lat[b], 0.5) for b in lx], lw=0.8, label="p50 ms")
-    axl.plot(lx, [percentile(lat[b], 0.99) for b in lx], lw=0.8, label="p99 ms")
+    centres = [b + 0.5 for b in lx]
+    axl.plot(centres, [percentile(lat[b], 0.5) for b in lx], lw=0.8, label="p50 ms")
+    axl.plot(centres, [percentile(lat[b], 0.99) for b in lx], lw=0.8, label="p99 ms")
     if lx:
         axl.set_yscale("log")
     axl.set_ylabel("latency ms", fontsize=7)
-    axl.set_xlabel("seconds since scenario start")
+    axl.set_xlabel("seconds since scenario start", fontsize=7)
     axl.legend(fontsize=6, loc="upper left", ncol=2)
     for axis in (ax, axl):
         axis.tick_params(labelsize=7)
@@ -498,7 +504,7 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
             af.plot([s["t"] - t0 for s in ss], [_num(s.get("fds")) or 0 for s in ss], lw=0.8, label=inst)
         ar.set_ylabel("RSS MiB", fontsize=7)
         af.set_ylabel("fds", fontsize=7)
-        af.set_xlabel("seconds since scenario start")
+        af.set_xlabel("seconds since scenario start", fontsize=7)
         ar.legend(fontsize=6, loc="upper left", ncol=4)
         ar.set_title(f"{fig_data['title']}: proxy RSS and descriptors", fontsize=8)
         for axis in (ar, af):
@@ -533,12 +539,14 @@ def fmt_kinds(d: dict) -> str:
 
 
 def verdict_cell(s: dict) -> str:
+    """The verdict for the goals table: failures are bold, a bounded goal shows both numbers."""
     v = s["verdict"]
-    if s["goal"] == "bounded" and v in ("pass", "FAIL"):
-        return f"{v} ({s['failures']} <= {s['bound']:g})" if s["bound"] is not None and v == "pass" else (
-            f"{v} ({s['failures']} > {s['bound']:g})" if s["bound"] is not None else v
-        )
-    return v if v != "FAIL" else "**FAIL**"
+    cell = "**FAIL**" if v == "FAIL" else v
+    if s["goal"] == "bounded" and v in ("pass", "FAIL") and s["bound"] is not None:
+        cell += f" ({s['failures']} {'<=' if s['failures'] <= s['bound'] else '>'} {s['bound']:g})"
+    if v == "FAIL" and any(r.startswith("not flat") for r in s["reasons"]):
+        cell += " (not flat)"
+    return cell
 
 
 def section(s: dict, doc: Path, images: list[Path], notes_dir: Path) -> list[str]:
@@ -554,7 +562,8 @@ def section(s: dict, doc: Path, images: list[Path], notes_dir: Path) -> list[str
     L.append("")
     L += [f"- {fmt_t(e['t_rel_start'], sc, signed=True)} {e['event']}" + (f": {e['detail']}" if e["detail"] else "") for e in s["events"]] or ["- (no events recorded)"]
     ref = s["reference"]
-    L += ["", f"The reference (\"the fault\") is the first `{ref['kind']}`, at {fmt_t(ref['t_rel_start'], sc, signed=True)}.", ""]
+    what = {"during": "the start of the during phase (no fault event)", "start": "the scenario start (no fault event, no phases)"}.get(ref["kind"], f"the first `{ref['kind']}` event")
+    L += ["", f"Reference (\"the fault\") for detect, recover and Route 53 times: {what}, at {fmt_t(ref['t_rel_start'], sc, signed=True)}.", ""]
     L += ["### Figures", ""]
     rk = s["requests_by_kind"]
     L.append(f"- Requests sent: {s['requests']} ({rk['short']} short, {rk['stream']} streams).")
@@ -567,10 +576,11 @@ def section(s: dict, doc: Path, images: list[Path], notes_dir: Path) -> list[str
         )
     w = s["failure_window_s"]
     L.append(f"- Detect: {fmt_t(s['detect_s'], sc)}. Recover: {fmt_t(s['recover_s'], sc)}." + (f" Failure window: {fmt_t(w[0], sc, True)} to {fmt_t(w[1], sc, True)} from the fault." if w else ""))
-    L += ["", "| phase | requests | failures | latency p50 | latency p99 | lag p50 | lag p99 | lag max |", "|---|---|---|---|---|---|---|---|"]
+    L += ["", "| phase | requests | short/s | failures | latency p50 | latency p99 | lag p50 | lag p99 | lag max |", "|---|---|---|---|---|---|---|---|---|"]
     for p, f in s["per_phase"].items():
         fails = str(f["failures"]) + (f" ({fmt_kinds(f['failures_by_kind'])})" if f["failures"] else "")
-        L.append(f"| {p} | {f['requests']} | {fails} | {fmt_ms(f['latency']['p50'])} | {fmt_ms(f['latency']['p99'])} | {fmt_ms(f['lag']['p50'])} | {fmt_ms(f['lag']['p99'])} | {fmt_ms(f['lag']['max'])} |")
+        rate = "-" if f["short_per_s"] is None else f"{f['short_per_s']:.1f}"
+        L.append(f"| {p} | {f['requests']} | {rate} | {fails} | {fmt_ms(f['latency']['p50'])} | {fmt_ms(f['latency']['p99'])} | {fmt_ms(f['lag']['p50'])} | {fmt_ms(f['lag']['p99'])} | {fmt_ms(f['lag']['max'])} |")
     L += ["", f"Latency: ok short requests, start to last byte (not scaled). Generator schedule: "
           + ("**kept**" if s["schedule_kept"] else "**not kept**") + f" (lag p99 under {s['lag_p99_threshold_s'] * 1000:.0f} ms in every phase).", ""]
     r = s["route53"]
@@ -613,7 +623,11 @@ def section(s: dict, doc: Path, images: list[Path], notes_dir: Path) -> list[str
         rel = Path(os.path.relpath(img, doc.parent)).as_posix()
         L += [f"![{s['name']}]({rel})", ""]
     note = notes_dir / f"{s['name']}.md"
-    L += ["### What this means for an operator", "", f"<!-- hand-written: edit {note.name} in the notes directory, not here; included verbatim -->", ""]
+    try:
+        shown = note.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        shown = str(note)
+    L += ["### What this means for an operator", "", f"<!-- hand-written, included verbatim from {shown}: edit that file, not this section -->", ""]
     try:
         L.append(note.read_text(encoding="utf-8").rstrip("\n"))
     except OSError:
