@@ -8,11 +8,13 @@ an optional RUN_DIR/run.json describing the run. Writes RUN_DIR/summary.json, th
 Every figure, exactly:
 
 - **Times.** Every timestamp is wall-clock epoch seconds. The *scenario start* is scenario.json's
-  "started" (else the earliest timestamp seen). The *reference* ("the fault") is the first event in
-  events.jsonl whose kind is "fault" or "flip"; if there is none, the first "instance_stop" or
-  "eip_move"; if none, the start of the "during" phase; if none, the scenario start. Plots and
-  the events list are relative to the scenario start; detect, recover, the failure window and the
-  Route 53 health changes are relative to the reference.
+  "started" (else the earliest timestamp seen); the deployment is built after it. The *load
+  start* is the start of the first phase (else the scenario start): plots and the events list
+  are relative to it (setup events get negative times), and the load's duration runs from it to
+  scenario.json's "ended". The *reference* ("the fault") is the first event, at or after the
+  start of the "during" phase, whose kind is "fault" or "flip"; if there is none, the first
+  "instance_stop" or "eip_move" there; if none, the start of "during"; if none, the scenario
+  start. Detect, recover, the failure window and the Route 53 health changes are relative to it.
 - **Scale.** The lab divides every Route 53 interval, TTL, drain delay and grace by SCALE
   (scenario.json "scale", else run.json "scale", else 1). Every time figure derived from those
   timings (event times, detect, recover, failure window, health changes) is shown measured and
@@ -45,13 +47,16 @@ Every figure, exactly:
   every "answers" event / the sum of all counts; how many answer intervals were fail-open.
 - **Proxies**: per instance in scenario.json "proxies", after - before of each metric (a metric
   missing on one side counts 0 there); only the metrics that changed are shown. An instance with
-  no "after" (it died) is listed with no differences.
+  no or an empty "after" (it died or stopped) is listed with no differences; one with an empty
+  "before" started during the scenario and is counted from 0.
 - **Samples** (scenario.json "samples"), per instance in time order: first, last and max of RSS,
   fds and CPU seconds. *Flat* when RSS growth, from the sample at the end of the first 10% of
   samples (rank ceil(0.1 x n)) to the last sample, is at most max(5% of that baseline, 2 MiB),
   and the last fds are within FD_SLACK (5) of that baseline's; judged only with at least 3 samples.
 - **Verdict**: "incomplete" (a failure) when scenario.json is missing or unreadable, a file is
-  missing, or a JSONL line could not be parsed (it is skipped and the rest still counted). Else by
+  missing, a JSONL line could not be parsed (it is skipped and the rest still counted), the
+  directory holds the orchestrator's lab-error.txt (the lab, not the fleet, failed), or run.json's
+  "scenarios" lists a scenario that has no directory (it did not run). Else by
   the goal: "zero" passes only with zero client-visible failures; "bounded" passes when failures
   <= bounds.failures (no bound: fails); "measured" always reports the numbers, verdict
   "measured" (not a failure). Where flatness is judged (scenario.json "flat_required", by default
@@ -148,15 +153,22 @@ def _seen(r: dict) -> float:
 
 
 def phase_bounds(scenario: dict, events: list[dict], end: float) -> dict[str, tuple[float, float]]:
-    phases = {}
+    """{phase: (from, to)}. A phase with no end (a killed run) ends where the next one starts, the
+    last one at the scenario's end; an "end" mark closes the last phase and is no phase itself."""
+    marks = []
     for name, span in (scenario.get("phases") or {}).items():
-        if isinstance(span, (list, tuple)) and len(span) == 2 and all(_num(x) is not None for x in span):
-            phases[name] = (float(span[0]), float(span[1]))
-    if phases:
-        return phases
-    marks = sorted((float(e["t"]), e.get("name")) for e in events if e.get("event") == "phase" and e.get("name"))
-    for i, (t, name) in enumerate(marks):
-        phases[name] = (t, marks[i + 1][0] if i + 1 < len(marks) else max(end, t))
+        if isinstance(span, (list, tuple)) and span and _num(span[0]) is not None:
+            marks.append((float(span[0]), str(name), _num(span[1]) if len(span) > 1 else None))
+    if not marks:
+        marks = [(float(e["t"]), str(e.get("name")), None) for e in events if e.get("event") == "phase" and e.get("name")]
+    marks.sort()
+    phases = {}
+    for i, (t, name, to) in enumerate(marks):
+        if name == "end":
+            continue
+        if to is None:
+            to = marks[i + 1][0] if i + 1 < len(marks) else max(end, t)
+        phases[name] = (t, to)
     return phases
 
 
@@ -171,8 +183,10 @@ def phase_of(t: float, phases: dict[str, tuple[float, float]]) -> str | None:
 
 
 def reference(events: list[dict], phases: dict, started: float) -> tuple[float, str]:
-    """The time the scenario's change happened ("the fault") and what it was."""
-    ordered = sorted(events, key=lambda e: e["t"])
+    """The time the scenario's change happened ("the fault") and what it was. Only events from
+    the start of the "during" phase count: the deployment's own setup moves addresses too."""
+    since = phases["during"][0] if "during" in phases else float("-inf")
+    ordered = sorted((e for e in events if e["t"] >= since), key=lambda e: e["t"])
     for kinds in (FAULT_KINDS, FALLBACK_FAULT_KINDS):
         for e in ordered:
             if e.get("event") in kinds:
@@ -217,11 +231,13 @@ def route53_figures(r53: list[dict], ref: float) -> dict:
 
 
 def proxy_figures(proxies: dict) -> dict:
+    """{instance: {metric: after - before} of the changed metrics}, None for an instance with no
+    "after" (it died or had stopped), and "new": True for one with no "before" (started since)."""
     out = {}
     for inst, snap in (proxies or {}).items():
         snap = snap if isinstance(snap, dict) else {}
         before, after = snap.get("before") or {}, snap.get("after")
-        if not isinstance(after, dict):
+        if not isinstance(after, dict) or not after:
             out[inst] = None
             continue
         changes = {}
@@ -229,7 +245,7 @@ def proxy_figures(proxies: dict) -> dict:
             a, b = _num(after.get(metric)) or 0.0, _num(before.get(metric)) or 0.0
             if a != b:
                 changes[metric] = a - b
-        out[inst] = changes
+        out[inst] = {"new": not before, "changes": changes}
     return out
 
 
@@ -266,14 +282,22 @@ def sample_figures(samples: list) -> dict:
 
 def analyse(sdir: Path, run: dict | None) -> dict:
     """Every figure of one scenario run (see the module docstring)."""
-    problems = []
+    if not sdir.is_dir():
+        problems = ["no records: the scenario did not run (listed in run.json)"]
+    else:
+        problems = []
     scenario = read_json(sdir / "scenario.json")
     if scenario is None:
-        problems.append("scenario.json missing or unreadable")
+        if sdir.is_dir():
+            problems.append("scenario.json missing or unreadable")
         scenario = {}
-    for f in FILES[:3]:
+    for f in FILES[:3] if sdir.is_dir() else ():
         if not (sdir / f).exists():
             problems.append(f"{f} missing")
+    try:  # the orchestrator's note that the lab itself (not the fleet) failed in this scenario
+        problems.append("the lab failed: " + (sdir / "lab-error.txt").read_text(errors="replace").strip()[:300])
+    except OSError:
+        pass
     client, b1 = read_jsonl(sdir / "client.jsonl")
     r53, b2 = read_jsonl(sdir / "route53.jsonl")
     events, b3 = read_jsonl(sdir / "events.jsonl")
@@ -289,6 +313,7 @@ def analyse(sdir: Path, run: dict | None) -> dict:
     scale = _num(scenario.get("scale")) or _num((run or {}).get("scale")) or 1.0
     phases = phase_bounds(scenario, events, ended)
     ref, ref_kind = reference(events, phases, started)
+    origin = min(a for a, _ in phases.values()) if phases else started  # the load starts here
 
     by_phase = defaultdict(list)
     for r in client:
@@ -330,7 +355,8 @@ def analyse(sdir: Path, run: dict | None) -> dict:
 
     name = str(scenario.get("name") or sdir.name)
     goal = scenario.get("goal")
-    bound = _num((scenario.get("bounds") or {}).get("failures"))
+    bounds = scenario.get("bounds") if isinstance(scenario.get("bounds"), dict) else {}
+    bound = _num(bounds.get("failures"))
     samples = sample_figures(scenario.get("samples"))
     judge_flat = bool(scenario.get("flat_required", name == "soak"))
     not_flat = [i for i, s in samples.items() if s["flat"] is False] if judge_flat else []
@@ -363,10 +389,12 @@ def analyse(sdir: Path, run: dict | None) -> dict:
     return {
         "name": name,
         "dir": sdir.name,
+        "ran": sdir.is_dir(),
         "title": str(scenario.get("title") or name),
         "goal": goal,
         "goal_text": scenario.get("goal_text") or "",
         "bound": bound,
+        "bound_window_s": _num(bounds.get("window_s")),
         "verdict": verdict,
         "passed": verdict in ("pass", "measured"),
         "reasons": reasons,
@@ -375,12 +403,14 @@ def analyse(sdir: Path, run: dict | None) -> dict:
         "rate": scenario.get("rate"),
         "started": started,
         "ended": ended,
-        "duration_s": ended - started,
-        "reference": {"kind": ref_kind, "t": ref, "t_rel_start": ref - started},
+        "origin": origin,
+        "setup_s": origin - started,
+        "duration_s": ended - origin,
+        "reference": {"kind": ref_kind, "t": ref, "t_rel": ref - origin},
         "route53_config": scenario.get("route53") or {},
-        "phases": {p: [a - started, b - started] for p, (a, b) in phases.items()},
+        "phases": {p: [a - origin, b - origin] for p, (a, b) in phases.items()},
         "events": [
-            {"t_rel_start": e["t"] - started, "event": e.get("event"), "detail": e.get("detail") or e.get("name") or ""}
+            {"t_rel": e["t"] - origin, "event": e.get("event"), "detail": e.get("detail") or e.get("name") or ""}
             for e in sorted(events, key=lambda e: e["t"])
         ],
         "requests": len(client),
@@ -415,7 +445,7 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     images.mkdir(parents=True, exist_ok=True)
-    raw, t0 = fig_data["_raw"], fig_data["started"]
+    raw, t0 = fig_data["_raw"], fig_data["origin"]
     n_bins = max(1, math.ceil(fig_data["duration_s"]))  # 1 s bins over [start, end)
     xs = list(range(n_bins))
 
@@ -466,8 +496,8 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
         if e["event"] == "phase":
             continue
         for axis in (ax, axl):
-            axis.axvline(e["t_rel_start"], color="gray", ls="--", lw=0.8)
-        ax.text(e["t_rel_start"], ymax * 1.33, str(e["event"])[:16], rotation=90, fontsize=6, va="top", ha="right")
+            axis.axvline(e["t_rel"], color="gray", ls="--", lw=0.8)
+        ax.text(e["t_rel"], ymax * 1.33, str(e["event"])[:16], rotation=90, fontsize=6, va="top", ha="right")
     for p, (a, _b) in fig_data["phases"].items():
         ax.axvline(a, color="black", ls=":", lw=0.6)
         ax.text(a, 0, f" {p}", fontsize=6, va="bottom", ha="left", color="black")
@@ -552,18 +582,24 @@ def verdict_cell(s: dict) -> str:
 def section(s: dict, doc: Path, images: list[Path], notes_dir: Path) -> list[str]:
     sc = s["scale"]
     L = [f"## {s['title']} (`{s['name']}`)", ""]
-    L.append(f"Goal: **{s['goal']}**" + (f": {s['goal_text']}" if s["goal_text"] else "") + f". Verdict: **{s['verdict']}**.")
+    text = s["goal_text"].strip()
+    text = f": {text}" + ("" if text.endswith(".") else ".") if text else "."
+    L.append(f"Goal: **{s['goal']}**{text} Verdict: **{s['verdict']}**.")
+    if s["goal"] == "bounded":
+        win = f", from a window of {fmt_t(s['bound_window_s'], sc)}" if s.get("bound_window_s") is not None else ""
+        L.append(f"Bound: at most {'-' if s['bound'] is None else format(s['bound'], 'g')} failures{win}; seen {s['failures']}.")
     if s["reasons"]:
         L.append("")
         L += [f"- {r}" for r in s["reasons"]]
     L += ["", "### What was done", ""]
     rate = f", {s['rate']} requests/s at 1x" if s.get("rate") is not None else ""
-    L.append(f"Duration {fmt_t(s['duration_s'], sc)}{rate}. Times from the scenario start:")
+    L.append(f"Load for {fmt_t(s['duration_s'], sc)}{rate}, after {fmt_t(s['setup_s'], sc)} building the deployment."
+             " Times from the start of the load (the first phase); the setup's events have negative times:")
     L.append("")
-    L += [f"- {fmt_t(e['t_rel_start'], sc, signed=True)} {e['event']}" + (f": {e['detail']}" if e["detail"] else "") for e in s["events"]] or ["- (no events recorded)"]
+    L += [f"- {fmt_t(e['t_rel'], sc, signed=True)} {e['event']}" + (f": {e['detail']}" if e["detail"] else "") for e in s["events"]] or ["- (no events recorded)"]
     ref = s["reference"]
     what = {"during": "the start of the during phase (no fault event)", "start": "the scenario start (no fault event, no phases)"}.get(ref["kind"], f"the first `{ref['kind']}` event")
-    L += ["", f"Reference (\"the fault\") for detect, recover and Route 53 times: {what}, at {fmt_t(ref['t_rel_start'], sc, signed=True)}.", ""]
+    L += ["", f"Reference (\"the fault\") for detect, recover and Route 53 times: {what}, at {fmt_t(ref['t_rel'], sc, signed=True)}.", ""]
     L += ["### Figures", ""]
     rk = s["requests_by_kind"]
     L.append(f"- Requests sent: {s['requests']} ({rk['short']} short, {rk['stream']} streams).")
@@ -600,7 +636,8 @@ def section(s: dict, doc: Path, images: list[Path], notes_dir: Path) -> list[str
             if ch is None:
                 L.append(f"- {inst}: no after sample (instance gone)")
             else:
-                L.append(f"- {inst}: " + (", ".join(f"`{m}` {v:+g}" for m, v in ch.items()) or "no change"))
+                new = " (started during the scenario: counted from 0)" if ch["new"] else ""
+                L.append(f"- {inst}{new}: " + (", ".join(f"`{m}` {v:+g}" for m, v in ch["changes"].items()) or "no change"))
     else:
         L.append("- no proxy metrics recorded")
     if s["samples"]:
@@ -687,14 +724,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{args.run_dir} is not a directory")
 
     run = read_json(args.run_dir / "run.json")
-    summaries = [analyse(d, run) for d in scenario_dirs(args.run_dir)]
-    summaries.sort(key=lambda s: (s["started"], s["dir"]))
+    dirs = scenario_dirs(args.run_dir)
+    planned = [n for n in (run or {}).get("scenarios") or [] if isinstance(n, str) and n not in {d.name for d in dirs}]
+    summaries = [analyse(d, run) for d in dirs + [args.run_dir / n for n in planned]]
+    summaries.sort(key=lambda s: (not s["ran"], s["started"], s["dir"]))
     seen = Counter()
     for s in summaries:  # two runs of one scenario in one RUN_DIR must not share an image
         seen[s["name"]] += 1
         if seen[s["name"]] > 1:
             s["name"] = f"{s['name']}-{seen[s['name']]}"
-    images = {s["name"]: plot(s, args.images) for s in summaries}
+    images = {s["name"]: plot(s, args.images) for s in summaries if s["ran"]}
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text(document(run, summaries, args.doc, images, args.notes, args.run_dir), encoding="utf-8")
     failed = [s for s in summaries if not s["passed"]]
@@ -704,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         "failed": [s["name"] for s in failed],
         "scenarios": {s["name"]: {k: v for k, v in s.items() if not k.startswith("_")} for s in summaries},
     }
-    (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {args.doc}, {sum(len(v) for v in images.values())} image(s) in {args.images}, {args.run_dir / 'summary.json'}")
     if args.check:
         if not summaries:

@@ -139,7 +139,7 @@ def test_flip_with_zero_failures_passes(tmp_path):
     s = summary["scenarios"]["flip"]
     assert (s["requests"], s["requests_by_kind"], s["failures"], s["verdict"]) == (302, {"short": 300, "stream": 2}, 0, "pass")
     assert s["detect_s"] is None and s["recover_s"] is None and s["failure_window_s"] is None
-    assert s["reference"]["kind"] == "flip" and s["reference"]["t_rel_start"] == pytest.approx(12)
+    assert s["reference"]["kind"] == "flip" and s["reference"]["t_rel"] == pytest.approx(12)
     assert [s["per_phase"][p]["requests"] for p in ("before", "during", "after")] == [102, 100, 100]
     assert s["per_phase"]["during"]["latency"]["p50"] == pytest.approx(0.010)
     assert s["per_phase"]["during"]["short_per_s"] == pytest.approx(10.0)
@@ -167,7 +167,8 @@ def test_instance_death_detect_recover_and_bound(tmp_path):
     assert [c["healthy"] for c in s["route53"]["health_changes"][IP_A]] == [False, True]
     assert s["route53"]["health_changes"][IP_A][0]["t"] == pytest.approx(3.5)
     assert s["proxies"]["i-a"] is None
-    assert s["proxies"]["i-b"] == {'static_ingress_tcp_close_total{reason="eof"}': 120, 'static_ingress_tcp_close_total{reason="reset"}': 1}
+    assert s["proxies"]["i-b"] == {"new": False, "changes": {'static_ingress_tcp_close_total{reason="eof"}': 120,
+                                                             'static_ingress_tcp_close_total{reason="reset"}': 1}}
     assert s["verdict"] == "pass"
     row = table(md)["instance_death"]
     assert row[1:4] == ["bounded", "300", "5"] and row[4] == "pass (5 <= 10)"
@@ -290,3 +291,53 @@ def test_empty_run_dir_fails_check(tmp_path):
     code, summary, md = run_report(run, tmp_path, "--check")
     assert code == 1 and summary["scenarios"] == {} and summary["passed"] is False
     assert "(no scenarios found)" in md
+
+
+def test_orchestrator_shaped_run(tmp_path):
+    """As lab.py writes it: the deployment is built before the first phase (with its own address
+    moves), an "end" phase mark, a stopped proxy with an empty "after", a new one with no "before"."""
+    run = tmp_path / "run"
+    events = [
+        {"t": T0 - 15, "event": "eip_move", "detail": f"{IP_A} (eipalloc-1) -> i-a"},
+        {"t": T0 - 5, "event": "note", "detail": "fleet ready"},
+        *phase_events(),
+        {"t": T0 + 11, "event": "fault", "detail": "SIGTERM to static-ingress on i-a"},
+        {"t": T0 + 14, "event": "instance_stop", "detail": "static-ingress on i-a exited 0"},
+        {"t": T0 + 30, "event": "phase", "detail": "end", "name": "end"},
+    ]
+    proxies = {"i-a": {"before": {"m": 1}, "after": {}}, "i-n": {"before": {}, "after": {"m": 3}}}
+    sc = scenario("graceful-stop", "zero", started=T0 - 20, proxies=proxies)
+    r53 = [{"t": T0 + 12.5, "event": "health", "health_check": "hc-a", "ip": IP_A, "healthy": False, "healthy_checkers": 1, "checkers": 8}]
+    make(run, "graceful-stop", sc, steady(T0, T0 + 30), r53, events)
+    code, summary, md = run_report(run, tmp_path, "--check")
+    s = summary["scenarios"]["graceful-stop"]
+    assert code == 0 and s["verdict"] == "pass"
+    assert s["reference"] == {"kind": "fault", "t": T0 + 11, "t_rel": 11}
+    assert s["detect_s"] == pytest.approx(1.5)
+    assert s["setup_s"] == pytest.approx(20) and s["duration_s"] == pytest.approx(30)
+    assert list(s["per_phase"]) == ["before", "during", "after"]
+    assert s["proxies"] == {"i-a": None, "i-n": {"new": True, "changes": {"m": 3}}}
+    assert "-15.0 s (~-150.0 s real) eip_move" in md
+    assert "i-n (started during the scenario: counted from 0): `m` +3" in md
+
+
+def test_killed_run_open_phase_lab_error_and_scenario_not_run(tmp_path):
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / "run.json").write_text(json.dumps({"scale": 10, "scenarios": ["flip", "instance-death", "fleet-replacement"]}))
+    # A flip whose run was killed in "during": that phase has no end.
+    sc = scenario("flip", "zero", ended=T0 + 15, phases={"before": [T0, T0 + 10], "during": [T0 + 10, None]})
+    make(run, "flip", sc, steady(T0, T0 + 15), [], phase_events()[:2])
+    d = instance_death(run)
+    d.rename(run / "instance-death")
+    (run / "instance-death" / "lab-error.txt").write_text("moto did not answer in 30 s\n")
+    code, summary, md = run_report(run, tmp_path, "--check")
+    assert code == 1
+    sc = summary["scenarios"]
+    assert sc["flip"]["verdict"] == "pass" and sc["flip"]["per_phase"]["during"]["requests"] == 50
+    assert sc["instance_death"]["verdict"] == "incomplete"
+    assert any("moto did not answer" in r for r in sc["instance_death"]["reasons"])
+    assert sc["fleet-replacement"]["verdict"] == "incomplete" and sc["fleet-replacement"]["ran"] is False
+    assert sorted(summary["failed"]) == ["fleet-replacement", "instance_death"]
+    assert table(md)["fleet-replacement"][4] == "incomplete"
+    assert not (tmp_path / "out" / "img" / "fleet-replacement.png").exists()
