@@ -160,6 +160,7 @@ def test_instance_death_detect_recover_and_bound(tmp_path):
     assert s["failures"] == 5 and s["failures_by_kind"] == {"reset": 5}
     assert s["failures_split"] == {"in_detection_window": 5, "streams": 0, "other": 0}
     assert s["failures_by_ip"] == {IP_A: 5}
+    assert s["failure_details"] == [{"outcome": "reset", "detail": "ConnectionResetError", "n": 5}]
     assert s["per_phase"]["during"]["failures"] == 5 and s["per_phase"]["before"]["failures"] == 0
     assert s["detect_s"] == pytest.approx(3.5)
     assert s["recover_s"] == pytest.approx(2.54)  # last reset started at +2.5 and took 40 ms
@@ -175,6 +176,7 @@ def test_instance_death_detect_recover_and_bound(tmp_path):
     assert row[5] == "3.5 s (~35.0 s real)" and row[6] == "2.5 s (~25.4 s real)"
     assert 'static_ingress_tcp_close_total{reason="eof"}` +120' in md
     assert "i-a: no after sample (instance gone)" in md
+    assert "most common: 5 x reset `ConnectionResetError`" in md
     assert "(no run.json" in md
 
 
@@ -341,3 +343,19 @@ def test_killed_run_open_phase_lab_error_and_scenario_not_run(tmp_path):
     assert sorted(summary["failed"]) == ["fleet-replacement", "instance_death"]
     assert table(md)["fleet-replacement"][4] == "incomplete"
     assert not (tmp_path / "out" / "img" / "fleet-replacement.png").exists()
+
+
+def test_generator_lag_reported_and_judged_where_required(tmp_path):
+    run = tmp_path / "run"
+    client = steady(T0, T0 + 10) + steady(T0 + 10, T0 + 30, lag=0.2)  # fell 200 ms behind from +10 s
+    make(run, "load-10x", scenario("load-10x", "zero", schedule_required=True), client, [], phase_events())
+    make(run, "flip", scenario("flip", "zero"), list(client), [], phase_events())
+    code, summary, md = run_report(run, tmp_path, "--check")
+    x, f = summary["scenarios"]["load-10x"], summary["scenarios"]["flip"]
+    assert x["per_phase"]["before"]["lag"]["p99"] == pytest.approx(0.001)
+    assert x["per_phase"]["during"]["lag"]["p99"] == pytest.approx(0.2) and x["per_phase"]["during"]["lag"]["max"] == pytest.approx(0.2)
+    assert x["schedule_kept"] is False and x["verdict"] == "FAIL" and x["failures"] == 0
+    assert f["schedule_kept"] is False and f["verdict"] == "pass"  # reported, not judged
+    assert code == 1 and summary["failed"] == ["load-10x"]
+    assert table(md)["load-10x"][4] == "**FAIL** (schedule not kept)"
+    assert "Generator schedule: **not kept** (kept: lag p99 under 50 ms in every phase; worst phase here 200.0 ms)" in md
