@@ -3,7 +3,13 @@
 Reads a run directory (RUN_DIR) written by the lab: one subdirectory per scenario run, each with
 client.jsonl, route53.jsonl, events.jsonl and scenario.json (formats: the lab's shared facts), and
 an optional RUN_DIR/run.json describing the run. Writes RUN_DIR/summary.json, the document
-(--doc) and one PNG per scenario (--images); with --check, exits 1 when a scenario fails its goal.
+(--doc, default RUN_DIR/rehearsal.md; `make lab` passes docs/rehearsal.md) and one PNG per scenario
+(--images, default beside the document: docs/rehearsal/<scenario>.png); with --check, exits 1 when
+a scenario fails its goal, after writing everything. Hand-written notes per scenario
+(--notes DIR, default loadtest/lab/notes: <scenario>.md) are included verbatim in its section.
+
+    python loadtest/lab/report.py RUN_DIR [--doc docs/rehearsal.md] [--images docs/rehearsal]
+        [--notes loadtest/lab/notes] [--check]
 
 Every figure, exactly:
 
@@ -486,9 +492,12 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
     ax.step(xs + [n_bins], ok + ok[-1:], where="post", color="tab:green", lw=1, label="ok/s")
     bottom = [0] * n_bins
     colors = ["tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "black", "tab:gray", "tab:cyan"]
+    edges = xs + [n_bins]
     for i, (kind, counts) in enumerate(sorted(fails.items())):
-        ax.bar(xs, counts, bottom=bottom, width=1.0, align="edge", color=colors[i % len(colors)], label=f"{kind}/s")
-        bottom = [a + b for a, b in zip(bottom, counts)]
+        top = [a + b for a, b in zip(bottom, counts)]
+        # One stepped polygon per kind, stacked: cheap even for hours of 1 s bins.
+        ax.fill_between(edges, bottom + bottom[-1:], top + top[-1:], step="post", color=colors[i % len(colors)], lw=0, label=f"{kind}/s")
+        bottom = top
     ref = fig_data["reference"]["t"]
     shades = ["tab:red", "tab:blue", "tab:orange", "tab:purple"]
     for i, (ip, changes) in enumerate(sorted(fig_data["route53"]["health_changes"].items())):
@@ -527,12 +536,13 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
     if lx:
         axl.set_yscale("log")
     axl.set_ylabel("latency ms", fontsize=7)
-    axl.set_xlabel("seconds since scenario start", fontsize=7)
+    axl.set_xlabel("seconds since the load started", fontsize=7)
     axl.legend(fontsize=6, loc="upper left", ncol=2)
     for axis in (ax, axl):
         axis.tick_params(labelsize=7)
         axis.set_xlim(0, n_bins)
-    fig.tight_layout()
+    # Fixed margins: tight_layout would cost half the plot's time for the same picture.
+    fig.subplots_adjust(left=0.06, right=0.99, top=0.93, bottom=0.11, hspace=0.1)
     out = [images / f"{fig_data['name']}.png"]
     fig.savefig(out[0], dpi=100)
     plt.close(fig)
@@ -549,12 +559,12 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
             af.plot([s["t"] - t0 for s in ss], [_num(s.get("fds")) or 0 for s in ss], lw=0.8, label=inst)
         ar.set_ylabel("RSS MiB", fontsize=7)
         af.set_ylabel("fds", fontsize=7)
-        af.set_xlabel("seconds since scenario start", fontsize=7)
+        af.set_xlabel("seconds since the load started", fontsize=7)
         ar.legend(fontsize=6, loc="upper left", ncol=4)
         ar.set_title(f"{fig_data['title']}: proxy RSS and descriptors", fontsize=8)
         for axis in (ar, af):
             axis.tick_params(labelsize=7)
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.06, right=0.99, top=0.93, bottom=0.11, hspace=0.1)
         out.append(images / f"{fig_data['name']}-resources.png")
         fig.savefig(out[1], dpi=100)
         plt.close(fig)
@@ -735,13 +745,17 @@ def document(run: dict | None, summaries: list[dict], doc: Path, images: dict[st
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Figures: see the module docstring.")
     ap.add_argument("run_dir", type=Path, help="directory with one subdirectory per scenario run (and run.json)")
-    ap.add_argument("--doc", type=Path, default=REPO / "docs" / "rehearsal.md", help="markdown to write (default docs/rehearsal.md)")
-    ap.add_argument("--images", type=Path, default=REPO / "docs" / "rehearsal", help="directory for <scenario>.png (default docs/rehearsal)")
+    # No default inside the repository: a CI run with only --check must not overwrite the
+    # committed docs/rehearsal.md with a short run's figures.
+    ap.add_argument("--doc", type=Path, help="markdown to write, e.g. docs/rehearsal.md (default RUN_DIR/rehearsal.md)")
+    ap.add_argument("--images", type=Path, help="directory for <scenario>.png (default: beside --doc, named for it: docs/rehearsal/)")
     ap.add_argument("--notes", type=Path, default=REPO / "loadtest" / "lab" / "notes", help="directory of hand-written <scenario>.md notes")
     ap.add_argument("--check", action="store_true", help="exit 1 if a scenario fails its goal (after writing everything)")
     args = ap.parse_args(argv)
     if not args.run_dir.is_dir():
         ap.error(f"{args.run_dir} is not a directory")
+    args.doc = args.doc or args.run_dir / "rehearsal.md"
+    args.images = args.images or args.doc.with_suffix("")
 
     run = read_json(args.run_dir / "run.json")
     dirs = scenario_dirs(args.run_dir)

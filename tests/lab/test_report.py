@@ -359,3 +359,11 @@ def test_generator_lag_reported_and_judged_where_required(tmp_path):
     assert code == 1 and summary["failed"] == ["load-10x"]
     assert table(md)["load-10x"][4] == "**FAIL** (schedule not kept)"
     assert "Generator schedule: **not kept** (kept: lag p99 under 50 ms in every phase; worst phase here 200.0 ms)" in md
+
+
+def test_defaults_write_beside_the_records_not_into_the_repository(tmp_path):
+    run = tmp_path / "run"
+    flip(run)
+    assert report.main([str(run), "--notes", str(tmp_path / "notes"), "--check"]) == 0
+    assert "](rehearsal/flip.png)" in (run / "rehearsal.md").read_text()
+    assert (run / "rehearsal" / "flip.png").stat().st_size > 0
