@@ -42,16 +42,18 @@ Every figure, exactly:
   or after it; null if there is none.
 - **Recover**: from the reference to the time of the last failure seen at or after it, i.e. the
   time after which every request succeeded; null when no failure was seen after the reference.
-- **Failure window**: [start of the first failed request, time of the last failure], relative to
-  the reference, over the failures seen at or after it.
+- **Failure window**: [time of the first failure, time of the last failure], relative to the
+  reference, over the failures seen at or after it.
 - **Latency p50/p99** per phase: over the "latency" of ok short requests (start to last byte,
   TCP connect + TLS + request). Percentiles are nearest-rank: the p-quantile of n sorted values
   is the value at rank ceil(p x n).
 - **Lag** p50/p99/max per phase: the generator's "lag" (actual start - scheduled start) over every
   record. "Schedule kept" when the lag p99 of every phase is under LAG_P99_KEPT (50 ms).
-- **Route 53**: per address, the "health" events (healthy or not, healthy checkers / checkers)
-  relative to the reference; the fraction of DNS answers per address = the sum of its counts over
-  every "answers" event / the sum of all counts; how many answer intervals were fail-open.
+- **Route 53**, from the load start on (the deployment's setup is left out): per address, the
+  "health" events (healthy or not, healthy checkers / checkers) relative to the reference, and
+  its health as the load started if a change before it was seen; the fraction of DNS answers per
+  address = the sum of its counts over the "answers" events / the sum of all counts; how many
+  answer intervals were fail-open.
 - **Proxies**: per instance in scenario.json "proxies", after - before of each metric (a metric
   missing on one side counts 0 there); only the metrics that changed are shown. An instance with
   no or an empty "after" (it died or stopped) is listed with no differences; one with an empty
@@ -216,15 +218,21 @@ def latency_figures(records: list[dict]) -> dict:
     return {"n": len(lat), "p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)}
 
 
-def route53_figures(r53: list[dict], ref: float) -> dict:
-    health = defaultdict(list)
+def route53_figures(r53: list[dict], ref: float, origin: float) -> dict:
+    """Health changes from the load start on (relative to the reference), each address's health
+    as the load started (from the last change before it; absent: no change seen), and the
+    answers given from the load start on."""
+    health, at_start = defaultdict(list), {}
     answers, fail_open, intervals = Counter(), 0, 0
     for e in sorted(r53, key=lambda e: e["t"]):
         if e.get("event") == "health" and e.get("ip"):
+            if e["t"] < origin:
+                at_start[str(e["ip"])] = bool(e.get("healthy"))
+                continue
             health[str(e["ip"])].append(
                 {"t": e["t"] - ref, "healthy": bool(e.get("healthy")), "healthy_checkers": e.get("healthy_checkers"), "checkers": e.get("checkers")}
             )
-        elif e.get("event") == "answers":
+        elif e.get("event") == "answers" and e["t"] >= origin:
             intervals += 1
             fail_open += bool(e.get("fail_open"))
             for ip, n in (e.get("counts") or {}).items():
@@ -232,6 +240,7 @@ def route53_figures(r53: list[dict], ref: float) -> dict:
                     answers[str(ip)] += n
     total = sum(answers.values())
     return {
+        "health_at_load_start": at_start,
         "health_changes": dict(health),
         "answers": dict(answers),
         "answer_fraction": {ip: n / total for ip, n in sorted(answers.items())} if total else {},
@@ -334,7 +343,7 @@ def analyse(sdir: Path, run: dict | None) -> dict:
     detect = next((e["t"] - ref for e in sorted(r53, key=lambda e: e["t"]) if e.get("event") == "health" and e.get("healthy") is False and e["t"] >= ref), None)
     after_ref = [r for r in failed if _seen(r) >= ref]
     recover = max(_seen(r) for r in after_ref) - ref if after_ref else None
-    window = [min(_start(r) for r in after_ref) - ref, recover] if after_ref else None
+    window = [min(_seen(r) for r in after_ref) - ref, recover] if after_ref else None
 
     split = Counter()
     for r in failed:
@@ -446,7 +455,7 @@ def analyse(sdir: Path, run: dict | None) -> dict:
         "lag_p99_threshold_s": LAG_P99_KEPT,
         "schedule_kept": schedule_kept,
         "schedule_judged": judge_schedule,
-        "route53": route53_figures(r53, ref),
+        "route53": route53_figures(r53, ref, origin),
         "proxies": proxy_figures(scenario.get("proxies")),
         "samples": samples,
         "flat_judged": judge_flat,
@@ -500,8 +509,10 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
         bottom = top
     ref = fig_data["reference"]["t"]
     shades = ["tab:red", "tab:blue", "tab:orange", "tab:purple"]
-    for i, (ip, changes) in enumerate(sorted(fig_data["route53"]["health_changes"].items())):
-        down = None
+    r = fig_data["route53"]
+    for i, ip in enumerate(sorted(set(r["health_changes"]) | set(r["health_at_load_start"]))):
+        changes = r["health_changes"].get(ip, [])
+        down = 0.0 if r["health_at_load_start"].get(ip) is False else None
         spans = []
         for c in changes:
             t = c["t"] + ref - t0
@@ -652,6 +663,9 @@ def section(s: dict, doc: Path, images: list[Path], notes_dir: Path) -> list[str
     r = s["route53"]
     L.append("Route 53:")
     L.append("")
+    for ip, healthy in sorted(r["health_at_load_start"].items()):
+        if not healthy:
+            L.append(f"- {ip}: unhealthy already when the load started")
     if r["health_changes"]:
         for ip, ch in sorted(r["health_changes"].items()):
             marks = "; ".join(f"{fmt_t(c['t'], sc, True)} {'healthy' if c['healthy'] else 'unhealthy'} ({c['healthy_checkers']}/{c['checkers']})" for c in ch)
