@@ -735,11 +735,14 @@ def document(run: dict | None, summaries: list[dict], doc: Path, images: dict[st
     scales = sorted({s["scale"] for s in summaries}) or [_num((run or {}).get("scale")) or 1.0]
     sc = scales[0]
     L += ["", "## Time scale", ""]
-    L.append(
-        f"Scale {', '.join(f'{x:g}' for x in scales)}: every Route 53 interval, TTL, drain delay and grace is divided by SCALE. "
-        f"A detection time of 3.4 s here is about {3.4 * sc:g} s at real timings. Every time figure below is given measured and at real "
-        "timings (measured x SCALE); latencies and the generator's lag are not scaled."
-    )
+    if scales == [1.0]:
+        L.append("Scale 1: this run used real timings (Route 53 intervals, TTLs, drain delay and grace as in production).")
+    else:
+        L.append(
+            f"Scale {', '.join(f'{x:g}' for x in scales)}: every Route 53 interval, TTL, drain delay and grace is divided by SCALE, "
+            f"so a detection time of 3.4 s here is about {3.4 * sc:g} s at real timings. Every time figure below is given measured "
+            "and at real timings (measured x SCALE). Latencies and the generator's lag are not scaled: they are the same at any scale."
+        )
     L += ["", "## Scenarios against their goals", "", "| scenario | goal | requests | failures | verdict | detect | recover |", "|---|---|---|---|---|---|---|"]
     for s in summaries:
         L.append(
@@ -754,6 +757,19 @@ def document(run: dict | None, summaries: list[dict], doc: Path, images: dict[st
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def safe_analyse(sdir: Path, run: dict | None) -> dict:
+    """analyse(), or, when records of a shape nobody expected break it, an incomplete scenario
+    that says why, so one odd directory does not cost the report of the others."""
+    try:
+        return analyse(sdir, run)
+    except Exception as e:
+        print(f"report: cannot analyse {sdir}: {type(e).__name__}: {e}", file=sys.stderr)
+        s = analyse(sdir / ".report-no-such-directory", run)
+        s.update(name=sdir.name, dir=sdir.name, ran=False, verdict="incomplete", passed=False,
+                 reasons=[f"the report could not read it: {type(e).__name__}: {e}"])
+        return s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -774,14 +790,21 @@ def main(argv: list[str] | None = None) -> int:
     run = read_json(args.run_dir / "run.json")
     dirs = scenario_dirs(args.run_dir)
     planned = [n for n in (run or {}).get("scenarios") or [] if isinstance(n, str) and n not in {d.name for d in dirs}]
-    summaries = [analyse(d, run) for d in dirs + [args.run_dir / n for n in planned]]
+    summaries = [safe_analyse(d, run) for d in dirs + [args.run_dir / n for n in planned]]
     summaries.sort(key=lambda s: (not s["ran"], s["started"], s["dir"]))
     seen = Counter()
     for s in summaries:  # two runs of one scenario in one RUN_DIR must not share an image
         seen[s["name"]] += 1
         if seen[s["name"]] > 1:
             s["name"] = f"{s['name']}-{seen[s['name']]}"
-    images = {s["name"]: plot(s, args.images) for s in summaries if s["ran"]}
+    images = {}
+    for s in summaries:
+        if not s["ran"]:
+            continue
+        try:
+            images[s["name"]] = plot(s, args.images)
+        except Exception as e:  # a plot that cannot be drawn must not cost the figures and verdicts
+            print(f"report: no plot for {s['name']}: {type(e).__name__}: {e}", file=sys.stderr)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text(document(run, summaries, args.doc, images, args.notes, args.run_dir), encoding="utf-8")
     failed = [s for s in summaries if not s["passed"]]

@@ -377,3 +377,16 @@ def test_defaults_write_beside_the_records_not_into_the_repository(tmp_path):
     assert report.main([str(run), "--notes", str(tmp_path / "notes"), "--check"]) == 0
     assert "](rehearsal/flip.png)" in (run / "rehearsal.md").read_text()
     assert (run / "rehearsal" / "flip.png").stat().st_size > 0
+
+
+def test_records_of_an_unexpected_shape_cost_only_their_scenario(tmp_path):
+    run = tmp_path / "run"
+    flip(run)
+    odd = [{**short(T0 + 1), "latency": "slow", "kind": 5, "lag": None}, {"t": "yesterday"}, [1, 2]]
+    make(run, "odd", scenario("odd", "zero", phases="all of them", proxies=[1, 2], samples={"x": 1}), odd, [], [])
+    code, summary, md = run_report(run, tmp_path, "--check")
+    assert code == 1 and summary["failed"] == ["odd"]
+    assert summary["scenarios"]["odd"]["verdict"] == "incomplete", summary["scenarios"]["odd"]["reasons"]
+    assert any("could not read it" in r for r in summary["scenarios"]["odd"]["reasons"]), summary["scenarios"]["odd"]["reasons"]
+    assert summary["scenarios"]["flip"]["verdict"] == "pass"
+    assert table(md)["odd"][4] == "incomplete"
