@@ -80,6 +80,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -384,10 +385,7 @@ def analyse(sdir: Path, run: dict | None) -> dict:
 
     n_fail = len(failed)
     reasons = []
-    if problems:
-        verdict = "incomplete"
-        reasons += problems
-    elif goal == "zero":
+    if goal == "zero":
         verdict = "pass" if n_fail == 0 else "FAIL"
         if n_fail:
             reasons.append(f"{n_fail} client-visible failure(s), goal zero")
@@ -410,17 +408,23 @@ def analyse(sdir: Path, run: dict | None) -> dict:
         if verdict in ("pass", "measured"):
             verdict = "FAIL"
         reasons.append(f"schedule not kept: lag p99 {max(lag_p99s, default=float('nan')) * 1000:.0f} ms, limit {LAG_P99_KEPT * 1000:.0f} ms")
+    goal_verdict = verdict  # what the records there are say, even when some are missing
+    if problems:
+        verdict = "incomplete"
+        reasons = problems + [f"the records there are: {goal_verdict}"] + reasons
 
     return {
         "name": name,
+        "file": re.sub(r"[^A-Za-z0-9._-]", "_", name),
         "dir": sdir.name,
         "ran": sdir.is_dir(),
         "title": str(scenario.get("title") or name),
         "goal": goal,
-        "goal_text": scenario.get("goal_text") or "",
+        "goal_text": str(scenario.get("goal_text") or ""),
         "bound": bound,
         "bound_window_s": _num(bounds.get("window_s")),
         "verdict": verdict,
+        "goal_verdict": goal_verdict,
         "passed": verdict in ("pass", "measured"),
         "reasons": reasons,
         "complete": not problems,
@@ -554,7 +558,7 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
         axis.set_xlim(0, n_bins)
     # Fixed margins: tight_layout would cost half the plot's time for the same picture.
     fig.subplots_adjust(left=0.06, right=0.99, top=0.93, bottom=0.11, hspace=0.1)
-    out = [images / f"{fig_data['name']}.png"]
+    out = [images / f"{fig_data['file']}.png"]
     fig.savefig(out[0], dpi=100)
     plt.close(fig)
 
@@ -576,7 +580,7 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
         for axis in (ar, af):
             axis.tick_params(labelsize=7)
         fig.subplots_adjust(left=0.06, right=0.99, top=0.93, bottom=0.11, hspace=0.1)
-        out.append(images / f"{fig_data['name']}-resources.png")
+        out.append(images / f"{fig_data['file']}-resources.png")
         fig.savefig(out[1], dpi=100)
         plt.close(fig)
     return out
@@ -703,7 +707,7 @@ def section(s: dict, doc: Path, images: list[Path], notes_dir: Path) -> list[str
     for img in images:
         rel = Path(os.path.relpath(img, doc.parent)).as_posix()
         L += [f"![{s['name']}]({rel})", ""]
-    note = notes_dir / f"{s['name']}.md"
+    note = notes_dir / f"{s['file']}.md"
     try:
         shown = note.resolve().relative_to(REPO).as_posix()
     except ValueError:
@@ -795,8 +799,9 @@ def main(argv: list[str] | None = None) -> int:
     seen = Counter()
     for s in summaries:  # two runs of one scenario in one RUN_DIR must not share an image
         seen[s["name"]] += 1
-        if seen[s["name"]] > 1:
-            s["name"] = f"{s['name']}-{seen[s['name']]}"
+        n = seen[s["name"]]
+        if n > 1:
+            s["name"], s["file"] = f"{s['name']}-{n}", f"{s['file']}-{n}"
     images = {}
     for s in summaries:
         if not s["ran"]:

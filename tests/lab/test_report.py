@@ -242,6 +242,7 @@ def test_truncated_file_and_missing_scenario_json_are_incomplete(tmp_path):
     f = summary["scenarios"]["flip"]
     assert f["verdict"] == "incomplete" and f["requests"] == 302 and f["failures"] == 0
     assert any("1 unreadable line" in r for r in f["reasons"])
+    assert f["goal_verdict"] == "pass" and "the records there are: pass" in f["reasons"]
     z = summary["scenarios"]["zone_partition"]
     assert z["verdict"] == "incomplete" and z["requests"] == 50
     assert sorted(summary["failed"]) == ["flip", "zone_partition"]
@@ -390,3 +391,16 @@ def test_records_of_an_unexpected_shape_cost_only_their_scenario(tmp_path):
     assert any("could not read it" in r for r in summary["scenarios"]["odd"]["reasons"]), summary["scenarios"]["odd"]["reasons"]
     assert summary["scenarios"]["flip"]["verdict"] == "pass"
     assert table(md)["odd"][4] == "incomplete"
+
+
+def test_two_runs_of_one_scenario_keep_their_own_images(tmp_path):
+    run = tmp_path / "run"
+    flip(run)
+    later = scenario("flip", "zero", started=T0 + 100, ended=T0 + 130,
+                     phases={"before": [T0 + 100, T0 + 130]})
+    make(run, "flip-again", later, steady(T0 + 100, T0 + 130), [], [])
+    code, summary, md = run_report(run, tmp_path, "--check")
+    assert code == 0 and list(summary["scenarios"]) == ["flip", "flip-2"]
+    img = tmp_path / "out" / "img"
+    assert (img / "flip.png").stat().st_size > 0 and (img / "flip-2.png").stat().st_size > 0
+    assert "](img/flip-2.png)" in md
