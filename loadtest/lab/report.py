@@ -94,6 +94,8 @@ LAG_P99_KEPT = 0.050  # seconds
 FLAT_RSS_FRACTION = 0.05
 FLAT_RSS_MIN_BYTES = 2 * 1024 * 1024
 FD_SLACK = 5
+MAX_BINS = 900  # plot bins; longer runs get wider ones
+MAX_MARKS = 5000  # failure ticks drawn per kind
 TOP_DETAILS = 5  # the most common (outcome, detail) pairs shown per scenario
 MIN_FLAT_SAMPLES = 3
 
@@ -472,7 +474,10 @@ def analyse(sdir: Path, run: dict | None) -> dict:
 
 
 def plot(fig_data: dict, images: Path) -> list[Path]:
-    """<name>.png (rates, failures, events, health, latency) and, with samples, <name>-resources.png."""
+    """<name>.png and, with samples, <name>-resources.png. Top: ok and failed requests per second
+    (by kind, stacked; by the time the client saw the outcome; 1 s bins, wider past MAX_BINS s),
+    a tick per failure above them, events as dashed lines, phases dotted, each address's Route 53
+    unhealthy spans shaded. Bottom: p50/p99 latency of ok short requests per bin."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -480,37 +485,43 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
 
     images.mkdir(parents=True, exist_ok=True)
     raw, t0 = fig_data["_raw"], fig_data["origin"]
-    n_bins = max(1, math.ceil(fig_data["duration_s"]))  # 1 s bins over [start, end)
-    xs = list(range(n_bins))
+    # 1 s bins; a run longer than MAX_BINS seconds gets wider ones (rates averaged over the bin),
+    # or a soak of hours would be a smear of single-pixel lines.
+    width = max(1, math.ceil(fig_data["duration_s"] / MAX_BINS))
+    n_bins = max(1, math.ceil(fig_data["duration_s"] / width))
+    xs = [b * width for b in range(n_bins)]
 
     def bin_of(t: float) -> int | None:
-        b = math.floor(t - t0)
+        b = math.floor((t - t0) / width)
         return b if 0 <= b < n_bins else None
 
-    ok = [0] * n_bins
-    fails = defaultdict(lambda: [0] * n_bins)
+    ok = [0.0] * n_bins
+    fails = defaultdict(lambda: [0.0] * n_bins)
+    marks = defaultdict(list)  # each failure's time, so one failure in hours still shows
     lat = defaultdict(list)
     for r in raw["client"]:
         b = bin_of(_seen(r))
         if b is None:
             continue
         if r.get("outcome") == "ok":
-            ok[b] += 1
+            ok[b] += 1 / width
             if r.get("kind") == "short" and _num(r.get("latency")) is not None:
                 lat[b].append(r["latency"] * 1000)
         else:
-            fails[str(r.get("outcome"))][b] += 1
+            fails[str(r.get("outcome"))][b] += 1 / width
+            marks[str(r.get("outcome"))].append(_seen(r) - t0)
 
     fig, (ax, axl) = plt.subplots(2, 1, figsize=(10, 4), dpi=100, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    ax.step(xs + [n_bins], ok + ok[-1:], where="post", color="tab:green", lw=1, label="ok/s")
-    bottom = [0] * n_bins
+    edges = xs + [n_bins * width]
+    ax.step(edges, ok + ok[-1:], where="post", color="tab:green", lw=1, label="ok/s")
+    bottom = [0.0] * n_bins
     colors = ["tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "black", "tab:gray", "tab:cyan"]
-    edges = xs + [n_bins]
     for i, (kind, counts) in enumerate(sorted(fails.items())):
         top = [a + b for a, b in zip(bottom, counts)]
         # One stepped polygon per kind, stacked: cheap even for hours of 1 s bins.
         ax.fill_between(edges, bottom + bottom[-1:], top + top[-1:], step="post", color=colors[i % len(colors)], lw=0, label=f"{kind}/s")
         bottom = top
+    fail_colors = {kind: colors[i % len(colors)] for i, kind in enumerate(sorted(fails))}
     ref = fig_data["reference"]["t"]
     shades = ["tab:red", "tab:blue", "tab:orange", "tab:purple"]
     r = fig_data["route53"]
@@ -540,12 +551,14 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
     for p, (a, _b) in fig_data["phases"].items():
         ax.axvline(a, color="black", ls=":", lw=0.6)
         ax.text(a, 0, f" {p}", fontsize=6, va="bottom", ha="left", color="black")
+    for kind, ts in marks.items():
+        ax.plot(ts[:MAX_MARKS], [ymax * 1.15] * len(ts[:MAX_MARKS]), "|", ms=5, color=fail_colors[kind])
     ax.set_ylim(0, ymax * 1.35)
-    ax.set_ylabel("requests per second", fontsize=7)
+    ax.set_ylabel("requests per second" + (f" ({width} s bins)" if width > 1 else ""), fontsize=7)
     ax.legend(fontsize=6, loc="upper left", ncol=4)
     ax.set_title(f"{fig_data['title']} ({fig_data['name']}), scale 1/{fig_data['scale']:g}", fontsize=8)
     lx = sorted(lat)
-    centres = [b + 0.5 for b in lx]
+    centres = [(b + 0.5) * width for b in lx]
     axl.plot(centres, [percentile(lat[b], 0.5) for b in lx], lw=0.8, label="p50 ms")
     axl.plot(centres, [percentile(lat[b], 0.99) for b in lx], lw=0.8, label="p99 ms")
     if lx:
@@ -554,8 +567,8 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
     axl.set_xlabel("seconds since the load started", fontsize=7)
     axl.legend(fontsize=6, loc="upper left", ncol=2)
     for axis in (ax, axl):
-        axis.tick_params(labelsize=7)
-        axis.set_xlim(0, n_bins)
+        axis.tick_params(which="both", labelsize=7)
+        axis.set_xlim(0, n_bins * width)
     # Fixed margins: tight_layout would cost half the plot's time for the same picture.
     fig.subplots_adjust(left=0.06, right=0.99, top=0.93, bottom=0.11, hspace=0.1)
     out = [images / f"{fig_data['file']}.png"]
@@ -578,7 +591,7 @@ def plot(fig_data: dict, images: Path) -> list[Path]:
         ar.legend(fontsize=6, loc="upper left", ncol=4)
         ar.set_title(f"{fig_data['title']}: proxy RSS and descriptors", fontsize=8)
         for axis in (ar, af):
-            axis.tick_params(labelsize=7)
+            axis.tick_params(which="both", labelsize=7)
         fig.subplots_adjust(left=0.06, right=0.99, top=0.93, bottom=0.11, hspace=0.1)
         out.append(images / f"{fig_data['file']}-resources.png")
         fig.savefig(out[1], dpi=100)
@@ -654,7 +667,7 @@ def section(s: dict, doc: Path, images: list[Path], notes_dir: Path) -> list[str
         )
         L.append("  - most common: " + "; ".join(f"{d['n']} x {d['outcome']}" + (f" `{d['detail']}`" if d["detail"] else "") for d in s["failure_details"]) + ".")
     w = s["failure_window_s"]
-    L.append(f"- Detect: {fmt_t(s['detect_s'], sc)}. Recover: {fmt_t(s['recover_s'], sc)}." + (f" Failure window: {fmt_t(w[0], sc, True)} to {fmt_t(w[1], sc, True)} from the fault." if w else ""))
+    L.append(f"- Detect: {fmt_t(s['detect_s'], sc)}. Recover: {fmt_t(s['recover_s'], sc)}." + (f" Failure window: {fmt_t(w[0], sc, True)} to {fmt_t(w[1], sc, True)} from the reference." if w else ""))
     L += ["", "| phase | requests | short/s | failures | latency p50 | latency p99 | lag p50 | lag p99 | lag max |", "|---|---|---|---|---|---|---|---|---|"]
     for p, f in s["per_phase"].items():
         fails = str(f["failures"]) + (f" ({fmt_kinds(f['failures_by_kind'])})" if f["failures"] else "")
