@@ -62,6 +62,11 @@ Every figure, exactly:
   fds and CPU seconds. *Flat* when RSS growth, from the sample at the end of the first 10% of
   samples (rank ceil(0.1 x n)) to the last sample, is at most max(5% of that baseline, 2 MiB),
   and the last fds are within FD_SLACK (5) of that baseline's; judged only with at least 3 samples.
+- **Plots** (<scenario>.png, 10x4 in at 100 dpi): ok and failed requests per second by kind,
+  binned by the time the client saw the outcome (1 s bins; runs over 15 minutes get wider bins,
+  rates averaged over each), a tick per failure, events and phases as vertical lines, Route 53
+  unhealthy spans shaded per address, and p50/p99 latency per bin below; with samples, also
+  <scenario>-resources.png: RSS and fds per instance over time.
 - **Verdict**: "incomplete" (a failure) when scenario.json is missing or unreadable, a file is
   missing, a JSONL line could not be parsed (it is skipped and the rest still counted), the
   directory holds the orchestrator's lab-error.txt (the lab, not the fleet, failed), or run.json's
