@@ -295,8 +295,10 @@ class Instance:
         """The instance dies: every process in it killed at once (SIGKILL: nothing drains),
         its network link down."""
         self.dead = True
-        netns.kill_namespace_processes(self.ns, grace_s=0, sig=signal.SIGKILL)
+        # The link first: a dead machine sends nothing, not even the FINs and resets the
+        # kernel would send for the killed process's sockets.
         ip("link", "set", "eth0", "down", ns=self.ns, check=False)
+        netns.kill_namespace_processes(self.ns, grace_s=0, sig=signal.SIGKILL)
         self.dep.events("fault", f"{self.id} killed, its link down", instance=self.id)
 
     def sample(self):
@@ -582,7 +584,7 @@ class Deployment:
                             self.dir / "route53.log", ready="ready")
         self.procs.append(self.route53)
         for ns, addr in self.client_ns:
-            self.procs.append(dnsmasq_stub(ns, addr, R53_DNS, self.dir / f"{ns}-"))
+            self.procs.append(dnsmasq_stub(ns, addr, R53_DNS, self.dir / f"stub-{ns.rsplit('-', 1)[1]}.log"))
 
     def route53_health(self):
         """The simulator's latest view: lab address -> healthy, from its log."""
@@ -598,6 +600,10 @@ class Deployment:
                 continue
             if rec.get("event") == "health":
                 view[rec["ip"]] = rec["healthy"]
+            elif rec.get("event") == "start":
+                checks = rec.get("health_checks", {})
+                for hc in checks.values() if isinstance(checks, dict) else checks:
+                    view[hc["ip"]] = hc["healthy"]
         return view
 
     def prepare_root(self):
@@ -645,6 +651,10 @@ class Deployment:
         self.events("note", "fleet ready: every Elastic IP held by a healthy instance")
 
     def stop(self):
+        # Route 53 first, so that its log ends with the fleet as the scenario left it, not with
+        # the teardown's stopped proxies.
+        if self.route53:
+            self.route53.stop(grace_s=3)
         self.stop_watch.set()
         if self.watch_thread:
             self.watch_thread.join(timeout=5)

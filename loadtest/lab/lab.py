@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import netns
 import scenarios
@@ -44,7 +45,7 @@ def enter_netns(name):
         os.close(fd)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     pass
 
 
@@ -101,6 +102,8 @@ def main():
 
     prefix = netns.prefix_for(os.getpid())
     work = pathlib.Path(tempfile.mkdtemp(prefix="static-ingress-lab-"))
+    # nginx's workers run unprivileged and must read the stream body under it.
+    work.chmod(0o755)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     timings = Timings(args.scale)
@@ -118,10 +121,12 @@ def main():
             sc = cls(lab, out, work, timings, binary, args)
             try:
                 sc.run()
-            except netns.LabError as e:
+            except Exception as e:  # noqa: BLE001 (Interrupted is not an Exception subclass here)
                 # The lab itself failed (not the fleet): recorded, and the run goes on.
-                print(f"[lab] scenario {name} could not run: {e}", file=sys.stderr)
-                (out / name / "lab-error.txt").write_text(str(e) + "\n")
+                detail = traceback.format_exc()
+                print(f"[lab] scenario {name} could not run: {detail}", file=sys.stderr)
+                (out / name).mkdir(parents=True, exist_ok=True)
+                (out / name / "lab-error.txt").write_text(detail)
                 failed = failed or f"scenario {name}: {e}"
             finally:
                 keep_logs(sc, out / name)

@@ -190,15 +190,14 @@ def dnsmasq_vpc_resolver(ns, listen, hosts_file, ttl, directory):
     ], d / "vpc-resolver.log", ready=None)
 
 
-def dnsmasq_stub(ns, listen, upstream, directory):
+def dnsmasq_stub(ns, listen, upstream, log_path):
     """The clients' caching stub resolver on `listen`:53: forwards to the Route 53 simulator
     and caches each answer for its TTL, as a client's OS or ISP resolver does."""
-    d = pathlib.Path(directory)
-    return Proc("client-stub", ns, [
+    return Proc(f"stub-{ns}", ns, [
         "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
         f"--server={upstream}", f"--listen-address={listen}", "--bind-interfaces",
         "--cache-size=10000", "--pid-file=", "--log-facility=-", "--user=root", "--group=root",
-    ], d / "client-stub.log", ready=None)
+    ], log_path, ready=None)
 
 
 def dns_answers(server, name, timeout_s=1.0):
