@@ -218,6 +218,8 @@ class TlsConn:
             self.closed = True
 
     async def handshake(self):
+        """The handshake, up to the client's Finished, which stays in the buffer: the first
+        write sends it with the request in one segment (a send costs ~0.2 ms here)."""
         while True:
             try:
                 self.obj.do_handshake()
@@ -225,7 +227,6 @@ class TlsConn:
             except ssl.SSLWantReadError:
                 await self._flush()
                 await self._fill()
-        await self._flush()
 
     async def write(self, data: bytes):
         self.obj.write(data)
