@@ -508,9 +508,13 @@ class Worker:
         burst = 0
         while not self.stopping:
             t = self.schedule.time_of(i)  # math.inf while the rate is 0
-            if t >= self.end and self.end < math.inf:
-                break
             now = time.time()
+            if t >= self.end:
+                # nothing more due before the end, unless a control message changes the rate
+                if now >= self.end:
+                    break
+                await asyncio.sleep(min(self.end - now, SCHEDULER_MAX_SLEEP))
+                continue
             if t > now:
                 burst = 0
                 await asyncio.sleep(min(t - now, SCHEDULER_MAX_SLEEP))
