@@ -73,14 +73,18 @@ class Server:
         self.thread.start()
         self.accepted = 0
 
+        self.tasks = set()
+
         async def counted(reader, writer):
             self.accepted += 1
+            self.tasks.add(asyncio.current_task())
             try:
                 await handler(reader, writer)
-            except (OSError, asyncio.IncompleteReadError):
+            except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
                 pass
             finally:
                 writer.close()
+                self.tasks.discard(asyncio.current_task())
 
         async def start():
             extra = {"ssl": ssl_ctx, "ssl_handshake_timeout": 5} if ssl_ctx else {}
@@ -92,9 +96,13 @@ class Server:
     def close(self):
         async def stop():
             self.server.close()
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 5)
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        self.loop.close()
 
 
 @pytest.fixture
