@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import concurrent.futures
 import heapq
 import json
@@ -155,14 +156,13 @@ class Schedule:
 
     def time_of(self, i: int) -> float:
         """When request i is due; math.inf if never under this schedule."""
-        for n, (start, rate, c) in enumerate(self.segs):
-            nxt = self.segs[n + 1] if n + 1 < len(self.segs) else None
-            if nxt is not None and nxt[2] <= i:
-                continue
-            if rate <= 0:
-                continue
-            return start + (i - c) / rate
-        return math.inf
+        # The last segment whose count at start is <= i holds i (a rate-0 segment adds no
+        # count, so the one after it, with the same count, wins).
+        n = bisect.bisect_right([c for _, _, c in self.segs], i) - 1
+        start, rate, c = self.segs[max(n, 0)]
+        if rate <= 0:
+            return math.inf
+        return start + (i - c) / rate
 
 
 def parse_schedule(text: str) -> list[tuple[float, float]]:
@@ -587,6 +587,9 @@ def worker_entry(k: int, cfg, conn):
             t0 = msg[1]
     if t0 is not None:
         asyncio.run(worker.main(t0))
+    # asyncio.run put the default handlers back: a late signal must not cut the last write
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     worker.file.close()
     conn.send(("done",))
 
@@ -702,6 +705,10 @@ def parse_args(argv=None):
         p.error("--max-in-flight must be 1..9000 (a process may hold 20,000 descriptors)")
     if a.streams < 0 or a.stream_bytes < 0:
         p.error("--streams and --stream-bytes must be >= 0")
+    try:
+        make_context(a.ca)
+    except (OSError, ssl.SSLError) as exc:
+        p.error(f"--ca {a.ca}: {exc}")
     if a.schedule:
         try:
             with open(a.schedule, encoding="utf-8") as f:
@@ -756,7 +763,8 @@ def main(argv=None) -> int:
     if up == cfg.workers:
         print("ready", flush=True)
     else:
-        print(f"client: only {up} of {cfg.workers} workers started", file=sys.stderr, flush=True)
+        print(f"client: only {up} of {cfg.workers} workers started; stopping", file=sys.stderr, flush=True)
+        stop["flag"] = True
 
     live = set(range(cfg.workers))
     stopped_at = None
@@ -814,7 +822,7 @@ def main(argv=None) -> int:
     if bad:
         line += f" (dropped {bad} unreadable lines)"
     print(line, file=sys.stderr, flush=True)
-    return 0
+    return 0 if up == cfg.workers else 1
 
 
 if __name__ == "__main__":

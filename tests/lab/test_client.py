@@ -470,3 +470,11 @@ def test_classify():
     assert client.classify(OSError(113, "No route to host")) == "error"
     assert client.classify(client.PeerClosed("x")) == "eof"
     assert client.classify(client.BadResponse("x")) == "wrong_bytes"
+
+
+def test_unreadable_ca_is_a_usage_error(tmp_path):
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    proc = subprocess.run([sys.executable, str(CLIENT), "https://localhost:1/", "--ca", str(bad), "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 2 and "--ca" in proc.stderr and proc.stdout == ""
