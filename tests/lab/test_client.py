@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import pathlib
+import select
 import signal
 import socket
 import ssl
@@ -339,8 +340,12 @@ def start_client(pki, port, out, *args):
     proc = subprocess.Popen(
         [sys.executable, str(CLIENT), f"https://localhost:{port}/", "--ca", pki["ca"], "--out", str(out), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()  # bounded: the client gives up on its workers after 30 s
-    assert line == "ready\n", proc.stderr.read()
+    ready, _, _ = select.select([proc.stdout], [], [], RUN_TIMEOUT)
+    line = proc.stdout.readline() if ready else ""
+    if line != "ready\n":
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"client not ready: {line!r} {err}")
     return proc
 
 
