@@ -10,8 +10,11 @@ thread, every time: the lab's stub resolver caches and honours TTLs, so the clie
 connects to the first IPv4 address, does a full TLS handshake (SNI = NAME, verified against
 ``--ca``, no session resumption), sends ``GET PATH HTTP/1.1`` with ``Host`` and
 ``Connection: close``, reads the status line, headers and ``Content-Length`` body, then reads on
-to the server's close (so the client never resets a connection by closing with unread data) and
-closes. One record per request goes to ``client.jsonl`` in the format of lab-common.md.
+to the server's close (at most ``CLOSE_WAIT``, 1 s, not counted in ``latency``; so the client
+never resets a connection by closing with unread data) and closes. One record per request goes
+to ``client.jsonl`` in the format of lab-common.md. IPv4 only (the lab's addresses are); a
+chunked response is not decoded (it is ``wrong_bytes``): the lab's backends send
+``Content-Length``.
 
 Schedule
 --------
@@ -27,7 +30,7 @@ Workers
 -------
 ``--workers N`` processes (so handshakes use every core); worker k takes the requests with
 ``i % N == k`` and stream slots with ``j % N == k``, writes ``client-<k>.jsonl`` (flushed every
-second), and the main process merges them, sorted by ``t``, into ``client.jsonl`` at exit and
+half second), and the main process merges them, sorted by ``t``, into ``client.jsonl`` at exit and
 deletes them. Each worker holds at most ``--max-in-flight`` requests; a request due while the
 bound is reached is recorded as ``error`` / ``client overloaded`` (never skipped), so a
 blackholed address cannot exhaust the 20,000 descriptors a process may hold.
@@ -52,12 +55,19 @@ response that is not what the backend serves: status other than 200, a first bod
 class in ``detail``, e.g. EHOSTUNREACH, and ``client overloaded``). TLS runs over
 ``ssl.MemoryBIO`` on a plain non-blocking socket, so socket failures always surface as the
 socket's own OSError (reset, refused) and never as an ``SSLError`` wrapping them; the ssl module
-reports a close during the handshake as ``SSLEOFError``, which is ``eof``.
+reports a close during the handshake as ``SSLEOFError``, which is ``eof``. ``detail`` is
+``"<stage>: <exception class>: <message>"`` (stages: dns, connect, tls, request, response, body),
+or the reason for a short request's ``wrong_bytes`` (``status 503``, ``body b'purple\\n'``); a
+stream's reads ``body: BadResponse: byte N is X, expected Y``.
 
 Outputs
 -------
 ``ready`` on stdout once the workers are running; on exit one summary line on stderr
-(``client: sent=N ok=M reset=...``); exit 0 after SIGTERM/SIGINT too.
+(``client: sent=N ok=M reset=...``); exit 0 after SIGTERM/SIGINT too (1 if a worker failed to
+start, 2 for bad arguments). While the run goes on the records are in ``client-<k>.jsonl``;
+``client.jsonl`` appears at exit (the merge holds one worker's records in memory at a time). A
+worker that has not finished ``--timeout``/``--stream-timeout`` + 10 s after the end is killed
+and what it wrote is merged.
 
 Capacity (measured on this 2-core machine, 2026-12-01)
 ------------------------------------------------------
