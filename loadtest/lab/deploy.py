@@ -370,6 +370,10 @@ class Deployment:
         for role, n, addrs in roles:
             if role == "ctl":
                 ns = self.lab.name("ctl")  # made by lab.py, which runs in it
+                # The previous scenario's link goes with its core namespace, but the kernel
+                # cleans a deleted namespace up asynchronously: do not wait for it.
+                ip("link", "del", "eth0", ns=ns, check=False)
+                wait_until("the previous link to go", lambda: ip("link", "show", "eth0", ns=ns, check=False).returncode != 0, 10)
             else:
                 resolver = f"198.18.{n}.2" if role.startswith("client") else None
                 ns = lab.add(role, resolver=resolver)

@@ -11,6 +11,7 @@ plus a few long-lived streams.
 
 import json
 import pathlib
+import shutil
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ LAB_DIR = pathlib.Path(__file__).resolve().parent
 SUBNET_A = SUBNETS["us-east-1a"][0]
 # A stream (1 MiB at the ELB's 128 KiB/s) takes 8 s; one stuck on a lost instance is given up
 # (outcome timeout) after this.
-STREAM_TIMEOUT_S = 30
+STREAM_TIMEOUT_S = 15
 
 
 class Clients:
@@ -80,6 +81,13 @@ class Clients:
         with open(self.out / "client.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
+        # One copy of the records is enough; each client's log joins the others.
+        logs = self.out / "logs"
+        logs.mkdir(exist_ok=True)
+        for i, d in enumerate(self.dirs):
+            if (d / "client.log").exists():
+                (d / "client.log").rename(logs / f"client{i}.log")
+            shutil.rmtree(d, ignore_errors=True)
         return records
 
 

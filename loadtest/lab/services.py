@@ -147,6 +147,8 @@ http {{
   access_log off;
   server {{
 {listens}
+    # ELBs offer TLS 1.3 (nginx 1.22 would offer only 1.2 without this line).
+    ssl_protocols TLSv1.2 TLSv1.3;
     ssl_certificate {cert};
     ssl_certificate_key {key};
     keepalive_timeout 0;
