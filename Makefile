@@ -9,7 +9,7 @@
 #   make package-test            the unit, .deb, AMI recipe and CloudFormation templates
 #   make container-test          the .deb booted in a Debian container (root, systemd-nspawn)
 #   make lab [SCENARIO=flip]     the whole fleet rehearsed in network namespaces (root); writes
-#                                docs/rehearsal.md and its plots (loadtest/lab/README.md)
+#                                docs/rehearsal.md and its plots (one scenario: beside its records)
 #   make lab-test                the lab's own unit tests, then its short version (CI)
 
 SHELL := bash
@@ -95,7 +95,7 @@ lab:
 	venv="$$(scripts/python-tools.sh | tail -n 1)"; \
 	deb="$$(scripts/build-deb.sh $(LAB_PROFILE) | tail -n 1)"; \
 	"$$venv/python" loadtest/lab/lab.py --binary "$(call lab_target,$(LAB_PROFILE))" --deb "$$deb" \
-		$(if $(SCENARIO),--scenario $(SCENARIO)) --doc docs/rehearsal.md --check $(LAB_ARGS)
+		$(if $(SCENARIO),--scenario $(SCENARIO),--doc docs/rehearsal.md) --check $(LAB_ARGS)
 
 # CI: the unit tests of the lab's parts, then the flip and one instance death at a low rate with
 # the debug binary `make test` built; fails on any client-visible failure where the goal is zero.
@@ -103,6 +103,7 @@ lab-test:
 	scripts/install-system-packages.sh $(LAB_PACKAGES)
 	cargo test --all-targets --no-run --quiet
 	venv="$$(scripts/python-tools.sh | tail -n 1)"; \
+	"$$venv/python" loadtest/lab/lab.py --clean; \
 	"$$venv/python" $(PYTEST) tests/lab; \
 	out="$$(mktemp -d)"; \
 	"$$venv/python" loadtest/lab/lab.py --binary "$(call lab_target,dev)" --short --out "$$out/records" \

@@ -56,6 +56,21 @@ def eip_lab_address(n):
     return f"198.19.0.{n}"
 
 
+def prepare_root(work, deb):
+    """The root file system the .deb scenarios' instances boot: the container test's Debian 13
+    (debootstrap, cached per machine: run this before leaving the host's network), with the .deb
+    installed by dpkg as on the AMI. Made once per run; each instance boots it read-only under a
+    tmpfs overlay of its own."""
+    cached = netns.run(str(ROOT / "scripts/debian-rootfs.sh"), "trixie", timeout=1000).stdout.split()[-1]
+    root = pathlib.Path(work) / "rootfs"
+    netns.run("cp", "-a", "--reflink=auto", cached, str(root), timeout=300)
+    shutil.copy(deb, root / "root/static-ingress.deb")
+    netns.run("systemd-nspawn", "--quiet", "-D", str(root), "--register=no", "--keep-unit",
+              "--private-network", "dpkg", "-i", "/root/static-ingress.deb", timeout=300)
+    (root / "root/static-ingress.deb").unlink()
+    return root
+
+
 class Events:
     """events.jsonl: what the orchestrator did and saw, flushed at every line."""
 
@@ -155,6 +170,7 @@ class Instance:
         self.imds = None
         self.proxy = None
         self.dead = False
+        self.booted = False  # its namespace and link exist
 
     def boot(self):
         dep = self.dep
@@ -172,7 +188,8 @@ class Instance:
         mac = json.loads(ip("-j", "link", "show", "eth0", ns=self.ns).stdout)[0]["address"]
         ip("neigh", "replace", self.private_ip, "lladdr", mac, "dev", bridge, "nud", "permanent", ns=dep.core)
         ip("addr", "add", "169.254.169.254/32", "dev", "lo", ns=self.ns)
-        dep.lab.check_isolated()
+        dep.lab.check_isolated([self.ns])
+        self.booted = True
         self.imds = Proc(f"imds-{self.id}", self.ns, [
             sys.executable, ROOT / "tests/packaging/imds.py", "--instance-id", self.id,
             "--tags-json", json.dumps(self.tags), "--zone", self.az,
@@ -324,10 +341,9 @@ class Instance:
 
 
 class Deployment:
-    def __init__(self, lab, directory, timings, binary, events, clients=4, deb=None):
+    def __init__(self, lab, directory, timings, binary, events, clients=4, root=None):
         self.lab = lab
-        self.deb = deb
-        self.root = None
+        self.root = root
         self.dir = pathlib.Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.timings = timings
@@ -455,11 +471,13 @@ class Deployment:
         while not self.stop_watch.wait(0.25):
             try:
                 found = fleet.addresses(self.aws, self.allocations)
-            except Exception as e:  # moto busy or gone: try again at the next tick
+                for alloc, rec in found.items():
+                    self.route_address(alloc, rec.get("InstanceId") or None)
+            except Exception as e:  # noqa: BLE001 (moto busy, an instance going away): next tick
                 print(f"[lab] address watch: {e}", file=sys.stderr)
-                continue
-            for alloc, rec in found.items():
-                self.route_address(alloc, rec.get("InstanceId") or None)
+
+    def watching(self):
+        return self.watch_thread is not None and self.watch_thread.is_alive()
 
     def route_address(self, alloc, instance_id):
         if self.holder.get(alloc) == instance_id:
@@ -467,10 +485,13 @@ class Deployment:
         eip = self.eip_of[alloc]
         old = self.instances.get(self.holder.get(alloc) or "")
         new = self.instances.get(instance_id or "")
-        if old and old.ns in netns.existing():
+        if new and not new.booted:
+            return  # its namespace is not there yet: the next tick moves the address
+        if old and old.booted and old.ns in netns.existing():
             ip("addr", "del", f"{eip}/32", "dev", "eth0", ns=old.ns, check=False)
         if new and not new.dead:
-            ip("addr", "add", f"{eip}/32", "dev", "eth0", ns=new.ns, check=False)
+            # `replace`: the address may be there already from a move that failed half-way.
+            ip("addr", "replace", f"{eip}/32", "dev", "eth0", ns=new.ns)
             bridge = SUBNETS[new.az][2]
             ip("route", "replace", f"{eip}/32", "via", new.private_ip, "dev", bridge, ns=self.core)
         else:
@@ -610,24 +631,10 @@ class Deployment:
                     view[hc["ip"]] = hc["healthy"]
         return view
 
-    def prepare_root(self):
-        """The root file system the instances boot: the container test's Debian 13, with the
-        .deb installed by dpkg as on the AMI. Each instance boots it read-only under a tmpfs
-        overlay of its own."""
-        cached = netns.run(str(ROOT / "scripts/debian-rootfs.sh"), "trixie", timeout=1000).stdout.split()[-1]
-        root = self.dir / "rootfs"
-        netns.run("cp", "-a", "--reflink=auto", cached, str(root), timeout=300)
-        shutil.copy(self.deb, root / "root/static-ingress.deb")
-        netns.run("systemd-nspawn", "--quiet", "-D", str(root), "--register=no", "--keep-unit",
-                  "--private-network", "dpkg", "-i", "/root/static-ingress.deb", timeout=300)
-        (root / "root/static-ingress.deb").unlink()
-        self.root = root
-        self.events("note", f"instances boot {pathlib.Path(self.deb).name} with systemd-nspawn")
-
     # ---- the whole thing ----
     def start(self, generation=1):
-        if self.deb:
-            self.prepare_root()
+        if self.root:
+            self.events("note", "instances boot the .deb with systemd-nspawn")
         self.build_network()
         self.start_aws()
         self.start_backends()
@@ -639,12 +646,14 @@ class Deployment:
     def serving(self):
         """Every Elastic IP is associated with a live lab instance that answers /health 200 on
         that address, and the Route 53 simulator counts every address healthy."""
+        if not self.watching():
+            raise LabError("the Elastic IP watch stopped")
         r53 = self.route53_health()
         for alloc, eip in self.eip_of.items():
             inst = self.instances.get(self.holder.get(alloc) or "")
             if not inst or inst.dead or http_get(eip, ADMIN_PORT, "/health", 1.0)[0] != 200:
                 return False
-            if r53.get(eip) is False:
+            if r53.get(eip) is not True:
                 return False
         return True
 

@@ -24,6 +24,7 @@ import tempfile
 import time
 import traceback
 
+import deploy
 import netns
 import scenarios
 from deploy import Timings
@@ -54,7 +55,11 @@ def on_signal(signum, _frame):
 
 
 def git_commit():
-    r = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    try:
+        r = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
     return r.stdout.strip() or "unknown"
 
 
@@ -63,13 +68,15 @@ def main():
     ap.add_argument("--scenario", action="append", choices=sorted(scenarios.SCENARIOS),
                     help="run only this scenario (repeatable); default: all, in order")
     ap.add_argument("--short", action="store_true",
-                    help="CI's short version: the flip and one instance death at a low rate")
+                    help="CI's short version: the flip and one instance death (at the base rate, already low)")
+    ap.add_argument("--clean", action="store_true",
+                    help="only remove what earlier runs that were killed outright left behind, then exit")
     ap.add_argument("--scale", type=float, default=10.0,
                     help="divide every Route 53 interval, TTL, drain delay and grace by this (1 = real timings)")
     ap.add_argument("--load", type=float, default=1.0, help="multiply every scenario's base rate by this")
     ap.add_argument("--tenx-seconds", type=float, default=60.0, help="how long the 10x load lasts")
     ap.add_argument("--soak-minutes", type=float, default=10.0, help="how long the soak lasts (hours: e.g. 240)")
-    ap.add_argument("--binary", required=True, help="the static-ingress binary the instances run")
+    ap.add_argument("--binary", help="the static-ingress binary the instances run")
     ap.add_argument("--deb", help="the .deb the drain and replacement scenarios boot (systemd-nspawn); "
                     "without it they run the binary like the others")
     ap.add_argument("--out", help="keep the raw records here (default: loadtest/results/lab-<time>)")
@@ -86,62 +93,85 @@ def main():
         sys.exit("lab.py: --load must be > 0 and <= 50")
     if not 0 < args.tenx_seconds <= 3600 or not 0 < args.soak_minutes <= 48 * 60:
         sys.exit("lab.py: --tenx-seconds must be in (0, 3600] and --soak-minutes in (0, 2880]")
-    binary = pathlib.Path(args.binary).resolve()
-    if not os.access(binary, os.X_OK):
+    binary = pathlib.Path(args.binary or "").resolve()
+    if not args.clean and not (args.binary and os.access(binary, os.X_OK)):
         sys.exit(f"lab.py: {binary} is not an executable")
     if args.deb and not pathlib.Path(args.deb).is_file():
         sys.exit(f"lab.py: {args.deb} is not a file")
     names = args.scenario or (scenarios.SHORT if args.short else scenarios.ORDER)
+
+    # The lab's own addresses are never behind a proxy (boto3 and urllib honour these).
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        os.environ.pop(var, None)
+    os.environ["NO_PROXY"] = os.environ["no_proxy"] = "*"
+
+    removed = netns.sweep_stale()
+    if removed:
+        print(f"[lab] removed what earlier runs left: {removed}", file=sys.stderr)
+    if args.clean:
+        return 0
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = pathlib.Path(args.out or ROOT / "loadtest" / "results" / f"lab-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
 
-    removed = netns.sweep_stale()
-    if removed:
-        print(f"[lab] removed namespaces left by earlier runs: {removed}", file=sys.stderr)
-
     prefix = netns.prefix_for(os.getpid())
-    work = pathlib.Path(tempfile.mkdtemp(prefix="static-ingress-lab-"))
-    # nginx's workers run unprivileged and must read the stream body under it.
-    work.chmod(0o755)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     timings = Timings(args.scale)
     run_info = {"started": time.time(), "scale": args.scale, "mode": "short" if args.short else "full",
                 "commit": git_commit(), "machine": f"{os.cpu_count()} cores, {os.uname().release}",
                 "command": " ".join(sys.argv), "scenarios": names, "binary": str(binary)}
     failed = None
     lab = netns.Lab(prefix)
+    work = pathlib.Path(tempfile.mkdtemp(prefix=f"{netns.WORK_PREFIX}{os.getpid()}-"))
+    # nginx's workers run unprivileged and must read the stream body under it.
+    work.chmod(0o755)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
-        lab.add("ctl")
-        enter_netns(lab.name("ctl"))
-        for name in names:
-            cls = scenarios.SCENARIOS[name]
-            print(f"[lab] == scenario {name}: {cls.title}", file=sys.stderr, flush=True)
-            sc = cls(lab, out, work, timings, binary, args)
-            try:
-                sc.run()
-            except Exception as e:  # noqa: BLE001 (Interrupted is not an Exception subclass here)
-                # The lab itself failed (not the fleet): recorded, and the run goes on.
-                detail = traceback.format_exc()
-                print(f"[lab] scenario {name} could not run: {detail}", file=sys.stderr)
-                (out / name).mkdir(parents=True, exist_ok=True)
-                (out / name / "lab-error.txt").write_text(detail)
-                failed = failed or f"scenario {name}: {e}"
-            finally:
-                keep_logs(sc, out / name)
-                netns.teardown_except(prefix, keep=[lab.name("ctl")])
-                lab.names = [lab.name("ctl")]
-    except Interrupted as e:
-        print(f"[lab] interrupted ({e}): tearing down", file=sys.stderr)
-        failed = f"interrupted by {e}"
+        try:
+            # Everything that needs the host's network (debootstrap's mirror) comes first: once
+            # this process is in the control namespace, nothing but the lab is reachable.
+            root = None
+            if args.deb and any(scenarios.SCENARIOS[n].boots_deb for n in names):
+                root = deploy.prepare_root(work, args.deb)
+            lab.add("ctl")
+            enter_netns(lab.name("ctl"))
+            for name in names:
+                cls = scenarios.SCENARIOS[name]
+                print(f"[lab] == scenario {name}: {cls.title}", file=sys.stderr, flush=True)
+                sc = None
+                try:
+                    sc = cls(lab, out, work, timings, binary, args, root)
+                    sc.run()
+                except Exception as e:  # noqa: BLE001 (Interrupted is not an Exception subclass)
+                    # The lab itself failed (not the fleet): recorded, and the run goes on.
+                    detail = traceback.format_exc()
+                    print(f"[lab] scenario {name} could not run: {detail}", file=sys.stderr)
+                    (out / name).mkdir(parents=True, exist_ok=True)
+                    (out / name / "lab-error.txt").write_text(detail)
+                    failed = failed or f"scenario {name}: {e}"
+                finally:
+                    if sc is not None:
+                        keep_logs(sc, out / name)
+                    # Whatever the scenario left running in the control namespace (moto, if
+                    # its stop failed) goes too: the next one starts from nothing.
+                    netns.kill_namespace_processes(lab.name("ctl"))
+                    netns.teardown_except(prefix, keep=[lab.name("ctl")])
+                    lab.names = [lab.name("ctl")]
+        except Interrupted as e:
+            print(f"[lab] interrupted ({e}): tearing down", file=sys.stderr)
+            failed = f"interrupted by {e}"
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            left = netns.teardown(prefix)
+            if left:
+                failed = failed or f"teardown left {left}"
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        netns.teardown(prefix)
         shutil.rmtree(work, ignore_errors=True)
         run_info["ended"] = time.time()
         (out / "run.json").write_text(json.dumps(run_info, indent=1))
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     print(f"[lab] records in {out}", file=sys.stderr)
     code = 1 if failed else 0
     if args.doc or args.check:
@@ -151,7 +181,7 @@ def main():
             cmd += ["--images", args.images or str(pathlib.Path(args.doc).with_suffix(""))]
         if args.check:
             cmd.append("--check")
-        r = subprocess.run(cmd)
+        r = subprocess.run(cmd, timeout=600)
         code = code or r.returncode
     if failed:
         print(f"[lab] FAILED: {failed}", file=sys.stderr)
@@ -165,6 +195,8 @@ def keep_logs(sc, dest):
     logs = dest / "logs"
     logs.mkdir(exist_ok=True)
     for p in sc.dep.dir.rglob("*.log"):
+        if "rootfs" in p.parts:
+            continue
         rel = p.relative_to(sc.dep.dir)
         target = logs / str(rel).replace("/", "_")
         try:

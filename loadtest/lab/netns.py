@@ -17,8 +17,10 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
@@ -26,6 +28,10 @@ PREFIX_RE = re.compile(r"^silab(\d+)-")
 # An address outside the lab (TEST-NET-1): `ip route get` to it must fail in every namespace.
 OUTSIDE = "192.0.2.1"
 ETC_NETNS = pathlib.Path("/etc/netns")
+RUN_NETNS = pathlib.Path("/run/netns")
+# The orchestrator's working directory, in the system's temporary directory, named after its PID.
+WORK_PREFIX = "static-ingress-lab-"
+WORK_RE = re.compile(r"^static-ingress-lab-(\d+)-")
 
 
 class LabError(RuntimeError):
@@ -54,14 +60,26 @@ def existing():
     return [n["name"] for n in json.loads(out)] if out else []
 
 
-def _alive(pid):
+def _started(pid):
+    """When process `pid` started (epoch seconds), or None if it is gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        btime = next(int(line.split()[1]) for line in pathlib.Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
+def _owner_alive(pid, made_at):
+    """Whether the run with PID `pid` that made something at `made_at` is still running: the
+    PID must exist and have started before that (a PID reused since is not the owner)."""
+    started = _started(pid)
+    return started is not None and started <= made_at + 1.0
+
+
+def _alive(pid):
+    return _started(pid) is not None
 
 
 def namespace_pids(name):
@@ -104,16 +122,21 @@ def delete(name):
 
 
 def teardown(prefix):
-    """Removes every namespace of the run with this prefix. The core router and the control
-    namespace go last, so that the others' processes are stopped while their links still carry
-    their goodbyes."""
+    """Removes every namespace of the run with this prefix; returns those it could not remove
+    (each is tried, whatever happened to the others). The core router and the control namespace
+    go last, so that the others' processes are stopped while their links still carry their
+    goodbyes."""
     names = [n for n in existing() if n.startswith(prefix + "-")]
     names.sort(key=lambda n: (n.endswith("-core"), n.endswith("-ctl")))
     for name in names:
-        delete(name)
-    left = [n for n in existing() if n.startswith(prefix + "-")]
-    if left:
-        raise LabError(f"namespaces left after teardown: {left}")
+        try:
+            delete(name)
+        except (OSError, subprocess.SubprocessError, LabError) as e:
+            print(f"[lab] teardown of {name}: {e}", flush=True)
+    try:
+        return [n for n in existing() if n.startswith(prefix + "-")]
+    except (OSError, subprocess.SubprocessError, LabError) as e:
+        return [f"(cannot list namespaces: {e})"]
 
 
 def teardown_except(prefix, keep):
@@ -126,13 +149,28 @@ def teardown_except(prefix, keep):
 
 
 def sweep_stale():
-    """Removes the namespaces of earlier lab runs whose supervisor is no longer running."""
+    """Removes the namespaces and working directories of earlier lab runs whose orchestrator is
+    no longer running (killed outright: SIGKILL, a CI timeout). A run's PID in a name is trusted
+    only if that process started before the namespace was made, so a PID reused since never
+    protects a leftover."""
     removed = []
     for name in existing():
         m = PREFIX_RE.match(name)
-        if m and not _alive(int(m.group(1))):
+        if not m:
+            continue
+        try:
+            made_at = (RUN_NETNS / name).stat().st_mtime
+        except OSError:
+            made_at = time.time()
+        if not _owner_alive(int(m.group(1)), made_at):
             delete(name)
             removed.append(name)
+    tmp = pathlib.Path(tempfile.gettempdir())
+    for d in tmp.glob(WORK_PREFIX + "*"):
+        m = WORK_RE.match(d.name)
+        if m and d.is_dir() and not _owner_alive(int(m.group(1)), d.stat().st_mtime):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
     return removed
 
 
@@ -157,6 +195,9 @@ class Lab:
             d = ETC_NETNS / name
             d.mkdir(parents=True, exist_ok=True)
             (d / "resolv.conf").write_text(f"nameserver {resolver}\noptions timeout:1 attempts:2\n")
+            # Names through files and DNS only: a host whose nsswitch asks systemd-resolved or
+            # nscd (over Unix sockets, which namespaces do not separate) would answer from outside.
+            (d / "nsswitch.conf").write_text("hosts: files dns\n")
         return name
 
     def sysctl(self, ns, key, value):
@@ -172,15 +213,27 @@ class Lab:
         ip("link", "set", a_if, "up", ns=a)
         ip("link", "set", b_if, "up", ns=b)
 
-    def check_isolated(self):
-        """Refuses to go on unless every lab namespace is closed to the world: only loopback,
-        veth and bridge links; every route inside 198.18.0.0/15 (or the instance metadata
-        address, or loopback); and no route to an outside address."""
-        for ns in self.names:
+    def check_isolated(self, names=None):
+        """Refuses to go on unless every lab namespace (or those in `names`) is closed to the
+        world: only loopback, bridges and veth links whose other end is in another lab namespace
+        (never the host's); every IPv4 route inside 198.18.0.0/15 (or the instance metadata
+        address, or loopback); no IPv6 route but loopback's; no policy rule but the defaults and
+        the lab's blackholes; and no route to an outside address."""
+        for ns in names or self.names:
+            peers = {e["nsid"]: e.get("name", "") for e in json.loads(ip("-j", "netns", "list-id", ns=ns).stdout or "[]")}
             for link in json.loads(ip("-j", "-d", "link", "show", ns=ns).stdout):
                 kind = link.get("linkinfo", {}).get("info_kind")
                 if link["ifname"] != "lo" and kind not in ("veth", "bridge"):
                     raise LabError(f"{ns}: link {link['ifname']} ({kind}) is not a lab link")
+                if kind == "veth" and not peers.get(link.get("link_netnsid"), "").startswith(self.prefix + "-"):
+                    raise LabError(f"{ns}: veth {link['ifname']} ends outside the lab's namespaces")
+            for rule in json.loads(ip("-j", "rule", "show", ns=ns).stdout):
+                if rule.get("table") not in ("local", "main", "default") and rule.get("action") != "blackhole":
+                    raise LabError(f"{ns}: policy rule {rule} is not the lab's")
+            for route in json.loads(ip("-j", "-6", "route", "show", "table", "all", ns=ns).stdout):
+                if route.get("dev") not in (None, "lo") and route.get("type") not in ("local", "multicast", "anycast") \
+                        and not str(route.get("dst", "")).startswith(("fe80:", "ff00:", "multicast")):
+                    raise LabError(f"{ns}: IPv6 route {route} leaves the lab")
             for table in ("main", "local"):
                 for route in json.loads(ip("-j", "route", "show", "table", table, ns=ns).stdout):
                     dst = route.get("dst", "")

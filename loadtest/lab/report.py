@@ -61,7 +61,10 @@ Every figure, exactly:
 - **Samples** (scenario.json "samples"), per instance in time order: first, last and max of RSS,
   fds and CPU seconds. *Flat* when RSS growth, from the sample at the end of the first 10% of
   samples (rank ceil(0.1 x n)) to the last sample, is at most max(5% of that baseline, 2 MiB),
-  and the last fds are within FD_SLACK (5) of that baseline's; judged only with at least 3 samples.
+  and the last fds are within FD_SLACK (5) of that baseline's, and (with at least 20 samples) the
+  CPU rate over the last tenth of the samples is at most max(1.5 x, + 0.02 s/s) the rate over the
+  second tenth (the first holds the start-up); judged only with at least 3 samples, and where
+  flatness is judged an instance with fewer fails.
 - **Plots** (<scenario>.png, 10x4 in at 100 dpi): ok and failed requests per second by kind,
   binned by the time the client saw the outcome (1 s bins; runs over 15 minutes get wider bins,
   rates averaged over each), a tick per failure, events and phases as vertical lines, Route 53
@@ -72,11 +75,15 @@ Every figure, exactly:
   directory holds the orchestrator's lab-error.txt (the lab, not the fleet, failed), or run.json's
   "scenarios" lists a scenario that has no directory (it did not run). Else by
   the goal: "zero" passes only with zero client-visible failures; "bounded" passes when failures
-  <= bounds.failures (no bound: fails); "measured" always reports the numbers, verdict
+  <= bounds.failures (no bound: fails), every failure is on one of bounds.addresses (the lost
+  addresses, when given) and Route 53 marked an address unhealthy after the fault (else the fault
+  was not seen); "measured" always reports the numbers, verdict
   "measured" (not a failure). Where flatness is judged (scenario.json "flat_required", by default
   only for the scenario named "soak"), an instance that is not flat fails the scenario too; where
   the schedule is judged (scenario.json "schedule_required", default false: the 10x scenario should
   set it, for a pass under a load that was not sent proves nothing), a schedule not kept fails it.
+  Whatever the goal, fewer short requests than 90% of scenario.json's "expected_short" (the
+  schedule's count) fails it: the load was not sent.
 """
 
 from __future__ import annotations
@@ -96,9 +103,12 @@ PHASES = ("before", "during", "after")
 FAULT_KINDS = ("fault", "flip")
 FALLBACK_FAULT_KINDS = ("instance_stop", "eip_move")
 LAG_P99_KEPT = 0.050  # seconds
+LOAD_SENT_FRACTION = 0.9  # of scenario.json's expected_short
 FLAT_RSS_FRACTION = 0.05
 FLAT_RSS_MIN_BYTES = 2 * 1024 * 1024
 FD_SLACK = 5
+CPU_RATE_FACTOR = 1.5
+CPU_RATE_SLACK = 0.02  # CPU seconds per second
 MAX_BINS = 900  # plot bins; longer runs get wider ones
 MAX_MARKS = 5000  # failure ticks drawn per kind
 TOP_DETAILS = 5  # the most common (outcome, detail) pairs shown per scenario
@@ -303,6 +313,20 @@ def sample_figures(samples: list) -> dict:
                 fds_change=last_fds - base_fds,
                 flat=(last_rss - base_rss) <= bound and abs(last_fds - base_fds) <= FD_SLACK,
             )
+        # CPU: the rate (CPU seconds per second) over the last tenth of the samples against the
+        # second tenth (the first holds the start-up), flat within CPU_RATE_FACTOR or
+        # CPU_RATE_SLACK, whichever is larger.
+        cpu = [(s["t"], _num(s.get("cpu_seconds"))) for s in ss if _num(s.get("cpu_seconds")) is not None]
+        if fig["flat"] is not None and len(cpu) >= 20:
+            tenth = len(cpu) // 10
+
+            def rate(a, b):
+                return (cpu[b][1] - cpu[a][1]) / (cpu[b][0] - cpu[a][0]) if cpu[b][0] > cpu[a][0] else 0.0
+
+            early, late = rate(tenth, 2 * tenth), rate(len(cpu) - 1 - tenth, len(cpu) - 1)
+            cpu_flat = late <= max(early * CPU_RATE_FACTOR, early + CPU_RATE_SLACK)
+            fig.update(cpu_rate_early=early, cpu_rate_late=late, cpu_flat=cpu_flat)
+            fig["flat"] = fig["flat"] and cpu_flat
         out[inst] = fig
     return out
 
@@ -387,6 +411,10 @@ def analyse(sdir: Path, run: dict | None) -> dict:
     samples = sample_figures(scenario.get("samples"))
     judge_flat = bool(scenario.get("flat_required", name == "soak"))
     not_flat = [i for i, s in samples.items() if s["flat"] is False] if judge_flat else []
+    if judge_flat and not samples:
+        not_flat = ["no samples"]
+    if judge_flat:
+        not_flat += [f"{i} (too few samples)" for i, s in samples.items() if s["flat"] is None]
     judge_schedule = bool(scenario.get("schedule_required", False))
     schedule_kept = bool(lag_p99s) and max(lag_p99s) < LAG_P99_KEPT
 
@@ -402,6 +430,17 @@ def analyse(sdir: Path, run: dict | None) -> dict:
             reasons.append("goal bounded but no bounds.failures given")
         elif n_fail > bound:
             reasons.append(f"{n_fail} client-visible failure(s), bound {bound:g}")
+        # The bound covers the lost addresses only: a failure anywhere else fails the goal, and
+        # so does a fault Route 53 never saw (it did not happen, or nothing was tested).
+        lost = bounds.get("addresses")
+        if isinstance(lost, list):
+            elsewhere = [r for r in failed if r.get("ip") not in lost]
+            if elsewhere:
+                verdict = "FAIL"
+                reasons.append(f"{len(elsewhere)} failure(s) on addresses that were not lost ({', '.join(sorted({str(r.get('ip')) for r in elsewhere}))})")
+        if detect is None:
+            verdict = "FAIL"
+            reasons.append("Route 53 never marked an address unhealthy: the fault was not seen")
     elif goal == "measured":
         verdict = "measured"
     else:
@@ -411,6 +450,12 @@ def analyse(sdir: Path, run: dict | None) -> dict:
         verdict = "FAIL"
     if not_flat:
         reasons.append("not flat: " + ", ".join(not_flat))
+    # The load must have been sent: a client that died early would leave a "zero" with
+    # nothing behind it.
+    expected = _num(scenario.get("expected_short"))
+    if expected is not None and kinds.get("short", 0) < LOAD_SENT_FRACTION * expected:
+        verdict = "FAIL"
+        reasons.append(f"only {kinds.get('short', 0)} short requests of the {expected:.0f} scheduled: the load was not sent")
     if judge_schedule and not schedule_kept:
         if verdict in ("pass", "measured"):
             verdict = "FAIL"

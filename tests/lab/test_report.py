@@ -404,3 +404,59 @@ def test_two_runs_of_one_scenario_keep_their_own_images(tmp_path):
     img = tmp_path / "out" / "img"
     assert (img / "flip.png").stat().st_size > 0 and (img / "flip-2.png").stat().st_size > 0
     assert "](img/flip-2.png)" in md
+
+
+def test_bounded_failures_only_on_the_lost_addresses(tmp_path):
+    run = tmp_path / "run"
+    d = instance_death(run, bound=10)
+    sc = json.loads((d / "scenario.json").read_text())
+    # Lost: IP_A. The same five resets are within the bound and on IP_A: a pass.
+    sc["bounds"]["addresses"] = [IP_A]
+    (d / "scenario.json").write_text(json.dumps(sc))
+    assert run_report(run, tmp_path, "--check")[0] == 0
+    # One failure on the address that was not lost fails the goal, although 6 <= 10.
+    with open(d / "client.jsonl", "a") as f:
+        f.write(json.dumps(short(T0 + 15, outcome="timeout", ip=IP_B)) + "\n")
+    code, summary, _ = run_report(run, tmp_path, "--check")
+    s = summary["scenarios"]["instance_death"]
+    assert code == 1 and s["verdict"] == "FAIL"
+    assert any("not lost" in r and IP_B in r for r in s["reasons"])
+
+
+def test_bounded_fault_route53_never_saw_fails(tmp_path):
+    run = tmp_path / "run"
+    d = instance_death(run, bound=10)
+    lines = [json.loads(x) for x in (d / "route53.jsonl").read_text().splitlines()]
+    write_jsonl(d / "route53.jsonl", [r for r in lines if r["event"] != "health"])
+    code, summary, _ = run_report(run, tmp_path, "--check")
+    s = summary["scenarios"]["instance_death"]
+    assert code == 1 and s["verdict"] == "FAIL" and s["detect_s"] is None
+    assert any("never marked" in r for r in s["reasons"])
+
+
+def test_zero_goal_without_the_scheduled_load_fails(tmp_path):
+    run = tmp_path / "run"
+    d = flip(run)
+    sc = json.loads((d / "scenario.json").read_text())
+    sc["expected_short"] = 300  # the records hold 300: passes
+    (d / "scenario.json").write_text(json.dumps(sc))
+    assert run_report(run, tmp_path, "--check")[0] == 0
+    sc["expected_short"] = 600  # a client that sent half of its schedule
+    (d / "scenario.json").write_text(json.dumps(sc))
+    code, summary, _ = run_report(run, tmp_path, "--check")
+    assert code == 1
+    assert any("load was not sent" in r for r in summary["scenarios"]["flip"]["reasons"])
+
+
+def test_soak_cpu_rate_climbing_is_not_flat(tmp_path):
+    run = tmp_path / "run"
+    samples = []
+    for i in range(40):
+        t = T0 + 0.75 * i
+        # Flat memory and descriptors, but CPU per second rising from 0.01 to 0.4 s/s.
+        cpu = sum(0.01 + 0.01 * k for k in range(i))
+        samples.append({"t": t, "instance": "i-a", "rss_bytes": 50 * MIB, "fds": 20, "cpu_seconds": cpu})
+    make(run, "soak", scenario("soak", "zero", samples=samples), steady(T0, T0 + 30), [answers(T0 + 1, {IP_B: 10})], phase_events())
+    code, summary, _ = run_report(run, tmp_path, "--check")
+    fig = summary["scenarios"]["soak"]["samples"]["i-a"]
+    assert code == 1 and fig["cpu_flat"] is False and fig["flat"] is False
