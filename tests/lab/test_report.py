@@ -227,9 +227,10 @@ def test_soak_growing_rss_fails(tmp_path):
     assert table(md)["soak"][4] == "**FAIL** (not flat)"
     assert code == 1 and s["verdict"] == "FAIL" and s["failures"] == 0
     assert s["samples"]["i-a"]["flat"] is True and s["samples"]["i-b"]["flat"] is False
-    # Baseline: the 2nd of 20 samples (end of the first 10%), 50.5 MiB; last 59.5 MiB; bound 5% of the baseline.
-    assert s["samples"]["i-b"]["rss_growth_bytes"] == 9 * MIB
-    assert s["samples"]["i-b"]["rss_bound_bytes"] == pytest.approx(0.05 * 50.5 * MIB)
+    # Medians: of the second tenth (samples 3-4 of 20: 51.25 MiB) and of the last tenth
+    # (59.25 MiB); bound 5% of the baseline.
+    assert s["samples"]["i-b"]["rss_growth_bytes"] == 8 * MIB
+    assert s["samples"]["i-b"]["rss_bound_bytes"] == pytest.approx(0.05 * 51.25 * MIB)
     assert "not flat: i-b" in s["reasons"]
 
 
@@ -460,3 +461,20 @@ def test_soak_cpu_rate_climbing_is_not_flat(tmp_path):
     code, summary, _ = run_report(run, tmp_path, "--check")
     fig = summary["scenarios"]["soak"]["samples"]["i-a"]
     assert code == 1 and fig["cpu_flat"] is False and fig["flat"] is False
+
+
+def test_soak_descriptors_of_open_connections_at_the_last_sample_are_flat(tmp_path):
+    # Streams open at the moment of the last sample add descriptors; a leak would move the
+    # median of the last tenth, a snapshot does not.
+    run = tmp_path / "run"
+    samples = [{"t": T0 + 0.5 * i, "instance": "i-a", "rss_bytes": 50 * MIB, "fds": 20 + (8 if i in (5, 59) else 0),
+                "cpu_seconds": 0.005 * i} for i in range(60)]
+    make(run, "soak", scenario("soak", "zero", samples=samples), steady(T0, T0 + 30), [answers(T0 + 1, {IP_B: 10})], phase_events())
+    code, summary, _ = run_report(run, tmp_path, "--check")
+    assert code == 0 and summary["scenarios"]["soak"]["samples"]["i-a"]["flat"] is True
+    # The same descriptors held over the last tenth are a leak.
+    for i in range(54, 60):
+        samples[i]["fds"] = 28
+    (run / "soak" / "scenario.json").write_text(json.dumps(scenario("soak", "zero", samples=samples)))
+    code, summary, _ = run_report(run, tmp_path, "--check")
+    assert code == 1 and summary["scenarios"]["soak"]["samples"]["i-a"]["flat"] is False
