@@ -17,7 +17,7 @@ import sys
 import time
 
 from deploy import ADMIN_PORT, ELBS, RECORD, SUBNETS, Deployment, Events, http_get
-from netns import ip
+from netns import LabError, ip
 from services import STREAM_BYTES, Proc, wait_until
 
 LAB_DIR = pathlib.Path(__file__).resolve().parent
@@ -59,7 +59,7 @@ class Clients:
         if dead:
             raise LabError(f"clients stopped before the end: {', '.join(dead)}; see their logs")
 
-    def expected_short(self, phases):
+    def expected_short(self):
         """How many short requests the schedule called for, from the start of the load to now
         (the rate as set, phase by phase)."""
         total, t = 0.0, None
@@ -206,7 +206,7 @@ class Scenario:
 
     def _stop_clients(self):
         if self.clients:
-            self.expected_short = self.clients.expected_short(self.phases)
+            self.expected_short = self.clients.expected_short()
             self.clients.stop()
 
     def _write(self):
