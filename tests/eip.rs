@@ -130,19 +130,30 @@ async fn launch_two(moto: &Moto, tags: &[(&str, &str)]) -> (String, String) {
     for (k, v) in tags {
         spec = spec.tags(aws_sdk_ec2::types::Tag::builder().key(*k).value(*v).build());
     }
-    let out = moto
-        .ec2
-        .run_instances()
-        .image_id("ami-12c6146b")
-        .min_count(2)
-        .max_count(2)
-        .tag_specifications(spec.build())
-        .send()
-        .await
-        .expect("RunInstances");
-    let mut ids: Vec<String> = out.instances().iter().filter_map(|i| i.instance_id().map(str::to_string)).collect();
-    ids.sort();
-    (ids[0].clone(), ids[1].clone())
+    let spec = spec.build();
+    // One RunInstances call launches both, but moto stamps each instance's launch time (to the
+    // second) as it makes it: now and then the two straddle a second, and the later one is
+    // then newer by launch time, not by id. Such a pair is no use here; launch another.
+    for _ in 0..5 {
+        let out = moto
+            .ec2
+            .run_instances()
+            .image_id("ami-12c6146b")
+            .min_count(2)
+            .max_count(2)
+            .tag_specifications(spec.clone())
+            .send()
+            .await
+            .expect("RunInstances");
+        let times: Vec<_> = out.instances().iter().map(|i| i.launch_time().cloned()).collect();
+        if times.len() == 2 && times[0] == times[1] {
+            let mut ids: Vec<String> =
+                out.instances().iter().filter_map(|i| i.instance_id().map(str::to_string)).collect();
+            ids.sort();
+            return (ids[0].clone(), ids[1].clone());
+        }
+    }
+    panic!("moto gave no two instances the same launch time in 5 tries");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
