@@ -38,6 +38,7 @@ from services import Proc, dns_answers, dnsmasq_stub, dnsmasq_vpc_resolver, make
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "packaging"))
 import fleet  # noqa: E402  (the packaging tests' moto helpers: one deploy path for both)
+import nspawn  # noqa: E402  (and their container helpers)
 
 LAB_DIR = pathlib.Path(__file__).resolve().parent
 ZONE = "lab.example."
@@ -260,17 +261,7 @@ class Instance:
 
     def leader(self):
         """The container's PID 1 (systemd), a child of systemd-nspawn."""
-        try:
-            children = pathlib.Path(f"/proc/{self.proxy.pid}/task/{self.proxy.pid}/children").read_text().split()
-        except OSError:
-            return None
-        for pid in children:
-            try:
-                if pathlib.Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
-                    return int(pid)
-            except OSError:
-                pass
-        return None
+        return nspawn.container_leader(self.proxy.pid)
 
     def user_data_env(self):
         """What cloud-init would write from the launch template's user data (moto has no

@@ -7,9 +7,13 @@ import pathlib
 import select
 import signal
 import subprocess
+import sys
 import time
 
 from netns import LabError, run
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "tests" / "packaging"))
+from nspawn import wait_for  # noqa: E402  (shared with the container test)
 
 # The body of every short request: the first line says which ELB answered.
 STREAM_BYTES = 1 << 20
@@ -90,15 +94,12 @@ class Proc:
 
 
 def wait_until(what, predicate, timeout_s, interval_s=0.1):
-    """Polls `predicate` until it returns a true value, for at most `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise LabError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+    """Polls `predicate` until it returns a true value, for at most `timeout_s` (the container
+    test's wait, failing as the lab fails)."""
+    try:
+        return wait_for(what, predicate, timeout_s, interval_s)
+    except AssertionError as e:
+        raise LabError(str(e)) from None
 
 
 def make_ca(directory, names):

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import ROOT
+from nspawn import container_leader, wait_for
 
 UNIT = "static-ingress.service"
 ENV_FILE = "etc/static-ingress/static-ingress.env"
@@ -32,18 +33,6 @@ def run(args, timeout=60, check=False):
     if check and r.returncode != 0:
         raise AssertionError(f"{args} exited {r.returncode}: {r.stdout}{r.stderr}")
     return r
-
-
-def wait_for(what, predicate, timeout_s, interval_s=0.25):
-    """Polls `predicate` until it returns a true value, at most `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last: {last!r}")
 
 
 class Container:
@@ -77,19 +66,7 @@ class Container:
         if self.proc.poll() is not None:
             raise AssertionError(f"systemd-nspawn exited {self.proc.returncode}: "
                                  + pathlib.Path(self.log_path).read_text(errors="replace"))
-        try:
-            children = pathlib.Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        except OSError:
-            return None
-        # The container's PID 1 once it has exec'd systemd (before that the child is still a
-        # copy of nspawn, setting the namespaces up).
-        for pid in children:
-            try:
-                if pathlib.Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
-                    return int(pid)
-            except OSError:
-                pass
-        return None
+        return container_leader(self.proc.pid)
 
     def sh(self, *args, timeout=60):
         """Runs a command inside the container (its mount, PID, network and other namespaces)."""
