@@ -430,9 +430,16 @@ async fn running_out_of_file_descriptors_does_not_kill_the_proxy_and_it_recovers
     // each is logged as a warning.
     const ACCEPT_BACKOFF: &str = "accept failed: out of file descriptors or memory; backing off";
     const NO_BACKEND: &str = "no backend address accepted the connection";
+    // A connection the proxy accepted and then closed for want of a backend descriptor can be
+    // reset before the client's connect has even been polled: that is the second outcome, not a
+    // failure of the test.
     let mut clients = Vec::new();
     for _ in 0..60 {
-        clients.push(within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy)).await.expect("connect"));
+        match within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy)).await {
+            Ok(c) => clients.push(c),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("connect: {e}"),
+        }
     }
     let hit = p.log_line("the proxy to run out of descriptors", |line| {
         [ACCEPT_BACKOFF, NO_BACKEND].into_iter().find(|warning| line.contains(warning))
@@ -440,13 +447,26 @@ async fn running_out_of_file_descriptors_does_not_kill_the_proxy_and_it_recovers
     eprintln!("the shortage showed as: {hit}");
     drop(clients);
 
-    // It is still alive, and serves again once descriptors are free.
+    // It is still alive, and serves again once descriptors are free. Freeing them takes a moment:
+    // the proxy still has to see each dropped client's FIN (and accept the ones left queued), so a
+    // connection made at once can still meet the shortage and be reset.
     eventually("/health to answer again", async || {
         tokio::net::TcpStream::connect(p.admin).await.is_ok() && get(p.admin, "/health").await.status == 200
     })
     .await;
-    let mut c = within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy)).await.expect("connect");
-    assert_eq!(round_trip(&mut c, b"after the shortage").await, b"after the shortage");
+    eventually("a proxied round trip to work again", async || {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let msg = b"after the shortage";
+        let attempt = async {
+            let mut c = tokio::net::TcpStream::connect(p.proxy).await?;
+            c.write_all(msg).await?;
+            let mut back = vec![0; msg.len()];
+            c.read_exact(&mut back).await?;
+            std::io::Result::Ok(back)
+        };
+        matches!(tokio::time::timeout(Duration::from_secs(1), attempt).await, Ok(Ok(back)) if back == msg)
+    })
+    .await;
 
     // The metrics say what the log said.
     let metrics = get(p.admin, "/metrics").await.body;
