@@ -334,7 +334,10 @@ impl Metrics {
             tcp_errors_total,
             connect_duration_seconds,
             accept_errors_total,
-            draining: gauge("draining", "1 while the proxy is draining after SIGTERM, else 0.")?,
+            draining: gauge(
+                "draining",
+                "1 while the proxy is draining (after SIGTERM, or handing its Elastic IP over), else 0.",
+            )?,
             eip_associated: gauge(
                 "eip_associated",
                 "1 while this instance's Elastic IP was associated with it at the last check, else 0 (also with \

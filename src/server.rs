@@ -53,6 +53,32 @@ pub struct Server {
     proxy: Arc<Proxy>,
     state: Arc<admin::State>,
     stop_sources: CancellationToken,
+    stop_accepting: CancellationToken,
+}
+
+/// What a handoff of the Elastic IP drains: the proxy and `/health`.
+struct Serving {
+    state: Arc<admin::State>,
+    proxy: Arc<Proxy>,
+    stop_accepting: CancellationToken,
+}
+
+impl eip::handoff::Serving for Serving {
+    fn set_handoff(&self, why: Option<String>) {
+        self.state.set_handoff(why);
+    }
+
+    fn open_connections(&self) -> usize {
+        self.proxy.active()
+    }
+
+    fn cut_open(&self) {
+        self.proxy.cut_open();
+    }
+
+    fn stop_accepting(&self) {
+        self.stop_accepting.cancel();
+    }
 }
 
 impl Server {
@@ -100,8 +126,18 @@ impl Server {
             }),
         };
         let stop_sources = CancellationToken::new();
+        let stop_accepting = CancellationToken::new();
         if config.eip.enabled {
-            tokio::spawn(eip::keep(config.eip.clone(), Arc::clone(&state.eip), stop_sources.clone()));
+            let serving = Arc::new(Serving {
+                state: Arc::clone(&state),
+                proxy: Arc::clone(&proxy),
+                stop_accepting: stop_accepting.clone(),
+            });
+            let timing = eip::handoff::Timing {
+                drain_delay: config.lifecycle.drain_delay,
+                grace_period: config.lifecycle.grace_period,
+            };
+            tokio::spawn(eip::keep(config.eip.clone(), timing, serving, Arc::clone(&state.eip), stop_sources.clone()));
         }
         let checker =
             Checker { config: config.health.clone(), backends: Arc::clone(&backends), metrics: Arc::clone(&metrics) };
@@ -125,6 +161,7 @@ impl Server {
             proxy,
             state,
             stop_sources,
+            stop_accepting,
         })
     }
 
@@ -155,7 +192,7 @@ impl Server {
     ///
     /// A second `Terminate` at any point skips to the end and returns [`Exit::Forced`].
     pub async fn run(self, mut signals: mpsc::Receiver<Signal>) -> Exit {
-        let stop_accepting = CancellationToken::new();
+        let stop_accepting = self.stop_accepting.clone();
         let accept_loops: Vec<JoinHandle<()>> = self
             .proxy_listeners
             .into_iter()
@@ -203,8 +240,14 @@ impl Server {
         tracing::info!(drain_delay = ?lifecycle.drain_delay, grace_period = ?lifecycle.grace_period,
             "draining: /health answers 503; still accepting until the drain delay ends (signal again to exit now)");
         let exit = 'drain: {
+            // After a handoff nothing reaches this instance any more: no delay to wait out.
+            let delay = if self.state.eip.status().state == eip::State::HandedOff {
+                std::time::Duration::ZERO
+            } else {
+                lifecycle.drain_delay
+            };
             tokio::select! {
-                () = tokio::time::sleep(lifecycle.drain_delay) => {}
+                () = tokio::time::sleep(delay) => {}
                 () = &mut forced => break 'drain Exit::Forced,
             }
 

@@ -574,8 +574,9 @@ async fn a_missing_permission_names_the_call_and_the_policy() {
 /// A running proxy with the claim on: its admin address for /status and /metrics, and its log
 /// lines (JSON, fields flattened), collected as they come.
 struct Running {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     _backend: Backend,
+    proxy: SocketAddr,
     admin: SocketAddr,
     logs: Arc<Mutex<Vec<serde_json::Value>>>,
 }
@@ -584,9 +585,12 @@ async fn run_with_eip(imds: &str, ec2: &str, extra: &[&str]) -> Running {
     use tokio::io::AsyncBufReadExt;
     let backend = Backend::echo().await;
     let mut cmd = command("run", imds, ec2);
+    if !extra.contains(&"--lifecycle-drain-delay") {
+        cmd.args(["--lifecycle-drain-delay", "0s"]);
+    }
     cmd.args(["--backend-address", &backend.addr.to_string()])
         .args(["--proxy-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(["--eip-enabled", "true", "--lifecycle-drain-delay", "0s", "--log-format", "json"])
+        .args(["--eip-enabled", "true", "--log-format", "json"])
         .args(extra)
         .stderr(Stdio::null());
     let mut child = cmd.spawn().expect("the proxy starts");
@@ -608,7 +612,7 @@ async fn run_with_eip(imds: &str, ec2: &str, extra: &[&str]) -> Running {
     // Serving at once, whatever the claim is doing.
     let mut s = within(BOUND, "a connection to the proxy", tokio::net::TcpStream::connect(proxy)).await.unwrap();
     assert_eq!(round_trip(&mut s, b"ping").await, b"ping");
-    Running { _child: child, _backend: backend, admin, logs }
+    Running { child, _backend: backend, proxy, admin, logs }
 }
 
 /// The first log line whose message starts with `message` and that `matches`.
@@ -668,7 +672,10 @@ async fn run_keeps_the_address_from_older_instances_and_leaves_it_to_newer_ones(
     let me = moto.launch(&[(TAG_KEY, &alloc), (GENERATION, "2")]).await;
     let imds = Imds::start(&me, Some(&[(TAG_KEY, &alloc)])).await;
     let ec2 = Ec2Proxy::start(&moto.endpoint, Lag::default(), Arc::default()).await;
-    let p = run_with_eip(&imds.endpoint(), &ec2.endpoint(), &["--eip-check-interval", "200ms"]).await;
+    // Without handoffs, to see the rank rule alone (tests/handoff.rs has them).
+    let p =
+        run_with_eip(&imds.endpoint(), &ec2.endpoint(), &["--eip-check-interval", "200ms", "--eip-handoff", "false"])
+            .await;
 
     let eip = wait_for_state(p.admin, "associated").await;
     assert_eq!(eip["allocation_id"], alloc.as_str());
@@ -771,4 +778,272 @@ async fn run_serves_while_the_claim_fails_and_shows_why() {
     let eip = wait_for_state(p.admin, "associated").await;
     assert_eq!(eip["allocation_id"], alloc.as_str());
     assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(me.as_str()));
+}
+
+// ---- Handoffs (src/eip/handoff.rs, docs/handoff.md) ----
+
+/// A proxy of one fleet generation for `alloc`: its instance in moto, its instance metadata
+/// stand-in, and the running binary (a short drain, so that a handoff takes seconds).
+struct Member {
+    id: String,
+    _imds: Imds,
+    p: Running,
+}
+
+async fn member(moto: &Moto, alloc: &str, generation: &str, extra: &[&str]) -> Member {
+    let id = moto.launch(&[(TAG_KEY, alloc), (GENERATION, generation)]).await;
+    let imds = Imds::start(&id, Some(&[(TAG_KEY, alloc)])).await;
+    let mut args = extra.to_vec();
+    for (flag, value) in
+        [("--eip-check-interval", "200ms"), ("--lifecycle-drain-delay", "1s"), ("--lifecycle-grace-period", "2s")]
+    {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
+    let p = run_with_eip(&imds.endpoint(), &moto.endpoint, &args).await;
+    Member { id, _imds: imds, p }
+}
+
+/// The value of tag `key` on the allocation, as EC2 shows it (empty when cleared).
+async fn address_tag(moto: &Moto, alloc: &str, key: &str) -> String {
+    let out = moto.ec2.describe_addresses().allocation_ids(alloc).send().await.expect("DescribeAddresses");
+    let tags = out.addresses()[0].tags();
+    tags.iter().find(|t| t.key() == Some(key)).and_then(|t| t.value()).unwrap_or_default().to_string()
+}
+
+async fn health(admin: SocketAddr) -> (u16, String) {
+    let r = get(admin, "/health").await;
+    (r.status, r.body)
+}
+
+async fn wait_for_health(admin: SocketAddr, status: u16, containing: &str) -> String {
+    let mut last = (0, String::new());
+    let found = tokio::time::timeout(CLAIM_BOUND, async {
+        loop {
+            last = health(admin).await;
+            if last.0 == status && last.1.contains(containing) {
+                return last.1.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("/health never answered {status} with {containing:?}; last: {last:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_hands_the_address_over_without_breaking_a_connection_that_finishes_in_time() {
+    let moto = Moto::start().await;
+    let (alloc, _) = moto.allocate().await;
+    let old = member(&moto, &alloc, "1", &[]).await;
+    wait_for_state(old.p.admin, "associated").await;
+    // A connection open before the release, and still open when the grace ends.
+    let mut long = within(BOUND, "connect", tokio::net::TcpStream::connect(old.p.proxy)).await.unwrap();
+    assert_eq!(round_trip(&mut long, b"before").await, b"before");
+
+    let new = member(&moto, &alloc, "2", &[]).await;
+    // The newer instance asks instead of taking, and says it is waiting.
+    let eip = wait_for_state(new.p.admin, "requesting").await;
+    assert_eq!(eip["owner"], old.id.as_str());
+    assert_eq!(health(new.p.admin).await.0, 503, "healthy before it holds the address");
+    // The holder drains: /health fails so Route 53 stops announcing the address, the address
+    // stays where it is, and connections still arriving (cached answers) are served.
+    let body = wait_for_health(old.p.admin, 503, &format!("handing the Elastic IP over to {}", new.id)).await;
+    assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(old.id.as_str()), "{body}");
+    assert!(address_tag(&moto, &alloc, "static-ingress:handoff").await.starts_with("draining "));
+    let mut late = within(BOUND, "connect", tokio::net::TcpStream::connect(old.p.proxy)).await.unwrap();
+    assert_eq!(round_trip(&mut late, b"cached answer").await, b"cached answer");
+    drop(late);
+
+    // The connection still open when the grace ends is reset, not left to break silently.
+    let cut = read_until_closed(&mut long).await;
+    assert_eq!(cut.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+    let moved = wait_for_log(&old.p.logs, "Elastic IP handed over", |_| true).await;
+    assert_eq!(moved["to"], new.id.as_str());
+    assert_eq!(moved["cut"], 1);
+    // The drain delay and then the grace for the open connection, both served in full.
+    assert!(moved["seconds"].as_f64().unwrap() >= 3.0, "{moved}");
+
+    // The new instance holds it, healthy; the old one says where it went and stops accepting.
+    wait_for_state(new.p.admin, "associated").await;
+    wait_for_health(new.p.admin, 200, "").await;
+    assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(new.id.as_str()));
+    let old_eip = wait_for_state(old.p.admin, "handed_off").await;
+    assert_eq!(old_eip["owner"], new.id.as_str());
+    assert_eq!(health(old.p.admin).await, (503, format!("the Elastic IP was handed over to {}\n", new.id)));
+    eventually("the old proxy to refuse connections", async || {
+        tokio::net::TcpStream::connect(old.p.proxy).await.is_err()
+    })
+    .await;
+    eventually("the handoff tags to be cleared", async || {
+        address_tag(&moto, &alloc, "static-ingress:handoff-to").await.is_empty()
+            && address_tag(&moto, &alloc, "static-ingress:handoff").await.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_never_answers_is_taken_from_once_the_bound_passes() {
+    let moto = Moto::start().await;
+    let (alloc, _) = moto.allocate().await;
+    // Running, holding the address, and no proxy on it to answer (or one too old to know).
+    let silent = moto.launch(&[(TAG_KEY, &alloc), (GENERATION, "1")]).await;
+    moto.associate(&alloc, &silent).await;
+
+    let started = Instant::now();
+    let new = member(&moto, &alloc, "2", &[]).await;
+    assert_eq!(wait_for_state(new.p.admin, "requesting").await["owner"], silent.as_str());
+    let line = wait_for_log(&new.p.logs, "Elastic IP handoff skipped: taking the address", |_| true).await;
+    assert!(line["reason"].as_str().unwrap().contains("did not answer the handoff request within 30s"), "{line}");
+    // It waited for an answer (3 checks of 200 ms, plus 30 s, counted in the tags' whole
+    // seconds) before taking it.
+    assert!(started.elapsed() >= Duration::from_secs(29), "took it after {:?}", started.elapsed());
+    wait_for_state(new.p.admin, "associated").await;
+    assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(new.id.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_terminated_half_way_through_its_drain_is_taken_from_at_once() {
+    let moto = Moto::start().await;
+    let (alloc, _) = moto.allocate().await;
+    let mut old = member(&moto, &alloc, "1", &["--lifecycle-drain-delay", "60s"]).await;
+    wait_for_state(old.p.admin, "associated").await;
+    let new = member(&moto, &alloc, "2", &[]).await;
+    wait_for_health(old.p.admin, 503, "handing the Elastic IP over").await;
+
+    // The old stack is deleted half-way: its instance goes, without moving the address.
+    old.p.child.kill().await.expect("kill the old proxy");
+    let deleted = Instant::now();
+    moto.ec2.terminate_instances().instance_ids(&old.id).send().await.expect("TerminateInstances");
+    let line = wait_for_log(&new.p.logs, "Elastic IP handoff skipped: taking the address", |_| true).await;
+    let reason = line["reason"].as_str().unwrap();
+    assert!(reason.starts_with(&format!("the holder {} is ", old.id)), "{line}");
+    wait_for_state(new.p.admin, "associated").await;
+    // Not after the 60 s drain it had announced: at once.
+    assert!(deleted.elapsed() < Duration::from_secs(15), "{:?}", deleted.elapsed());
+    assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(new.id.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requester_gone_before_the_move_does_not_get_the_address() {
+    let moto = Moto::start().await;
+    let (alloc, _) = moto.allocate().await;
+    let old = member(&moto, &alloc, "1", &["--lifecycle-drain-delay", "3s"]).await;
+    wait_for_state(old.p.admin, "associated").await;
+    let mut new = member(&moto, &alloc, "2", &[]).await;
+    wait_for_health(old.p.admin, 503, "handing the Elastic IP over").await;
+    new.p.child.kill().await.expect("kill the new proxy");
+    moto.ec2.terminate_instances().instance_ids(&new.id).send().await.expect("TerminateInstances");
+
+    // The address is not moved to a dead instance: the holder keeps it and serves as before.
+    let line = wait_for_log(&old.p.logs, "Elastic IP handoff abandoned", |_| true).await;
+    assert_eq!(line["reason"], "the requester is no longer running");
+    wait_for_health(old.p.admin, 200, "").await;
+    assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(old.id.as_str()));
+    assert_eq!(eip_status(old.p.admin).await["state"], "associated");
+    let mut c = within(BOUND, "connect", tokio::net::TcpStream::connect(old.p.proxy)).await.unwrap();
+    assert_eq!(round_trip(&mut c, b"still here").await, b"still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_requesters_for_one_address_the_newer_ends_up_with_it() {
+    let moto = Moto::start().await;
+    let (alloc, _) = moto.allocate().await;
+    let old = member(&moto, &alloc, "1", &[]).await;
+    wait_for_state(old.p.admin, "associated").await;
+    let second = member(&moto, &alloc, "2", &[]).await;
+    wait_for_state(second.p.admin, "requesting").await;
+    let third = member(&moto, &alloc, "3", &[]).await;
+
+    eventually("the newest instance to hold the address", async || {
+        moto.holder(&alloc).await.0.as_deref() == Some(third.id.as_str())
+            && eip_status(third.p.admin).await["state"] == "associated"
+    })
+    .await;
+    wait_for_health(third.p.admin, 200, "").await;
+    // The one in between yields (directly, or after holding it for a moment), and nobody
+    // takes it back.
+    eventually("the middle one to yield", async || {
+        let s = eip_status(second.p.admin).await;
+        (s["state"] == "lost" || s["state"] == "handed_off") && s["owner"] == third.id.as_str()
+    })
+    .await;
+    let writes = |logs: &Mutex<Vec<serde_json::Value>>| {
+        logs.lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with("Elastic IP claimed")))
+            .count()
+    };
+    let before = (writes(&old.p.logs), writes(&second.p.logs));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!((writes(&old.p.logs), writes(&second.p.logs)), before, "an older instance took it back");
+    assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(third.id.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_of_one_set_hand_off_one_at_a_time() {
+    let moto = Moto::start().await;
+    let mut allocs = Vec::new();
+    for slot in 1..=3 {
+        let (alloc, _) = moto.allocate().await;
+        let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+        moto.ec2
+            .create_tags()
+            .resources(&alloc)
+            .tags(tag("static-ingress:address-set", "addresses-test"))
+            .tags(tag("static-ingress:slot", &slot.to_string()))
+            .send()
+            .await
+            .expect("CreateTags");
+        allocs.push(alloc);
+    }
+    let mut olds = Vec::new();
+    for alloc in &allocs {
+        olds.push(member(&moto, alloc, "1", &[]).await);
+    }
+    for old in &olds {
+        wait_for_state(old.p.admin, "associated").await;
+    }
+    // The whole new fleet at once, as a release starts it.
+    let (a, b, c) = tokio::join!(
+        member(&moto, &allocs[0], "2", &[]),
+        member(&moto, &allocs[1], "2", &[]),
+        member(&moto, &allocs[2], "2", &[])
+    );
+    let news = [a, b, c];
+
+    // Until every address has moved, never more than one old instance fails /health for a
+    // handoff (so two of the three stay announced), and each moves only in its turn.
+    let mut most_at_once = 0;
+    let mut seen_draining = std::collections::HashSet::new();
+    within(Duration::from_secs(120), "every address to be handed over", async {
+        loop {
+            let mut draining = 0;
+            let mut moved = 0;
+            for (i, old) in olds.iter().enumerate() {
+                let (status, body) = health(old.p.admin).await;
+                if status == 503 && body.contains("handing the Elastic IP over") {
+                    draining += 1;
+                    seen_draining.insert(i);
+                }
+                if body.contains("was handed over") {
+                    moved += 1;
+                }
+            }
+            most_at_once = most_at_once.max(draining);
+            if moved == olds.len() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+    .await;
+    assert_eq!(most_at_once, 1, "more than one address was handing off at once");
+    assert_eq!(seen_draining.len(), 3, "some handoff went unseen: {seen_draining:?}");
+    for (alloc, new) in allocs.iter().zip(&news) {
+        wait_for_state(new.p.admin, "associated").await;
+        assert_eq!(moto.holder(alloc).await.0.as_deref(), Some(new.id.as_str()));
+    }
 }

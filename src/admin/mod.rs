@@ -46,6 +46,9 @@ pub struct State {
     started: Instant,
     started_at: SystemTime,
     draining: AtomicBool,
+    /// Set while the Elastic IP is being handed over to a newer instance, and after: why
+    /// `/health` fails.
+    handoff: std::sync::Mutex<Option<String>>,
     admin_metrics: AdminMetrics,
 }
 
@@ -116,6 +119,7 @@ impl State {
             started: Instant::now(),
             started_at: SystemTime::now(),
             draining: AtomicBool::new(false),
+            handoff: std::sync::Mutex::new(None),
             // The one name and label set are fixed and valid; `admin_metrics_render` in the
             // tests registers them.
             admin_metrics: AdminMetrics::new().expect("admin metric definitions are valid"),
@@ -132,10 +136,26 @@ impl State {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// While `Some`, `/health` answers 503 with this reason (a handoff of the Elastic IP).
+    pub fn set_handoff(&self, why: Option<String>) {
+        self.metrics.draining.set(i64::from(why.is_some() || self.is_draining()));
+        *self.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+    }
+
     /// 200 when serving, not draining, and some backend address is healthy; else the reason.
     pub fn health(&self) -> Health {
         if self.is_draining() {
             return Health::Unhealthy("draining".into());
+        }
+        if let Some(why) = self.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() {
+            return Health::Unhealthy(why);
+        }
+        // Healthy only once it holds the address: until then Route 53 checks the holder anyway,
+        // and an operator reading this sees it is waiting.
+        let eip = self.eip.status();
+        if eip.state == crate::eip::State::Requesting {
+            let holder = eip.owner.as_deref().unwrap_or("the holder");
+            return Health::Unhealthy(format!("waiting for {holder} to hand the Elastic IP over"));
         }
         let set = self.backends.current();
         if set.addrs.is_empty() {

@@ -287,10 +287,12 @@ pub static KEYS: &[Key] = &[
     Key {
         name: "lifecycle.drain_delay",
         kind: Kind::DurationOrZero { max: "1d" },
-        default: Some("90s"),
-        doc: "After SIGTERM, /health answers 503 but the proxy keeps accepting for this long, \
-              so Route 53 (3 failed checks at 10s, about 30s) drops this IP and clients' \
-              cached answers (TTL 60s) expire before the listener closes. \
+        default: Some("120s"),
+        doc: "After SIGTERM, or when handing the Elastic IP to a newer instance, /health \
+              answers 503 but the proxy keeps accepting for this long, so Route 53 drops this \
+              IP (3 failed checks at 10s, up to 40s with the checks' phase) and clients' cached \
+              answers (TTL 60s) expire before the listener closes or the address moves: \
+              40s + 60s, plus 20s for Route 53 to publish the change. \
               At most 1d: it only has to outlast Route 53's checks and the clients' DNS TTL.",
     },
     Key {
@@ -327,11 +329,31 @@ pub static KEYS: &[Key] = &[
     Key {
         name: "eip.check_interval",
         kind: Kind::Duration { max: "1d" },
-        default: Some("1m"),
+        default: Some("10s"),
         doc: "How often the running proxy checks that the Elastic IP is still associated with \
-              this instance (one DescribeAddresses call). Losing it to a newer fleet is logged \
-              and shown, not fought over. \
+              this instance, and whether a newer instance asks for it (one DescribeAddresses \
+              call; every second while a handoff waits for its turn). Losing it to a newer \
+              fleet is logged and shown, not fought over. \
               At most 1d: a rarer check would leave a lost address unnoticed for more than a day.",
+    },
+    Key {
+        name: "eip.handoff",
+        kind: Kind::Bool,
+        default: Some("true"),
+        doc: "When a running older instance holds this instance's Elastic IP (the previous \
+              fleet during a release), ask it to hand the address over (tags on the address) \
+              instead of taking it: the holder drains first (lifecycle.drain_delay, then its \
+              connections up to lifecycle.grace_period) and moves it here itself. A holder \
+              that does not answer, or is not running, is taken from as before. See \
+              docs/handoff.md.",
+    },
+    Key {
+        name: "eip.handoffs_at_once",
+        kind: Kind::Count { min: 1, max: 16 },
+        default: Some("1"),
+        doc: "How many addresses of the fleet's address set (the Elastic IPs tagged with the \
+              same static-ingress:address-set) may be handing off at once: of N addresses, at \
+              least N minus this many stay announced by Route 53 during a release.",
     },
     Key {
         name: "eip.deadline",

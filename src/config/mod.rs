@@ -104,6 +104,10 @@ pub struct EipConfig {
     pub imds_endpoint: Option<String>,
     /// `None`: the region's EC2 endpoint.
     pub ec2_endpoint: Option<String>,
+    /// Ask a running older holder to hand the address over instead of taking it.
+    pub handoff: bool,
+    /// How many addresses of the address set may be in handoff at once.
+    pub handoffs_at_once: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,6 +333,8 @@ impl Resolver<'_> {
         let deadline = self.get("eip.deadline", as_duration);
         let imds_endpoint = self.get("eip.imds_endpoint", as_word);
         let ec2_endpoint = self.get("eip.ec2_endpoint", as_word);
+        let handoff = self.get("eip.handoff", as_bool);
+        let handoffs_at_once = self.get("eip.handoffs_at_once", as_count);
         let non_empty = |s: String| Some(s).filter(|s| !s.is_empty());
         if let Some(interval) = check_interval
             && interval < MIN_EIP_CHECK_INTERVAL
@@ -351,6 +357,8 @@ impl Resolver<'_> {
             deadline: deadline?,
             imds_endpoint: non_empty(imds_endpoint?),
             ec2_endpoint: non_empty(ec2_endpoint?),
+            handoff: handoff?,
+            handoffs_at_once: handoffs_at_once?,
         })
     }
 

@@ -169,6 +169,36 @@ pub struct AddressView {
     pub public_ip: Option<String>,
     pub instance_id: Option<String>,
     pub association_id: Option<String>,
+    /// The address's tags: the handoff's shared record (see [`super::handoff`]).
+    pub tags: Vec<(String, String)>,
+}
+
+impl AddressView {
+    fn from_sdk(a: &aws_sdk_ec2::types::Address) -> AddressView {
+        AddressView {
+            public_ip: a.public_ip().map(str::to_string),
+            instance_id: a.instance_id().map(str::to_string).filter(|s| !s.is_empty()),
+            association_id: a.association_id().map(str::to_string).filter(|s| !s.is_empty()),
+            tags: a
+                .tags()
+                .iter()
+                .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+                .collect(),
+        }
+    }
+
+    /// The value of tag `key`; an empty value counts as none (a tag is cleared by emptying it).
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        self.tags.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).filter(|v| !v.trim().is_empty())
+    }
+}
+
+/// An instance as DescribeInstances shows it: its rank for the newer-wins rule and its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceView {
+    pub rank: Rank,
+    /// `pending`, `running`, `shutting-down`, `terminated`, `stopping` or `stopped`.
+    pub state: String,
 }
 
 /// EC2 in this instance's region, every call counted and retried until the deadline.
@@ -225,11 +255,46 @@ impl Ec2 {
                 detail: "no such address in the answer".into(),
             });
         };
-        Ok(AddressView {
-            public_ip: a.public_ip().map(str::to_string),
-            instance_id: a.instance_id().map(str::to_string).filter(|s| !s.is_empty()),
-            association_id: a.association_id().map(str::to_string).filter(|s| !s.is_empty()),
+        Ok(AddressView::from_sdk(a))
+    }
+
+    /// Every address whose tag `key` is `value` (the address set), by allocation id.
+    pub async fn describe_tagged(
+        &self,
+        key: &str,
+        value: &str,
+        calls: &Calls,
+        deadline: Instant,
+    ) -> Result<Vec<(String, AddressView)>, Failure> {
+        let filter = Filter::builder().name(format!("tag:{key}")).values(value).build();
+        let out = retry("DescribeAddresses", deadline, || {
+            calls.ec2_reads.fetch_add(1, Ordering::Relaxed);
+            self.client.describe_addresses().filters(filter.clone()).send()
         })
+        .await?;
+        Ok(out
+            .addresses()
+            .iter()
+            .filter_map(|a| Some((a.allocation_id()?.to_string(), AddressView::from_sdk(a))))
+            .collect())
+    }
+
+    /// Sets tags on the allocation (CreateTags overwrites a key's value; no tag is deleted).
+    pub async fn tag_address(
+        &self,
+        allocation: &str,
+        tags: &[(&str, String)],
+        calls: &Calls,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        let tags: Vec<aws_sdk_ec2::types::Tag> =
+            tags.iter().map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(*k).value(v).build()).collect();
+        retry("CreateTags", deadline, || {
+            calls.ec2_writes.fetch_add(1, Ordering::Relaxed);
+            self.client.create_tags().resources(allocation).set_tags(Some(tags.clone())).send()
+        })
+        .await?;
+        Ok(())
     }
 
     /// The value of tag `key` on `instance`, if it has one.
@@ -253,6 +318,16 @@ impl Ec2 {
     /// for those EC2 lists. Terminated instances stay listed for a while; an EC2 that does not
     /// know one of the ids at all refuses the whole call (retried as an unknown instance).
     pub async fn ranks(&self, instances: &[&str], calls: &Calls, deadline: Instant) -> Result<Vec<Rank>, Failure> {
+        Ok(self.instances(instances, calls, deadline).await?.into_iter().map(|i| i.rank).collect())
+    }
+
+    /// Each of `instances` that EC2 lists, with its rank and state.
+    pub async fn instances(
+        &self,
+        instances: &[&str],
+        calls: &Calls,
+        deadline: Instant,
+    ) -> Result<Vec<InstanceView>, Failure> {
         let ids: Vec<String> = instances.iter().map(|s| s.to_string()).collect();
         let out = retry("DescribeInstances", deadline, || {
             calls.ec2_reads.fetch_add(1, Ordering::Relaxed);
@@ -272,7 +347,11 @@ impl Ec2 {
                     tracing::warn!(instance = %instance_id, tag = GENERATION_TAG, value,
                         "the fleet generation tag is not a whole number; ranking the instance as untagged");
                 }
-                Some(Rank { instance_id, generation, launched: (t.secs(), t.subsec_nanos()) })
+                let state = i.state().and_then(|s| s.name()).map_or("unknown", |n| n.as_str()).to_string();
+                Some(InstanceView {
+                    rank: Rank { instance_id, generation, launched: (t.secs(), t.subsec_nanos()) },
+                    state,
+                })
             })
             .collect())
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::aws::{AddressView, Calls, Ec2, Failure, Metadata, TagLookup, jittered, provider_config};
+use super::aws::{AddressView, Calls, Ec2, Failure, InstanceView, Metadata, TagLookup, jittered, provider_config};
 use super::error::{ClaimError, Class};
 use super::newer::Newer;
 use crate::config::EipConfig;
@@ -302,6 +302,49 @@ impl Instance {
             (Some(mine), Some(theirs)) => theirs.newer_than(mine),
             _ => None,
         })
+    }
+
+    /// Each of `ids` that EC2 lists, with its rank and state.
+    pub async fn instances(&self, ids: &[&str], deadline: Instant) -> Result<Vec<InstanceView>, ClaimError> {
+        self.ec2.instances(ids, &self.calls, deadline).await.map_err(|f| self.refused(f))
+    }
+
+    /// Sets tags on our allocation.
+    pub async fn tag_address(&self, tags: &[(&str, String)], deadline: Instant) -> Result<(), ClaimError> {
+        self.ec2.tag_address(&self.allocation_id, tags, &self.calls, deadline).await.map_err(|f| self.refused(f))
+    }
+
+    /// Every address of the address set `set`.
+    pub async fn describe_set(&self, set: &str, deadline: Instant) -> Result<Vec<(String, AddressView)>, ClaimError> {
+        self.ec2
+            .describe_tagged(super::handoff::ADDRESS_SET, set, &self.calls, deadline)
+            .await
+            .map_err(|f| self.refused(f))
+    }
+
+    /// Moves the address from us to `to`, and reads until EC2 shows it there.
+    pub async fn give(&self, to: &str, deadline: Instant) -> Result<(), ClaimError> {
+        self.ec2
+            .associate(&self.allocation_id, to, true, false, &self.calls, deadline)
+            .await
+            .map_err(|f| self.refused(f))?;
+        let mut wait = CONFIRM_FIRST_WAIT;
+        loop {
+            let now = self.describe(deadline).await?;
+            if now.instance_id.as_deref() == Some(to) {
+                return Ok(());
+            }
+            if Instant::now() + wait >= deadline {
+                return Err(ClaimError::Deadline {
+                    action: "confirming the handoff with DescribeAddresses",
+                    attempts: 1,
+                    waited: self.started.elapsed(),
+                    last: format!("the address still shows {}", now.instance_id.as_deref().unwrap_or("no instance")),
+                });
+            }
+            tokio::time::sleep(jittered(wait)).await;
+            wait = (wait * 2).min(CONFIRM_MAX_WAIT);
+        }
     }
 
     /// Who holds the address now: one DescribeAddresses call (retried until `deadline`).

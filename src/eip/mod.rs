@@ -11,6 +11,7 @@
 pub mod aws;
 pub mod claim;
 pub mod error;
+pub mod handoff;
 pub mod newer;
 
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,12 @@ pub enum State {
     Lost,
     /// The claim failed; it is tried again every check interval.
     Failed,
+    /// An older instance holds it and was asked to hand it over; waiting for it (`owner`).
+    Requesting,
+    /// Draining to hand it over to a newer instance (`owner`), which asked for it.
+    HandingOff,
+    /// Handed over to `owner`: this instance no longer accepts connections.
+    HandedOff,
 }
 
 /// The claim's state as `/status` shows it.
@@ -96,16 +103,23 @@ impl Eip {
         if s.state != before {
             s.since = SystemTime::now();
         }
-        self.associated.set(i64::from(s.state == State::Associated));
+        self.associated.set(i64::from(matches!(s.state, State::Associated | State::HandingOff)));
         before
     }
 }
 
-/// Claims the address, then watches it until `stop`.
-pub async fn keep(config: EipConfig, eip: Arc<Eip>, stop: CancellationToken) {
+/// Claims the address, then watches it until `stop`, or until it has been handed over to a
+/// newer instance (see [`handoff`]; `serving` is what a handoff drains).
+pub async fn keep(
+    config: EipConfig,
+    timing: handoff::Timing,
+    serving: Arc<dyn handoff::Serving>,
+    eip: Arc<Eip>,
+    stop: CancellationToken,
+) {
     let run = async {
         let instance = claim_until_done(&config, &eip).await;
-        watch(&config, &eip, &instance).await;
+        watch(&config, timing, &serving, &eip, &instance).await;
     };
     tokio::select! {
         () = run => {}
@@ -143,7 +157,7 @@ pub async fn claim_once(
 async fn claim_until_done(config: &EipConfig, eip: &Eip) -> Instance {
     let mut last_logged: Option<(u8, std::mem::Discriminant<ClaimError>)> = None;
     loop {
-        let error = match claim_once(config, false).await {
+        let error = match first_claim(config, eip).await {
             Ok((instance, result)) => match record(eip, &instance, result) {
                 Ok(()) => return instance,
                 Err(e) => e,
@@ -153,6 +167,61 @@ async fn claim_until_done(config: &EipConfig, eip: &Eip) -> Instance {
         log_failure(&error, &mut last_logged, config);
         record_failure(eip, &error);
         tokio::time::sleep(config.check_interval).await;
+    }
+}
+
+/// The claim `run` makes at start: with `eip.handoff`, an address held by a running older
+/// instance is asked for rather than taken.
+async fn first_claim(config: &EipConfig, eip: &Eip) -> Result<(Instance, Result<Report, ClaimError>), ClaimError> {
+    if !config.handoff {
+        return claim_once(config, false).await;
+    }
+    let deadline = Instant::now() + config.deadline;
+    let instance = match tokio::time::timeout_at(deadline, Instance::discover(config, deadline)).await {
+        Ok(found) => found?,
+        Err(_) => {
+            return Err(ClaimError::Deadline {
+                action: "the claim",
+                attempts: 1,
+                waited: config.deadline,
+                last: "instance metadata or EC2 did not answer".into(),
+            });
+        }
+    };
+    let result = acquire(config, eip, &instance).await;
+    Ok((instance, result))
+}
+
+/// Asks for the address when a running older instance holds it, else claims it.
+async fn acquire(config: &EipConfig, eip: &Eip, instance: &Instance) -> Result<Report, ClaimError> {
+    let deadline = Instant::now() + config.deadline;
+    let ask = async {
+        if !config.handoff {
+            return Ok(false);
+        }
+        let view = instance.describe(deadline).await?;
+        match view.instance_id.as_deref() {
+            Some(owner) if owner != instance.instance_id => handoff::should_ask(instance, owner, deadline).await,
+            _ => Ok(false),
+        }
+    };
+    let ask = match tokio::time::timeout_at(deadline, ask).await {
+        Ok(ask) => ask?,
+        Err(_) => false,
+    };
+    if ask {
+        // Waits as long as the holder keeps answering; each call inside has its own deadline.
+        return handoff::request(instance, config, eip).await;
+    }
+    let deadline = Instant::now() + config.deadline;
+    match tokio::time::timeout_at(deadline, instance.claim(false, deadline)).await {
+        Ok(result) => result,
+        Err(_) => Err(ClaimError::Deadline {
+            action: "the claim",
+            attempts: 1,
+            waited: config.deadline,
+            last: "EC2 did not answer".into(),
+        }),
     }
 }
 
@@ -233,14 +302,24 @@ fn record_failure(eip: &Eip, error: &ClaimError) {
 /// a newer instance keeps it (logged once, with the reason), an older one or none at all means
 /// this instance claims it again, so an address is never left unassociated, nor with an older
 /// fleet, while this instance wants it.
-async fn watch(config: &EipConfig, eip: &Eip, instance: &Instance) {
+async fn watch(
+    config: &EipConfig,
+    timing: handoff::Timing,
+    serving: &Arc<dyn handoff::Serving>,
+    eip: &Eip,
+    instance: &Instance,
+) {
     let mut warned_error = false;
     let mut last_logged = None;
     // The last other owner ranked, with the verdict: ranks do not change, so an address held
     // by a newer instance costs one DescribeAddresses per check, not a DescribeInstances too.
     let mut ranked: Option<(String, Option<Newer>)> = None;
+    // A handoff request waiting for its turn is checked on more often.
+    let mut pending = false;
     loop {
-        tokio::time::sleep(config.check_interval).await;
+        let interval = if pending { handoff::POLL.min(config.check_interval) } else { config.check_interval };
+        tokio::time::sleep(interval).await;
+        pending = false;
         // A check must not run into the next one.
         let deadline = Instant::now() + config.deadline.min(config.check_interval);
         let checked = async {
@@ -304,6 +383,19 @@ async fn watch(config: &EipConfig, eip: &Eip, instance: &Instance) {
                 if before != State::Associated {
                     tracing::info!(%allocation, public_ip = ip, "Elastic IP is associated with this instance again");
                 }
+                let request = view.tag(handoff::HANDOFF_TO).and_then(handoff::Request::parse);
+                if let Some(request) = request.filter(|r| config.handoff && r.to != instance.instance_id) {
+                    match handoff::offer(instance, config, timing, serving, eip, &view, &request).await {
+                        Ok(handoff::Offer::HandedOff) => return,
+                        Ok(handoff::Offer::Queued) => pending = true,
+                        Ok(handoff::Offer::Declined | handoff::Offer::Abandoned) => {}
+                        Err(e) => {
+                            // Retried at the next check; the request stays on the address.
+                            tracing::warn!(error = %e, "Elastic IP handoff request could not be handled; retrying");
+                            pending = true;
+                        }
+                    }
+                }
             }
             (Some(owner), Some(Some(why))) => {
                 let owner = owner.to_string();
@@ -325,24 +417,19 @@ async fn watch(config: &EipConfig, eip: &Eip, instance: &Instance) {
             (owner, _) => {
                 match owner {
                     Some(owner) => {
-                        tracing::warn!(%allocation, public_ip = ip, %owner,
-                            "Elastic IP is associated with an older instance; taking it back");
+                        if config.handoff {
+                            tracing::warn!(%allocation, public_ip = ip, %owner,
+                                "Elastic IP is associated with an older instance; asking for it back");
+                        } else {
+                            tracing::warn!(%allocation, public_ip = ip, %owner,
+                                "Elastic IP is associated with an older instance; taking it back");
+                        }
                         ranked = Some((owner.to_string(), None));
                     }
                     None => tracing::warn!(%allocation, public_ip = ip,
                         "Elastic IP is not associated with any instance; claiming it"),
                 }
-                let claim_deadline = Instant::now() + config.deadline;
-                let result = match tokio::time::timeout_at(claim_deadline, instance.claim(false, claim_deadline)).await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(ClaimError::Deadline {
-                        action: "the claim",
-                        attempts: 1,
-                        waited: config.deadline,
-                        last: "EC2 did not answer".into(),
-                    }),
-                };
+                let result = acquire(config, eip, instance).await;
                 if let Err(e) = record(eip, instance, result) {
                     log_failure(&e, &mut last_logged, config);
                     record_failure(eip, &e);

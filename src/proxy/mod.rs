@@ -32,6 +32,9 @@ pub struct Proxy {
     pub tracker: TaskTracker,
     /// Cancelled when the drain's grace period ends: open connections are cut.
     pub cut: CancellationToken,
+    /// A child of `cut` that each connection takes when it starts: [`Proxy::cut_open`] cancels
+    /// it (cutting the connections open now) and puts a fresh one in its place.
+    round: std::sync::Mutex<CancellationToken>,
     limit_log: Throttle,
     connect_log: Throttle,
     accept_log: Throttle,
@@ -39,13 +42,15 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: ProxyConfig, backends: Arc<Backends>, metrics: Arc<Metrics>) -> Proxy {
+        let cut = CancellationToken::new();
         Proxy {
             limit: Arc::new(Semaphore::new(config.max_connections)),
             config,
             backends,
             metrics,
             tracker: TaskTracker::new(),
-            cut: CancellationToken::new(),
+            round: std::sync::Mutex::new(cut.child_token()),
+            cut,
             limit_log: Throttle::new(),
             connect_log: Throttle::new(),
             accept_log: Throttle::new(),
@@ -55,6 +60,19 @@ impl Proxy {
     /// Connections being proxied now.
     pub fn active(&self) -> usize {
         self.config.max_connections - self.limit.available_permits()
+    }
+
+    /// Cuts the connections open now with a reset (counted as shutdown), and only those:
+    /// connections accepted from now on are served. A handoff does this just before the
+    /// address moves away, so nothing open through it breaks silently.
+    pub fn cut_open(&self) {
+        let mut round = self.round.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        round.cancel();
+        *round = self.cut.child_token();
+    }
+
+    fn cut_token(&self) -> CancellationToken {
+        self.round.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     pub fn max_connections(&self) -> usize {
@@ -108,9 +126,10 @@ impl Proxy {
 
     async fn serve(self: Arc<Self>, client: TcpStream, permit: OwnedSemaphorePermit) {
         socket::tune(&client, self.config.tcp_keepalive);
+        let cut = self.cut_token();
         let reason = tokio::select! {
-            reason = self.proxy(&client) => reason,
-            () = self.cut.cancelled() => {
+            reason = self.proxy(&client, &cut) => reason,
+            () = cut.cancelled() => {
                 socket::reset(&client);
                 CloseReason::Shutdown
             }
@@ -123,7 +142,7 @@ impl Proxy {
         tracing::debug!(reason = reason.as_str(), "connection closed");
     }
 
-    async fn proxy(&self, client: &TcpStream) -> CloseReason {
+    async fn proxy(&self, client: &TcpStream, cut: &CancellationToken) -> CloseReason {
         let set = self.backends.current();
         if set.addrs.is_empty() {
             return CloseReason::NoBackend;
@@ -169,7 +188,7 @@ impl Proxy {
                 socket::reset(&backend);
                 return CloseReason::BackendRetired;
             }
-            () = self.cut.cancelled() => {
+            () = cut.cancelled() => {
                 // Cut mid-stream by the end of the drain: both ends see an abort, so neither
                 // takes a partial upload or reply for a complete one.
                 socket::reset(client);
