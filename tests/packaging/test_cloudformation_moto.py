@@ -3,10 +3,13 @@ stack's EIPs, health checks and records; a fleet of four instances each tagged w
 allocation id; and a second fleet taking over from the first.
 
 moto does not apply everything a template says; what it drops is checked statically instead
-(test_templates.py and the cfn-guard rules): tags on AWS::EC2::EIP, security group rules with
-SourcePrefixListId, and CloudWatch alarms (not supported, skipped with a warning). It cannot
-delete a route table made by a stack either, so the fleets that are deleted here run in an
-existing VPC (the template's other mode), made by the test."""
+(test_templates.py and the cfn-guard rules): security group rules with SourcePrefixListId,
+CloudWatch alarms (not supported, skipped with a warning), and a group's
+LifecycleHookSpecificationList and InstanceMaintenancePolicy (accepted and ignored; a test
+below notices when moto starts applying them). It makes an AWS::EC2::EIP without its Tags,
+which the proxies need, so fleet.deploy_addresses sets them from the template as CloudFormation
+would. It cannot delete a route table made by a stack either, so the fleets that are deleted
+here run in an existing VPC (the template's other mode), made by the test."""
 
 import ast
 import base64
@@ -97,6 +100,22 @@ def test_addresses_stack_makes_four_checked_weighted_addresses(aws):
         seen_ips.add(value)
     assert seen_ips == set(ips)
     assert out["HealthCheckIds"].split(",") and set(out["HealthCheckIds"].split(",")) == set(checks)
+
+
+def test_each_address_carries_its_address_set_and_the_slot_of_its_export(aws):
+    out = fleet.deploy_addresses(aws, ADDRESSES)
+    other = fleet.deploy_addresses(aws, "other-addresses")
+
+    # What a proxy reads: DescribeAddresses filtered on the address set finds the four addresses
+    # of its own stack (not another stack's), each in the slot of the export its group claims.
+    found = aws["ec2"].describe_addresses(
+        Filters=[{"Name": f"tag:{fleet.ADDRESS_SET_TAG}", "Values": [ADDRESSES]}])["Addresses"]
+    slots = {a["AllocationId"]: {t["Key"]: t["Value"] for t in a["Tags"]}[fleet.SLOT_TAG] for a in found}
+    assert slots == {out[f"AllocationId{n}"]: str(n) for n in range(1, 5)}
+    assert not set(slots) & set(allocation_ids(other))
+    for tags in fleet.addresses(aws, allocation_ids(out)).values():
+        assert tags["Tags"][fleet.MANAGED_TAG] == "true"
+        assert tags["Tags"][fleet.ADDRESS_SET_TAG] == ADDRESSES
 
 
 def test_fleet_gives_four_instances_each_tagged_with_a_distinct_allocation(aws):

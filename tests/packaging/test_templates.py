@@ -33,6 +33,18 @@ def test_role_policy_is_the_documented_policy():
     assert policies[0]["PolicyDocument"] == documented
 
 
+def test_each_address_is_tagged_with_its_set_and_the_slot_it_is_exported_as():
+    # The fleet's group N claims the export AllocationIdN; the proxy orders handoffs by the
+    # address's slot tag. Both must name the same address, or "slot 2" would be group 3's.
+    addresses = cfn_yaml.load(ROOT / "cloudformation/addresses.yaml")
+    for n in range(1, 5):
+        assert addresses["Outputs"][f"AllocationId{n}"]["Value"] == {"Fn::GetAtt": [f"Eip{n}", "AllocationId"]}
+        tags = {t["Key"]: t["Value"] for t in addresses["Resources"][f"Eip{n}"]["Properties"]["Tags"]}
+        assert tags["static-ingress:slot"] == str(n)
+        assert tags["static-ingress:address-set"] == {"Ref": "AWS::StackName"}
+        assert tags["static-ingress:managed"] == "true"
+
+
 def guard(tmp_path, template_data, name="template.json"):
     """Runs cfn-guard on the template; returns (exit code, rule name -> status)."""
     path = tmp_path / name
@@ -196,6 +208,41 @@ def eip_tagged_false(t):
     t["Resources"]["Eip2"]["Properties"]["Tags"][0]["Value"] = "false"
 
 
+def _eip_tags(t, n):
+    return t["Resources"][f"Eip{n}"]["Properties"]["Tags"]
+
+
+def _eip_tag_named(t, n, key):
+    return next(tag for tag in _eip_tags(t, n) if tag["Key"] == key)
+
+
+def eip_without_slot(t):
+    t["Resources"]["Eip4"]["Properties"]["Tags"] = [
+        tag for tag in _eip_tags(t, 4) if tag["Key"] != "static-ingress:slot"]
+
+
+def two_eips_one_slot(t):
+    _eip_tag_named(t, 3, "static-ingress:slot")["Value"] = "2"
+
+
+def eip_slot_out_of_range(t):
+    _eip_tag_named(t, 1, "static-ingress:slot")["Value"] = "5"
+
+
+def eip_without_address_set(t):
+    t["Resources"]["Eip2"]["Properties"]["Tags"] = [
+        tag for tag in _eip_tags(t, 2) if tag["Key"] != "static-ingress:address-set"]
+
+
+def address_set_fixed(t):
+    # A fixed name would join the addresses of two stacks (e.g. staging and production) into one set.
+    _eip_tag_named(t, 1, "static-ingress:address-set")["Value"] = "static-addresses"
+
+
+def fifth_eip(t):
+    t["Resources"]["Eip5"] = copy.deepcopy(t["Resources"]["Eip4"])
+
+
 BROKEN = [
     ("fleet.yaml", imds_optional, "imdsv2_required"),
     ("fleet.yaml", imds_tags_off, "imdsv2_required"),
@@ -220,6 +267,12 @@ BROKEN = [
     ("fleet.yaml", managed_policy, "no_wildcard_actions_in_roles"),
     ("addresses.yaml", untagged_eip, "eips_tagged_managed"),
     ("addresses.yaml", eip_tagged_false, "eips_tagged_managed"),
+    ("addresses.yaml", eip_without_slot, "eips_tagged_for_handoff"),
+    ("addresses.yaml", two_eips_one_slot, "eips_tagged_for_handoff"),
+    ("addresses.yaml", eip_slot_out_of_range, "eips_tagged_for_handoff"),
+    ("addresses.yaml", eip_without_address_set, "eips_tagged_for_handoff"),
+    ("addresses.yaml", address_set_fixed, "eips_tagged_for_handoff"),
+    ("addresses.yaml", fifth_eip, "eips_tagged_for_handoff"),
 ]
 
 
