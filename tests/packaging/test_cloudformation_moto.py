@@ -148,7 +148,8 @@ def test_each_instance_carries_its_fleets_generation(aws):
 
 def test_launch_template_requires_imdsv2_and_passes_the_backend(aws):
     fleet.deploy_addresses(aws, ADDRESSES)
-    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES, backend="blue-green.example.net:8443")
+    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES, backend="blue-green.example.net:8443",
+                       HandoffsAtOnce=2)
 
     ec2 = aws["ec2"]
     [inst] = fleet.instances(aws, "static-fleet-1")[:1]
@@ -163,6 +164,39 @@ def test_launch_template_requires_imdsv2_and_passes_the_backend(aws):
     assert user_data.startswith("#cloud-config\n")
     assert "path: /etc/static-ingress/static-ingress.env" in user_data
     assert "STATIC_INGRESS_BACKEND_ADDRESS=blue-green.example.net:8443\n" in user_data
+    assert "STATIC_INGRESS_EIP_HANDOFFS_AT_ONCE=2\n" in user_data
+
+
+def test_one_handoff_at_a_time_by_default(aws):
+    fleet.deploy_addresses(aws, ADDRESSES)
+    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES)
+
+    [inst] = fleet.instances(aws, "static-fleet-1")[:1]
+    data = aws["ec2"].describe_launch_template_versions(
+        LaunchTemplateId=inst["tags"]["aws:ec2launchtemplate:id"])["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+    assert "STATIC_INGRESS_EIP_HANDOFFS_AT_ONCE=1\n" in base64.b64decode(data["UserData"]).decode()
+
+
+def test_every_group_carries_its_fleet_tag_and_moto_ignores_hooks_and_maintenance(aws):
+    fleet.deploy_addresses(aws, ADDRESSES)
+    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES)
+    fleet.deploy_fleet(aws, "static-fleet-2", ADDRESSES, generation=2)
+
+    asg = aws["autoscaling"]
+    for stack in ("static-fleet-1", "static-fleet-2"):
+        groups = fleet.groups(aws, stack)
+        assert len(groups) == 4
+        for g in groups:
+            # The role may complete lifecycle actions and set instance health only in groups
+            # whose static-ingress:fleet tag is its own stack's name.
+            [tag] = [t for t in g["Tags"] if t["Key"] == fleet.FLEET_TAG]
+            assert tag["Value"] == stack
+            # moto accepts LifecycleHookSpecificationList and InstanceMaintenancePolicy and
+            # applies neither (moto 5.2), so the templates' checks (test_templates.py, cfn-guard)
+            # are what hold them. When this fails, moto applies them: check them here instead.
+            assert asg.describe_lifecycle_hooks(AutoScalingGroupName=g["AutoScalingGroupName"])[
+                "LifecycleHooks"] == [], "moto now applies lifecycle hooks: check them here"
+            assert "InstanceMaintenancePolicy" not in g, "moto now applies the maintenance policy"
 
 
 def test_instance_role_has_exactly_the_documented_policy(aws):

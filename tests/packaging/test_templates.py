@@ -4,7 +4,9 @@ exactly docs/iam-policy.json."""
 
 import copy
 import json
+import re
 import subprocess
+import tomllib
 
 import pytest
 
@@ -43,6 +45,46 @@ def test_each_address_is_tagged_with_its_set_and_the_slot_it_is_exported_as():
         assert tags["static-ingress:slot"] == str(n)
         assert tags["static-ingress:address-set"] == {"Ref": "AWS::StackName"}
         assert tags["static-ingress:managed"] == "true"
+
+
+def _seconds(duration):
+    value, unit = re.fullmatch(r"(\d+)(ms|s|m|h)", duration).groups()
+    return int(value) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def test_every_group_holds_a_terminating_instance_for_the_whole_drain():
+    fleet = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")
+    # The proxy's defaults, as the documented example config has them.
+    lifecycle = tomllib.loads((ROOT / "docs/static-ingress.example.toml").read_text())["lifecycle"]
+    drain = _seconds(lifecycle["drain_delay"]) + _seconds(lifecycle["grace_period"])
+    timeout = fleet["Parameters"]["RetireTimeoutSeconds"]
+    # Even at its lowest, the hook outlasts the default drain by the time to see the state and
+    # move the address; Auto Scaling takes 30 to 7200 s.
+    assert timeout["MinValue"] >= drain + 30
+    assert timeout["MinValue"] <= timeout["Default"] <= timeout["MaxValue"] <= 7200
+    for n in range(1, 5):
+        assert _group(fleet, n)["LifecycleHookSpecificationList"] == [{
+            "LifecycleHookName": "static-ingress-drain",
+            "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING",
+            "DefaultResult": "CONTINUE",
+            "HeartbeatTimeout": {"Ref": "RetireTimeoutSeconds"},
+        }]
+
+
+def test_every_group_launches_a_replacement_before_terminating():
+    fleet = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")
+    for n in range(1, 5):
+        assert _group(fleet, n)["InstanceMaintenancePolicy"] == {
+            "MinHealthyPercentage": 100, "MaxHealthyPercentage": 200}
+
+
+def test_handoffs_at_once_reaches_the_proxy_and_leaves_an_address_announced():
+    fleet = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")
+    param = fleet["Parameters"]["HandoffsAtOnce"]
+    # Of the four addresses, at least one stays announced throughout a release.
+    assert (param["Type"], param["Default"], param["MinValue"], param["MaxValue"]) == ("Number", 1, 1, 3)
+    user_data = fleet["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
+    assert "STATIC_INGRESS_EIP_HANDOFFS_AT_ONCE=${HandoffsAtOnce}\n" in user_data["Fn::Base64"]["Fn::Sub"]
 
 
 def guard(tmp_path, template_data, name="template.json"):
@@ -111,6 +153,38 @@ def group_without_generation(t):
 
 def generation_fixed(t):
     _generation_tag(t, 4)["Value"] = "1"
+
+
+def _hooks(t, n):
+    return _group(t, n)["LifecycleHookSpecificationList"]
+
+
+def group_without_hook(t):
+    del _group(t, 2)["LifecycleHookSpecificationList"]
+
+
+def hook_on_launch(t):
+    _hooks(t, 1)[0]["LifecycleTransition"] = "autoscaling:EC2_INSTANCE_LAUNCHING"
+
+
+def hook_abandons(t):
+    _hooks(t, 3)[0]["DefaultResult"] = "ABANDON"
+
+
+def hook_fixed_timeout(t):
+    _hooks(t, 4)[0]["HeartbeatTimeout"] = 60
+
+
+def retire_timeout_below_the_drain(t):
+    t["Parameters"]["RetireTimeoutSeconds"]["MinValue"] = 60
+
+
+def group_without_maintenance_policy(t):
+    del _group(t, 1)["InstanceMaintenancePolicy"]
+
+
+def terminate_then_launch(t):
+    _group(t, 4)["InstanceMaintenancePolicy"] = {"MinHealthyPercentage": 0, "MaxHealthyPercentage": 100}
 
 
 def _statements(t):
@@ -261,6 +335,13 @@ BROKEN = [
     ("fleet.yaml", generation_not_propagated, "groups_tag_fleet_generation"),
     ("fleet.yaml", group_without_generation, "groups_tag_fleet_generation"),
     ("fleet.yaml", generation_fixed, "groups_tag_fleet_generation"),
+    ("fleet.yaml", group_without_hook, "groups_drain_before_termination"),
+    ("fleet.yaml", hook_on_launch, "groups_drain_before_termination"),
+    ("fleet.yaml", hook_abandons, "groups_drain_before_termination"),
+    ("fleet.yaml", hook_fixed_timeout, "groups_drain_before_termination"),
+    ("fleet.yaml", retire_timeout_below_the_drain, "groups_drain_before_termination"),
+    ("fleet.yaml", group_without_maintenance_policy, "groups_launch_before_terminating"),
+    ("fleet.yaml", terminate_then_launch, "groups_launch_before_terminating"),
     ("fleet.yaml", wildcard_service_action, "no_wildcard_actions_in_roles"),
     ("fleet.yaml", wildcard_action, "no_wildcard_actions_in_roles"),
     ("fleet.yaml", not_action, "no_wildcard_actions_in_roles"),
