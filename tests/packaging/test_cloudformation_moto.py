@@ -212,6 +212,10 @@ def test_instance_role_has_exactly_the_documented_policy(aws):
         # moto returns a policy made by CloudFormation as the repr of a Python dict.
         doc = ast.literal_eval(doc)
     assert doc == fleet.policy_file()
+    # The policy's Auto Scaling statement compares a group's static-ingress:fleet tag with the
+    # role's own (aws:PrincipalTag): the role carries its stack's name, as the groups do.
+    tags = {t["Key"]: t["Value"] for t in iam.list_role_tags(RoleName=role)["Tags"]}
+    assert tags[fleet.FLEET_TAG] == "static-fleet-1"
 
 
 def test_only_443_is_open_to_the_world(aws):

@@ -191,6 +191,84 @@ def _statements(t):
     return t["Resources"]["InstanceRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
 
 
+def _sid(t, sid):
+    return next(st for st in _statements(t) if st["Sid"] == sid)
+
+
+def _create_tags(t):
+    return _sid(t, "TagManagedAddressesWithHandoffKeysOnly")
+
+
+def _autoscaling_writes(t):
+    return _sid(t, "RetireAndReportHealthInThisFleetsGroupsOnly")
+
+
+def create_tags_on_anything(t):
+    _create_tags(t)["Resource"] = "*"
+
+
+def create_tags_on_unmanaged_addresses(t):
+    del _create_tags(t)["Condition"]["StringEquals"]
+
+
+def create_tags_with_any_key(t):
+    del _create_tags(t)["Condition"]["ForAllValues:StringEquals"]
+
+
+def create_tags_may_rewrite_managed(t):
+    _create_tags(t)["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"].append("static-ingress:managed")
+
+
+def create_tags_without_handoff_to(t):
+    _create_tags(t)["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"] = ["static-ingress:handoff"]
+
+
+def create_tags_without_null_guard(t):
+    del _create_tags(t)["Condition"]["Null"]
+
+
+def create_tags_in_another_statement(t):
+    _statements(t).append({"Effect": "Allow", "Action": ["ec2:DeleteTags", "ec2:CreateTags"], "Resource": "*"})
+
+
+def _extra_policy(t, statement):
+    t["Resources"]["ExtraPolicy"] = {
+        "Type": "AWS::IAM::Policy",
+        "Properties": {"PolicyName": "extra", "Roles": [{"Ref": "InstanceRole"}],
+                       "PolicyDocument": {"Version": "2012-10-17", "Statement": [statement]}},
+    }
+
+
+def create_tags_in_an_extra_policy(t):
+    _extra_policy(t, {"Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "*"})
+
+
+def set_instance_health_in_an_extra_policy(t):
+    _extra_policy(t, {"Effect": "Allow", "Action": "autoscaling:SetInstanceHealth", "Resource": "*"})
+
+
+def autoscaling_writes_on_anything(t):
+    st = _autoscaling_writes(t)
+    st["Resource"] = "*"
+    del st["Condition"]
+
+
+def autoscaling_writes_in_a_fixed_fleet(t):
+    _autoscaling_writes(t)["Condition"]["StringEquals"]["autoscaling:ResourceTag/static-ingress:fleet"] = "static-fleet-1"
+
+
+def set_instance_health_beside_describe(t):
+    _sid(t, "ReadAutoScalingGroups")["Action"] = ["autoscaling:DescribeAutoScalingGroups", "autoscaling:SetInstanceHealth"]
+
+
+def role_without_fleet_tag(t):
+    del t["Resources"]["InstanceRole"]["Properties"]["Tags"]
+
+
+def group_fleet_tag_fixed(t):
+    next(tag for tag in _group(t, 3)["Tags"] if tag["Key"] == "static-ingress:fleet")["Value"] = "static-fleet"
+
+
 def imds_optional(t):
     _lt(t)["HttpTokens"] = "optional"
 
@@ -342,6 +420,20 @@ BROKEN = [
     ("fleet.yaml", retire_timeout_below_the_drain, "groups_drain_before_termination"),
     ("fleet.yaml", group_without_maintenance_policy, "groups_launch_before_terminating"),
     ("fleet.yaml", terminate_then_launch, "groups_launch_before_terminating"),
+    ("fleet.yaml", create_tags_on_anything, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_on_unmanaged_addresses, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_with_any_key, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_may_rewrite_managed, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_without_handoff_to, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_without_null_guard, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_in_another_statement, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_in_an_extra_policy, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", autoscaling_writes_on_anything, "autoscaling_writes_only_in_this_fleet"),
+    ("fleet.yaml", set_instance_health_in_an_extra_policy, "autoscaling_writes_only_in_this_fleet"),
+    ("fleet.yaml", autoscaling_writes_in_a_fixed_fleet, "autoscaling_writes_only_in_this_fleet"),
+    ("fleet.yaml", set_instance_health_beside_describe, "autoscaling_writes_only_in_this_fleet"),
+    ("fleet.yaml", role_without_fleet_tag, "groups_and_role_tagged_with_fleet"),
+    ("fleet.yaml", group_fleet_tag_fixed, "groups_and_role_tagged_with_fleet"),
     ("fleet.yaml", wildcard_service_action, "no_wildcard_actions_in_roles"),
     ("fleet.yaml", wildcard_action, "no_wildcard_actions_in_roles"),
     ("fleet.yaml", not_action, "no_wildcard_actions_in_roles"),
