@@ -18,12 +18,17 @@ import urllib.request
 
 import boto3
 
+import cfn_yaml
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "cloudformation"
 REGION = "us-east-1"
 ALLOCATION_TAG = "static-ingress:eip-allocation-id"
 GENERATION_TAG = "static-ingress:fleet-generation"
+FLEET_TAG = "static-ingress:fleet"
 MANAGED_TAG = "static-ingress:managed"
+ADDRESS_SET_TAG = "static-ingress:address-set"
+SLOT_TAG = "static-ingress:slot"
 RECORD_NAME = "static.example.com"
 # Where moto's server writes its log; read when a test fails.
 START_TIMEOUT_S = 30
@@ -121,9 +126,57 @@ def hosted_zone(aws, name="example.com."):
 
 
 def deploy_addresses(aws, stack, **params):
-    """Creates the addresses stack; returns its outputs."""
+    """Creates the addresses stack and tags its Elastic IPs as the template says (see
+    tag_addresses_as_the_template_says); returns its outputs."""
     params = {"HostedZoneId": hosted_zone(aws), "RecordName": RECORD_NAME, **params}
-    return _deploy(aws, stack, "addresses.yaml", params)
+    out = _deploy(aws, stack, "addresses.yaml", params)
+    tag_addresses_as_the_template_says(aws, stack)
+    return out
+
+
+def _resolve(value, stack):
+    """A tag value of the addresses template: a string, or the stack's name by !Ref or !Sub.
+    Anything else is refused, so that a template change this stand-in cannot follow fails here
+    instead of tagging an address with the wrong value."""
+    pseudo = {"AWS::StackName": stack, "AWS::Region": REGION}
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and list(value) == ["Ref"] and value["Ref"] in pseudo:
+        return pseudo[value["Ref"]]
+    if isinstance(value, dict) and list(value) == ["Fn::Sub"] and isinstance(value["Fn::Sub"], str):
+        out = value["Fn::Sub"]
+        for name, v in pseudo.items():
+            out = out.replace("${" + name + "}", v)
+        if "${" not in out:
+            return out
+    raise ValueError(f"cannot resolve the tag value {value!r} of the addresses template")
+
+
+def tag_addresses_as_the_template_says(aws, stack):
+    """moto's CloudFormation makes an AWS::EC2::EIP without its Tags (moto 5: "TODO: support
+    tags from cloudformation template"), and the proxies need them: static-ingress:managed for
+    the IAM policy, static-ingress:address-set and static-ingress:slot for the handoff. So this
+    reads each EIP's Tags from cloudformation/addresses.yaml, resolves the stack's name in them,
+    and sets them with CreateTags on the address the stack made for that resource, as
+    CloudFormation would. Returns allocation id -> the tags set."""
+    template = cfn_yaml.load(TEMPLATES / "addresses.yaml")
+    made = aws["cloudformation"].describe_stack_resources(StackName=stack)["StackResources"]
+    # The physical id of an EIP is its public IP (what its Ref gives). (moto also lists the
+    # alarms it skipped, without a logical id.)
+    physical = {r["LogicalResourceId"]: r["PhysicalResourceId"] for r in made
+                if r.get("ResourceType") == "AWS::EC2::EIP"}
+    ec2 = aws["ec2"]
+    result = {}
+    for name, resource in template["Resources"].items():
+        if resource["Type"] != "AWS::EC2::EIP":
+            continue
+        tags = [{"Key": t["Key"], "Value": _resolve(t["Value"], stack)}
+                for t in resource.get("Properties", {}).get("Tags", [])]
+        [address] = ec2.describe_addresses(PublicIps=[physical[name]])["Addresses"]
+        if tags:
+            ec2.create_tags(Resources=[address["AllocationId"]], Tags=tags)
+        result[address["AllocationId"]] = {t["Key"]: t["Value"] for t in tags}
+    return result
 
 
 def health_checker_prefix_list(aws):

@@ -3,10 +3,13 @@ stack's EIPs, health checks and records; a fleet of four instances each tagged w
 allocation id; and a second fleet taking over from the first.
 
 moto does not apply everything a template says; what it drops is checked statically instead
-(test_templates.py and the cfn-guard rules): tags on AWS::EC2::EIP, security group rules with
-SourcePrefixListId, and CloudWatch alarms (not supported, skipped with a warning). It cannot
-delete a route table made by a stack either, so the fleets that are deleted here run in an
-existing VPC (the template's other mode), made by the test."""
+(test_templates.py and the cfn-guard rules): security group rules with SourcePrefixListId,
+CloudWatch alarms (not supported, skipped with a warning), and a group's
+LifecycleHookSpecificationList and InstanceMaintenancePolicy (accepted and ignored; a test
+below notices when moto starts applying them). It makes an AWS::EC2::EIP without its Tags,
+which the proxies need, so fleet.deploy_addresses sets them from the template as CloudFormation
+would. It cannot delete a route table made by a stack either, so the fleets that are deleted
+here run in an existing VPC (the template's other mode), made by the test."""
 
 import ast
 import base64
@@ -99,6 +102,22 @@ def test_addresses_stack_makes_four_checked_weighted_addresses(aws):
     assert out["HealthCheckIds"].split(",") and set(out["HealthCheckIds"].split(",")) == set(checks)
 
 
+def test_each_address_carries_its_address_set_and_the_slot_of_its_export(aws):
+    out = fleet.deploy_addresses(aws, ADDRESSES)
+    other = fleet.deploy_addresses(aws, "other-addresses")
+
+    # What a proxy reads: DescribeAddresses filtered on the address set finds the four addresses
+    # of its own stack (not another stack's), each in the slot of the export its group claims.
+    found = aws["ec2"].describe_addresses(
+        Filters=[{"Name": f"tag:{fleet.ADDRESS_SET_TAG}", "Values": [ADDRESSES]}])["Addresses"]
+    slots = {a["AllocationId"]: {t["Key"]: t["Value"] for t in a["Tags"]}[fleet.SLOT_TAG] for a in found}
+    assert slots == {out[f"AllocationId{n}"]: str(n) for n in range(1, 5)}
+    assert not set(slots) & set(allocation_ids(other))
+    for tags in fleet.addresses(aws, allocation_ids(out)).values():
+        assert tags["Tags"][fleet.MANAGED_TAG] == "true"
+        assert tags["Tags"][fleet.ADDRESS_SET_TAG] == ADDRESSES
+
+
 def test_fleet_gives_four_instances_each_tagged_with_a_distinct_allocation(aws):
     addresses = fleet.deploy_addresses(aws, ADDRESSES)
     fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES)
@@ -129,7 +148,8 @@ def test_each_instance_carries_its_fleets_generation(aws):
 
 def test_launch_template_requires_imdsv2_and_passes_the_backend(aws):
     fleet.deploy_addresses(aws, ADDRESSES)
-    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES, backend="blue-green.example.net:8443")
+    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES, backend="blue-green.example.net:8443",
+                       HandoffsAtOnce=2)
 
     ec2 = aws["ec2"]
     [inst] = fleet.instances(aws, "static-fleet-1")[:1]
@@ -144,6 +164,39 @@ def test_launch_template_requires_imdsv2_and_passes_the_backend(aws):
     assert user_data.startswith("#cloud-config\n")
     assert "path: /etc/static-ingress/static-ingress.env" in user_data
     assert "STATIC_INGRESS_BACKEND_ADDRESS=blue-green.example.net:8443\n" in user_data
+    assert "STATIC_INGRESS_EIP_HANDOFFS_AT_ONCE=2\n" in user_data
+
+
+def test_one_handoff_at_a_time_by_default(aws):
+    fleet.deploy_addresses(aws, ADDRESSES)
+    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES)
+
+    [inst] = fleet.instances(aws, "static-fleet-1")[:1]
+    data = aws["ec2"].describe_launch_template_versions(
+        LaunchTemplateId=inst["tags"]["aws:ec2launchtemplate:id"])["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+    assert "STATIC_INGRESS_EIP_HANDOFFS_AT_ONCE=1\n" in base64.b64decode(data["UserData"]).decode()
+
+
+def test_every_group_carries_its_fleet_tag_and_moto_ignores_hooks_and_maintenance(aws):
+    fleet.deploy_addresses(aws, ADDRESSES)
+    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES)
+    fleet.deploy_fleet(aws, "static-fleet-2", ADDRESSES, generation=2)
+
+    asg = aws["autoscaling"]
+    for stack in ("static-fleet-1", "static-fleet-2"):
+        groups = fleet.groups(aws, stack)
+        assert len(groups) == 4
+        for g in groups:
+            # The role may complete lifecycle actions and set instance health only in groups
+            # whose static-ingress:fleet tag is its own stack's name.
+            [tag] = [t for t in g["Tags"] if t["Key"] == fleet.FLEET_TAG]
+            assert tag["Value"] == stack
+            # moto accepts LifecycleHookSpecificationList and InstanceMaintenancePolicy and
+            # applies neither (moto 5.2), so the templates' checks (test_templates.py, cfn-guard)
+            # are what hold them. When this fails, moto applies them: check them here instead.
+            assert asg.describe_lifecycle_hooks(AutoScalingGroupName=g["AutoScalingGroupName"])[
+                "LifecycleHooks"] == [], "moto now applies lifecycle hooks: check them here"
+            assert "InstanceMaintenancePolicy" not in g, "moto now applies the maintenance policy"
 
 
 def test_instance_role_has_exactly_the_documented_policy(aws):
@@ -159,6 +212,10 @@ def test_instance_role_has_exactly_the_documented_policy(aws):
         # moto returns a policy made by CloudFormation as the repr of a Python dict.
         doc = ast.literal_eval(doc)
     assert doc == fleet.policy_file()
+    # The policy's Auto Scaling statement compares a group's static-ingress:fleet tag with the
+    # role's own (aws:PrincipalTag): the role carries its stack's name, as the groups do.
+    tags = {t["Key"]: t["Value"] for t in iam.list_role_tags(RoleName=role)["Tags"]}
+    assert tags[fleet.FLEET_TAG] == "static-fleet-1"
 
 
 def test_only_443_is_open_to_the_world(aws):

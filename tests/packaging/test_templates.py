@@ -4,7 +4,9 @@ exactly docs/iam-policy.json."""
 
 import copy
 import json
+import re
 import subprocess
+import tomllib
 
 import pytest
 
@@ -31,6 +33,58 @@ def test_role_policy_is_the_documented_policy():
     assert len(policies) == 1
     documented = json.loads((ROOT / "docs/iam-policy.json").read_text())
     assert policies[0]["PolicyDocument"] == documented
+
+
+def test_each_address_is_tagged_with_its_set_and_the_slot_it_is_exported_as():
+    # The fleet's group N claims the export AllocationIdN; the proxy orders handoffs by the
+    # address's slot tag. Both must name the same address, or "slot 2" would be group 3's.
+    addresses = cfn_yaml.load(ROOT / "cloudformation/addresses.yaml")
+    for n in range(1, 5):
+        assert addresses["Outputs"][f"AllocationId{n}"]["Value"] == {"Fn::GetAtt": [f"Eip{n}", "AllocationId"]}
+        tags = {t["Key"]: t["Value"] for t in addresses["Resources"][f"Eip{n}"]["Properties"]["Tags"]}
+        assert tags["static-ingress:slot"] == str(n)
+        assert tags["static-ingress:address-set"] == {"Ref": "AWS::StackName"}
+        assert tags["static-ingress:managed"] == "true"
+
+
+def _seconds(duration):
+    value, unit = re.fullmatch(r"(\d+)(ms|s|m|h)", duration).groups()
+    return int(value) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def test_every_group_holds_a_terminating_instance_for_the_whole_drain():
+    fleet = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")
+    # The proxy's defaults, as the documented example config has them.
+    lifecycle = tomllib.loads((ROOT / "docs/static-ingress.example.toml").read_text())["lifecycle"]
+    drain = _seconds(lifecycle["drain_delay"]) + _seconds(lifecycle["grace_period"])
+    timeout = fleet["Parameters"]["RetireTimeoutSeconds"]
+    # Even at its lowest, the hook outlasts the default drain by the time to see the state and
+    # move the address; Auto Scaling takes 30 to 7200 s.
+    assert timeout["MinValue"] >= drain + 30
+    assert timeout["MinValue"] <= timeout["Default"] <= timeout["MaxValue"] <= 7200
+    for n in range(1, 5):
+        assert _group(fleet, n)["LifecycleHookSpecificationList"] == [{
+            "LifecycleHookName": "static-ingress-drain",
+            "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING",
+            "DefaultResult": "CONTINUE",
+            "HeartbeatTimeout": {"Ref": "RetireTimeoutSeconds"},
+        }]
+
+
+def test_every_group_launches_a_replacement_before_terminating():
+    fleet = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")
+    for n in range(1, 5):
+        assert _group(fleet, n)["InstanceMaintenancePolicy"] == {
+            "MinHealthyPercentage": 100, "MaxHealthyPercentage": 200}
+
+
+def test_handoffs_at_once_reaches_the_proxy_and_leaves_an_address_announced():
+    fleet = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")
+    param = fleet["Parameters"]["HandoffsAtOnce"]
+    # Of the four addresses, at least one stays announced throughout a release.
+    assert (param["Type"], param["Default"], param["MinValue"], param["MaxValue"]) == ("Number", 1, 1, 3)
+    user_data = fleet["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
+    assert "STATIC_INGRESS_EIP_HANDOFFS_AT_ONCE=${HandoffsAtOnce}\n" in user_data["Fn::Base64"]["Fn::Sub"]
 
 
 def guard(tmp_path, template_data, name="template.json"):
@@ -101,8 +155,118 @@ def generation_fixed(t):
     _generation_tag(t, 4)["Value"] = "1"
 
 
+def _hooks(t, n):
+    return _group(t, n)["LifecycleHookSpecificationList"]
+
+
+def group_without_hook(t):
+    del _group(t, 2)["LifecycleHookSpecificationList"]
+
+
+def hook_on_launch(t):
+    _hooks(t, 1)[0]["LifecycleTransition"] = "autoscaling:EC2_INSTANCE_LAUNCHING"
+
+
+def hook_abandons(t):
+    _hooks(t, 3)[0]["DefaultResult"] = "ABANDON"
+
+
+def hook_fixed_timeout(t):
+    _hooks(t, 4)[0]["HeartbeatTimeout"] = 60
+
+
+def retire_timeout_below_the_drain(t):
+    t["Parameters"]["RetireTimeoutSeconds"]["MinValue"] = 60
+
+
+def group_without_maintenance_policy(t):
+    del _group(t, 1)["InstanceMaintenancePolicy"]
+
+
+def terminate_then_launch(t):
+    _group(t, 4)["InstanceMaintenancePolicy"] = {"MinHealthyPercentage": 0, "MaxHealthyPercentage": 100}
+
+
 def _statements(t):
     return t["Resources"]["InstanceRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+
+
+def _sid(t, sid):
+    return next(st for st in _statements(t) if st["Sid"] == sid)
+
+
+def _create_tags(t):
+    return _sid(t, "TagManagedAddressesWithHandoffKeysOnly")
+
+
+def _autoscaling_writes(t):
+    return _sid(t, "RetireAndReportHealthInThisFleetsGroupsOnly")
+
+
+def create_tags_on_anything(t):
+    _create_tags(t)["Resource"] = "*"
+
+
+def create_tags_on_unmanaged_addresses(t):
+    del _create_tags(t)["Condition"]["StringEquals"]
+
+
+def create_tags_with_any_key(t):
+    del _create_tags(t)["Condition"]["ForAllValues:StringEquals"]
+
+
+def create_tags_may_rewrite_managed(t):
+    _create_tags(t)["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"].append("static-ingress:managed")
+
+
+def create_tags_without_handoff_to(t):
+    _create_tags(t)["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"] = ["static-ingress:handoff"]
+
+
+def create_tags_without_null_guard(t):
+    del _create_tags(t)["Condition"]["Null"]
+
+
+def create_tags_in_another_statement(t):
+    _statements(t).append({"Effect": "Allow", "Action": ["ec2:DeleteTags", "ec2:CreateTags"], "Resource": "*"})
+
+
+def _extra_policy(t, statement):
+    t["Resources"]["ExtraPolicy"] = {
+        "Type": "AWS::IAM::Policy",
+        "Properties": {"PolicyName": "extra", "Roles": [{"Ref": "InstanceRole"}],
+                       "PolicyDocument": {"Version": "2012-10-17", "Statement": [statement]}},
+    }
+
+
+def create_tags_in_an_extra_policy(t):
+    _extra_policy(t, {"Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "*"})
+
+
+def set_instance_health_in_an_extra_policy(t):
+    _extra_policy(t, {"Effect": "Allow", "Action": "autoscaling:SetInstanceHealth", "Resource": "*"})
+
+
+def autoscaling_writes_on_anything(t):
+    st = _autoscaling_writes(t)
+    st["Resource"] = "*"
+    del st["Condition"]
+
+
+def autoscaling_writes_in_a_fixed_fleet(t):
+    _autoscaling_writes(t)["Condition"]["StringEquals"]["autoscaling:ResourceTag/static-ingress:fleet"] = "static-fleet-1"
+
+
+def set_instance_health_beside_describe(t):
+    _sid(t, "ReadAutoScalingGroups")["Action"] = ["autoscaling:DescribeAutoScalingGroups", "autoscaling:SetInstanceHealth"]
+
+
+def role_without_fleet_tag(t):
+    del t["Resources"]["InstanceRole"]["Properties"]["Tags"]
+
+
+def group_fleet_tag_fixed(t):
+    next(tag for tag in _group(t, 3)["Tags"] if tag["Key"] == "static-ingress:fleet")["Value"] = "static-fleet"
 
 
 def imds_optional(t):
@@ -196,6 +360,41 @@ def eip_tagged_false(t):
     t["Resources"]["Eip2"]["Properties"]["Tags"][0]["Value"] = "false"
 
 
+def _eip_tags(t, n):
+    return t["Resources"][f"Eip{n}"]["Properties"]["Tags"]
+
+
+def _eip_tag_named(t, n, key):
+    return next(tag for tag in _eip_tags(t, n) if tag["Key"] == key)
+
+
+def eip_without_slot(t):
+    t["Resources"]["Eip4"]["Properties"]["Tags"] = [
+        tag for tag in _eip_tags(t, 4) if tag["Key"] != "static-ingress:slot"]
+
+
+def two_eips_one_slot(t):
+    _eip_tag_named(t, 3, "static-ingress:slot")["Value"] = "2"
+
+
+def eip_slot_out_of_range(t):
+    _eip_tag_named(t, 1, "static-ingress:slot")["Value"] = "5"
+
+
+def eip_without_address_set(t):
+    t["Resources"]["Eip2"]["Properties"]["Tags"] = [
+        tag for tag in _eip_tags(t, 2) if tag["Key"] != "static-ingress:address-set"]
+
+
+def address_set_fixed(t):
+    # A fixed name would join the addresses of two stacks (e.g. staging and production) into one set.
+    _eip_tag_named(t, 1, "static-ingress:address-set")["Value"] = "static-addresses"
+
+
+def fifth_eip(t):
+    t["Resources"]["Eip5"] = copy.deepcopy(t["Resources"]["Eip4"])
+
+
 BROKEN = [
     ("fleet.yaml", imds_optional, "imdsv2_required"),
     ("fleet.yaml", imds_tags_off, "imdsv2_required"),
@@ -214,12 +413,39 @@ BROKEN = [
     ("fleet.yaml", generation_not_propagated, "groups_tag_fleet_generation"),
     ("fleet.yaml", group_without_generation, "groups_tag_fleet_generation"),
     ("fleet.yaml", generation_fixed, "groups_tag_fleet_generation"),
+    ("fleet.yaml", group_without_hook, "groups_drain_before_termination"),
+    ("fleet.yaml", hook_on_launch, "groups_drain_before_termination"),
+    ("fleet.yaml", hook_abandons, "groups_drain_before_termination"),
+    ("fleet.yaml", hook_fixed_timeout, "groups_drain_before_termination"),
+    ("fleet.yaml", retire_timeout_below_the_drain, "groups_drain_before_termination"),
+    ("fleet.yaml", group_without_maintenance_policy, "groups_launch_before_terminating"),
+    ("fleet.yaml", terminate_then_launch, "groups_launch_before_terminating"),
+    ("fleet.yaml", create_tags_on_anything, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_on_unmanaged_addresses, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_with_any_key, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_may_rewrite_managed, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_without_handoff_to, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_without_null_guard, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_in_another_statement, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", create_tags_in_an_extra_policy, "create_tags_only_handoff_keys_on_managed_addresses"),
+    ("fleet.yaml", autoscaling_writes_on_anything, "autoscaling_writes_only_in_this_fleet"),
+    ("fleet.yaml", set_instance_health_in_an_extra_policy, "autoscaling_writes_only_in_this_fleet"),
+    ("fleet.yaml", autoscaling_writes_in_a_fixed_fleet, "autoscaling_writes_only_in_this_fleet"),
+    ("fleet.yaml", set_instance_health_beside_describe, "autoscaling_writes_only_in_this_fleet"),
+    ("fleet.yaml", role_without_fleet_tag, "groups_and_role_tagged_with_fleet"),
+    ("fleet.yaml", group_fleet_tag_fixed, "groups_and_role_tagged_with_fleet"),
     ("fleet.yaml", wildcard_service_action, "no_wildcard_actions_in_roles"),
     ("fleet.yaml", wildcard_action, "no_wildcard_actions_in_roles"),
     ("fleet.yaml", not_action, "no_wildcard_actions_in_roles"),
     ("fleet.yaml", managed_policy, "no_wildcard_actions_in_roles"),
     ("addresses.yaml", untagged_eip, "eips_tagged_managed"),
     ("addresses.yaml", eip_tagged_false, "eips_tagged_managed"),
+    ("addresses.yaml", eip_without_slot, "eips_tagged_for_handoff"),
+    ("addresses.yaml", two_eips_one_slot, "eips_tagged_for_handoff"),
+    ("addresses.yaml", eip_slot_out_of_range, "eips_tagged_for_handoff"),
+    ("addresses.yaml", eip_without_address_set, "eips_tagged_for_handoff"),
+    ("addresses.yaml", address_set_fixed, "eips_tagged_for_handoff"),
+    ("addresses.yaml", fifth_eip, "eips_tagged_for_handoff"),
 ]
 
 
