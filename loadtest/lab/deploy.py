@@ -101,9 +101,10 @@ class Timings:
         self.r53_response_timeout = max(2 / scale, 0.5)
         self.record_ttl = max(round(60 / scale), 1)  # the template's RecordTtl
         self.elb_ttl = max(round(60 / scale), 1)  # an ELB's alias record
-        self.drain_delay = 90 / scale
+        self.drain_delay = 120 / scale
         self.grace_period = 120 / scale
-        self.eip_check_interval = 60 / scale
+        self.eip_check_interval = 10 / scale
+        self.handoff_announce_delay = 40 / scale
         self.removed_grace = 300 / scale
         # The Auto Scaling stand-in replaces an instance that stopped answering EC2's status
         # checks after this long (AWS: about a minute for the status check to fail, then the
@@ -116,6 +117,7 @@ class Timings:
             "STATIC_INGRESS_LIFECYCLE_DRAIN_DELAY": ms(self.drain_delay),
             "STATIC_INGRESS_LIFECYCLE_GRACE_PERIOD": ms(self.grace_period),
             "STATIC_INGRESS_EIP_CHECK_INTERVAL": ms(self.eip_check_interval),
+            "STATIC_INGRESS_EIP_HANDOFF_ANNOUNCE_DELAY": ms(self.handoff_announce_delay),
             "STATIC_INGRESS_BACKEND_REMOVED_GRACE": ms(self.removed_grace),
         }
 

@@ -470,6 +470,17 @@ def analyse(sdir: Path, run: dict | None) -> dict:
         if verdict in ("pass", "measured"):
             verdict = "FAIL"
         reasons.append(f"schedule not kept: lag p99 {max(lag_p99s, default=float('nan')) * 1000:.0f} ms, limit {LAG_P99_KEPT * 1000:.0f} ms")
+    # Capacity: a scenario that promises at least N - K addresses announced throughout says
+    # so in its bounds, with the lowest count it sampled.
+    announced = {"min": _num(bounds.get("announced_min")), "at_least": _num(bounds.get("announced_at_least")),
+                 "of": _num(bounds.get("addresses_total")), "took_s": _num(bounds.get("took_s"))}
+    if announced["at_least"] is not None:
+        if announced["min"] is None:
+            verdict = "FAIL"
+            reasons.append("no sample of how many addresses were announced")
+        elif announced["min"] < announced["at_least"]:
+            verdict = "FAIL"
+            reasons.append(f"only {announced['min']:g} addresses announced at one point, goal at least {announced['at_least']:g}")
     goal_verdict = verdict  # what the records there are say, even when some are missing
     if problems:
         verdict = "incomplete"
@@ -485,6 +496,7 @@ def analyse(sdir: Path, run: dict | None) -> dict:
         "goal_text": str(scenario.get("goal_text") or ""),
         "bound": bound,
         "bound_window_s": _num(bounds.get("window_s")),
+        "announced": announced,
         "verdict": verdict,
         "goal_verdict": goal_verdict,
         "passed": verdict in ("pass", "measured"),
@@ -703,6 +715,12 @@ def section(s: dict, doc: Path, images: list[Path], notes_dir: Path) -> list[str
     if s["goal"] == "bounded":
         win = f", from a window of {fmt_t(s['bound_window_s'], sc)}" if s.get("bound_window_s") is not None else ""
         L.append(f"Bound: at most {'-' if s['bound'] is None else format(s['bound'], 'g')} failures{win}; seen {s['failures']}.")
+    a = s.get("announced") or {}
+    if a.get("at_least") is not None:
+        took = f"; the replacement took {fmt_t(a['took_s'], sc)}" if a.get("took_s") is not None else ""
+        lowest = "-" if a.get("min") is None else format(a["min"], "g")
+        L.append(f"Capacity: at least {a['at_least']:g} of {a.get('of') or 0:g} addresses announced by Route 53 and served"
+                 f" by a healthy instance throughout; the lowest seen was {lowest}{took}.")
     if s["reasons"]:
         L.append("")
         L += [f"- {r}" for r in s["reasons"]]

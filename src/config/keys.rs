@@ -356,6 +356,14 @@ pub static KEYS: &[Key] = &[
               least N minus this many stay announced by Route 53 during a release.",
     },
     Key {
+        name: "eip.handoff_announce_delay",
+        kind: Kind::DurationOrZero { max: "1h" },
+        default: Some("40s"),
+        doc: "After an address is handed over to this instance, the next address of the set \
+              waits this long before its handoff starts, so that Route 53 counts this one \
+              healthy again first (3 checks at 10s, plus their phase).",
+    },
+    Key {
         name: "eip.deadline",
         kind: Kind::Duration { max: "1h" },
         default: Some("2m"),

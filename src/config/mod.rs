@@ -108,6 +108,8 @@ pub struct EipConfig {
     pub handoff: bool,
     /// How many addresses of the address set may be in handoff at once.
     pub handoffs_at_once: usize,
+    /// How long a handed-over address keeps its turn, for Route 53 to announce it again.
+    pub handoff_announce_delay: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,6 +337,7 @@ impl Resolver<'_> {
         let ec2_endpoint = self.get("eip.ec2_endpoint", as_word);
         let handoff = self.get("eip.handoff", as_bool);
         let handoffs_at_once = self.get("eip.handoffs_at_once", as_count);
+        let handoff_announce_delay = self.get("eip.handoff_announce_delay", as_duration);
         let non_empty = |s: String| Some(s).filter(|s| !s.is_empty());
         if let Some(interval) = check_interval
             && interval < MIN_EIP_CHECK_INTERVAL
@@ -359,6 +362,7 @@ impl Resolver<'_> {
             ec2_endpoint: non_empty(ec2_endpoint?),
             handoff: handoff?,
             handoffs_at_once: handoffs_at_once?,
+            handoff_announce_delay: handoff_announce_delay?,
         })
     }
 

@@ -84,6 +84,9 @@ pub enum Phase {
     Queued,
     /// Failing `/health`, draining, and moving the address by `move_by`.
     Draining,
+    /// Written by the new holder once it has the address: the turn stays taken until
+    /// `move_by`, so that Route 53 counts the address healthy again before the next one drains.
+    Settling,
 }
 
 /// A holder's answer.
@@ -105,6 +108,7 @@ impl Progress {
         let phase = match *phase {
             "queued" => Phase::Queued,
             "draining" => Phase::Draining,
+            "settling" => Phase::Settling,
             _ => return None,
         };
         Some(Progress {
@@ -120,6 +124,7 @@ impl Progress {
         let phase = match self.phase {
             Phase::Queued => "queued",
             Phase::Draining => "draining",
+            Phase::Settling => "settling",
         };
         format!("{phase} {} {} {} {}", self.holder, self.started, self.updated, self.move_by)
     }
@@ -169,10 +174,13 @@ pub fn draining(set: &[(String, AddressView)], mine: &str, now: u64) -> Vec<Turn
         .filter(|(allocation, _)| allocation != mine)
         .filter_map(|(allocation, view)| {
             let p = view.tag(HANDOFF).and_then(Progress::parse)?;
-            let live = p.phase == Phase::Draining
-                && view.instance_id.as_deref() == Some(p.holder.as_str())
-                && p.fresh(now)
-                && now <= p.move_by.saturating_add(MOVE_MARGIN.as_secs());
+            let holds = view.instance_id.as_deref() == Some(p.holder.as_str());
+            let live = match p.phase {
+                Phase::Draining => holds && p.fresh(now) && now <= p.move_by.saturating_add(MOVE_MARGIN.as_secs()),
+                // No heartbeat: it ends by itself at `move_by`.
+                Phase::Settling => holds && now <= p.move_by,
+                Phase::Queued => false,
+            };
             live.then(|| Turn { allocation: allocation.clone(), slot: slot(view), started: p.started })
         })
         .collect()
@@ -210,6 +218,8 @@ pub async fn request(instance: &Instance, config: &EipConfig, eip: &Eip) -> Resu
     let ack_bound = config.check_interval.saturating_mul(3) + STALE;
     // When our ask was written (or found, after a restart): the holder's answer is due from then.
     let mut asked: Option<u64> = None;
+    // When the holder began draining for us, which keeps our place in the turn order.
+    let mut drain_started: Option<u64> = None;
     let mut logged: Option<String> = None;
     let mut say = |what: String, owner: &str| {
         if logged.as_deref() != Some(what.as_str()) {
@@ -224,9 +234,20 @@ pub async fn request(instance: &Instance, config: &EipConfig, eip: &Eip) -> Resu
             return take(instance, "the address is free", deadline).await;
         };
         if owner == me {
-            // Handed over: the holder confirmed the move; the claim confirms it again.
+            // Handed over: the holder confirmed the move; the claim confirms it again. The turn
+            // stays taken while Route 53 comes to count the address healthy again.
             let report = instance.claim(false, deadline).await?;
-            clear(instance, &view, deadline).await;
+            let settling = Progress {
+                phase: Phase::Settling,
+                holder: me.to_string(),
+                started: drain_started.unwrap_or_else(now_secs),
+                updated: now_secs(),
+                move_by: now_secs() + config.handoff_announce_delay.as_secs(),
+            };
+            let tags = [(HANDOFF_TO, String::new()), (HANDOFF, settling.value())];
+            if let Err(e) = instance.tag_address(&tags, deadline).await {
+                tracing::warn!(error = %e, "could not mark the handed-over address as settling (the next handoff may start early)");
+            }
             return Ok(report);
         }
         let request = view.tag(HANDOFF_TO).and_then(Request::parse);
@@ -277,6 +298,7 @@ pub async fn request(instance: &Instance, config: &EipConfig, eip: &Eip) -> Resu
                 return take(instance, &why, deadline).await;
             }
             Some(p) if p.phase == Phase::Draining => {
+                drain_started = Some(p.started);
                 say(format!("{owner} is draining and will move it by {}", p.move_by), &owner);
                 format!("{owner} is draining; it moves the address by {}", p.move_by)
             }
@@ -551,6 +573,12 @@ mod tests {
         let moved = draining_by("i-d", 995, 999, 1200);
         let queued =
             Progress { phase: Phase::Queued, holder: "i-e".into(), started: 1, updated: 999, move_by: 0 }.value();
+        // Handed over and waiting for Route 53 to announce it again: no heartbeat, ends at move_by.
+        let settling =
+            Progress { phase: Phase::Settling, holder: "i-f".into(), started: 980, updated: 960, move_by: 1010 }
+                .value();
+        let settled =
+            Progress { phase: Phase::Settling, holder: "i-g".into(), started: 970, updated: 960, move_by: 999 }.value();
         let set = vec![
             ("eipalloc-a".to_string(), view(Some("i-a"), &[(HANDOFF, &live), (SLOT, "3")])),
             ("eipalloc-b".to_string(), view(Some("i-b"), &[(HANDOFF, &stale)])),
@@ -558,15 +586,24 @@ mod tests {
             // Already moved to the requester: the tag is left over, the drain is over.
             ("eipalloc-d".to_string(), view(Some("i-new"), &[(HANDOFF, &moved)])),
             ("eipalloc-e".to_string(), view(Some("i-e"), &[(HANDOFF, &queued)])),
+            ("eipalloc-f".to_string(), view(Some("i-f"), &[(HANDOFF, &settling)])),
+            ("eipalloc-g".to_string(), view(Some("i-g"), &[(HANDOFF, &settled)])),
             ("eipalloc-me".to_string(), view(Some("i-me"), &[(HANDOFF, &draining_by("i-me", 1000, 1000, 1200))])),
         ];
         let others = draining(&set, "eipalloc-me", now);
-        assert_eq!(others, vec![Turn { allocation: "eipalloc-a".into(), slot: Some(3), started: 990 }]);
+        assert_eq!(
+            others,
+            vec![
+                Turn { allocation: "eipalloc-a".into(), slot: Some(3), started: 990 },
+                Turn { allocation: "eipalloc-f".into(), slot: None, started: 980 },
+            ]
+        );
+        let others = &others[..1];
 
         let me = |started, slot| Turn { allocation: "eipalloc-me".into(), slot, started };
         // Started later than the live drain: one at a time waits, two at a time goes.
-        assert!(!my_turn(&me(1000, Some(1)), &others, 1));
-        assert!(my_turn(&me(1000, Some(1)), &others, 2));
+        assert!(!my_turn(&me(1000, Some(1)), others, 1));
+        assert!(my_turn(&me(1000, Some(1)), others, 2));
         // Started in the same second: the slot decides, and both sides agree.
         let a = Turn { allocation: "eipalloc-a".into(), slot: Some(3), started: 990 };
         let b = me(990, Some(1));
