@@ -54,6 +54,8 @@ pub struct Server {
     state: Arc<admin::State>,
     stop_sources: CancellationToken,
     stop_accepting: CancellationToken,
+    /// Cancelled when Auto Scaling is terminating this instance ([`eip::retire`]).
+    retire: CancellationToken,
 }
 
 /// What a handoff of the Elastic IP drains: the proxy and `/health`.
@@ -127,7 +129,9 @@ impl Server {
         };
         let stop_sources = CancellationToken::new();
         let stop_accepting = CancellationToken::new();
+        let retire = CancellationToken::new();
         if config.eip.enabled {
+            tokio::spawn(eip::retire::watch(config.eip.clone(), retire.clone(), stop_sources.clone()));
             let serving = Arc::new(Serving {
                 state: Arc::clone(&state),
                 proxy: Arc::clone(&proxy),
@@ -162,6 +166,7 @@ impl Server {
             state,
             stop_sources,
             stop_accepting,
+            retire,
         })
     }
 
@@ -211,18 +216,23 @@ impl Server {
         lifecycle::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
         lifecycle::spawn_watchdog();
 
-        // Wait for the first terminate. A closed channel means nobody can ask us to stop.
-        loop {
-            match signals.recv().await {
-                Some(Signal::Terminate) => break,
-                Some(Signal::Reload) => {
-                    tracing::warn!(
-                        "SIGHUP received: configuration reload is not supported yet; restart to apply changes"
-                    )
-                }
-                None => std::future::pending::<()>().await,
+        // Wait for the first terminate, or for Auto Scaling to retire the instance. A closed
+        // channel means nobody can ask us to stop.
+        let mut closed = false;
+        let retiring = loop {
+            tokio::select! {
+                signal = signals.recv(), if !closed => match signal {
+                    Some(Signal::Terminate) => break false,
+                    Some(Signal::Reload) => {
+                        tracing::warn!(
+                            "SIGHUP received: configuration reload is not supported yet; restart to apply changes"
+                        )
+                    }
+                    None => closed = true,
+                },
+                () = self.retire.cancelled() => break true,
             }
-        }
+        };
 
         let lifecycle = &self.config.lifecycle;
         let forced = async {
@@ -236,7 +246,13 @@ impl Server {
 
         // 1. Fail health checks, keep serving.
         self.state.start_draining();
-        lifecycle::notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+        if retiring {
+            // Not STOPPING: systemd would time the unit's stop from here, and the process stays
+            // up, drained, until the instance goes.
+            lifecycle::notify(&[NotifyState::Status("draining: Auto Scaling is terminating this instance")]);
+        } else {
+            lifecycle::notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+        }
         tracing::info!(drain_delay = ?lifecycle.drain_delay, grace_period = ?lifecycle.grace_period,
             "draining: /health answers 503; still accepting until the drain delay ends (signal again to exit now)");
         let exit = 'drain: {
@@ -282,6 +298,13 @@ impl Server {
         self.proxy.tracker.close();
         if tokio::time::timeout(CUT_WAIT, self.proxy.tracker.wait()).await.is_err() {
             tracing::warn!(open = self.proxy.active(), "connections still closing at exit");
+        }
+        if retiring && exit == Exit::Drained {
+            // Exiting would have systemd start the proxy again, claim the address and turn
+            // healthy on an instance about to go: stay drained, /health 503, until it stops.
+            tracing::info!("drained for Auto Scaling's termination; waiting for the instance to stop (SIGTERM exits)");
+            lifecycle::notify(&[NotifyState::Status("drained: Auto Scaling is terminating this instance")]);
+            (&mut forced).await;
         }
         stop_admin.cancel();
         if let Err(e) = admin.await {

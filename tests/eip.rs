@@ -786,7 +786,7 @@ async fn run_serves_while_the_claim_fails_and_shows_why() {
 /// stand-in, and the running binary (a short drain, so that a handoff takes seconds).
 struct Member {
     id: String,
-    _imds: Imds,
+    imds: Imds,
     p: Running,
 }
 
@@ -805,7 +805,7 @@ async fn member(moto: &Moto, alloc: &str, generation: &str, extra: &[&str]) -> M
         }
     }
     let p = run_with_eip(&imds.endpoint(), &moto.endpoint, &args).await;
-    Member { id, _imds: imds, p }
+    Member { id, imds, p }
 }
 
 /// The value of tag `key` on the allocation, as EC2 shows it (empty when cleared).
@@ -1051,4 +1051,40 @@ async fn addresses_of_one_set_hand_off_one_at_a_time() {
         wait_for_state(new.p.admin, "associated").await;
         assert_eq!(moto.holder(alloc).await.0.as_deref(), Some(new.id.as_str()));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_scaling_terminating_the_instance_drains_it_and_it_stays_drained_until_it_stops() {
+    let moto = Moto::start().await;
+    let (alloc, _) = moto.allocate().await;
+    let mut m = member(&moto, &alloc, "1", &[]).await;
+    m.imds.state.lock().unwrap().lifecycle_state = Some("InService".into());
+    wait_for_state(m.p.admin, "associated").await;
+    wait_for_log(&m.p.logs, "Auto Scaling lifecycle state", |l| l["lifecycle_state"] == "InService").await;
+    let mut long = within(BOUND, "connect", tokio::net::TcpStream::connect(m.p.proxy)).await.unwrap();
+    assert_eq!(round_trip(&mut long, b"before").await, b"before");
+
+    // The group decides to terminate it; the lifecycle hook holds it in Terminating:Wait.
+    m.imds.state.lock().unwrap().lifecycle_state = Some("Terminated".into());
+    wait_for_log(&m.p.logs, "Auto Scaling is terminating this instance", |_| true).await;
+    wait_for_health(m.p.admin, 503, "draining").await;
+    // Still serving while Route 53 stops announcing the address.
+    let mut late = within(BOUND, "connect", tokio::net::TcpStream::connect(m.p.proxy)).await.unwrap();
+    assert_eq!(round_trip(&mut late, b"cached answer").await, b"cached answer");
+    drop(late);
+    // A connection still open at the end of the grace is reset.
+    let cut = read_until_closed(&mut long).await;
+    assert_eq!(cut.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+    wait_for_log(&m.p.logs, "drained for Auto Scaling's termination", |_| true).await;
+
+    // It does not exit (systemd would start it again, and it would turn healthy on an instance
+    // about to go): drained, refusing connections, /health 503, until the instance stops.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(m.p.child.try_wait().unwrap().is_none(), "the proxy exited after the retirement drain");
+    assert_eq!(health(m.p.admin).await.0, 503);
+    assert!(tokio::net::TcpStream::connect(m.p.proxy).await.is_err(), "still accepting after the drain");
+    let pid = m.p.child.id().expect("running") as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = within(BOUND, "the proxy to exit on SIGTERM", m.p.child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
 }

@@ -129,6 +129,19 @@ impl Metadata {
         }
     }
 
+    /// The Auto Scaling lifecycle state Auto Scaling has decided for this instance
+    /// (`InService`, `Terminated`, ...); `None` when the instance is not in a group.
+    pub async fn target_lifecycle_state(&self, calls: &Calls) -> Result<Option<String>, ClaimError> {
+        match self
+            .get("Auto Scaling lifecycle state", "/latest/meta-data/autoscaling/target-lifecycle-state", calls)
+            .await
+        {
+            Ok(v) => Ok(Some(v)),
+            Err(ImdsFailure::NotFound) => Ok(None),
+            Err(ImdsFailure::Error(e)) => Err(e),
+        }
+    }
+
     /// The value of this instance's tag `key`, served when the launch template enables
     /// instance metadata tags.
     pub async fn tag(&self, key: &str, calls: &Calls) -> Result<TagLookup, ClaimError> {

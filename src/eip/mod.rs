@@ -13,6 +13,7 @@ pub mod claim;
 pub mod error;
 pub mod handoff;
 pub mod newer;
+pub mod retire;
 
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;

@@ -240,6 +240,8 @@ pub struct ImdsState {
     /// GETs without a valid token: an IMDSv1 client would make these. Answered 401.
     pub unauthorized: usize,
     pub gets: usize,
+    /// `/latest/meta-data/autoscaling/target-lifecycle-state`; `None`: 404, not in a group.
+    pub lifecycle_state: Option<String>,
 }
 
 /// A small IMDSv2: `PUT /latest/api/token` with a TTL header hands out a token; a `GET` without
@@ -312,6 +314,7 @@ fn answer(state: &Mutex<ImdsState>, req: &Request<Incoming>) -> Response<Full<By
     let found = match path {
         "/latest/meta-data/instance-id" => Some(s.instance_id.clone()),
         "/latest/meta-data/placement/region" => Some(s.region.clone()),
+        "/latest/meta-data/autoscaling/target-lifecycle-state" => s.lifecycle_state.clone(),
         "/latest/meta-data/tags/instance" => s.tags.as_ref().map(|t| t.keys().cloned().collect::<Vec<_>>().join("\n")),
         _ => path
             .strip_prefix("/latest/meta-data/tags/instance/")
