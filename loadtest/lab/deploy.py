@@ -175,6 +175,13 @@ class Instance:
         self.dead = False
         self.booted = False  # its namespace and link exist
 
+    def set_lifecycle_state(self, state):
+        """What instance metadata says Auto Scaling decided for the instance (moto has no
+        lifecycle hooks: the lab plays the group's part)."""
+        path = self.dir / "lifecycle-state"
+        path.with_suffix(".new").write_text(state + "\n")
+        path.with_suffix(".new").rename(path)
+
     def boot(self):
         dep = self.dep
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -193,10 +200,12 @@ class Instance:
         ip("addr", "add", "169.254.169.254/32", "dev", "lo", ns=self.ns)
         dep.lab.check_isolated([self.ns])
         self.booted = True
+        self.set_lifecycle_state("InService")
         self.imds = Proc(f"imds-{self.id}", self.ns, [
             sys.executable, ROOT / "tests/packaging/imds.py", "--instance-id", self.id,
             "--tags-json", json.dumps(self.tags), "--zone", self.az,
             "--host", "169.254.169.254", "--port", "80",
+            "--lifecycle-state-file", self.dir / "lifecycle-state",
         ], self.dir / "imds.log", ready="ready")
         user_data = self.user_data_env()
         lab = {"STATIC_INGRESS_EIP_EC2_ENDPOINT": f"http://{MOTO[0]}:{MOTO[1]}", **dep.timings.proxy_env()}
@@ -509,6 +518,35 @@ class Deployment:
         self.lab_remove_instance(inst)
         new = wait_until("the group's replacement instance", self.boot_new_instances, 30, 0.5)
         return new[0]
+
+    def retire(self, inst):
+        """An Auto Scaling replacement with the fleet template's instance maintenance policy
+        (launch before terminating) and termination lifecycle hook: the group launches a new
+        instance (booted here), waits for it to be in service, then sets the old one's target
+        lifecycle state to Terminated and holds it in Terminating:Wait until the hook's
+        heartbeat timeout. Returns the new instance; the caller waits, then calls
+        `finish_retire`."""
+        asg = self.aws["autoscaling"]
+        asg.update_auto_scaling_group(AutoScalingGroupName=inst.group, MaxSize=2, DesiredCapacity=2)
+        new = wait_until("the group's new instance", self.boot_new_instances, 30, 0.5)[0]
+        self.events("note", f"Auto Scaling stand-in: {new.id} launched to replace {inst.id}", instance=new.id)
+        return new
+
+    def terminate_retiring(self, inst):
+        """The new instance is in service: Auto Scaling marks the old one Terminated."""
+        inst.set_lifecycle_state("Terminated")
+        self.events("note", f"Auto Scaling stand-in: {inst.id} Terminating:Wait (target lifecycle state Terminated)",
+                    instance=inst.id)
+
+    def finish_retire(self, inst):
+        """The hook's heartbeat timeout passed (CONTINUE): the instance terminates."""
+        asg = self.aws["autoscaling"]
+        asg.terminate_instance_in_auto_scaling_group(InstanceId=inst.id, ShouldDecrementDesiredCapacity=True)
+        asg.update_auto_scaling_group(AutoScalingGroupName=inst.group, MaxSize=1, DesiredCapacity=1)
+        for a in self.aws["ec2"].describe_addresses(Filters=[{"Name": "instance-id", "Values": [inst.id]}])["Addresses"]:
+            self.aws["ec2"].disassociate_address(AssociationId=a["AssociationId"])
+        self.lab_remove_instance(inst)
+        self.events("note", f"Auto Scaling stand-in: {inst.id} terminated", instance=inst.id)
 
     def delete_fleet(self, stack, instances):
         """Deletes a fleet stack in moto and shuts its instances down: SIGTERM to each proxy

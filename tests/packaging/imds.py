@@ -21,8 +21,12 @@ ROLE = "static-ingress-lab"
 
 
 class Imds:
-    def __init__(self, instance_id, tags, region="us-east-1", host="127.0.0.1", port=0, zone=None):
+    def __init__(self, instance_id, tags, region="us-east-1", host="127.0.0.1", port=0, zone=None,
+                 lifecycle_state_file=None):
         self.instance_id = instance_id
+        # The Auto Scaling target lifecycle state, read from this file at each request (the lab
+        # writes it to retire the instance); no file: 404, as for an instance in no group.
+        self.lifecycle_state_file = lifecycle_state_file
         self.tags = dict(tags)
         self.region = region
         self.zone = zone or region + "a"
@@ -62,6 +66,11 @@ class Imds:
                 "LastUpdated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
             })
+        if path == "/latest/meta-data/autoscaling/target-lifecycle-state":
+            try:
+                return open(self.lifecycle_state_file).read().strip() if self.lifecycle_state_file else None
+            except FileNotFoundError:
+                return None
         if path == "/latest/meta-data/tags/instance":
             return "\n".join(self.tags)
         prefix = "/latest/meta-data/tags/instance/"
@@ -113,8 +122,10 @@ def main():
     ap.add_argument("--zone")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--lifecycle-state-file", help="serves its content as the Auto Scaling target lifecycle state")
     args = ap.parse_args()
-    imds = Imds(args.instance_id, json.loads(args.tags_json), args.region, args.host, args.port, args.zone)
+    imds = Imds(args.instance_id, json.loads(args.tags_json), args.region, args.host, args.port, args.zone,
+                args.lifecycle_state_file)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
