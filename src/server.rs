@@ -62,7 +62,6 @@ pub struct Server {
 struct Serving {
     state: Arc<admin::State>,
     proxy: Arc<Proxy>,
-    stop_accepting: CancellationToken,
 }
 
 impl eip::handoff::Serving for Serving {
@@ -76,10 +75,6 @@ impl eip::handoff::Serving for Serving {
 
     fn cut_open(&self) {
         self.proxy.cut_open();
-    }
-
-    fn stop_accepting(&self) {
-        self.stop_accepting.cancel();
     }
 }
 
@@ -132,11 +127,7 @@ impl Server {
         let retire = CancellationToken::new();
         if config.eip.enabled {
             tokio::spawn(eip::retire::watch(config.eip.clone(), retire.clone(), stop_sources.clone()));
-            let serving = Arc::new(Serving {
-                state: Arc::clone(&state),
-                proxy: Arc::clone(&proxy),
-                stop_accepting: stop_accepting.clone(),
-            });
+            let serving = Arc::new(Serving { state: Arc::clone(&state), proxy: Arc::clone(&proxy) });
             let timing = eip::handoff::Timing {
                 drain_delay: config.lifecycle.drain_delay,
                 grace_period: config.lifecycle.grace_period,

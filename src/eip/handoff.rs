@@ -48,8 +48,11 @@ pub const MOVE_MARGIN: Duration = Duration::from_secs(30);
 /// How long after its own write a holder reads the address set again before acting on it:
 /// EC2's reads usually catch up within a second.
 pub const SETTLE: Duration = Duration::from_secs(2);
-/// How often a requester, or a holder with a request pending, reads the address.
+/// How often a requester reads the address (a holder with a request waiting for its turn
+/// reads it every 2 x POLL).
 pub const POLL: Duration = Duration::from_secs(1);
+/// How long a requester reuses what DescribeInstances said.
+const INSTANCES_FRESH: Duration = Duration::from_secs(5);
 /// Slack added to a holder's announced move time for the move itself.
 const MOVE_SLACK: Duration = Duration::from_secs(10);
 
@@ -142,8 +145,6 @@ pub trait Serving: Send + Sync {
     fn open_connections(&self) -> usize;
     /// Resets the connections open now; later ones are served.
     fn cut_open(&self);
-    /// Closes the proxy listeners for good.
-    fn stop_accepting(&self);
 }
 
 /// The holder's part of the drain: the same settings as a SIGTERM drain.
@@ -220,6 +221,7 @@ pub async fn request(instance: &Instance, config: &EipConfig, eip: &Eip) -> Resu
     let mut asked: Option<u64> = None;
     // When the holder began draining for us, which keeps our place in the turn order.
     let mut drain_started: Option<u64> = None;
+    let mut cached: Option<(Instant, Vec<String>, Vec<InstanceView>)> = None;
     let mut logged: Option<String> = None;
     let mut say = |what: String, owner: &str| {
         if logged.as_deref() != Some(what.as_str()) {
@@ -255,7 +257,16 @@ pub async fn request(instance: &Instance, config: &EipConfig, eip: &Eip) -> Resu
         if let Some(r) = request.as_ref().filter(|r| r.to != me && r.to != owner) {
             ids.push(r.to.as_str());
         }
-        let seen = instance.instances(&ids, deadline).await?;
+        // Ranks never change and a state change can wait a few seconds: one DescribeInstances
+        // per INSTANCES_FRESH, not per poll.
+        let seen = match &cached {
+            Some((at, for_ids, seen)) if at.elapsed() < INSTANCES_FRESH && *for_ids == ids => seen.clone(),
+            _ => {
+                let seen = instance.instances(&ids, deadline).await?;
+                cached = Some((Instant::now(), ids.iter().map(|s| s.to_string()).collect(), seen.clone()));
+                seen
+            }
+        };
         let find = |id: &str| seen.iter().find(|v| v.rank.instance_id == id);
         let Some(mine) = find(me) else {
             // EC2 does not list us yet: the claim's own rules (and errors) apply.
@@ -273,10 +284,20 @@ pub async fn request(instance: &Instance, config: &EipConfig, eip: &Eip) -> Resu
         }
         if let Some(r) = request.as_ref().filter(|r| r.to != me)
             && let Some(other) = find(&r.to).filter(|v| running(v))
-            && let Some(why) = other.rank.newer_than(&mine.rank)
+            && other.rank.newer_than(&mine.rank).is_some()
         {
-            // A newer instance is in line for this address: it is not ours to ask for.
-            return Err(held_by_newer(instance, &r.to, why));
+            // A newer instance is in line for this address: it is not ours to ask for. Wait,
+            // quietly, until it has the address (then the claim's rule leaves it there) or is
+            // gone (then we ask).
+            say(format!("{} is in line for the address; yielding to it", r.to), &owner);
+            eip.update(|s| {
+                s.state = State::Lost;
+                s.owner = Some(r.to.clone());
+                s.error = Some(format!("a newer instance, {}, is in line for the address", r.to));
+                s.last_check = Some(SystemTime::now());
+            });
+            tokio::time::sleep(config.check_interval).await;
+            continue;
         }
         let now = now_secs();
         match &request {
@@ -363,7 +384,7 @@ pub enum Offer {
     Queued,
     /// Drained but could not move the address: serving again as before.
     Abandoned,
-    /// The address is the requester's now; this instance stopped accepting.
+    /// The address is the requester's now.
     HandedOff,
 }
 
@@ -501,7 +522,8 @@ async fn hand_off(
         tracing::error!(error = %e, %allocation, to, "Elastic IP handoff: moving the address failed; keeping it and serving");
         return abandon(instance, serving, eip, "moving the address failed", deadline).await;
     }
-    serving.stop_accepting();
+    // Still accepting, though nothing reaches it now: if the new holder goes away (a release
+    // rolled back by deleting the new stack), the watch takes the address back and serves.
     serving.set_handoff(Some(format!("the Elastic IP was handed over to {to}")));
     eip.update(|s| {
         s.state = State::HandedOff;
@@ -510,7 +532,7 @@ async fn hand_off(
         s.error = None;
     });
     tracing::info!(%allocation, to, cut = open, seconds = started.elapsed().as_secs_f64(),
-        "Elastic IP handed over to {to}; this instance no longer accepts connections");
+        "Elastic IP handed over to {to}; this instance stays ready to take it back if {to} goes away");
     Ok(Offer::HandedOff)
 }
 

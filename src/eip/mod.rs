@@ -318,7 +318,7 @@ async fn watch(
     // A handoff request waiting for its turn is checked on more often.
     let mut pending = false;
     loop {
-        let interval = if pending { handoff::POLL.min(config.check_interval) } else { config.check_interval };
+        let interval = if pending { (handoff::POLL * 2).min(config.check_interval) } else { config.check_interval };
         tokio::time::sleep(interval).await;
         pending = false;
         // A check must not run into the next one.
@@ -387,7 +387,7 @@ async fn watch(
                 let request = view.tag(handoff::HANDOFF_TO).and_then(handoff::Request::parse);
                 if let Some(request) = request.filter(|r| config.handoff && r.to != instance.instance_id) {
                     match handoff::offer(instance, config, timing, serving, eip, &view, &request).await {
-                        Ok(handoff::Offer::HandedOff) => return,
+                        Ok(handoff::Offer::HandedOff) => ranked = None,
                         Ok(handoff::Offer::Queued) => pending = true,
                         Ok(handoff::Offer::Declined | handoff::Offer::Abandoned) => {}
                         Err(e) => {
@@ -402,13 +402,16 @@ async fn watch(
                 let owner = owner.to_string();
                 let before_owner = eip.status().owner;
                 let before = eip.update(|s| {
-                    s.state = State::Lost;
+                    // Handed over to this very instance: say so, rather than just "lost".
+                    let handed = s.state == State::HandedOff && s.owner.as_deref() == Some(owner.as_str());
+                    s.state = if handed { State::HandedOff } else { State::Lost };
                     s.owner = Some(owner.clone());
                     s.public_ip = view.public_ip.clone();
                     s.last_check = Some(SystemTime::now());
                     s.error = None;
                 });
-                if before != State::Lost || before_owner.as_deref() != Some(owner.as_str()) {
+                if !matches!(before, State::Lost | State::HandedOff) || before_owner.as_deref() != Some(owner.as_str())
+                {
                     tracing::warn!(%allocation, public_ip = ip, %owner, reason = %why,
                         "Elastic IP is now associated with a newer instance ({why}); this instance leaves it \
                          and keeps serving connections that still reach it");
@@ -430,10 +433,16 @@ async fn watch(
                     None => tracing::warn!(%allocation, public_ip = ip,
                         "Elastic IP is not associated with any instance; claiming it"),
                 }
+                let handed_off = eip.status().state == State::HandedOff;
                 let result = acquire(config, eip, instance).await;
                 if let Err(e) = record(eip, instance, result) {
                     log_failure(&e, &mut last_logged, config);
                     record_failure(eip, &e);
+                }
+                if handed_off && eip.status().state == State::Associated {
+                    // The instance it went to is gone (a rolled-back release): serve again.
+                    serving.set_handoff(None);
+                    tracing::warn!(%allocation, "took the Elastic IP back after handing it over: its new holder went away");
                 }
             }
         }
