@@ -66,7 +66,15 @@ struct Serving {
 
 impl eip::handoff::Serving for Serving {
     fn set_handoff(&self, why: Option<String>) {
-        self.state.set_handoff(why);
+        self.state.set_handoff(why, true);
+    }
+
+    fn handed_off(&self, to: &str) {
+        self.state.set_handoff(Some(format!("the Elastic IP was handed over to {to}")), false);
+    }
+
+    fn ready(&self) -> bool {
+        self.state.backend_proven()
     }
 
     fn open_connections(&self) -> usize {
@@ -278,6 +286,24 @@ impl Server {
             }
             Exit::Drained
         };
+
+        // A handoff under way moves the address itself, with its own drain: stopping the
+        // keeper now would leave the address on an instance about to go (its requester would
+        // take it only once this one is gone).
+        let mut exit = exit;
+        if exit == Exit::Drained && self.state.eip.status().state == eip::State::HandingOff {
+            tracing::info!("a handoff of the Elastic IP is under way: letting it move the address before stopping");
+            let bound = lifecycle.drain_delay + lifecycle.grace_period + std::time::Duration::from_secs(30);
+            let moved = async {
+                while self.state.eip.status().state == eip::State::HandingOff {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::timeout(bound, moved) => {}
+                () = &mut forced => exit = Exit::Forced,
+            }
+        }
 
         // 4. Cut what is left and stop the admin server.
         if exit == Exit::Forced {

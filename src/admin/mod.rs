@@ -136,9 +136,10 @@ impl State {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// While `Some`, `/health` answers 503 with this reason (a handoff of the Elastic IP).
-    pub fn set_handoff(&self, why: Option<String>) {
-        self.metrics.draining.set(i64::from(why.is_some() || self.is_draining()));
+    /// While `Some`, `/health` answers 503 with this reason (a handoff of the Elastic IP);
+    /// `draining` says whether the proxy counts as draining meanwhile (`static_ingress_draining`).
+    pub fn set_handoff(&self, why: Option<String>, draining: bool) {
+        self.metrics.draining.set(i64::from((why.is_some() && draining) || self.is_draining()));
         *self.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = why;
     }
 
@@ -157,6 +158,23 @@ impl State {
             let holder = eip.owner.as_deref().unwrap_or("the holder");
             return Health::Unhealthy(format!("waiting for {holder} to hand the Elastic IP over"));
         }
+        self.backend_health()
+    }
+
+    /// Whether the backend has been seen to work: `backend_health` passes and enough
+    /// addresses passed their last health check (new addresses count as healthy before their
+    /// first check, which is right for serving, not for asking to be handed an address).
+    pub fn backend_proven(&self) -> bool {
+        if self.backend_health() != Health::Ok {
+            return false;
+        }
+        let set = self.backends.current();
+        let proven = set.addrs.iter().filter(|a| a.is_healthy() && !a.is_suspect() && a.last_check_passed()).count();
+        proven >= self.config.health.min_healthy.max(1)
+    }
+
+    /// What the backend checks say, whatever the drain and the Elastic IP are doing.
+    pub fn backend_health(&self) -> Health {
         let set = self.backends.current();
         if set.addrs.is_empty() {
             return Health::Unhealthy(match &set.resolution.error {

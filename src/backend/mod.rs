@@ -23,6 +23,8 @@ pub struct BackendAddr {
     healthy: AtomicBool,
     /// A connect from the data path failed since the last good check.
     suspect: AtomicBool,
+    /// The last health check passed (false before the first).
+    last_ok: AtomicBool,
     active: AtomicUsize,
     /// Unix milliseconds of the last health check and last DNS answer naming it (0: never).
     last_check_ms: AtomicU64,
@@ -40,6 +42,7 @@ impl BackendAddr {
             first_seen: SystemTime::now(),
             healthy: AtomicBool::new(true),
             suspect: AtomicBool::new(false),
+            last_ok: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             last_check_ms: AtomicU64::new(0),
             last_seen_ms: AtomicU64::new(unix_ms(SystemTime::now())),
@@ -64,9 +67,15 @@ impl BackendAddr {
     /// Records a health check's result time; a good check clears suspicion.
     pub fn checked(&self, ok: bool) {
         self.last_check_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+        self.last_ok.store(ok, Ordering::Relaxed);
         if ok {
             self.suspect.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the last health check passed; false before the first.
+    pub fn last_check_passed(&self) -> bool {
+        self.last_ok.load(Ordering::Relaxed)
     }
 
     pub fn last_check(&self) -> Option<SystemTime> {

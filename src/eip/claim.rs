@@ -309,6 +309,18 @@ impl Instance {
         self.ec2.instances(ids, &self.calls, deadline).await.map_err(|f| self.refused(f))
     }
 
+    /// One instance as EC2 lists it; `None` when EC2 does not know the id (any more).
+    pub async fn instance(&self, id: &str, deadline: Instant) -> Result<Option<InstanceView>, ClaimError> {
+        // An unknown id is retried as "not there yet" by `retry`: a short deadline of its own
+        // keeps a forgotten id from holding up the caller.
+        let short = deadline.min(Instant::now() + Duration::from_secs(3));
+        match self.ec2.instances(&[id], &self.calls, short).await {
+            Ok(found) => Ok(found.into_iter().find(|v| v.rank.instance_id == id)),
+            Err(Failure::Refused { class: Class::InvalidInstance, .. }) => Ok(None),
+            Err(f) => Err(self.refused(f)),
+        }
+    }
+
     /// Sets tags on our allocation.
     pub async fn tag_address(&self, tags: &[(&str, String)], deadline: Instant) -> Result<(), ClaimError> {
         self.ec2.tag_address(&self.allocation_id, tags, &self.calls, deadline).await.map_err(|f| self.refused(f))

@@ -29,7 +29,9 @@ use super::error::ClaimError;
 use super::{Eip, State};
 use crate::config::EipConfig;
 
-/// Written by the requester: `<instance id> <unix seconds>`.
+/// Written by the requester: `<instance id> <asked at> <refreshed at>` (unix seconds). The
+/// requester refreshes it while it still wants the address and its backend is healthy: a
+/// holder moves the address only on a fresh request.
 pub const HANDOFF_TO: &str = "static-ingress:handoff-to";
 /// Written by the holder: `<queued|draining> <holder id> <started> <updated> <move by>`, times in
 /// unix seconds.
@@ -46,13 +48,15 @@ pub const STALE: Duration = Duration::from_secs(30);
 /// How long past the move time a draining holder announced the requester still waits.
 pub const MOVE_MARGIN: Duration = Duration::from_secs(30);
 /// How long after its own write a holder reads the address set again before acting on it:
-/// EC2's reads usually catch up within a second.
-pub const SETTLE: Duration = Duration::from_secs(2);
+/// EC2's reads usually catch up within a second, and tag times are whole seconds.
+pub const SETTLE: Duration = Duration::from_secs(3);
 /// How often a requester reads the address (a holder with a request waiting for its turn
 /// reads it every 2 x POLL).
 pub const POLL: Duration = Duration::from_secs(1);
 /// How long a requester reuses what DescribeInstances said.
 const INSTANCES_FRESH: Duration = Duration::from_secs(5);
+/// A time this far in another instance's future is from a clock that is wrong: not trusted.
+const FUTURE_SLACK: u64 = 5;
 /// Slack added to a holder's announced move time for the move itself.
 const MOVE_SLACK: Duration = Duration::from_secs(10);
 
@@ -66,18 +70,30 @@ pub fn now_secs() -> u64 {
 pub struct Request {
     pub to: String,
     pub at: u64,
+    pub updated: u64,
+}
+
+/// An EC2 instance id: `i-` and 8 or 17 hexadecimal digits.
+pub fn is_instance_id(id: &str) -> bool {
+    id.strip_prefix("i-").is_some_and(|hex| matches!(hex.len(), 8 | 17) && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 impl Request {
     pub fn parse(value: &str) -> Option<Request> {
         let mut parts = value.split_whitespace();
-        let to = parts.next().filter(|id| id.starts_with("i-"))?.to_string();
+        let to = parts.next().filter(|id| is_instance_id(id))?.to_string();
         let at = parts.next()?.parse().ok()?;
-        parts.next().is_none().then_some(Request { to, at })
+        let updated = parts.next()?.parse().ok()?;
+        parts.next().is_none().then_some(Request { to, at, updated })
     }
 
     pub fn value(&self) -> String {
-        format!("{} {}", self.to, self.at)
+        format!("{} {} {}", self.to, self.at, self.updated)
+    }
+
+    /// Refreshed recently enough: its requester still wants the address.
+    pub fn fresh(&self, now: u64) -> bool {
+        now <= self.updated.saturating_add(STALE.as_secs())
     }
 }
 
@@ -140,8 +156,13 @@ impl Progress {
 
 /// The serving side a holder drains. The server implements it; tests can too.
 pub trait Serving: Send + Sync {
-    /// While `Some`, `/health` fails with this reason.
+    /// While `Some`, `/health` fails with this reason (and the proxy counts as draining).
     fn set_handoff(&self, why: Option<String>);
+    /// `/health` fails with this reason, not draining: the address went to `to`.
+    fn handed_off(&self, to: &str);
+    /// Whether this instance could serve the address now (its backend checks pass): a
+    /// requester asks, and keeps asking, only then.
+    fn ready(&self) -> bool;
     fn open_connections(&self) -> usize;
     /// Resets the connections open now; later ones are served.
     fn cut_open(&self);
@@ -175,11 +196,12 @@ pub fn draining(set: &[(String, AddressView)], mine: &str, now: u64) -> Vec<Turn
         .filter(|(allocation, _)| allocation != mine)
         .filter_map(|(allocation, view)| {
             let p = view.tag(HANDOFF).and_then(Progress::parse)?;
-            let holds = view.instance_id.as_deref() == Some(p.holder.as_str());
+            let holds = view.instance_id.as_deref() == Some(p.holder.as_str()) && p.updated <= now + FUTURE_SLACK;
             let live = match p.phase {
                 Phase::Draining => holds && p.fresh(now) && now <= p.move_by.saturating_add(MOVE_MARGIN.as_secs()),
-                // No heartbeat: it ends by itself at `move_by`.
-                Phase::Settling => holds && now <= p.move_by,
+                // Written by the old holder just before the move, for the new one, and by the
+                // new one after it: live until `move_by` whoever holds the address then.
+                Phase::Settling => now <= p.move_by,
                 Phase::Queued => false,
             };
             live.then(|| Turn { allocation: allocation.clone(), slot: slot(view), started: p.started })
@@ -212,13 +234,19 @@ pub async fn should_ask(instance: &Instance, owner: &str, deadline: Instant) -> 
 }
 
 /// Asks the holder for the address and waits until it is ours, handed over or taken (see the
-/// module's rules). Returns the claim's result; a newer instance holding the address, or in
-/// line for it, ends the wait with [`ClaimError::HeldByNewer`].
-pub async fn request(instance: &Instance, config: &EipConfig, eip: &Eip) -> Result<Report, ClaimError> {
+/// module's rules). Returns the claim's result; a newer instance holding the address ends the
+/// wait with [`ClaimError::HeldByNewer`].
+pub async fn request(
+    instance: &Instance,
+    config: &EipConfig,
+    eip: &Eip,
+    serving: &Arc<dyn Serving>,
+) -> Result<Report, ClaimError> {
     let me = instance.instance_id.as_str();
     let ack_bound = config.check_interval.saturating_mul(3) + STALE;
-    // When our ask was written (or found, after a restart): the holder's answer is due from then.
-    let mut asked: Option<u64> = None;
+    // When the holder last showed it is alive (our ask, or a fresh progress tag from it): a
+    // silent holder is taken from `ack_bound` after that.
+    let mut heard: Option<u64> = None;
     // When the holder began draining for us, which keeps our place in the turn order.
     let mut drain_started: Option<u64> = None;
     let mut cached: Option<(Instant, Vec<String>, Vec<InstanceView>)> = None;
@@ -233,30 +261,17 @@ pub async fn request(instance: &Instance, config: &EipConfig, eip: &Eip) -> Resu
         let deadline = Instant::now() + config.deadline;
         let view = instance.describe(deadline).await?;
         let Some(owner) = view.instance_id.clone() else {
-            return take(instance, "the address is free", deadline).await;
+            return take(instance, config, "the address is free", deadline).await;
         };
         if owner == me {
             // Handed over: the holder confirmed the move; the claim confirms it again. The turn
             // stays taken while Route 53 comes to count the address healthy again.
             let report = instance.claim(false, deadline).await?;
-            let settling = Progress {
-                phase: Phase::Settling,
-                holder: me.to_string(),
-                started: drain_started.unwrap_or_else(now_secs),
-                updated: now_secs(),
-                move_by: now_secs() + config.handoff_announce_delay.as_secs(),
-            };
-            let tags = [(HANDOFF_TO, String::new()), (HANDOFF, settling.value())];
-            if let Err(e) = instance.tag_address(&tags, deadline).await {
-                tracing::warn!(error = %e, "could not mark the handed-over address as settling (the next handoff may start early)");
-            }
+            settle(instance, config, drain_started.unwrap_or_else(now_secs), deadline).await;
             return Ok(report);
         }
         let request = view.tag(HANDOFF_TO).and_then(Request::parse);
-        let mut ids = vec![me, owner.as_str()];
-        if let Some(r) = request.as_ref().filter(|r| r.to != me && r.to != owner) {
-            ids.push(r.to.as_str());
-        }
+        let ids = [me, owner.as_str()];
         // Ranks never change and a state change can wait a few seconds: one DescribeInstances
         // per INSTANCES_FRESH, not per poll.
         let seen = match &cached {
@@ -270,20 +285,22 @@ pub async fn request(instance: &Instance, config: &EipConfig, eip: &Eip) -> Resu
         let find = |id: &str| seen.iter().find(|v| v.rank.instance_id == id);
         let Some(mine) = find(me) else {
             // EC2 does not list us yet: the claim's own rules (and errors) apply.
-            return take(instance, "this instance is not listed by EC2 yet", deadline).await;
+            return take(instance, config, "this instance is not listed by EC2 yet", deadline).await;
         };
         let holder = match find(&owner) {
-            None => return take(instance, &format!("the holder {owner} is not listed by EC2"), deadline).await,
+            None => {
+                return take(instance, config, &format!("the holder {owner} is not listed by EC2"), deadline).await;
+            }
             Some(h) if !running(h) => {
-                return take(instance, &format!("the holder {owner} is {}", h.state), deadline).await;
+                return take(instance, config, &format!("the holder {owner} is {}", h.state), deadline).await;
             }
             Some(h) => h,
         };
         if let Some(why) = holder.rank.newer_than(&mine.rank) {
             return Err(held_by_newer(instance, &owner, why));
         }
-        if let Some(r) = request.as_ref().filter(|r| r.to != me)
-            && let Some(other) = find(&r.to).filter(|v| running(v))
+        if let Some(r) = request.as_ref().filter(|r| r.to != me && r.fresh(now_secs()))
+            && let Some(other) = instance.instance(&r.to, deadline).await?.filter(running)
             && other.rank.newer_than(&mine.rank).is_some()
         {
             // A newer instance is in line for this address: it is not ours to ask for. Wait,
@@ -300,37 +317,62 @@ pub async fn request(instance: &Instance, config: &EipConfig, eip: &Eip) -> Resu
             continue;
         }
         let now = now_secs();
+        if !serving.ready() {
+            // Asking would make the holder drain for an instance that cannot serve: wait. A
+            // request we wrote earlier goes stale and the holder keeps the address.
+            say("waiting for a healthy backend before asking for the address".to_string(), &owner);
+            eip.update(|s| {
+                s.state = State::Requesting;
+                s.owner = Some(owner.clone());
+                s.error = Some("waiting for a healthy backend before asking for the address".into());
+                s.last_check = Some(SystemTime::now());
+            });
+            heard = None;
+            tokio::time::sleep(POLL.min(config.check_interval)).await;
+            continue;
+        }
         match &request {
+            Some(r) if r.to == me && now < r.updated + HEARTBEAT.as_secs() => {
+                heard.get_or_insert(r.updated.min(now));
+            }
             Some(r) if r.to == me => {
-                asked.get_or_insert(r.at.min(now));
+                // Still wanted: refresh, keeping the time of the first ask.
+                let ask = Request { to: me.to_string(), at: r.at, updated: now };
+                instance.tag_address(&[(HANDOFF_TO, ask.value())], deadline).await?;
+                heard.get_or_insert(now);
             }
             _ => {
-                let ask = Request { to: me.to_string(), at: now };
+                let ask = Request { to: me.to_string(), at: now, updated: now };
                 instance.tag_address(&[(HANDOFF_TO, ask.value())], deadline).await?;
-                asked = Some(now);
+                heard = Some(now);
                 say(format!("asked {owner} to hand the address over"), &owner);
             }
         }
-        let asked_at = asked.unwrap_or(now);
         let progress = view.tag(HANDOFF).and_then(Progress::parse).filter(|p| p.holder == owner && p.fresh(now));
+        if progress.is_some() {
+            heard = Some(now);
+        }
+        let heard_at = heard.unwrap_or(now);
+        let mut soon = false;
         let waiting = match progress {
             Some(p) if p.phase == Phase::Draining && now > p.move_by.saturating_add(MOVE_MARGIN.as_secs()) => {
                 let why = format!("the holder {owner} did not move it by the time it announced");
-                return take(instance, &why, deadline).await;
+                return take(instance, config, &why, deadline).await;
             }
             Some(p) if p.phase == Phase::Draining => {
                 drain_started = Some(p.started);
-                say(format!("{owner} is draining and will move it by {}", p.move_by), &owner);
-                format!("{owner} is draining; it moves the address by {}", p.move_by)
+                soon = now + 10 >= p.move_by;
+                say(format!("{owner} is draining and will move it by {}", when(p.move_by)), &owner);
+                format!("{owner} is draining; it moves the address by {}", when(p.move_by))
             }
             Some(_) => {
                 say(format!("{owner} is waiting for its turn"), &owner);
                 format!("{owner} is waiting for its turn (at most {} addresses at once)", config.handoffs_at_once)
             }
-            None if now >= asked_at.saturating_add(ack_bound.as_secs()) => {
+            None if now >= heard_at.saturating_add(ack_bound.as_secs()) => {
                 let why =
                     format!("the holder {owner} did not answer the handoff request within {}s", ack_bound.as_secs());
-                return take(instance, &why, deadline).await;
+                return take(instance, config, &why, deadline).await;
             }
             None => format!("asked {owner}; waiting for its answer"),
         };
@@ -340,7 +382,31 @@ pub async fn request(instance: &Instance, config: &EipConfig, eip: &Eip) -> Resu
             s.error = Some(waiting);
             s.last_check = Some(SystemTime::now());
         });
-        tokio::time::sleep(POLL.min(config.check_interval)).await;
+        // Every second when the move is near; the rest of the wait, every HEARTBEAT.
+        let pause = if soon { POLL } else { HEARTBEAT };
+        tokio::time::sleep(pause.min(config.check_interval)).await;
+    }
+}
+
+/// A unix time as an operator reads it.
+fn when(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+/// Marks the address ours and settling: the turn stays taken until Route 53 has had
+/// `eip.handoff_announce_delay` to announce it again; the request is emptied.
+async fn settle(instance: &Instance, config: &EipConfig, started: u64, deadline: Instant) {
+    let now = now_secs();
+    let settling = Progress {
+        phase: Phase::Settling,
+        holder: instance.instance_id.clone(),
+        started,
+        updated: now,
+        move_by: now + config.handoff_announce_delay.as_secs(),
+    };
+    let tags = [(HANDOFF_TO, String::new()), (HANDOFF, settling.value())];
+    if let Err(e) = instance.tag_address(&tags, deadline).await {
+        tracing::warn!(error = %e, "could not mark the address as settling (the next handoff may start early)");
     }
 }
 
@@ -353,26 +419,13 @@ fn held_by_newer(instance: &Instance, owner: &str, why: super::newer::Newer) -> 
     }
 }
 
-/// Takes the address as a claim does, saying why the handoff was skipped.
-async fn take(instance: &Instance, why: &str, deadline: Instant) -> Result<Report, ClaimError> {
+/// Takes the address as a claim does, saying why the handoff was skipped. It was out of
+/// Route 53 (or dark) until now: the turn stays taken while it is announced again.
+async fn take(instance: &Instance, config: &EipConfig, why: &str, deadline: Instant) -> Result<Report, ClaimError> {
     tracing::warn!(allocation = %instance.allocation_id, reason = why, "Elastic IP handoff skipped: taking the address");
     let report = instance.claim(false, deadline).await?;
-    if let Ok(view) = instance.describe(deadline).await {
-        clear(instance, &view, deadline).await;
-    }
+    settle(instance, config, now_secs(), deadline).await;
     Ok(report)
-}
-
-/// Empties the handoff tags once the address is ours, if they are about us (best effort: stale
-/// tags are ignored by everyone anyway).
-async fn clear(instance: &Instance, view: &AddressView, deadline: Instant) {
-    let about_us = view.tag(HANDOFF_TO).and_then(Request::parse).is_some_and(|r| r.to == instance.instance_id);
-    if about_us || view.tag(HANDOFF).is_some() {
-        let empty = [(HANDOFF_TO, String::new()), (HANDOFF, String::new())];
-        if let Err(e) = instance.tag_address(&empty, deadline).await {
-            tracing::warn!(error = %e, "could not clear the handoff tags on the Elastic IP (harmless: they are stale)");
-        }
-    }
 }
 
 /// What the holder did with a request.
@@ -400,12 +453,17 @@ pub async fn offer(
 ) -> Result<Offer, ClaimError> {
     let me = instance.instance_id.as_str();
     let deadline = Instant::now() + config.deadline.min(config.check_interval.max(SETTLE * 4));
-    let seen = instance.instances(&[me, request.to.as_str()], deadline).await?;
-    let find = |id: &str| seen.iter().find(|v| v.rank.instance_id == id);
-    let (Some(mine), Some(requester)) = (find(me), find(&request.to)) else {
+    if !request.fresh(now_secs()) {
+        // Its requester stopped asking (gone, or its backend is unhealthy).
+        return Ok(Offer::Declined);
+    }
+    // Looked up on its own: an id EC2 has forgotten must not fail the lookup of ours.
+    let (Some(mine), Some(requester)) =
+        (instance.instance(me, deadline).await?, instance.instance(&request.to, deadline).await?)
+    else {
         return Ok(Offer::Declined);
     };
-    if !running(requester) || requester.rank.newer_than(&mine.rank).is_none() {
+    if !running(&requester) || requester.rank.newer_than(&mine.rank).is_none() {
         return Ok(Offer::Declined);
     }
     let now = now_secs();
@@ -477,6 +535,7 @@ async fn hand_off(
     });
     serving.set_handoff(Some(format!("handing the Elastic IP over to {to}")));
     tracing::info!(%allocation, to, drain_delay = ?timing.drain_delay, grace_period = ?timing.grace_period,
+        move_by = %when(progress.move_by),
         "Elastic IP handoff: draining (/health answers 503, still serving), then moving the address to {to}");
     let drain = async {
         tokio::time::sleep(timing.drain_delay).await;
@@ -500,20 +559,43 @@ async fn hand_off(
         () = heartbeat => {}
     }
     let deadline = Instant::now() + config.deadline;
-    // Before moving: is the requester still there, and still the one asking?
-    let view = instance.describe(deadline).await?;
-    let still_asked = view.tag(HANDOFF_TO).and_then(Request::parse).is_some_and(|r| r.to == to);
-    let still_ours = view.instance_id.as_deref() == Some(instance.instance_id.as_str());
-    let alive = instance.instances(&[to], deadline).await?.iter().any(running);
-    if !(still_asked && still_ours && alive) {
-        let why = if !still_ours {
-            "the address is no longer ours"
+    // Before moving: is the requester still there, and still the one asking? Any failure from
+    // here on serves again as before (abandon) rather than leave /health failing.
+    let checked = async {
+        let view = instance.describe(deadline).await?;
+        let asked = view.tag(HANDOFF_TO).and_then(Request::parse);
+        let still_asked = asked.as_ref().is_some_and(|r| r.to == to && r.fresh(now_secs()));
+        let still_ours = view.instance_id.as_deref() == Some(instance.instance_id.as_str());
+        let alive = instance.instance(to, deadline).await?.is_some_and(|v| running(&v));
+        Ok::<_, ClaimError>(if !still_ours {
+            Some("the address is no longer ours")
         } else if !alive {
-            "the requester is no longer running"
+            Some("the requester is no longer running")
+        } else if !still_asked {
+            Some("the request was withdrawn, replaced, or not refreshed")
         } else {
-            "the request was withdrawn or replaced"
-        };
-        return abandon(instance, serving, eip, why, deadline).await;
+            None
+        })
+    };
+    match checked.await {
+        Ok(None) => {}
+        Ok(Some(why)) => return abandon(instance, serving, eip, why, deadline).await,
+        Err(e) => {
+            tracing::error!(error = %e, %allocation, to, "Elastic IP handoff: the check before the move failed");
+            return abandon(instance, serving, eip, "the check before the move failed", deadline).await;
+        }
+    }
+    // The turn passes to the new holder with the address: it counts until Route 53 has had
+    // the announce delay after the move (the new holder writes it again once it sees the move).
+    let settling = Progress {
+        phase: Phase::Settling,
+        holder: to.to_string(),
+        started: progress.started,
+        updated: now_secs(),
+        move_by: now_secs() + (config.handoff_announce_delay + MOVE_SLACK).as_secs(),
+    };
+    if let Err(e) = instance.tag_address(&[(HANDOFF, settling.value())], deadline).await {
+        tracing::warn!(error = %e, "could not mark the address as settling before the move");
     }
     let open = serving.open_connections();
     serving.cut_open();
@@ -522,9 +604,11 @@ async fn hand_off(
         tracing::error!(error = %e, %allocation, to, "Elastic IP handoff: moving the address failed; keeping it and serving");
         return abandon(instance, serving, eip, "moving the address failed", deadline).await;
     }
+    // Connections accepted between the cut and the move would break silently: cut them too.
+    serving.cut_open();
     // Still accepting, though nothing reaches it now: if the new holder goes away (a release
     // rolled back by deleting the new stack), the watch takes the address back and serves.
-    serving.set_handoff(Some(format!("the Elastic IP was handed over to {to}")));
+    serving.handed_off(to);
     eip.update(|s| {
         s.state = State::HandedOff;
         s.owner = Some(to.to_string());
@@ -544,8 +628,9 @@ async fn abandon(
     deadline: Instant,
 ) -> Result<Offer, ClaimError> {
     tracing::warn!(allocation = %instance.allocation_id, reason = why, "Elastic IP handoff abandoned; serving as before");
-    if let Err(e) = instance.tag_address(&[(HANDOFF, String::new())], deadline).await {
-        tracing::warn!(error = %e, "could not clear the handoff progress tag");
+    // The request too: a requester that still wants the address asks again.
+    if let Err(e) = instance.tag_address(&[(HANDOFF, String::new()), (HANDOFF_TO, String::new())], deadline).await {
+        tracing::warn!(error = %e, "could not clear the handoff tags");
     }
     serving.set_handoff(None);
     eip.update(|s| {
@@ -571,9 +656,12 @@ mod tests {
 
     #[test]
     fn tag_values_read_back_what_was_written_and_refuse_anything_else() {
-        let r = Request { to: "i-0abc".into(), at: 1_700_000_000 };
+        let r = Request { to: "i-0123456789abcdef0".into(), at: 1_700_000_000, updated: 1_700_000_005 };
         assert_eq!(Request::parse(&r.value()), Some(r));
-        for bad in ["", "i-0abc", "x-1 2", "i-1 soon", "i-1 2 3"] {
+        assert!(Request::parse("i-0123abcd 1 2").is_some(), "the old 8-digit ids");
+        for bad in
+            ["", "i-0123abcd", "i-0123abcd 1", "x-0123abcd 1 2", "i-0123abcd soon 2", "i-0123abcd 1 2 3", "i-xyz 1 2"]
+        {
             assert_eq!(Request::parse(bad), None, "{bad:?}");
         }
         let p = Progress { phase: Phase::Draining, holder: "i-1".into(), started: 10, updated: 12, move_by: 250 };

@@ -119,7 +119,7 @@ pub async fn keep(
     stop: CancellationToken,
 ) {
     let run = async {
-        let instance = claim_until_done(&config, &eip).await;
+        let instance = claim_until_done(&config, &eip, &serving).await;
         watch(&config, timing, &serving, &eip, &instance).await;
     };
     tokio::select! {
@@ -155,10 +155,10 @@ pub async fn claim_once(
 /// nothing to claim: the caller watches). A failed claim (a missing tag, a missing
 /// permission...) is tried again every check interval, so fixing it needs no restart; each
 /// kind of failure is logged once.
-async fn claim_until_done(config: &EipConfig, eip: &Eip) -> Instance {
+async fn claim_until_done(config: &EipConfig, eip: &Eip, serving: &Arc<dyn handoff::Serving>) -> Instance {
     let mut last_logged: Option<(u8, std::mem::Discriminant<ClaimError>)> = None;
     loop {
-        let error = match first_claim(config, eip).await {
+        let error = match first_claim(config, eip, serving).await {
             Ok((instance, result)) => match record(eip, &instance, result) {
                 Ok(()) => return instance,
                 Err(e) => e,
@@ -173,7 +173,11 @@ async fn claim_until_done(config: &EipConfig, eip: &Eip) -> Instance {
 
 /// The claim `run` makes at start: with `eip.handoff`, an address held by a running older
 /// instance is asked for rather than taken.
-async fn first_claim(config: &EipConfig, eip: &Eip) -> Result<(Instance, Result<Report, ClaimError>), ClaimError> {
+async fn first_claim(
+    config: &EipConfig,
+    eip: &Eip,
+    serving: &Arc<dyn handoff::Serving>,
+) -> Result<(Instance, Result<Report, ClaimError>), ClaimError> {
     if !config.handoff {
         return claim_once(config, false).await;
     }
@@ -189,12 +193,17 @@ async fn first_claim(config: &EipConfig, eip: &Eip) -> Result<(Instance, Result<
             });
         }
     };
-    let result = acquire(config, eip, &instance).await;
+    let result = acquire(config, eip, serving, &instance).await;
     Ok((instance, result))
 }
 
 /// Asks for the address when a running older instance holds it, else claims it.
-async fn acquire(config: &EipConfig, eip: &Eip, instance: &Instance) -> Result<Report, ClaimError> {
+async fn acquire(
+    config: &EipConfig,
+    eip: &Eip,
+    serving: &Arc<dyn handoff::Serving>,
+    instance: &Instance,
+) -> Result<Report, ClaimError> {
     let deadline = Instant::now() + config.deadline;
     let ask = async {
         if !config.handoff {
@@ -212,7 +221,7 @@ async fn acquire(config: &EipConfig, eip: &Eip, instance: &Instance) -> Result<R
     };
     if ask {
         // Waits as long as the holder keeps answering; each call inside has its own deadline.
-        return handoff::request(instance, config, eip).await;
+        return handoff::request(instance, config, eip, serving).await;
     }
     let deadline = Instant::now() + config.deadline;
     match tokio::time::timeout_at(deadline, instance.claim(false, deadline)).await {
@@ -434,15 +443,18 @@ async fn watch(
                         "Elastic IP is not associated with any instance; claiming it"),
                 }
                 let handed_off = eip.status().state == State::HandedOff;
-                let result = acquire(config, eip, instance).await;
+                let result = acquire(config, eip, serving, instance).await;
                 if let Err(e) = record(eip, instance, result) {
                     log_failure(&e, &mut last_logged, config);
                     record_failure(eip, &e);
                 }
-                if handed_off && eip.status().state == State::Associated {
-                    // The instance it went to is gone (a rolled-back release): serve again.
+                if eip.status().state == State::Associated {
+                    // Ours again (after a handoff: the instance it went to is gone, a rolled
+                    // back release): whatever said otherwise on /health no longer holds.
                     serving.set_handoff(None);
-                    tracing::warn!(%allocation, "took the Elastic IP back after handing it over: its new holder went away");
+                    if handed_off {
+                        tracing::warn!(%allocation, "took the Elastic IP back after handing it over: its new holder went away");
+                    }
                 }
             }
         }
