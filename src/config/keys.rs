@@ -361,7 +361,8 @@ pub static KEYS: &[Key] = &[
         default: Some("40s"),
         doc: "After an address is handed over to this instance, the next address of the set \
               waits this long before its handoff starts, so that Route 53 counts this one \
-              healthy again first (3 checks at 10s, plus their phase).",
+              healthy again first (3 checks at 10s, plus their phase). \
+              At most 1h: Route 53 needs well under a minute; an hour only stalls a release.",
     },
     Key {
         name: "eip.deadline",
