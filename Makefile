@@ -97,8 +97,9 @@ lab:
 	"$$venv/python" loadtest/lab/lab.py --binary "$(call lab_target,$(LAB_PROFILE))" --deb "$$deb" \
 		$(if $(SCENARIO),--scenario $(SCENARIO),--doc docs/rehearsal.md) --check $(LAB_ARGS)
 
-# CI: the unit tests of the lab's parts, then the flip and one instance death at a low rate with
-# the debug binary `make test` built; fails on any client-visible failure where the goal is zero.
+# CI: the unit tests of the lab's parts, then the flip, one instance death and an Auto Scaling
+# replacement by handoff, at a low rate with the debug binary `make test` built; fails on any
+# client-visible failure where the goal is zero.
 lab-test:
 	scripts/install-system-packages.sh $(LAB_PACKAGES)
 	cargo test --all-targets --no-run --quiet

@@ -68,7 +68,7 @@ def main():
     ap.add_argument("--scenario", action="append", choices=sorted(scenarios.SCENARIOS),
                     help="run only this scenario (repeatable); default: all, in order")
     ap.add_argument("--short", action="store_true",
-                    help="CI's short version: the flip and one instance death (at the base rate, already low)")
+                    help="CI's short version: the flip, one instance death and an Auto Scaling replacement by handoff (at the base rate, already low)")
     ap.add_argument("--clean", action="store_true",
                     help="only remove what earlier runs that were killed outright left behind, then exit")
     ap.add_argument("--scale", type=float, default=10.0,

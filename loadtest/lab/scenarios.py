@@ -498,4 +498,4 @@ SCENARIOS = {s.name: s for s in (InstanceDeath, Flip, AzPartition, TenX, Soak, F
 # then issue 12's Auto Scaling replacement.
 ORDER = ["instance-death", "flip", "az-partition", "10x-load", "soak", "fleet-replacement", "asg-termination",
          "graceful-stop"]
-SHORT = ["flip", "instance-death"]
+SHORT = ["flip", "instance-death", "asg-termination"]
