@@ -199,14 +199,22 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
+    // Starts that keep failing (a listener that cannot be bound, a crash loop) are counted
+    // across restarts, for the unhealthy report to Auto Scaling.
+    let (starts, failing) = crate::eip::unhealthy::failing_starts(&config.eip);
+    let eip = config.eip.clone();
     let code = runtime.block_on(async {
         let server = match Server::bind(config) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %logging::error_chain(&e), "startup failed");
+                if let Some(reason) = failing {
+                    let _ = crate::eip::unhealthy::report(&eip, &format!("{reason}: {e}")).await;
+                }
                 return exit::FAILURE;
             }
         };
+        server.watch_own_failures(starts, failing);
         let signals = match lifecycle::signals() {
             Ok(s) => s,
             Err(e) => {
@@ -215,7 +223,13 @@ fn run(args: RunArgs) -> ExitCode {
             }
         };
         match server.run(signals).await {
-            Exit::Drained => exit::OK,
+            Exit::Drained => {
+                // A clean stop: the next start counts afresh.
+                if let Some(starts) = crate::eip::unhealthy::Starts::open() {
+                    starts.clean();
+                }
+                exit::OK
+            }
             Exit::Forced => exit::FAILURE,
         }
     });

@@ -169,6 +169,26 @@ impl Server {
         })
     }
 
+    /// Watches for failures of the instance's own and reports it unhealthy to its Auto
+    /// Scaling group when one lasts `eip.report_unhealthy_after` ([`eip::unhealthy`]);
+    /// `failing`: the starts before this one kept failing, reported at once.
+    pub fn watch_own_failures(&self, starts: Option<eip::unhealthy::Starts>, failing: Option<String>) {
+        let eip = &self.config.eip;
+        if !eip.enabled || eip.report_unhealthy_after.is_zero() {
+            return;
+        }
+        let state = Arc::clone(&self.state);
+        tokio::spawn(eip::unhealthy::watch(
+            eip.clone(),
+            self.admin_addr,
+            Arc::clone(&self.state.eip),
+            starts,
+            failing,
+            move || state.is_draining(),
+            self.stop_sources.clone(),
+        ));
+    }
+
     pub fn proxy_addrs(&self) -> &[SocketAddr] {
         &self.proxy_addrs
     }
@@ -321,7 +341,11 @@ impl Server {
             // healthy on an instance about to go: stay drained, /health 503, until it stops.
             tracing::info!("drained for Auto Scaling's termination; waiting for the instance to stop (SIGTERM exits)");
             lifecycle::notify(&[NotifyState::Status("drained: Auto Scaling is terminating this instance")]);
-            (&mut forced).await;
+            let complete = eip::retire::complete(&self.config.eip);
+            tokio::select! {
+                () = complete => (&mut forced).await,
+                () = &mut forced => {}
+            }
         }
         stop_admin.cancel();
         if let Err(e) = admin.await {

@@ -1188,3 +1188,236 @@ async fn a_request_left_by_an_instance_ec2_has_forgotten_does_not_block_the_next
     assert_eq!(moved["to"], new.id.as_str());
     wait_for_state(new.p.admin, "associated").await;
 }
+
+// Reporting unhealthy to Auto Scaling (static_ingress::eip::unhealthy). moto keeps each
+// instance's health as SetInstanceHealth leaves it, but does not replace an unhealthy one.
+
+/// The group tag that marks a report (`static_ingress::eip::unhealthy::REPLACING`).
+const REPLACING: &str = "static-ingress:replacing";
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A state directory of the test's own, as systemd's `StateDirectory=` gives the unit.
+fn state_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("static-ingress-state-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// One start of `run` on an instance whose proxy port is taken: it exits at once. Its exit
+/// code and log.
+async fn start_on_a_taken_port(
+    imds: &Imds,
+    moto: &Moto,
+    state: &std::path::Path,
+    taken: SocketAddr,
+) -> (Option<i32>, String) {
+    start_on_a_taken_port_as(imds, moto, state, taken, ("testing", "testing")).await
+}
+
+async fn start_on_a_taken_port_as(
+    imds: &Imds,
+    moto: &Moto,
+    state: &std::path::Path,
+    taken: SocketAddr,
+    (key, secret): (&str, &str),
+) -> (Option<i32>, String) {
+    let mut c = command("run", &imds.endpoint(), &moto.endpoint);
+    c.env("AWS_ACCESS_KEY_ID", key).env("AWS_SECRET_ACCESS_KEY", secret);
+    c.env("STATE_DIRECTORY", state)
+        .args(["--proxy-listen", &taken.to_string(), "--admin-listen", "127.0.0.1:0"])
+        .args(["--backend-address", "127.0.0.1:9", "--eip-enabled", "true", "--log-format", "json"])
+        .args(["--eip-autoscaling-endpoint", &moto.endpoint, "--eip-report-unhealthy-after", "2s"]);
+    let out = within(CLAIM_BOUND, "run to exit", c.output()).await.expect("run runs");
+    let log = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("run exited {:?}\n{log}", out.status.code());
+    (out.status.code(), log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_keeps_failing_to_start_reports_its_instance_unhealthy_to_its_group() {
+    let moto = Moto::start().await;
+    let me = moto.group("blue-1", "blue", 1).await.remove(0);
+    let other = moto.group("blue-2", "blue", 1).await.remove(0);
+    let imds = Imds::start(&me, None).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let state = state_dir("failing-start");
+
+    // The first failed start is only counted.
+    let (code, log) = start_on_a_taken_port(&imds, &moto, &state, taken.local_addr().unwrap()).await;
+    assert_eq!(code, Some(1));
+    assert!(log.contains("startup failed"), "{log}");
+    assert!(!log.contains("unhealthy"), "{log}");
+    assert_eq!(moto.health("blue-1", &me).await, "Healthy");
+
+    // Still failing once eip.report_unhealthy_after (2s) has passed since: reported.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (code, log) = start_on_a_taken_port(&imds, &moto, &state, taken.local_addr().unwrap()).await;
+    assert_eq!(code, Some(1));
+    assert!(log.contains("reported this instance unhealthy to its Auto Scaling group"), "{log}");
+    assert!(log.contains("Address already in use") || log.contains("in use"), "the reason names the failure: {log}");
+    assert_eq!(moto.health("blue-1", &me).await, "Unhealthy");
+    assert_eq!(moto.health("blue-2", &other).await, "Healthy");
+    let mark = moto.group_tag("blue-1", REPLACING).await;
+    assert!(mark.starts_with(&format!("{me}@")), "the report is marked on its group: {mark:?}");
+    assert_eq!(moto.group_tag("blue-2", REPLACING).await, "");
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_policy_allows_every_call_an_unhealthy_report_makes() {
+    // Setup: the group (CreateLaunchTemplate, CreateAutoScalingGroup, DescribeAutoScalingGroups)
+    // and the IAM user (3 requests).
+    let moto = Moto::start_with_iam_after(Some(6)).await;
+    let me = moto.group("blue-1", "blue", 1).await.remove(0);
+    let (key, secret) = moto.iam_user(&documented_actions_policy()).await;
+    let imds = Imds::start(&me, None).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let state = state_dir("policy");
+    let aged = || std::fs::write(state.join("failing-since"), format!("{}\n", now_secs() - 60)).unwrap();
+
+    // Credentials moto does not know: refused, so moto enforces and the next report passed
+    // its policy check.
+    aged();
+    let (_, log) = start_on_a_taken_port_as(&imds, &moto, &state, taken.local_addr().unwrap(), ("unknown", "x")).await;
+    assert!(log.contains("cannot report this instance unhealthy"), "{log}");
+    aged();
+    let (_, log) = start_on_a_taken_port_as(&imds, &moto, &state, taken.local_addr().unwrap(), (&key, &secret)).await;
+    assert!(log.contains("reported this instance unhealthy to its Auto Scaling group"), "{log}");
+    assert_eq!(moto.health_as((&key, &secret), "blue-1", &me).await, "Unhealthy");
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_lets_one_instance_of_a_fleet_report_at_a_time() {
+    let moto = Moto::start().await;
+    let me = moto.group("blue-1", "blue", 1).await.remove(0);
+    let other = moto.group("blue-2", "blue", 1).await.remove(0);
+    // Another fleet's instance, unhealthy: it does not hold this fleet back.
+    let stranger = moto.group("green-1", "green", 1).await.remove(0);
+    moto.set_health(&stranger, "Unhealthy").await;
+    let imds = Imds::start(&me, None).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let state = state_dir("guard");
+    // Starts that have failed for a minute already, as the state directory remembers them.
+    std::fs::write(state.join("failing-since"), format!("{}\n", now_secs() - 60)).unwrap();
+    let start = || start_on_a_taken_port(&imds, &moto, &state, taken.local_addr().unwrap());
+
+    // Another instance of the fleet is unhealthy (its group is replacing it): held back.
+    moto.set_health(&other, "Unhealthy").await;
+    let (code, log) = start().await;
+    assert_eq!(code, Some(1));
+    assert!(log.contains("the guard holds back its unhealthy report"), "{log}");
+    assert!(log.contains(&format!("{other} of group blue-2 is InService and Unhealthy")), "{log}");
+    assert_eq!(moto.health("blue-1", &me).await, "Healthy");
+    assert_eq!(moto.group_tag("blue-1", REPLACING).await, "", "nothing marked");
+
+    // It is healthy again, but reported itself a minute ago: still held back.
+    moto.set_health(&other, "Healthy").await;
+    moto.tag_group("blue-2", REPLACING, &format!("{other}@{}", now_secs() - 60)).await;
+    let (_, log) = start().await;
+    assert!(log.contains(&format!("{other} (group blue-2) reported itself unhealthy")), "{log}");
+    assert_eq!(moto.health("blue-1", &me).await, "Healthy");
+
+    // That report is older than the cooldown (15 min): this one goes ahead.
+    moto.tag_group("blue-2", REPLACING, &format!("{other}@{}", now_secs() - 16 * 60)).await;
+    let (_, log) = start().await;
+    assert!(log.contains("reported this instance unhealthy to its Auto Scaling group"), "{log}");
+    assert_eq!(moto.health("blue-1", &me).await, "Unhealthy");
+    assert_eq!(moto.health("blue-2", &other).await, "Healthy");
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_never_succeeds_is_reported_but_a_backend_outage_never_is() {
+    let moto = Moto::start().await;
+    let (alloc, _) = moto.allocate().await;
+    // Two fleets, so that one's report does not hold the other's back.
+    let down = moto.group("down-1", "down", 1).await.remove(0);
+    let lost = moto.group("lost-1", "lost", 1).await.remove(0);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let report = ["--eip-autoscaling-endpoint", &moto.endpoint, "--eip-report-unhealthy-after", "1s"];
+
+    // Its backend is down (nothing listens there): /health fails, but that is every
+    // instance's outage, not this one's.
+    let imds_down = Imds::start(&down, Some(&[(TAG_KEY, &alloc)])).await;
+    let mut args = report.to_vec();
+    args.extend(["--backend-address", &closed]);
+    args.extend(["--health-interval", "200ms"]);
+    let outage = run_with_eip(&imds_down.endpoint(), &moto.endpoint, &args).await;
+    wait_for_state(outage.admin, "associated").await;
+
+    // Its address does not exist: the claim can never succeed, and nobody reaches it.
+    let imds_lost = Imds::start(&lost, Some(&[(TAG_KEY, "eipalloc-00000000000dead00")])).await;
+    let unclaimed = run_with_eip(&imds_lost.endpoint(), &moto.endpoint, &report).await;
+    wait_for_log(&unclaimed.logs, "reported this instance unhealthy", |l| {
+        l["reason"].as_str().is_some_and(|r| r.contains("Elastic IP claim has kept failing"))
+    })
+    .await;
+    assert_eq!(moto.health("lost-1", &lost).await, "Unhealthy");
+
+    // Many times the 1s bound later, the instance with the backend outage has not reported.
+    wait_for_health(outage.admin, 503, "").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(health(outage.admin).await.0, 503, "the backend is still down");
+    assert_eq!(moto.health("down-1", &down).await, "Healthy");
+    assert_eq!(moto.group_tag("down-1", REPLACING).await, "");
+    let logs = outage.logs.lock().unwrap();
+    assert!(
+        !logs.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unhealthy report") || m.contains("reported this instance"))),
+        "a backend outage was reported"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_instance_lets_auto_scaling_terminate_it_at_once() {
+    let moto = Moto::start().await;
+    let (alloc, _) = moto.allocate().await;
+    let id = moto.group("retiring-1", "retiring", 1).await.remove(0);
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let proxy = Ec2Proxy::start(&moto.endpoint, Lag::default(), Arc::clone(&seen)).await;
+    let imds = Imds::start(&id, Some(&[(TAG_KEY, &alloc)])).await;
+    imds.state.lock().unwrap().lifecycle_state = Some("InService".into());
+    let args = [
+        "--eip-autoscaling-endpoint",
+        &proxy.endpoint(),
+        "--lifecycle-drain-delay",
+        "1s",
+        "--lifecycle-grace-period",
+        "1s",
+    ];
+    let mut p = run_with_eip(&imds.endpoint(), &proxy.endpoint(), &args).await;
+    wait_for_state(p.admin, "associated").await;
+    assert!(seen.lock().unwrap().lifecycle_actions.is_empty());
+
+    imds.state.lock().unwrap().lifecycle_state = Some("Terminated".into());
+    let told = wait_for_log(&p.logs, "told Auto Scaling the drain is done", |_| true).await;
+    assert_eq!(told["group"], "retiring-1");
+    // After the drain, not before.
+    let lines: Vec<String> =
+        p.logs.lock().unwrap().iter().filter_map(|l| l["message"].as_str().map(str::to_string)).collect();
+    let at = |m: &str| lines.iter().position(|l| l.starts_with(m)).unwrap_or_else(|| panic!("no {m:?} in {lines:?}"));
+    assert!(at("drained for Auto Scaling's termination") < at("told Auto Scaling the drain is done"));
+    let actions = seen.lock().unwrap().lifecycle_actions.clone();
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    let form = &actions[0].1;
+    for field in [
+        "LifecycleHookName=static-ingress-drain".to_string(),
+        "AutoScalingGroupName=retiring-1".to_string(),
+        format!("InstanceId={id}"),
+        "LifecycleActionResult=CONTINUE".to_string(),
+    ] {
+        assert!(form.split('&').any(|f| f == field), "{field} not in {form}");
+    }
+    // Still drained until the instance stops.
+    assert_eq!(health(p.admin).await.0, 503);
+    let pid = p.child.id().expect("running") as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = within(BOUND, "the proxy to exit on SIGTERM", p.child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+}

@@ -388,6 +388,26 @@ pub static KEYS: &[Key] = &[
               DNS). Set it only for tests against an emulator.",
     },
     Key {
+        name: "eip.autoscaling_endpoint",
+        kind: Kind::OptionalUrl,
+        default: Some(""),
+        doc: "Auto Scaling API URL. Empty: the region's public endpoint (or a VPC endpoint \
+              through private DNS). Set it only for tests against an emulator.",
+    },
+    Key {
+        name: "eip.report_unhealthy_after",
+        kind: Kind::DurationOrZero { max: "1d" },
+        default: Some("5m"),
+        doc: "When this instance cannot serve for a reason of its own for this long (the \
+              proxy keeps failing to start, for example because it cannot bind a listener; \
+              its admin server does not answer its own /live; its Elastic IP claim keeps \
+              failing and never succeeded since the start), it marks itself Unhealthy in its Auto Scaling group \
+              (SetInstanceHealth), so the group replaces it. Never for a backend outage, and \
+              not while another instance of the fleet is being replaced or reported itself \
+              in the last 15 minutes (docs/handoff.md). 0: never. Needs eip.enabled. \
+              At most 1d: an instance that cannot serve for a day should long have been replaced.",
+    },
+    Key {
         name: "log.format",
         kind: Kind::Choice(&["text", "json"]),
         default: Some("text"),

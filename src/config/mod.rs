@@ -110,6 +110,10 @@ pub struct EipConfig {
     pub handoffs_at_once: usize,
     /// How long a handed-over address keeps its turn, for Route 53 to announce it again.
     pub handoff_announce_delay: Duration,
+    /// `None`: the region's Auto Scaling endpoint.
+    pub autoscaling_endpoint: Option<String>,
+    /// How long an own failure lasts before the instance reports itself unhealthy; zero: never.
+    pub report_unhealthy_after: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,6 +342,8 @@ impl Resolver<'_> {
         let handoff = self.get("eip.handoff", as_bool);
         let handoffs_at_once = self.get("eip.handoffs_at_once", as_count);
         let handoff_announce_delay = self.get("eip.handoff_announce_delay", as_duration);
+        let autoscaling_endpoint = self.get("eip.autoscaling_endpoint", as_word);
+        let report_unhealthy_after = self.get("eip.report_unhealthy_after", as_duration);
         let non_empty = |s: String| Some(s).filter(|s| !s.is_empty());
         if let Some(interval) = check_interval
             && interval < MIN_EIP_CHECK_INTERVAL
@@ -363,6 +369,8 @@ impl Resolver<'_> {
             handoff: handoff?,
             handoffs_at_once: handoffs_at_once?,
             handoff_announce_delay: handoff_announce_delay?,
+            autoscaling_endpoint: non_empty(autoscaling_endpoint?),
+            report_unhealthy_after: report_unhealthy_after?,
         })
     }
 

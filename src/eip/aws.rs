@@ -1,11 +1,12 @@
-//! The two AWS APIs a claim talks to, each call counted, and EC2 calls retried under the
-//! claim's deadline:
+//! The AWS APIs the appliance talks to, each call counted, and API calls retried under the
+//! caller's deadline:
 //!
 //! - the instance metadata service, IMDSv2 only (aws-config's client: a token from a `PUT`,
 //!   then `GET`s with it; it never falls back to IMDSv1), for the instance id, the region and
 //!   the instance's tags;
-//! - EC2, through aws-sdk-ec2 on rustls with ring. The SDK's own retries are off: this module
-//!   retries, so that one deadline bounds the whole claim and every retry is logged.
+//! - EC2 (aws-sdk-ec2) and Auto Scaling (aws-sdk-autoscaling), on rustls with ring. The SDKs'
+//!   own retries are off: this module retries, so that one deadline bounds the whole claim
+//!   (or report) and every retry is logged.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -39,6 +40,8 @@ pub struct Calls {
     pub imds: AtomicU32,
     pub ec2_reads: AtomicU32,
     pub ec2_writes: AtomicU32,
+    /// Auto Scaling calls (not in [`Calls::snapshot`], which a claim reports).
+    pub autoscaling: AtomicU32,
 }
 
 impl Calls {
@@ -219,34 +222,46 @@ pub struct Ec2 {
     client: aws_sdk_ec2::Client,
 }
 
+/// The settings every AWS client of the appliance shares: this region, the default credential
+/// chain (environment, profile, web identity, container, then the instance role through the
+/// same metadata client), no SDK retries (the callers retry, under their own deadline), short
+/// timeouts, and `endpoint` when a test points the client at an emulator.
+async fn sdk_config(
+    region: &str,
+    metadata: &Metadata,
+    provider: &ProviderConfig,
+    endpoint: Option<&str>,
+) -> aws_config::SdkConfig {
+    let region = Region::new(region.to_string());
+    let credentials = DefaultCredentialsChain::builder()
+        .configure(provider.clone().with_region(Some(region.clone())))
+        .imds_client(metadata.client())
+        .region(region.clone())
+        .build()
+        .await;
+    // A read timeout as well: associating the address replaces the instance's public IP,
+    // which can leave a pooled connection to the endpoint dead; fail fast and retry.
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .read_timeout(Duration::from_secs(5))
+        .operation_attempt_timeout(Duration::from_secs(10))
+        .build();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http_client())
+        .region(region)
+        .credentials_provider(credentials)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(timeouts);
+    if let Some(url) = endpoint {
+        loader = loader.endpoint_url(url);
+    }
+    loader.load().await
+}
+
 impl Ec2 {
-    /// Credentials come from the default chain (environment, profile, web identity, container,
-    /// then the instance role through the same metadata client).
     pub async fn new(config: &EipConfig, region: &str, metadata: &Metadata, provider: &ProviderConfig) -> Ec2 {
-        let region = Region::new(region.to_string());
-        let credentials = DefaultCredentialsChain::builder()
-            .configure(provider.clone().with_region(Some(region.clone())))
-            .imds_client(metadata.client())
-            .region(region.clone())
-            .build()
-            .await;
-        // A read timeout as well: associating the address replaces the instance's public IP,
-        // which can leave a pooled connection to the EC2 endpoint dead; fail fast and retry.
-        let timeouts = TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .read_timeout(Duration::from_secs(5))
-            .operation_attempt_timeout(Duration::from_secs(10))
-            .build();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(http_client())
-            .region(region)
-            .credentials_provider(credentials)
-            .retry_config(RetryConfig::disabled())
-            .timeout_config(timeouts);
-        if let Some(url) = &config.ec2_endpoint {
-            loader = loader.endpoint_url(url);
-        }
-        Ec2 { client: aws_sdk_ec2::Client::new(&loader.load().await) }
+        let sdk = sdk_config(region, metadata, provider, config.ec2_endpoint.as_deref()).await;
+        Ec2 { client: aws_sdk_ec2::Client::new(&sdk) }
     }
 
     /// The allocation as EC2 sees it now.
@@ -406,6 +421,144 @@ impl Ec2 {
     }
 }
 
+/// An Auto Scaling group as DescribeAutoScalingGroups shows it: its tags and its instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupView {
+    pub name: String,
+    pub tags: Vec<(String, String)>,
+    pub instances: Vec<GroupInstance>,
+}
+
+impl GroupView {
+    /// The value of tag `key`; an empty value counts as none.
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        self.tags.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).filter(|v| !v.trim().is_empty())
+    }
+}
+
+/// One instance of a group: `InService`, `Pending`, `Terminating:Wait`...; `Healthy` or
+/// `Unhealthy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInstance {
+    pub id: String,
+    pub lifecycle_state: String,
+    pub health: String,
+}
+
+/// Auto Scaling in this instance's region: the groups, marking an instance unhealthy, and the
+/// termination lifecycle action. Calls retried as EC2's are, counted in `calls`.
+pub struct AutoScaling {
+    client: aws_sdk_autoscaling::Client,
+}
+
+impl AutoScaling {
+    pub async fn new(config: &EipConfig, region: &str, metadata: &Metadata, provider: &ProviderConfig) -> AutoScaling {
+        let sdk = sdk_config(region, metadata, provider, config.autoscaling_endpoint.as_deref()).await;
+        AutoScaling { client: aws_sdk_autoscaling::Client::new(&sdk) }
+    }
+
+    /// Every group of the region, every page.
+    pub async fn groups(&self, calls: &Calls, deadline: Instant) -> Result<Vec<GroupView>, Failure> {
+        let mut groups = Vec::new();
+        let mut token: Option<String> = None;
+        // Bounded: 100 groups a page, and no region has 10,000 pages of groups.
+        for _ in 0..10_000 {
+            let out = retry("DescribeAutoScalingGroups", deadline, || {
+                calls.autoscaling.fetch_add(1, Ordering::Relaxed);
+                self.client.describe_auto_scaling_groups().max_records(100).set_next_token(token.clone()).send()
+            })
+            .await?;
+            for g in out.auto_scaling_groups() {
+                groups.push(GroupView {
+                    name: g.auto_scaling_group_name().unwrap_or_default().to_string(),
+                    tags: g
+                        .tags()
+                        .iter()
+                        .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+                        .collect(),
+                    instances: g
+                        .instances()
+                        .iter()
+                        .map(|i| GroupInstance {
+                            id: i.instance_id().unwrap_or_default().to_string(),
+                            lifecycle_state: i.lifecycle_state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+                            health: i.health_status().unwrap_or_default().to_string(),
+                        })
+                        .collect(),
+                });
+            }
+            token = out.next_token().filter(|t| !t.is_empty()).map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        Ok(groups)
+    }
+
+    /// Sets tag `key` on the group (not propagated to instances).
+    pub async fn tag_group(
+        &self,
+        group: &str,
+        key: &str,
+        value: &str,
+        calls: &Calls,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        let tag = aws_sdk_autoscaling::types::Tag::builder()
+            .resource_id(group)
+            .resource_type("auto-scaling-group")
+            .key(key)
+            .value(value)
+            .propagate_at_launch(false)
+            .build();
+        retry("CreateOrUpdateTags", deadline, || {
+            calls.autoscaling.fetch_add(1, Ordering::Relaxed);
+            self.client.create_or_update_tags().tags(tag.clone()).send()
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Marks `instance` unhealthy: its group replaces it. Not held back by the group's health
+    /// check grace period (the caller has waited longer than that already).
+    pub async fn set_unhealthy(&self, instance: &str, calls: &Calls, deadline: Instant) -> Result<(), Failure> {
+        retry("SetInstanceHealth", deadline, || {
+            calls.autoscaling.fetch_add(1, Ordering::Relaxed);
+            self.client
+                .set_instance_health()
+                .instance_id(instance)
+                .health_status("Unhealthy")
+                .should_respect_grace_period(false)
+                .send()
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Lets the termination of `instance` go on now (`CONTINUE`), before the hook times out.
+    pub async fn complete_lifecycle_action(
+        &self,
+        group: &str,
+        hook: &str,
+        instance: &str,
+        calls: &Calls,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        retry("CompleteLifecycleAction", deadline, || {
+            calls.autoscaling.fetch_add(1, Ordering::Relaxed);
+            self.client
+                .complete_lifecycle_action()
+                .auto_scaling_group_name(group)
+                .lifecycle_hook_name(hook)
+                .instance_id(instance)
+                .lifecycle_action_result("CONTINUE")
+                .send()
+        })
+        .await?;
+        Ok(())
+    }
+}
+
 /// A call that failed for good.
 #[derive(Debug)]
 pub enum Failure {
@@ -413,6 +566,19 @@ pub enum Failure {
     Refused { class: Class, action: &'static str, detail: String },
     /// Retryable failures until the deadline.
     Deadline { action: &'static str, attempts: u32, waited: Duration, last: String },
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Refused { action, detail, .. } => write!(f, "{action} was refused: {detail}"),
+            Failure::Deadline { action, attempts, waited, last } => write!(
+                f,
+                "{action} kept failing ({attempts} attempts in {}): {last}",
+                humantime::format_duration(Duration::from_secs(waited.as_secs()))
+            ),
+        }
+    }
 }
 
 /// Runs `call` until it succeeds, fails for good, or the deadline passes (an attempt in flight

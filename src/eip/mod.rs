@@ -14,6 +14,7 @@ pub mod error;
 pub mod handoff;
 pub mod newer;
 pub mod retire;
+pub mod unhealthy;
 
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;

@@ -67,6 +67,7 @@ pub struct Moto {
     bin: String,
     pub endpoint: String,
     pub ec2: aws_sdk_ec2::Client,
+    pub asg: aws_sdk_autoscaling::Client,
 }
 
 impl Moto {
@@ -108,7 +109,8 @@ impl Moto {
         tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
         let endpoint = format!("http://{addr}");
         let ec2 = client(&endpoint, "testing", "testing").await;
-        Moto { _child: child, bin, endpoint, ec2 }
+        let asg = aws_sdk_autoscaling::Client::new(&sdk_config(&endpoint, "testing", "testing").await);
+        Moto { _child: child, bin, endpoint, ec2, asg }
     }
 
     /// Creates an IAM user whose only permissions are `policy` (3 requests); returns its
@@ -131,6 +133,115 @@ impl Moto {
         let text = String::from_utf8(out.stdout).unwrap();
         let (id, secret) = text.trim().split_once(' ').expect("KEY SECRET");
         (id.to_string(), secret.to_string())
+    }
+
+    /// An Auto Scaling group of `size` instances (moto launches them at once), tagged
+    /// `static-ingress:fleet = fleet`; returns the instances' ids.
+    pub async fn group(&self, name: &str, fleet: &str, size: i32) -> Vec<String> {
+        use aws_sdk_autoscaling::types::{LaunchTemplateSpecification, Tag as GroupTag};
+        let template = format!("{name}-template");
+        let data = aws_sdk_ec2::types::RequestLaunchTemplateData::builder().image_id("ami-12c6146b").build();
+        self.ec2
+            .create_launch_template()
+            .launch_template_name(&template)
+            .launch_template_data(data)
+            .send()
+            .await
+            .expect("CreateLaunchTemplate");
+        let tag = GroupTag::builder()
+            .key("static-ingress:fleet")
+            .value(fleet)
+            .propagate_at_launch(true)
+            .resource_id(name)
+            .resource_type("auto-scaling-group")
+            .build();
+        self.asg
+            .create_auto_scaling_group()
+            .auto_scaling_group_name(name)
+            .launch_template(LaunchTemplateSpecification::builder().launch_template_name(&template).build())
+            .min_size(size)
+            .max_size(size)
+            .desired_capacity(size)
+            .availability_zones(format!("{REGION}a"))
+            .tags(tag)
+            .send()
+            .await
+            .expect("CreateAutoScalingGroup");
+        let mut ids: Vec<String> = self
+            .instances_of(name)
+            .await
+            .into_iter()
+            .map(|i| i.instance_id().unwrap_or_default().to_string())
+            .collect();
+        ids.sort();
+        assert_eq!(ids.len(), size as usize, "moto launched the group's instances");
+        ids
+    }
+
+    async fn instances_of(&self, group: &str) -> Vec<aws_sdk_autoscaling::types::Instance> {
+        let out = self
+            .asg
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(group)
+            .send()
+            .await
+            .expect("DescribeAutoScalingGroups");
+        out.auto_scaling_groups()[0].instances().to_vec()
+    }
+
+    /// `Healthy` or `Unhealthy`, as the group sees `instance`.
+    pub async fn health(&self, group: &str, instance: &str) -> String {
+        self.health_as(("testing", "testing"), group, instance).await
+    }
+
+    /// [`Moto::health`], asked with other credentials (once moto enforces IAM).
+    pub async fn health_as(&self, (key, secret): (&str, &str), group: &str, instance: &str) -> String {
+        let asg = aws_sdk_autoscaling::Client::new(&sdk_config(&self.endpoint, key, secret).await);
+        let out = asg
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(group)
+            .send()
+            .await
+            .expect("DescribeAutoScalingGroups");
+        let instances = out.auto_scaling_groups()[0].instances().to_vec();
+        let found = instances.iter().find(|i| i.instance_id() == Some(instance)).expect("the instance is in the group");
+        found.health_status().unwrap_or_default().to_string()
+    }
+
+    /// Marks `instance` as its group would see it after a failed health check.
+    pub async fn set_health(&self, instance: &str, health: &str) {
+        self.asg
+            .set_instance_health()
+            .instance_id(instance)
+            .health_status(health)
+            .send()
+            .await
+            .expect("SetInstanceHealth");
+    }
+
+    /// The value of tag `key` on the group (empty when it has none).
+    pub async fn group_tag(&self, group: &str, key: &str) -> String {
+        let out = self
+            .asg
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(group)
+            .send()
+            .await
+            .expect("DescribeAutoScalingGroups");
+        let tags = out.auto_scaling_groups()[0].tags();
+        tags.iter().find(|t| t.key() == Some(key)).and_then(|t| t.value()).unwrap_or_default().to_string()
+    }
+
+    /// Sets tag `key` on the group.
+    pub async fn tag_group(&self, group: &str, key: &str, value: &str) {
+        let tag = aws_sdk_autoscaling::types::Tag::builder()
+            .key(key)
+            .value(value)
+            .propagate_at_launch(false)
+            .resource_id(group)
+            .resource_type("auto-scaling-group")
+            .build();
+        self.asg.create_or_update_tags().tags(tag).send().await.expect("CreateOrUpdateTags");
     }
 
     /// Launches an instance carrying `tags`, and returns its id.
@@ -218,14 +329,17 @@ async fn holder(ec2: &aws_sdk_ec2::Client, allocation: &str) -> (Option<String>,
 }
 
 async fn client(endpoint: &str, key: &str, secret: &str) -> aws_sdk_ec2::Client {
-    let config = aws_config::defaults(BehaviorVersion::latest())
+    aws_sdk_ec2::Client::new(&sdk_config(endpoint, key, secret).await)
+}
+
+async fn sdk_config(endpoint: &str, key: &str, secret: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(REGION))
         .credentials_provider(Credentials::new(key, secret, None, None, "test"))
         .endpoint_url(endpoint)
         .http_client(static_ingress::eip::aws::http_client())
         .load()
-        .await;
-    aws_sdk_ec2::Client::new(&config)
+        .await
 }
 
 /// What the IMDS stand-in serves, and what it saw.

@@ -1,6 +1,7 @@
 //! An HTTP proxy in front of moto that makes it behave more like EC2, for the claim's race
 //! tests: moto applies every call at once and every read shows it, while EC2's calls take
-//! their time and its reads lag its writes. Each claim under test gets its own proxy (so one
+//! their time and its reads lag its writes. It also answers the one Auto Scaling call moto
+//! lacks, CompleteLifecycleAction, recording it. Each claim under test gets its own proxy (so one
 //! side can be slowed down); the proxies of one test share what they saw (so reads lag every
 //! side's writes, as EC2's do).
 
@@ -27,6 +28,9 @@ pub struct Seen {
     pub holders: Vec<Option<String>>,
     /// How many reads were answered from before the latest write.
     pub stale_answers: usize,
+    /// The requests of every CompleteLifecycleAction, as (when, form body): moto has no such
+    /// call, so the proxy answers it itself, as Auto Scaling does.
+    pub lifecycle_actions: Vec<(Instant, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -116,6 +120,12 @@ async fn pass(
     };
     let action = form_value(&body, "Action").unwrap_or_default();
     *calls.lock().unwrap().entry(action.clone()).or_default() += 1;
+    if action == "CompleteLifecycleAction" {
+        seen.lock().unwrap().lifecycle_actions.push((Instant::now(), String::from_utf8_lossy(&body).into_owned()));
+        let mut response = reply(StatusCode::OK, Bytes::from_static(COMPLETE_LIFECYCLE_ACTION));
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/xml"));
+        return response;
+    }
     if action == "AssociateAddress" && !lag.associate.is_zero() {
         tokio::time::sleep(lag.associate).await;
     }
@@ -154,6 +164,12 @@ async fn pass(
     }
     response
 }
+
+/// Auto Scaling's answer to CompleteLifecycleAction (an empty result).
+const COMPLETE_LIFECYCLE_ACTION: &[u8] = b"<CompleteLifecycleActionResponse \
+xmlns=\"http://autoscaling.amazonaws.com/doc/2011-01-01/\"><CompleteLifecycleActionResult/>\
+<ResponseMetadata><RequestId>7c6e177f-f082-11e1-ac58-3714bEXAMPLE</RequestId></ResponseMetadata>\
+</CompleteLifecycleActionResponse>";
 
 async fn forward(parts: &hyper::http::request::Parts, body: Bytes, upstream: SocketAddr) -> Result<Answer, String> {
     let stream = TcpStream::connect(upstream).await.map_err(|e| format!("connect to moto: {e}"))?;

@@ -261,6 +261,26 @@ def set_instance_health_beside_describe(t):
     _sid(t, "ReadAutoScalingGroups")["Action"] = ["autoscaling:DescribeAutoScalingGroups", "autoscaling:SetInstanceHealth"]
 
 
+def _group_tags(t):
+    return _sid(t, "MarkUnhealthyReportsOnThisFleetsGroupsOnly")
+
+
+def group_tags_with_any_key(t):
+    del _group_tags(t)["Condition"]["ForAllValues:StringEquals"]
+
+
+def group_tags_may_rewrite_fleet(t):
+    _group_tags(t)["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"].append("static-ingress:fleet")
+
+
+def group_tags_without_null_guard(t):
+    del _group_tags(t)["Condition"]["Null"]
+
+
+def group_tags_in_any_group(t):
+    del _group_tags(t)["Condition"]["StringEquals"]
+
+
 def role_without_fleet_tag(t):
     del t["Resources"]["InstanceRole"]["Properties"]["Tags"]
 
@@ -432,6 +452,10 @@ BROKEN = [
     ("fleet.yaml", set_instance_health_in_an_extra_policy, "autoscaling_writes_only_in_this_fleet"),
     ("fleet.yaml", autoscaling_writes_in_a_fixed_fleet, "autoscaling_writes_only_in_this_fleet"),
     ("fleet.yaml", set_instance_health_beside_describe, "autoscaling_writes_only_in_this_fleet"),
+    ("fleet.yaml", group_tags_with_any_key, "group_tags_only_the_report_mark"),
+    ("fleet.yaml", group_tags_may_rewrite_fleet, "group_tags_only_the_report_mark"),
+    ("fleet.yaml", group_tags_without_null_guard, "group_tags_only_the_report_mark"),
+    ("fleet.yaml", group_tags_in_any_group, "autoscaling_writes_only_in_this_fleet"),
     ("fleet.yaml", role_without_fleet_tag, "groups_and_role_tagged_with_fleet"),
     ("fleet.yaml", group_fleet_tag_fixed, "groups_and_role_tagged_with_fleet"),
     ("fleet.yaml", wildcard_service_action, "no_wildcard_actions_in_roles"),
