@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the packaging tests need (make package-test, make
-# container-test), when missing, or the packages named as arguments (make lab names its own).
+# container-test), when missing, or the packages named as arguments (make lab names its own;
+# tests/proxy_protocol.rs asks for haproxy).
 # Idempotent; needs root (as CI and the dev machines run).
 #   - packer: `packer validate` of ami/ (Debian's 1.6; see ami/README.md)
 #   - debootstrap: the Debian root file system the container test boots
@@ -22,6 +23,7 @@ done
 if ((${#missing[@]})); then
   echo "installing ${missing[*]} with apt-get" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q >&2
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+  # Another apt-get (a second test binary, a shared machine) may hold the lock: wait for it.
+  apt-get -o DPkg::Lock::Timeout=600 update -q >&2
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}" >&2
 fi

@@ -103,7 +103,12 @@ impl Server {
 
         let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")));
         let backends = Arc::new(Backends::new(config.backend.address.to_string()));
-        let proxy = Arc::new(Proxy::new(config.proxy.clone(), Arc::clone(&backends), Arc::clone(&metrics)));
+        let proxy = Arc::new(Proxy::new(
+            config.proxy.clone(),
+            config.backend.proxy_protocol,
+            Arc::clone(&backends),
+            Arc::clone(&metrics),
+        ));
         let state = Arc::new(admin::State::new(
             Arc::clone(&config),
             Arc::clone(&backends),

@@ -172,6 +172,18 @@ pub static KEYS: &[Key] = &[
         doc: "The backend as host:port, usually the ELB's DNS name and 443. Required.",
     },
     Key {
+        name: "backend.proxy_protocol",
+        kind: Kind::Choice(&["off", "v2"]),
+        default: Some("off"),
+        doc: "v2: send a PROXY protocol v2 header with the client's address and port (and the \
+              address it connected to) before the client's first byte, for a backend that reads \
+              it: HAProxy with accept-proxy, nginx with proxy_protocol, or targets behind an NLB \
+              or Classic ELB TCP listener that adds no header of its own. No AWS load balancer \
+              parses one itself: an ALB, or a TLS, HTTPS or SSL listener, takes it for the \
+              client's first bytes and the connection fails, so leave it off when the backend is \
+              such an ELB (see the PROXY protocol section of docs/configuration.md).",
+    },
+    Key {
         name: "backend.removed_grace",
         kind: Kind::DurationOrZero { max: "7d" },
         default: Some("5m"),

@@ -49,6 +49,16 @@ pub struct ProxyConfig {
 pub struct BackendConfig {
     pub address: HostPort,
     pub removed_grace: Duration,
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// What the proxy sends the backend before the client's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// Nothing: the backend sees the client's bytes only.
+    Off,
+    /// A PROXY protocol v2 header with the client's address.
+    V2,
 }
 
 /// Which address records the backend name is resolved to.
@@ -195,6 +205,7 @@ impl Config {
         let tcp_keepalive = r.get("proxy.tcp_keepalive", as_duration);
         let backend_address = r.get("backend.address", as_host_port);
         let removed_grace = r.get("backend.removed_grace", as_duration);
+        let proxy_protocol = r.get("backend.proxy_protocol", as_word);
         let nameservers = r.get("dns.nameservers", as_addrs);
         let refresh_interval = r.get("dns.refresh_interval", as_duration);
         let min_ttl = r.get("dns.min_ttl", as_duration);
@@ -224,7 +235,11 @@ impl Config {
                     max_connections: max_connections?,
                     tcp_keepalive: tcp_keepalive?,
                 },
-                backend: BackendConfig { address: backend_address?, removed_grace: removed_grace? },
+                backend: BackendConfig {
+                    address: backend_address?,
+                    removed_grace: removed_grace?,
+                    proxy_protocol: if proxy_protocol? == "v2" { ProxyProtocol::V2 } else { ProxyProtocol::Off },
+                },
                 dns: DnsConfig {
                     nameservers: nameservers?,
                     refresh_interval: refresh_interval?,

@@ -1,6 +1,7 @@
 //! The TCP data path: the accept loop, the connection limit, and one task per connection.
 
 pub mod copy;
+pub mod proxy_protocol;
 pub mod socket;
 
 use std::io;
@@ -13,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::backend::{BackendAddr, Backends};
-use crate::config::ProxyConfig;
+use crate::config::{ProxyConfig, ProxyProtocol};
 use crate::logging::Throttle;
 use crate::metrics::{CloseReason, ConnectError, Direction, Metrics, Side};
 
@@ -25,6 +26,7 @@ const MAX_CONNECT_ATTEMPTS: usize = 4;
 /// Everything a connection task needs, shared by all of them.
 pub struct Proxy {
     config: ProxyConfig,
+    proxy_protocol: ProxyProtocol,
     backends: Arc<Backends>,
     metrics: Arc<Metrics>,
     limit: Arc<Semaphore>,
@@ -41,11 +43,17 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: ProxyConfig, backends: Arc<Backends>, metrics: Arc<Metrics>) -> Proxy {
+    pub fn new(
+        config: ProxyConfig,
+        proxy_protocol: ProxyProtocol,
+        backends: Arc<Backends>,
+        metrics: Arc<Metrics>,
+    ) -> Proxy {
         let cut = CancellationToken::new();
         Proxy {
             limit: Arc::new(Semaphore::new(config.max_connections)),
             config,
+            proxy_protocol,
             backends,
             metrics,
             tracker: TaskTracker::new(),
@@ -170,6 +178,23 @@ impl Proxy {
         tracing::Span::current().record("backend.addr", tracing::field::display(addr.addr));
         let _active = addr.track();
         socket::tune(&backend, self.config.tcp_keepalive);
+        if self.proxy_protocol == ProxyProtocol::V2 {
+            let sent = match (client.peer_addr(), client.local_addr()) {
+                (Ok(peer), Ok(local)) => {
+                    let header = proxy_protocol::v2_header(peer, local);
+                    tokio::time::timeout(self.config.connect_timeout, write_all(&backend, &header)).await
+                }
+                (Err(e), _) | (_, Err(e)) => Ok(Err(e)),
+            };
+            if let Err(e) = sent.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
+                // Nothing of the client's was read yet: reset it, so it retries rather than
+                // taking the close for an answer.
+                tracing::debug!(error = %e, "cannot send the PROXY protocol header");
+                socket::reset(client);
+                socket::reset(&backend);
+                return CloseReason::BackendError;
+            }
+        }
 
         let timeouts = copy::Timeouts { idle: self.config.idle_timeout, half_close: self.config.half_close_timeout };
         let copy = copy::bidirectional(
@@ -258,6 +283,20 @@ impl Proxy {
         }
         Err(Unconnected::AllFailed)
     }
+}
+
+/// Writes all of `buf` (a header of a few dozen bytes to a socket just connected: one write).
+async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Why no backend connection was made.
