@@ -2,6 +2,7 @@
 
 pub mod copy;
 pub mod proxy_protocol;
+pub mod sni;
 pub mod socket;
 
 use std::io;
