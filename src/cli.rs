@@ -7,7 +7,7 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{self, Config, ConfigErrors, Loaded, Origin, Override, keys};
-use crate::server::{Exit, Server};
+use crate::server::{Exit, Server, StartError};
 use crate::{lifecycle, logging};
 
 /// Exit codes, as documented in the README.
@@ -199,22 +199,22 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    // Starts that keep failing (a listener that cannot be bound, a crash loop) are counted
-    // across restarts, for the unhealthy report to Auto Scaling.
-    let (starts, failing) = crate::eip::unhealthy::failing_starts(&config.eip);
     let eip = config.eip.clone();
     let code = runtime.block_on(async {
         let server = match Server::bind(config) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %logging::error_chain(&e), "startup failed");
-                if let Some(reason) = failing {
-                    let _ = crate::eip::unhealthy::report(&eip, &format!("{reason}: {e}")).await;
+                // A port another process holds, start after start, is reported to Auto
+                // Scaling (eip.report_unhealthy_after).
+                if let StartError::Bind(b) = &e {
+                    crate::eip::unhealthy::failed_start(&eip, &b.source, &e.to_string()).await;
                 }
                 return exit::FAILURE;
             }
         };
-        server.watch_own_failures(starts, failing);
+        crate::eip::unhealthy::started(&eip);
+        server.watch_own_failures();
         let signals = match lifecycle::signals() {
             Ok(s) => s,
             Err(e) => {
@@ -223,13 +223,7 @@ fn run(args: RunArgs) -> ExitCode {
             }
         };
         match server.run(signals).await {
-            Exit::Drained => {
-                // A clean stop: the next start counts afresh.
-                if let Some(starts) = crate::eip::unhealthy::Starts::open() {
-                    starts.clean();
-                }
-                exit::OK
-            }
+            Exit::Drained => exit::OK,
             Exit::Forced => exit::FAILURE,
         }
     });

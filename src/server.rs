@@ -174,10 +174,9 @@ impl Server {
         })
     }
 
-    /// Watches for failures of the instance's own and reports it unhealthy to its Auto
-    /// Scaling group when one lasts `eip.report_unhealthy_after` ([`eip::unhealthy`]);
-    /// `failing`: the starts before this one kept failing, reported at once.
-    pub fn watch_own_failures(&self, starts: Option<eip::unhealthy::Starts>, failing: Option<String>) {
+    /// Watches the admin server and reports the instance unhealthy to its Auto Scaling group
+    /// when it stops answering for `eip.report_unhealthy_after` ([`eip::unhealthy`]).
+    pub fn watch_own_failures(&self) {
         let eip = &self.config.eip;
         if !eip.enabled || eip.report_unhealthy_after.is_zero() {
             return;
@@ -186,9 +185,6 @@ impl Server {
         tokio::spawn(eip::unhealthy::watch(
             eip.clone(),
             self.admin_addr,
-            Arc::clone(&self.state.eip),
-            starts,
-            failing,
             move || state.is_draining(),
             self.stop_sources.clone(),
         ));

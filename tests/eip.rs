@@ -1237,33 +1237,90 @@ async fn start_on_a_taken_port_as(
     (out.status.code(), log)
 }
 
+/// The fleet tag (`static_ingress::eip::unhealthy::FLEET`), as the group propagates it.
+const FLEET: &str = "static-ingress:fleet";
+
+/// The record of failed starts in `state` as a restart loop that began `ago` seconds back
+/// (`static_ingress::eip::unhealthy::Starts`: since, count, last, next report allowed).
+fn failing_for(state: &std::path::Path, ago: u64) {
+    let now = now_secs();
+    std::fs::write(state.join("failed-starts"), format!("{} 5 {now} 0\n", now - ago)).unwrap();
+}
+
+/// Whether a log holds any line of the unhealthy report (reported, held back, failed).
+fn mentions_a_report(log: &str) -> bool {
+    ["reported this instance unhealthy", "holds back its unhealthy report", "cannot report this instance"]
+        .iter()
+        .any(|m| log.contains(m))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_proxy_that_keeps_failing_to_start_reports_its_instance_unhealthy_to_its_group() {
+async fn a_proxy_whose_port_another_process_holds_reports_its_instance_unhealthy_after_repeated_starts() {
     let moto = Moto::start().await;
     let me = moto.group("blue-1", "blue", 1).await.remove(0);
     let other = moto.group("blue-2", "blue", 1).await.remove(0);
-    let imds = Imds::start(&me, None).await;
+    let imds = Imds::start(&me, Some(&[(FLEET, "blue")])).await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let state = state_dir("failing-start");
+    let start = || start_on_a_taken_port(&imds, &moto, &state, taken.local_addr().unwrap());
 
-    // The first failed start is only counted.
-    let (code, log) = start_on_a_taken_port(&imds, &moto, &state, taken.local_addr().unwrap()).await;
-    assert_eq!(code, Some(1));
-    assert!(log.contains("startup failed"), "{log}");
-    assert!(!log.contains("unhealthy"), "{log}");
+    // The first failed starts are only counted.
+    for _ in 0..2 {
+        let (code, log) = start().await;
+        assert_eq!(code, Some(1));
+        assert!(log.contains("startup failed") && log.contains("already listening"), "{log}");
+        assert!(!mentions_a_report(&log), "{log}");
+    }
     assert_eq!(moto.health("blue-1", &me).await, "Healthy");
 
-    // Still failing once eip.report_unhealthy_after (2s) has passed since: reported.
+    // The third, once eip.report_unhealthy_after (2s) has passed since the first: reported.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (code, log) = start_on_a_taken_port(&imds, &moto, &state, taken.local_addr().unwrap()).await;
+    let (code, log) = start().await;
     assert_eq!(code, Some(1));
     assert!(log.contains("reported this instance unhealthy to its Auto Scaling group"), "{log}");
-    assert!(log.contains("Address already in use") || log.contains("in use"), "the reason names the failure: {log}");
+    assert!(log.contains("in 3 starts over"), "the reason names the failure: {log}");
     assert_eq!(moto.health("blue-1", &me).await, "Unhealthy");
     assert_eq!(moto.health("blue-2", &other).await, "Healthy");
     let mark = moto.group_tag("blue-1", REPLACING).await;
     assert!(mark.starts_with(&format!("{me}@")), "the report is marked on its group: {mark:?}");
     assert_eq!(moto.group_tag("blue-2", REPLACING).await, "");
+    // The starts after it do not ask Auto Scaling again.
+    let (_, log) = start().await;
+    assert!(!mentions_a_report(&log), "{log}");
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_binds_clears_the_count_and_other_bind_errors_are_not_counted() {
+    let moto = Moto::start().await;
+    let me = moto.group("blue-1", "blue", 1).await.remove(0);
+    let imds = Imds::start(&me, Some(&[(FLEET, "blue")])).await;
+    let state = state_dir("clean-start");
+    failing_for(&state, 60);
+    // An address this machine does not have: the configuration's fault, not counted.
+    let mut c = command("run", &imds.endpoint(), &moto.endpoint);
+    c.env("STATE_DIRECTORY", &state)
+        .args(["--proxy-listen", "192.0.2.1:4443", "--admin-listen", "127.0.0.1:0", "--backend-address", "127.0.0.1:9"])
+        .args(["--eip-enabled", "true", "--log-format", "json", "--eip-autoscaling-endpoint", &moto.endpoint])
+        .args(["--eip-report-unhealthy-after", "2s"]);
+    let out = within(CLAIM_BOUND, "run to exit", c.output()).await.expect("run runs");
+    let log = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(!mentions_a_report(&log), "{log}");
+    assert_eq!(moto.health("blue-1", &me).await, "Healthy");
+    assert!(state.join("failed-starts").exists());
+    // A start that binds its listeners clears the record.
+    let mut c = command("run", &imds.endpoint(), &moto.endpoint);
+    c.env("STATE_DIRECTORY", &state)
+        .args(["--proxy-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--backend-address", "127.0.0.1:9"])
+        .args(["--eip-enabled", "true", "--eip-autoscaling-endpoint", &moto.endpoint]);
+    let _running = c.spawn().expect("the proxy starts");
+    within(BOUND, "the record of failed starts to go", async {
+        while state.join("failed-starts").exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     let _ = std::fs::remove_dir_all(&state);
 }
 
@@ -1274,17 +1331,16 @@ async fn the_documented_policy_allows_every_call_an_unhealthy_report_makes() {
     let moto = Moto::start_with_iam_after(Some(6)).await;
     let me = moto.group("blue-1", "blue", 1).await.remove(0);
     let (key, secret) = moto.iam_user(&documented_actions_policy()).await;
-    let imds = Imds::start(&me, None).await;
+    let imds = Imds::start(&me, Some(&[(FLEET, "blue")])).await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let state = state_dir("policy");
-    let aged = || std::fs::write(state.join("failing-since"), format!("{}\n", now_secs() - 60)).unwrap();
 
     // Credentials moto does not know: refused, so moto enforces and the next report passed
     // its policy check.
-    aged();
+    failing_for(&state, 60);
     let (_, log) = start_on_a_taken_port_as(&imds, &moto, &state, taken.local_addr().unwrap(), ("unknown", "x")).await;
     assert!(log.contains("cannot report this instance unhealthy"), "{log}");
-    aged();
+    failing_for(&state, 60);
     let (_, log) = start_on_a_taken_port_as(&imds, &moto, &state, taken.local_addr().unwrap(), (&key, &secret)).await;
     assert!(log.contains("reported this instance unhealthy to its Auto Scaling group"), "{log}");
     assert_eq!(moto.health_as((&key, &secret), "blue-1", &me).await, "Unhealthy");
@@ -1292,24 +1348,24 @@ async fn the_documented_policy_allows_every_call_an_unhealthy_report_makes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_guard_lets_one_instance_of_a_fleet_report_at_a_time() {
+async fn the_guard_lets_one_instance_of_a_fleet_report_at_a_time_and_never_churns_a_group() {
     let moto = Moto::start().await;
     let me = moto.group("blue-1", "blue", 1).await.remove(0);
     let other = moto.group("blue-2", "blue", 1).await.remove(0);
     // Another fleet's instance, unhealthy: it does not hold this fleet back.
     let stranger = moto.group("green-1", "green", 1).await.remove(0);
     moto.set_health(&stranger, "Unhealthy").await;
-    let imds = Imds::start(&me, None).await;
+    let imds = Imds::start(&me, Some(&[(FLEET, "blue")])).await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let state = state_dir("guard");
-    // Starts that have failed for a minute already, as the state directory remembers them.
-    std::fs::write(state.join("failing-since"), format!("{}\n", now_secs() - 60)).unwrap();
-    let start = || start_on_a_taken_port(&imds, &moto, &state, taken.local_addr().unwrap());
+    let start = || async {
+        failing_for(&state, 60);
+        start_on_a_taken_port(&imds, &moto, &state, taken.local_addr().unwrap()).await.1
+    };
 
     // Another instance of the fleet is unhealthy (its group is replacing it): held back.
     moto.set_health(&other, "Unhealthy").await;
-    let (code, log) = start().await;
-    assert_eq!(code, Some(1));
+    let log = start().await;
     assert!(log.contains("the guard holds back its unhealthy report"), "{log}");
     assert!(log.contains(&format!("{other} of group blue-2 is InService and Unhealthy")), "{log}");
     assert_eq!(moto.health("blue-1", &me).await, "Healthy");
@@ -1318,13 +1374,27 @@ async fn the_guard_lets_one_instance_of_a_fleet_report_at_a_time() {
     // It is healthy again, but reported itself a minute ago: still held back.
     moto.set_health(&other, "Healthy").await;
     moto.tag_group("blue-2", REPLACING, &format!("{other}@{}", now_secs() - 60)).await;
-    let (_, log) = start().await;
+    let log = start().await;
     assert!(log.contains(&format!("{other} (group blue-2) reported itself unhealthy")), "{log}");
     assert_eq!(moto.health("blue-1", &me).await, "Healthy");
 
-    // That report is older than the cooldown (15 min): this one goes ahead.
+    // The instance this one replaced in its own group reported an hour ago: the replacement
+    // fails the same way, so the fault is shared: held back.
     moto.tag_group("blue-2", REPLACING, &format!("{other}@{}", now_secs() - 16 * 60)).await;
-    let (_, log) = start().await;
+    moto.tag_group("blue-1", REPLACING, &format!("i-0000000000000dead@{}", now_secs() - 3600)).await;
+    let log = start().await;
+    assert!(log.contains("not replaced again"), "{log}");
+    assert_eq!(moto.health("blue-1", &me).await, "Healthy");
+
+    // Without a fleet tag on the instance nothing guards a report: held back.
+    moto.tag_group("blue-1", REPLACING, "").await;
+    let untagged = Imds::start(&me, Some(&[])).await;
+    failing_for(&state, 60);
+    let (_, log) = start_on_a_taken_port(&untagged, &moto, &state, taken.local_addr().unwrap()).await;
+    assert!(log.contains("has no static-ingress:fleet tag"), "{log}");
+
+    // Every earlier report older than its window: this one goes ahead.
+    let log = start().await;
     assert!(log.contains("reported this instance unhealthy to its Auto Scaling group"), "{log}");
     assert_eq!(moto.health("blue-1", &me).await, "Unhealthy");
     assert_eq!(moto.health("blue-2", &other).await, "Healthy");
@@ -1332,46 +1402,34 @@ async fn the_guard_lets_one_instance_of_a_fleet_report_at_a_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_that_never_succeeds_is_reported_but_a_backend_outage_never_is() {
+async fn neither_a_failing_claim_nor_a_backend_outage_is_reported() {
     let moto = Moto::start().await;
-    let (alloc, _) = moto.allocate().await;
-    // Two fleets, so that one's report does not hold the other's back.
-    let down = moto.group("down-1", "down", 1).await.remove(0);
-    let lost = moto.group("lost-1", "lost", 1).await.remove(0);
+    let me = moto.group("down-1", "down", 1).await.remove(0);
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let report = ["--eip-autoscaling-endpoint", &moto.endpoint, "--eip-report-unhealthy-after", "1s"];
-
-    // Its backend is down (nothing listens there): /health fails, but that is every
-    // instance's outage, not this one's.
-    let imds_down = Imds::start(&down, Some(&[(TAG_KEY, &alloc)])).await;
-    let mut args = report.to_vec();
-    args.extend(["--backend-address", &closed]);
-    args.extend(["--health-interval", "200ms"]);
-    let outage = run_with_eip(&imds_down.endpoint(), &moto.endpoint, &args).await;
-    wait_for_state(outage.admin, "associated").await;
-
-    // Its address does not exist: the claim can never succeed, and nobody reaches it.
-    let imds_lost = Imds::start(&lost, Some(&[(TAG_KEY, "eipalloc-00000000000dead00")])).await;
-    let unclaimed = run_with_eip(&imds_lost.endpoint(), &moto.endpoint, &report).await;
-    wait_for_log(&unclaimed.logs, "reported this instance unhealthy", |l| {
-        l["reason"].as_str().is_some_and(|r| r.contains("Elastic IP claim has kept failing"))
-    })
-    .await;
-    assert_eq!(moto.health("lost-1", &lost).await, "Unhealthy");
-
-    // Many times the 1s bound later, the instance with the backend outage has not reported.
-    wait_for_health(outage.admin, 503, "").await;
+    // Its address does not exist (the claim fails for good) and its backend is down: both
+    // shared by the fleet, not this instance's own.
+    let imds = Imds::start(&me, Some(&[(TAG_KEY, "eipalloc-00000000000dead00"), (FLEET, "down")])).await;
+    let args = [
+        "--eip-autoscaling-endpoint",
+        &moto.endpoint,
+        "--eip-report-unhealthy-after",
+        "1s",
+        "--backend-address",
+        &closed,
+        "--health-interval",
+        "200ms",
+    ];
+    let p = run_with_eip(&imds.endpoint(), &moto.endpoint, &args).await;
+    wait_for_state(p.admin, "failed").await;
+    wait_for_health(p.admin, 503, "").await;
+    // Many times the 1s bound later: nothing reported, marked or even tried.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(health(outage.admin).await.0, 503, "the backend is still down");
-    assert_eq!(moto.health("down-1", &down).await, "Healthy");
+    assert_eq!(health(p.admin).await.0, 503, "the backend is still down");
+    assert_eq!(moto.health("down-1", &me).await, "Healthy");
     assert_eq!(moto.group_tag("down-1", REPLACING).await, "");
-    let logs = outage.logs.lock().unwrap();
-    assert!(
-        !logs.iter().any(|l| l["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("unhealthy report") || m.contains("reported this instance"))),
-        "a backend outage was reported"
-    );
+    let messages: Vec<String> =
+        p.logs.lock().unwrap().iter().filter_map(|l| l["message"].as_str().map(str::to_string)).collect();
+    assert!(!mentions_a_report(&messages.join("\n")), "{messages:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

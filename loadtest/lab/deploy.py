@@ -208,7 +208,9 @@ class Instance:
             "--lifecycle-state-file", self.dir / "lifecycle-state",
         ], self.dir / "imds.log", ready="ready")
         user_data = self.user_data_env()
-        lab = {"STATIC_INGRESS_EIP_EC2_ENDPOINT": f"http://{MOTO[0]}:{MOTO[1]}", **dep.timings.proxy_env()}
+        moto = f"http://{MOTO[0]}:{MOTO[1]}"
+        lab = {"STATIC_INGRESS_EIP_EC2_ENDPOINT": moto, "STATIC_INGRESS_EIP_AUTOSCALING_ENDPOINT": moto,
+               **dep.timings.proxy_env()}
         if dep.root:
             self.boot_container(user_data, lab)
         else:

@@ -410,13 +410,15 @@ pub static KEYS: &[Key] = &[
         name: "eip.report_unhealthy_after",
         kind: Kind::DurationOrZero { max: "1d" },
         default: Some("5m"),
-        doc: "When this instance cannot serve for a reason of its own for this long (the \
-              proxy keeps failing to start, for example because it cannot bind a listener; \
-              its admin server does not answer its own /live; its Elastic IP claim keeps \
-              failing and never succeeded since the start), it marks itself Unhealthy in its Auto Scaling group \
-              (SetInstanceHealth), so the group replaces it. Never for a backend outage, and \
-              not while another instance of the fleet is being replaced or reported itself \
-              in the last 15 minutes (docs/handoff.md). 0: never. Needs eip.enabled. \
+        doc: "When this instance cannot serve for a fault of its own for this long, it marks \
+              itself Unhealthy in its Auto Scaling group (SetInstanceHealth), so the group \
+              replaces it: its proxy port held by another process start after start (3 or more \
+              failed starts in a row), or its admin server no longer answering its own /live. \
+              Never for a backend outage, a bad config or a failing Elastic IP claim (the fleet \
+              shares those), and guarded: not while another instance of the fleet is being \
+              replaced, at most one report per fleet in 15 minutes, and not again within 2 hours \
+              in a group whose previous instance reported (docs/handoff.md). 0: never. Needs \
+              eip.enabled. Values under a minute are for tests. \
               At most 1d: an instance that cannot serve for a day should long have been replaced.",
     },
     Key {

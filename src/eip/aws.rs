@@ -427,6 +427,7 @@ pub struct GroupView {
     pub name: String,
     pub tags: Vec<(String, String)>,
     pub instances: Vec<GroupInstance>,
+    pub desired: usize,
 }
 
 impl GroupView {
@@ -459,13 +460,39 @@ impl AutoScaling {
 
     /// Every group of the region, every page.
     pub async fn groups(&self, calls: &Calls, deadline: Instant) -> Result<Vec<GroupView>, Failure> {
+        self.describe(None, calls, deadline).await
+    }
+
+    /// The groups whose tag `key` is `value` (a fleet), every page.
+    pub async fn fleet(
+        &self,
+        key: &str,
+        value: &str,
+        calls: &Calls,
+        deadline: Instant,
+    ) -> Result<Vec<GroupView>, Failure> {
+        let filter = aws_sdk_autoscaling::types::Filter::builder().name(format!("tag:{key}")).values(value).build();
+        self.describe(Some(filter), calls, deadline).await
+    }
+
+    async fn describe(
+        &self,
+        filter: Option<aws_sdk_autoscaling::types::Filter>,
+        calls: &Calls,
+        deadline: Instant,
+    ) -> Result<Vec<GroupView>, Failure> {
         let mut groups = Vec::new();
         let mut token: Option<String> = None;
         // Bounded: 100 groups a page, and no region has 10,000 pages of groups.
         for _ in 0..10_000 {
             let out = retry("DescribeAutoScalingGroups", deadline, || {
                 calls.autoscaling.fetch_add(1, Ordering::Relaxed);
-                self.client.describe_auto_scaling_groups().max_records(100).set_next_token(token.clone()).send()
+                self.client
+                    .describe_auto_scaling_groups()
+                    .max_records(100)
+                    .set_filters(filter.clone().map(|f| vec![f]))
+                    .set_next_token(token.clone())
+                    .send()
             })
             .await?;
             for g in out.auto_scaling_groups() {
@@ -485,6 +512,7 @@ impl AutoScaling {
                             health: i.health_status().unwrap_or_default().to_string(),
                         })
                         .collect(),
+                    desired: g.desired_capacity().and_then(|d| usize::try_from(d).ok()).unwrap_or(0),
                 });
             }
             token = out.next_token().filter(|t| !t.is_empty()).map(str::to_string);
@@ -614,7 +642,7 @@ where
             }
             return Err(Failure::Deadline { action, attempts, waited: started.elapsed(), last: detail });
         }
-        tracing::warn!(action, attempt = attempts, error = %detail, retry_in = ?delay, "EC2 call failed; retrying");
+        tracing::warn!(action, attempt = attempts, error = %detail, retry_in = ?delay, "AWS call failed; retrying");
         tokio::time::sleep(delay).await;
     }
 }
