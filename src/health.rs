@@ -12,14 +12,16 @@ use tokio::net::TcpStream;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
+use prometheus::IntCounter;
+
 use crate::backend::{BackendAddr, Backends};
 use crate::config::HealthConfig;
-use crate::metrics::Metrics;
 
 pub struct Checker {
     pub config: HealthConfig,
     pub backends: Arc<Backends>,
-    pub metrics: Arc<Metrics>,
+    /// The backend's `static_ingress_health_check_failures_total`.
+    pub failures: IntCounter,
 }
 
 impl Checker {
@@ -39,7 +41,7 @@ impl Checker {
             for addr in &set.addrs {
                 if let std::collections::hash_map::Entry::Vacant(slot) = loops.entry(addr.addr) {
                     let token = slot.insert(stop.child_token()).clone();
-                    tokio::spawn(check_loop(Arc::clone(addr), self.config.clone(), Arc::clone(&self.metrics), token));
+                    tokio::spawn(check_loop(Arc::clone(addr), self.config.clone(), self.failures.clone(), token));
                 }
             }
             tokio::select! {
@@ -50,7 +52,7 @@ impl Checker {
     }
 }
 
-async fn check_loop(addr: Arc<BackendAddr>, config: HealthConfig, metrics: Arc<Metrics>, stop: CancellationToken) {
+async fn check_loop(addr: Arc<BackendAddr>, config: HealthConfig, failures: IntCounter, stop: CancellationToken) {
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let (mut ok_streak, mut fail_streak) = (0u32, 0u32);
@@ -78,7 +80,7 @@ async fn check_loop(addr: Arc<BackendAddr>, config: HealthConfig, metrics: Arc<M
             Some(e) => {
                 fail_streak += 1;
                 ok_streak = 0;
-                metrics.health_check_failures_total.inc();
+                failures.inc();
                 if addr.is_healthy() && fail_streak >= config.fall {
                     addr.set_healthy(false);
                     tracing::warn!(backend.addr = %addr.addr, error = %e, checks = fail_streak, "backend address is down");

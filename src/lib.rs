@@ -8,6 +8,7 @@
 //! - [`lifecycle`]: Unix signals, systemd readiness and watchdog, file-descriptor limits.
 //! - [`accept`]: the accept loop both listeners share (never dies, backs off when out of descriptors).
 //! - [`proxy`]: the data path: accept loop, connection limit, connect, two-way copy.
+//! - [`route`]: which backend a connection goes to (by TLS server name, with `[[route]]`s).
 //! - [`backend`]: the backend's current address set and the order connections try it in.
 //! - [`health`]: active TCP checks of every backend address (interval, rise, fall).
 //! - [`dns`]: follows the backend's DNS name (TTL schedule, hold through failures).
@@ -28,6 +29,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod route;
 pub mod server;
 
 pub use config::Config;

@@ -37,10 +37,12 @@ pub enum CloseReason {
     Shutdown,
     /// Its backend address left DNS longer ago than `backend.removed_grace`.
     BackendRetired,
+    /// With routes: no route takes it (`proxy.unmatched` or `proxy.non_tls` is `refuse`).
+    NoRoute,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 13] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::Completed,
         CloseReason::ClientError,
         CloseReason::BackendError,
@@ -54,6 +56,7 @@ impl CloseReason {
         CloseReason::OverLimit,
         CloseReason::Shutdown,
         CloseReason::BackendRetired,
+        CloseReason::NoRoute,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +74,7 @@ impl CloseReason {
             CloseReason::OverLimit => "over_limit",
             CloseReason::Shutdown => "shutdown",
             CloseReason::BackendRetired => "backend_retired",
+            CloseReason::NoRoute => "no_route",
         }
     }
 }
@@ -221,18 +225,64 @@ pub struct Metrics {
     pub tcp_open_connections: IntGauge,
     tcp_close_total: [IntCounter; CloseReason::ALL.len()],
     proxied_bytes_total: [IntCounter; 2],
-    connect_errors_total: [IntCounter; ConnectError::ALL.len()],
     /// By side (client, backend) and errno class.
     tcp_errors_total: [[IntCounter; Errno::ALL.len()]; 2],
-    pub connect_duration_seconds: Histogram,
     pub accept_errors_total: IntCounterVec,
     pub draining: IntGauge,
+    pub eip_associated: IntGauge,
+    /// The families labelled by backend (the route's name); [`Metrics::route`] makes a
+    /// route's children.
+    by_backend: ByBackend,
+}
+
+struct ByBackend {
+    routed: IntCounterVec,
+    connect_errors: IntCounterVec,
+    connect_duration: prometheus::HistogramVec,
     backend_addresses: IntGaugeVec,
+    health_check_failures: IntCounterVec,
+    dns_resolutions: IntCounterVec,
+    dns_answer_age: prometheus::GaugeVec,
+    dns_stale: IntGaugeVec,
+}
+
+/// One backend's metrics, every series labelled `backend="<route name>"`.
+pub struct RouteMetrics {
+    /// Client connections sent to this backend.
+    pub routed: IntCounter,
+    connect_errors: [IntCounter; ConnectError::ALL.len()],
+    pub connect_duration_seconds: Histogram,
+    backend_addresses: [IntGauge; 3],
     pub health_check_failures_total: IntCounter,
-    dns_resolutions_total: IntCounterVec,
+    dns_resolutions: Vec<(&'static str, IntCounter)>,
     dns_answer_age_seconds: prometheus::Gauge,
     dns_stale: IntGauge,
-    pub eip_associated: IntGauge,
+}
+
+impl RouteMetrics {
+    pub fn connect_error(&self, reason: ConnectError) {
+        self.connect_errors[reason as usize].inc();
+    }
+
+    pub fn dns_resolution(&self, result: &str) {
+        if let Some((_, c)) = self.dns_resolutions.iter().find(|(r, _)| *r == result) {
+            c.inc();
+        }
+    }
+
+    /// Sets the gauges that describe the backend set, just before they are read.
+    pub fn observe_backends(&self, set: &crate::backend::BackendSet) {
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let healthy = set.addrs.iter().filter(|a| a.is_healthy() && !a.is_suspect()).count();
+        let suspect = set.addrs.iter().filter(|a| a.is_healthy() && a.is_suspect()).count();
+        let unhealthy = set.addrs.len() - healthy - suspect;
+        self.backend_addresses[0].set(count(healthy));
+        self.backend_addresses[1].set(count(suspect));
+        self.backend_addresses[2].set(count(unhealthy));
+        let age = set.resolution.last_good.and_then(|t| t.elapsed().ok()).map_or(0.0, |d| d.as_secs_f64());
+        self.dns_answer_age_seconds.set(age);
+        self.dns_stale.set(i64::from(set.resolution.is_stale()));
+    }
 }
 
 impl Metrics {
@@ -262,11 +312,11 @@ impl Metrics {
 
         let close = counter_vec("tcp_close_total", "Client connections closed, by reason.", "reason")?;
         let bytes = counter_vec("proxied_bytes_total", "Bytes forwarded, by direction.", "direction")?;
-        let connect = counter_vec(
-            "backend_connect_errors_total",
-            "Failed connect attempts to backend addresses, by reason.",
-            "reason",
-        )?;
+        let backend_vec = |name: &str, help: &str, label: &str| -> prometheus::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), &["backend", label])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
         let tcp_errors = IntCounterVec::new(
             Opts::new(
                 "tcp_errors_total",
@@ -282,30 +332,50 @@ impl Metrics {
         for reason in ["fd_limit", "other"] {
             accept_errors_total.with_label_values(&[reason]);
         }
-        let connect_duration_seconds = Histogram::with_opts(
+        let routed = IntCounterVec::new(
+            Opts::new("backend_connections_total", "Client connections sent to each backend (route)."),
+            &["backend"],
+        )?;
+        registry.register(Box::new(routed.clone()))?;
+        let connect_errors = backend_vec(
+            "backend_connect_errors_total",
+            "Failed connect attempts to backend addresses, by backend and reason.",
+            "reason",
+        )?;
+        let connect_duration = prometheus::HistogramVec::new(
             HistogramOpts::new("backend_connect_duration_seconds", "Time to establish a backend connection.")
                 .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            &["backend"],
         )?;
-        registry.register(Box::new(connect_duration_seconds.clone()))?;
-
+        registry.register(Box::new(connect_duration.clone()))?;
         let backend_addresses = IntGaugeVec::new(
-            Opts::new("backend_addresses", "Backend addresses currently known, by state."),
-            &["state"],
+            Opts::new("backend_addresses", "Backend addresses currently known, by backend and state."),
+            &["backend", "state"],
         )?;
         registry.register(Box::new(backend_addresses.clone()))?;
-        for state in ["healthy", "suspect", "unhealthy"] {
-            backend_addresses.with_label_values(&[state]);
-        }
-        let dns_resolutions_total =
-            counter_vec("dns_resolutions_total", "Lookups of the backend name, by result.", "result")?;
-        for result in std::iter::once("success").chain(crate::dns::FailureKind::ALL.iter().map(|k| k.as_str())) {
-            dns_resolutions_total.with_label_values(&[result]);
-        }
-        let dns_answer_age_seconds = prometheus::Gauge::new(
-            "dns_answer_age_seconds",
-            "Seconds since a DNS answer last confirmed the backend's addresses (0 before any).",
+        let health_check_failures = IntCounterVec::new(
+            Opts::new("health_check_failures_total", "Failed health checks of backend addresses, by backend."),
+            &["backend"],
         )?;
-        registry.register(Box::new(dns_answer_age_seconds.clone()))?;
+        registry.register(Box::new(health_check_failures.clone()))?;
+        let dns_resolutions =
+            backend_vec("dns_resolutions_total", "Lookups of each backend's name, by backend and result.", "result")?;
+        let dns_answer_age = prometheus::GaugeVec::new(
+            Opts::new(
+                "dns_answer_age_seconds",
+                "Seconds since a DNS answer last confirmed the backend's addresses (0 before any), by backend.",
+            ),
+            &["backend"],
+        )?;
+        registry.register(Box::new(dns_answer_age.clone()))?;
+        let dns_stale = IntGaugeVec::new(
+            Opts::new(
+                "dns_stale",
+                "1 while a backend's addresses come from an earlier answer because lookups fail, by backend.",
+            ),
+            &["backend"],
+        )?;
+        registry.register(Box::new(dns_stale.clone()))?;
 
         let build_info =
             IntGaugeVec::new(Opts::new("build_info", "Always 1; labels describe this build."), &["version"])?;
@@ -330,9 +400,7 @@ impl Metrics {
             tcp_open_connections: gauge("tcp_open_connections", "Client connections open now.")?,
             tcp_close_total: CloseReason::ALL.map(|r| close.with_label_values(&[r.as_str()])),
             proxied_bytes_total: [bytes.with_label_values(&["to_backend"]), bytes.with_label_values(&["to_client"])],
-            connect_errors_total: ConnectError::ALL.map(|r| connect.with_label_values(&[r.as_str()])),
             tcp_errors_total,
-            connect_duration_seconds,
             accept_errors_total,
             draining: gauge(
                 "draining",
@@ -343,14 +411,16 @@ impl Metrics {
                 "1 while this instance's Elastic IP was associated with it at the last check, else 0 (also with \
                  eip.enabled = false).",
             )?,
-            backend_addresses,
-            health_check_failures_total: counter(
-                "health_check_failures_total",
-                "Failed health checks of backend addresses.",
-            )?,
-            dns_resolutions_total,
-            dns_answer_age_seconds,
-            dns_stale: gauge("dns_stale", "1 while the addresses come from an earlier answer because lookups fail.")?,
+            by_backend: ByBackend {
+                routed,
+                connect_errors,
+                connect_duration,
+                backend_addresses,
+                health_check_failures,
+                dns_resolutions,
+                dns_answer_age,
+                dns_stale,
+            },
             registry,
             process,
         })
@@ -369,31 +439,27 @@ impl Metrics {
         &self.proxied_bytes_total[direction as usize]
     }
 
-    pub fn connect_error(&self, reason: ConnectError) {
-        self.connect_errors_total[reason as usize].inc();
-    }
-
     /// Counts an I/O error that ended a connection, by the side that failed.
     pub fn tcp_error(&self, side: Side, e: &std::io::Error) {
         self.tcp_errors_total[side as usize][Errno::classify(e) as usize].inc();
     }
 
-    pub fn dns_resolution(&self, result: &str) {
-        self.dns_resolutions_total.with_label_values(&[result]).inc();
-    }
-
-    /// Sets the gauges that describe the backend set, just before they are read.
-    pub fn observe_backends(&self, set: &crate::backend::BackendSet) {
-        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        let healthy = set.addrs.iter().filter(|a| a.is_healthy() && !a.is_suspect()).count();
-        let suspect = set.addrs.iter().filter(|a| a.is_healthy() && a.is_suspect()).count();
-        let unhealthy = set.addrs.len() - healthy - suspect;
-        self.backend_addresses.with_label_values(&["healthy"]).set(count(healthy));
-        self.backend_addresses.with_label_values(&["suspect"]).set(count(suspect));
-        self.backend_addresses.with_label_values(&["unhealthy"]).set(count(unhealthy));
-        let age = set.resolution.last_good.and_then(|t| t.elapsed().ok()).map_or(0.0, |d| d.as_secs_f64());
-        self.dns_answer_age_seconds.set(age);
-        self.dns_stale.set(i64::from(set.resolution.is_stale()));
+    /// The metrics of the backend `name` (a route's name), every series made at once so that
+    /// each shows from the start, at zero.
+    pub fn route(&self, name: &str) -> RouteMetrics {
+        let b = &self.by_backend;
+        let dns_results = std::iter::once("success").chain(crate::dns::FailureKind::ALL.iter().map(|k| k.as_str()));
+        RouteMetrics {
+            routed: b.routed.with_label_values(&[name]),
+            connect_errors: ConnectError::ALL.map(|r| b.connect_errors.with_label_values(&[name, r.as_str()])),
+            connect_duration_seconds: b.connect_duration.with_label_values(&[name]),
+            backend_addresses: ["healthy", "suspect", "unhealthy"]
+                .map(|state| b.backend_addresses.with_label_values(&[name, state])),
+            health_check_failures_total: b.health_check_failures.with_label_values(&[name]),
+            dns_resolutions: dns_results.map(|r| (r, b.dns_resolutions.with_label_values(&[name, r]))).collect(),
+            dns_answer_age_seconds: b.dns_answer_age.with_label_values(&[name]),
+            dns_stale: b.dns_stale.with_label_values(&[name]),
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -19,6 +19,7 @@ use crate::health::Checker;
 use crate::lifecycle::{self, Signal};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy, socket::BindError};
+use crate::route::Router;
 
 /// How long the proxy waits for connections it has just cut to finish closing.
 const CUT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -48,7 +49,7 @@ pub struct Server {
     admin_listener: TcpListener,
     proxy_addrs: Vec<SocketAddr>,
     admin_addr: SocketAddr,
-    backends: Arc<Backends>,
+    router: Arc<Router>,
     metrics: Arc<Metrics>,
     proxy: Arc<Proxy>,
     state: Arc<admin::State>,
@@ -56,6 +57,14 @@ pub struct Server {
     stop_accepting: CancellationToken,
     /// Cancelled when Auto Scaling is terminating this instance ([`eip::retire`]).
     retire: CancellationToken,
+}
+
+/// The backend for the "serving" line: its `host:port`, or with routes `name=host:port,...`.
+fn backends_line(router: &Router) -> String {
+    match router.upstreams.as_slice() {
+        [only] if only.name() == crate::config::routes::DEFAULT => only.backends.name.clone(),
+        all => all.iter().map(|u| format!("{}={}", u.name(), u.backends.name)).collect::<Vec<_>>().join(","),
+    }
 }
 
 /// What a handoff of the Elastic IP drains: the proxy and `/health`.
@@ -102,16 +111,10 @@ impl Server {
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
 
         let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")));
-        let backends = Arc::new(Backends::new(config.backend.address.to_string()));
-        let proxy = Arc::new(Proxy::new(
-            config.proxy.clone(),
-            config.backend.proxy_protocol,
-            Arc::clone(&backends),
-            Arc::clone(&metrics),
-        ));
+        let router = Arc::new(Router::new(&config, &metrics));
+        let proxy = Arc::new(Proxy::new(config.proxy.clone(), Arc::clone(&router), Arc::clone(&metrics)));
         let state = Arc::new(admin::State::new(
             Arc::clone(&config),
-            Arc::clone(&backends),
             Arc::clone(&metrics),
             Arc::clone(&proxy),
             Arc::new(Eip::new(config.eip.enabled, metrics.eip_associated.clone())),
@@ -119,22 +122,22 @@ impl Server {
         ));
         // Everything that can fail comes before anything is spawned: a failed start leaves no
         // task behind claiming the Elastic IP or checking backends.
-        let target = &config.backend.address;
-        let follower = match dns::hickory::literal(&target.host, target.port) {
-            // An IP address needs no DNS: publish it once.
-            Some(addr) => {
-                backends.publish([addr], Resolution::answered(None));
-                None
+        let mut followers = Vec::new();
+        for upstream in &router.upstreams {
+            let target = upstream.config.address();
+            match dns::hickory::literal(&target.host, target.port) {
+                // An IP address needs no DNS: publish it once.
+                Some(addr) => upstream.backends.publish([addr], Resolution::answered(None)),
+                None => followers.push(Follower {
+                    lookup: HickoryLookup::new(&upstream.config.dns)?,
+                    host: target.host.clone(),
+                    port: target.port,
+                    config: upstream.config.dns.clone(),
+                    backends: Arc::clone(&upstream.backends),
+                    metrics: Arc::clone(&upstream.metrics),
+                }),
             }
-            None => Some(Follower {
-                lookup: HickoryLookup::new(&config.dns)?,
-                host: target.host.clone(),
-                port: target.port,
-                config: config.dns.clone(),
-                backends: Arc::clone(&backends),
-                metrics: Arc::clone(&metrics),
-            }),
-        };
+        }
         let stop_sources = CancellationToken::new();
         let stop_accepting = CancellationToken::new();
         let retire = CancellationToken::new();
@@ -147,15 +150,20 @@ impl Server {
             };
             tokio::spawn(eip::keep(config.eip.clone(), timing, serving, Arc::clone(&state.eip), stop_sources.clone()));
         }
-        let checker =
-            Checker { config: config.health.clone(), backends: Arc::clone(&backends), metrics: Arc::clone(&metrics) };
-        tokio::spawn(checker.run(stop_sources.clone()));
-        tokio::spawn(crate::backend::retire_removed(
-            Arc::clone(&backends),
-            config.backend.removed_grace,
-            stop_sources.clone(),
-        ));
-        if let Some(follower) = follower {
+        for upstream in &router.upstreams {
+            let checker = Checker {
+                config: upstream.config.health.clone(),
+                backends: Arc::clone(&upstream.backends),
+                failures: upstream.metrics.health_check_failures_total.clone(),
+            };
+            tokio::spawn(checker.run(stop_sources.clone()));
+            tokio::spawn(crate::backend::retire_removed(
+                Arc::clone(&upstream.backends),
+                upstream.config.backend.removed_grace,
+                stop_sources.clone(),
+            ));
+        }
+        for follower in followers {
             tokio::spawn(follower.run(stop_sources.clone()));
         }
         Ok(Server {
@@ -164,7 +172,7 @@ impl Server {
             admin_listener,
             proxy_addrs,
             admin_addr,
-            backends,
+            router,
             metrics,
             proxy,
             state,
@@ -198,9 +206,15 @@ impl Server {
         self.admin_addr
     }
 
-    /// The backend address set: the seam where address sources plug in.
+    /// The first backend's address set (the only one without routes): the seam where
+    /// address sources plug in.
     pub fn backends(&self) -> Arc<Backends> {
-        Arc::clone(&self.backends)
+        Arc::clone(&self.router.upstreams[0].backends)
+    }
+
+    /// Every backend and the routing between them.
+    pub fn router(&self) -> Arc<Router> {
+        Arc::clone(&self.router)
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -230,7 +244,7 @@ impl Server {
             version = env!("CARGO_PKG_VERSION"),
             proxy = ?self.proxy_addrs,
             admin = %self.admin_addr,
-            backend = %self.backends.name,
+            backend = %backends_line(&self.router),
             "serving"
         );
         lifecycle::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);

@@ -73,7 +73,7 @@ async fn every_kind_of_dns_failure_keeps_the_last_good_addresses() {
         (Mode::NoData, "nodata", "the name has no address records"),
         (Mode::Drop, "timeout", "the lookup timed out"),
     ] {
-        let sample = format!("static_ingress_dns_resolutions_total{{result=\"{result}\"}}");
+        let sample = format!("static_ingress_dns_resolutions_total{{backend=\"default\",result=\"{result}\"}}");
         let before = proxy.metric(&sample).await;
         dns.zone.set(|z| z.mode = mode);
         eventually(&format!("a {result} lookup"), async || proxy.metric(&sample).await > before).await;
@@ -85,10 +85,11 @@ async fn every_kind_of_dns_failure_keeps_the_last_good_addresses() {
         let s = status(&proxy).await;
         assert_eq!(s["backend"]["resolution"]["stale"], true, "after {result}");
         assert_eq!(s["backend"]["resolution"]["error"], error);
-        assert_eq!(proxy.metric("static_ingress_dns_stale").await, 1.0);
+        assert_eq!(proxy.metric("static_ingress_dns_stale{backend=\"default\"}").await, 1.0);
 
         dns.zone.set(|z| z.mode = Mode::Answer);
-        eventually("fresh again", async || proxy.metric("static_ingress_dns_stale").await == 0.0).await;
+        eventually("fresh again", async || proxy.metric("static_ingress_dns_stale{backend=\"default\"}").await == 0.0)
+            .await;
     }
 }
 
@@ -104,7 +105,7 @@ async fn a_stopped_nameserver_keeps_the_last_good_addresses() {
     drop(dns);
     // Nothing listens on its port now. The kernel answers a UDP query with port unreachable,
     // which the resolver's unconnected socket never sees: each lookup times out.
-    let timeouts = "static_ingress_dns_resolutions_total{result=\"timeout\"}";
+    let timeouts = "static_ingress_dns_resolutions_total{backend=\"default\",result=\"timeout\"}";
     // Two failed lookups: the second comes a refresh after the first, so by then the last good
     // answer is more than a TTL (1 s) old and must still be the one served.
     eventually("two lookups to time out", async || proxy.metric(timeouts).await >= 2.0).await;
@@ -114,7 +115,7 @@ async fn a_stopped_nameserver_keeps_the_last_good_addresses() {
     assert_eq!(s["backend"]["resolution"]["stale"], true);
     // The age counts from the last good answer, which came before the stop and after the start.
     let at_least = stopped.elapsed().as_secs_f64();
-    let age = proxy.metric("static_ingress_dns_answer_age_seconds").await;
+    let age = proxy.metric("static_ingress_dns_answer_age_seconds{backend=\"default\"}").await;
     let at_most = started.elapsed().as_secs_f64();
     assert!(at_least > 1.0, "the failures took only {at_least} s");
     assert!((at_least..=at_most).contains(&age), "answer age {age} s, expected {at_least}..={at_most} s");
@@ -193,7 +194,10 @@ async fn connect_failures_trigger_an_early_re_resolve() {
     )
     .await;
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
-    assert!(proxy.metric("static_ingress_backend_connect_errors_total{reason=\"refused\"}").await >= 1.0);
+    assert!(
+        proxy.metric("static_ingress_backend_connect_errors_total{backend=\"default\",reason=\"refused\"}").await
+            >= 1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,7 +71,7 @@ async fn out_of_descriptors_while_connecting_is_fd_limit_not_a_backend_error() {
     assert_eq!(closes, 1, "counted as fd_limit");
     assert_eq!(proxy.closed("connect_failed").await, 0.0);
     for reason in ["refused", "timeout", "unreachable", "other"] {
-        let sample = format!("static_ingress_backend_connect_errors_total{{reason=\"{reason}\"}}");
+        let sample = format!("static_ingress_backend_connect_errors_total{{backend=\"default\",reason=\"{reason}\"}}");
         assert_eq!(proxy.metric(&sample).await, 0.0, "{sample}");
     }
     assert!(!addr.is_suspect(), "the backend address was blamed for the proxy's own shortage");

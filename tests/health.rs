@@ -46,8 +46,8 @@ async fn a_killed_backend_is_marked_down_within_interval_x_fall_and_back_within_
         down_after >= Duration::from_millis(150) && down_after < Duration::from_secs(2),
         "down after {down_after:?}"
     );
-    assert!(proxy.metric("static_ingress_health_check_failures_total").await >= 3.0);
-    assert_eq!(proxy.metric("static_ingress_backend_addresses{state=\"unhealthy\"}").await, 1.0);
+    assert!(proxy.metric("static_ingress_health_check_failures_total{backend=\"default\"}").await >= 3.0);
+    assert_eq!(proxy.metric("static_ingress_backend_addresses{backend=\"default\",state=\"unhealthy\"}").await, 1.0);
 
     let _back = Backend::named(addr, "only").await.expect("rebind the same address");
     let restarted = Instant::now();
@@ -69,11 +69,13 @@ async fn connections_avoid_an_address_that_is_down() {
     drop(fleet.remove(0)); // five dies
     eventually("five marked down", async || address_state(&proxy, five).await == "unhealthy").await;
 
-    let refused_before = proxy.metric("static_ingress_backend_connect_errors_total{reason=\"refused\"}").await;
+    let refused_before =
+        proxy.metric("static_ingress_backend_connect_errors_total{backend=\"default\",reason=\"refused\"}").await;
     for _ in 0..10 {
         assert_eq!(greeting(proxy.addr).await.expect("proxied").0, "six");
     }
-    let refused_after = proxy.metric("static_ingress_backend_connect_errors_total{reason=\"refused\"}").await;
+    let refused_after =
+        proxy.metric("static_ingress_backend_connect_errors_total{backend=\"default\",reason=\"refused\"}").await;
     assert_eq!(refused_after, refused_before, "a down address was still tried first");
     assert_eq!(get(proxy.admin, "/health").await.status, 200, "one healthy address is enough by default");
 }

@@ -55,8 +55,8 @@ async fn metrics_count_connections_bytes_and_reasons() {
     assert_eq!(proxy.metric("static_ingress_tcp_open_connections").await, 0.0);
     assert_eq!(proxy.metric("static_ingress_proxied_bytes_total{direction=\"to_backend\"}").await, 5.0);
     assert_eq!(proxy.metric("static_ingress_proxied_bytes_total{direction=\"to_client\"}").await, 5.0);
-    assert_eq!(proxy.metric("static_ingress_backend_connect_duration_seconds_count").await, 1.0);
-    assert_eq!(proxy.metric("static_ingress_backend_addresses{state=\"healthy\"}").await, 1.0);
+    assert_eq!(proxy.metric("static_ingress_backend_connect_duration_seconds_count{backend=\"default\"}").await, 1.0);
+    assert_eq!(proxy.metric("static_ingress_backend_addresses{backend=\"default\",state=\"healthy\"}").await, 1.0);
     let build = format!("static_ingress_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
     assert_eq!(proxy.metric(&build).await, 1.0);
 }

@@ -99,7 +99,8 @@ async fn a_refusing_address_is_skipped_for_the_next_one() {
     }
     // The first connection that tries the refusing address marks it suspect; the others try it
     // last, so it is refused once, not on every other connection.
-    let refused = proxy.metric("static_ingress_backend_connect_errors_total{reason=\"refused\"}").await;
+    let refused =
+        proxy.metric("static_ingress_backend_connect_errors_total{backend=\"default\",reason=\"refused\"}").await;
     assert_eq!(refused, 1.0);
     assert_eq!(proxy.closed("connect_failed").await, 0.0);
     let status: serde_json::Value = serde_json::from_str(&get(proxy.admin, "/status").await.body).expect("JSON");
@@ -124,7 +125,10 @@ async fn a_connect_that_hangs_times_out_and_the_next_address_serves() {
     assert_eq!(round_trip(&mut c, b"ping").await, b"ping");
     let elapsed = started.elapsed();
     assert!(elapsed >= Duration::from_millis(300), "the hanging address was not tried first ({elapsed:?})");
-    assert_eq!(proxy.metric("static_ingress_backend_connect_errors_total{reason=\"timeout\"}").await, 1.0);
+    assert_eq!(
+        proxy.metric("static_ingress_backend_connect_errors_total{backend=\"default\",reason=\"timeout\"}").await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,8 +414,14 @@ async fn each_address_is_tried_once_per_connection() {
     let _ = read_until_closed(&mut c).await;
     eventually("connect_failed", async || proxy.closed("connect_failed").await == 1.0).await;
     // Three addresses, three attempts: a failed one is not tried again as "suspect".
-    assert_eq!(proxy.metric("static_ingress_backend_connect_errors_total{reason=\"timeout\"}").await, 2.0);
-    assert_eq!(proxy.metric("static_ingress_backend_connect_errors_total{reason=\"refused\"}").await, 1.0);
+    assert_eq!(
+        proxy.metric("static_ingress_backend_connect_errors_total{backend=\"default\",reason=\"timeout\"}").await,
+        2.0
+    );
+    assert_eq!(
+        proxy.metric("static_ingress_backend_connect_errors_total{backend=\"default\",reason=\"refused\"}").await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,11 +25,11 @@ use prometheus::{IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::Backends;
-use crate::config::Config;
+use crate::config::{Config, HealthPolicy};
 use crate::logging::Throttle;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::route::Upstream;
 
 /// How long open admin connections get to finish when the process exits.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
@@ -37,7 +37,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// What the admin endpoints report on.
 pub struct State {
     pub config: Arc<Config>,
-    pub backends: Arc<Backends>,
     pub metrics: Arc<Metrics>,
     pub proxy: Arc<Proxy>,
     pub eip: Arc<crate::eip::Eip>,
@@ -102,7 +101,6 @@ pub enum Health {
 impl State {
     pub fn new(
         config: Arc<Config>,
-        backends: Arc<Backends>,
         metrics: Arc<Metrics>,
         proxy: Arc<Proxy>,
         eip: Arc<crate::eip::Eip>,
@@ -110,7 +108,6 @@ impl State {
     ) -> State {
         State {
             config,
-            backends,
             metrics,
             proxy,
             eip,
@@ -161,41 +158,70 @@ impl State {
         self.backend_health()
     }
 
-    /// Whether the backend has been seen to work: `backend_health` passes and enough
-    /// addresses passed their last health check (new addresses count as healthy before their
-    /// first check, which is right for serving, not for asking to be handed an address).
+    /// Whether the backends have been seen to work: [`State::backend_health`] passes, and
+    /// enough addresses of each backend that counts passed their last health check (new
+    /// addresses count as healthy before their first check, which is right for serving, not
+    /// for asking to be handed an address). Which backends count follows
+    /// `health.unhealthy_when`: one of them (all_backends_down), or every one.
     pub fn backend_proven(&self) -> bool {
         if self.backend_health() != Health::Ok {
             return false;
         }
-        let set = self.backends.current();
-        let proven = set.addrs.iter().filter(|a| a.is_healthy() && !a.is_suspect() && a.last_check_passed()).count();
-        proven >= self.config.health.min_healthy.max(1)
+        let router = self.proxy.router();
+        let mut proven = router.upstreams.iter().map(|u| {
+            let set = u.backends.current();
+            let n = set.addrs.iter().filter(|a| a.is_healthy() && !a.is_suspect() && a.last_check_passed()).count();
+            n >= u.config.health.min_healthy.max(1)
+        });
+        match self.config.health.unhealthy_when {
+            HealthPolicy::AllBackendsDown => proven.any(|p| p),
+            HealthPolicy::AnyBackendDown => proven.all(|p| p),
+        }
     }
 
-    /// What the backend checks say, whatever the drain and the Elastic IP are doing.
+    /// What the backend checks say, whatever the drain and the Elastic IP are doing: each
+    /// backend's own verdict, combined by `health.unhealthy_when`.
     pub fn backend_health(&self) -> Health {
-        let set = self.backends.current();
-        if set.addrs.is_empty() {
-            return Health::Unhealthy(match &set.resolution.error {
-                Some(why) => format!("backend unresolved: {why}"),
-                None if set.resolution.last_good.is_none() => "backend unresolved: resolution in progress".into(),
-                None => "no backend address".into(),
-            });
+        let router = self.proxy.router();
+        let verdicts: Vec<(String, Health)> =
+            router.upstreams.iter().map(|u| (u.name().to_string(), upstream_health(u))).collect();
+        if let [(_, only)] = verdicts.as_slice() {
+            return only.clone();
         }
-        let healthy = set.healthy_count();
-        let need = self.config.health.min_healthy;
-        if healthy == 0 {
-            return Health::Unhealthy("no healthy backend address".into());
-        }
-        if healthy < need {
-            return Health::Unhealthy(format!(
-                "{healthy} of {} backend addresses healthy, need {need}",
-                set.addrs.len()
-            ));
-        }
-        Health::Ok
+        let down: Vec<String> = verdicts
+            .iter()
+            .filter_map(|(name, h)| match h {
+                Health::Ok => None,
+                Health::Unhealthy(why) => Some(format!("{name}: {why}")),
+            })
+            .collect();
+        let failing = match self.config.health.unhealthy_when {
+            HealthPolicy::AllBackendsDown => down.len() == verdicts.len(),
+            HealthPolicy::AnyBackendDown => !down.is_empty(),
+        };
+        if failing { Health::Unhealthy(down.join("; ")) } else { Health::Ok }
     }
+}
+
+/// One backend's verdict: resolved, and at least `health.min_healthy` healthy addresses.
+pub(crate) fn upstream_health(u: &Upstream) -> Health {
+    let set = u.backends.current();
+    if set.addrs.is_empty() {
+        return Health::Unhealthy(match &set.resolution.error {
+            Some(why) => format!("backend unresolved: {why}"),
+            None if set.resolution.last_good.is_none() => "backend unresolved: resolution in progress".into(),
+            None => "no backend address".into(),
+        });
+    }
+    let healthy = set.healthy_count();
+    let need = u.config.health.min_healthy;
+    if healthy == 0 {
+        return Health::Unhealthy("no healthy backend address".into());
+    }
+    if healthy < need {
+        return Health::Unhealthy(format!("{healthy} of {} backend addresses healthy, need {need}", set.addrs.len()));
+    }
+    Health::Ok
 }
 
 /// Serves until `stop` fires, then gives open admin connections a moment to finish.
@@ -272,7 +298,9 @@ fn route(req: &Request<hyper::body::Incoming>, state: &State) -> Response<Full<B
             Health::Unhealthy(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },
         "/metrics" => {
-            state.metrics.observe_backends(&state.backends.current());
+            for u in &state.proxy.router().upstreams {
+                u.metrics.observe_backends(&u.backends.current());
+            }
             let mut r = text(StatusCode::OK, state.metrics.render() + &state.admin_metrics.render());
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
             r

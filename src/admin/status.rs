@@ -14,7 +14,10 @@ struct Status<'a> {
     health: HealthView,
     draining: bool,
     listen: Vec<String>,
+    /// The first of `backends` (the only one without routes), as before routes existed.
     backend: BackendView,
+    /// Every backend: the route `default` first when it exists, then the `[[route]]`s.
+    backends: Vec<BackendView>,
     connections: Connections,
     eip: EipView,
 }
@@ -34,29 +37,36 @@ struct EipView {
     error: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct HealthView {
     healthy: bool,
     reason: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct BackendView {
+    /// The route's name: `default`, or the `[[route]]`'s.
+    route: String,
+    /// `host:port` as configured.
     name: String,
+    /// The server names the route matches (none for `default`).
+    server_names: Vec<String>,
+    /// This backend's own verdict (`/health` combines them by `health.unhealthy_when`).
+    health: HealthView,
     resolution: ResolutionView,
     addresses: Vec<AddressView>,
     /// Addresses that left DNS, whose open connections are closed when the grace ends.
     retiring: Vec<RetiringView>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct RetiringView {
     address: String,
     active_connections: usize,
     closes_in_seconds: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct ResolutionView {
     /// True while the proxy has addresses from a good answer.
     resolved: bool,
@@ -72,7 +82,7 @@ struct ResolutionView {
     error: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct AddressView {
     address: String,
     /// healthy, suspect (a connect failed since the last good check) or unhealthy.
@@ -95,8 +105,15 @@ fn unix(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
-pub fn render(state: &State) -> String {
-    let set = state.backends.current();
+fn health_view(h: Health) -> HealthView {
+    match h {
+        Health::Ok => HealthView { healthy: true, reason: None },
+        Health::Unhealthy(why) => HealthView { healthy: false, reason: Some(why) },
+    }
+}
+
+fn backend_view(u: &crate::route::Upstream) -> BackendView {
+    let set = u.backends.current();
     let r = &set.resolution;
     let resolution = ResolutionView {
         resolved: r.last_good.is_some() && !set.addrs.is_empty(),
@@ -107,50 +124,55 @@ pub fn render(state: &State) -> String {
         last_attempt: r.last_attempt.map(unix),
         error: r.error.clone(),
     };
-    let health = match state.health() {
-        Health::Ok => HealthView { healthy: true, reason: None },
-        Health::Unhealthy(why) => HealthView { healthy: false, reason: Some(why) },
-    };
+    BackendView {
+        route: u.name().to_string(),
+        name: u.backends.name.clone(),
+        server_names: u.config.server_names.iter().map(ToString::to_string).collect(),
+        health: health_view(super::upstream_health(u)),
+        resolution,
+        addresses: set
+            .addrs
+            .iter()
+            .map(|a| AddressView {
+                address: a.addr.to_string(),
+                state: match (a.is_healthy(), a.is_suspect()) {
+                    (true, false) => "healthy",
+                    (true, true) => "suspect",
+                    (false, _) => "unhealthy",
+                },
+                healthy: a.is_healthy(),
+                active_connections: a.active_connections(),
+                last_check: a.last_check().map(unix),
+                first_seen: unix(a.first_seen),
+                last_seen: a.last_seen().map(unix),
+            })
+            .collect(),
+        retiring: u
+            .backends
+            .retiring()
+            .into_iter()
+            .map(|(a, since)| RetiringView {
+                address: a.addr.to_string(),
+                active_connections: a.active_connections(),
+                closes_in_seconds: (since + u.config.backend.removed_grace)
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .as_secs_f64(),
+            })
+            .collect(),
+    }
+}
+
+pub fn render(state: &State) -> String {
+    let backends: Vec<BackendView> = state.proxy.router().upstreams.iter().map(|u| backend_view(u)).collect();
     let status = Status {
         version: state.version,
         started_at: unix(state.started_at),
         uptime_seconds: state.started.elapsed().as_secs_f64(),
-        health,
+        health: health_view(state.health()),
         draining: state.is_draining(),
         listen: state.listen.iter().map(ToString::to_string).collect(),
-        backend: BackendView {
-            name: state.backends.name.clone(),
-            resolution,
-            addresses: set
-                .addrs
-                .iter()
-                .map(|a| AddressView {
-                    address: a.addr.to_string(),
-                    state: match (a.is_healthy(), a.is_suspect()) {
-                        (true, false) => "healthy",
-                        (true, true) => "suspect",
-                        (false, _) => "unhealthy",
-                    },
-                    healthy: a.is_healthy(),
-                    active_connections: a.active_connections(),
-                    last_check: a.last_check().map(unix),
-                    first_seen: unix(a.first_seen),
-                    last_seen: a.last_seen().map(unix),
-                })
-                .collect(),
-            retiring: state
-                .backends
-                .retiring()
-                .into_iter()
-                .map(|(a, since)| RetiringView {
-                    address: a.addr.to_string(),
-                    active_connections: a.active_connections(),
-                    closes_in_seconds: (since + state.config.backend.removed_grace)
-                        .saturating_duration_since(tokio::time::Instant::now())
-                        .as_secs_f64(),
-                })
-                .collect(),
-        },
+        backend: backends[0].clone(),
+        backends,
         connections: Connections {
             active: state.proxy.active(),
             limit: state.proxy.max_connections(),

@@ -166,10 +166,47 @@ pub static KEYS: &[Key] = &[
               At most 32767s: Linux refuses a keepalive idle time above 32767 seconds.",
     },
     Key {
+        name: "proxy.sni_timeout",
+        kind: Kind::Duration { max: "1m" },
+        default: Some("5s"),
+        doc: "With [[route]] tables, how long a new connection may take to send its TLS \
+              ClientHello (the proxy reads it to pick the route by server name, and forwards \
+              every byte it read). A connection that sends no hello within it is routed by what \
+              it sent (nothing counts as not TLS: see proxy.non_tls). TLS clients send the hello \
+              at once; 5s is HAProxy's usual inspect-delay. \
+              At most 1m: a longer wait only holds slots for clients that send nothing.",
+    },
+    Key {
+        name: "proxy.sni_max_bytes",
+        kind: Kind::Count { min: 512, max: 65536 },
+        default: Some("16384"),
+        doc: "With [[route]] tables, the most bytes read looking for the ClientHello. A hello \
+              longer than this (browsers send 0.5 to 2 KiB; post-quantum key shares add about \
+              1 KiB) is routed as if it named no server.",
+    },
+    Key {
+        name: "proxy.unmatched",
+        kind: Kind::Choice(&["default", "refuse"]),
+        default: Some("default"),
+        doc: "With [[route]] tables, where a TLS connection goes whose server name matches no \
+              route, or that sends none: default, to backend.address (the route named \
+              default); refuse, reset at once (counted as no_route).",
+    },
+    Key {
+        name: "proxy.non_tls",
+        kind: Kind::Choice(&["default", "refuse"]),
+        default: Some("default"),
+        doc: "With [[route]] tables, where a connection goes whose first bytes are not a TLS \
+              ClientHello: default, to backend.address, as without routes; refuse, reset at \
+              once (counted as no_route).",
+    },
+    Key {
         name: "backend.address",
         kind: Kind::HostPort,
         default: None,
-        doc: "The backend as host:port, usually the ELB's DNS name and 443. Required.",
+        doc: "The backend as host:port, usually the ELB's DNS name and 443. Required, unless \
+              the file has [[route]] tables and proxy.unmatched and proxy.non_tls are both \
+              refuse; with routes it is the route named default.",
     },
     Key {
         name: "backend.proxy_protocol",
@@ -272,6 +309,16 @@ pub static KEYS: &[Key] = &[
         kind: Kind::Count { min: 1, max: 1000 },
         default: Some("1"),
         doc: "/health answers 200 only while at least this many backend addresses are healthy.",
+    },
+    Key {
+        name: "health.unhealthy_when",
+        kind: Kind::Choice(&["all_backends_down", "any_backend_down"]),
+        default: Some("all_backends_down"),
+        doc: "With [[route]] tables (several backends), when /health fails for lack of \
+              healthy backend addresses: all_backends_down, only when no backend has \
+              health.min_healthy healthy addresses; any_backend_down, as soon as one has not, \
+              which takes this address out of Route 53 for every service. See the routes \
+              section of docs/configuration.md for why the default is all_backends_down.",
     },
     Key {
         name: "admin.listen",

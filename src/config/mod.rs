@@ -5,6 +5,7 @@
 //! config file, built-in default (see [`keys::KEYS`]).
 
 pub mod keys;
+pub mod routes;
 pub mod source;
 pub mod value;
 
@@ -12,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+pub use routes::{RouteConfig, ServerName};
 pub use source::{ConfigError, ConfigErrors, FileLayer, Origin, Override};
 pub use value::HostPort;
 use value::{Raw, Value};
@@ -26,7 +28,10 @@ pub const DEFAULT_PATH: &str = "/etc/static-ingress/static-ingress.toml";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub proxy: ProxyConfig,
-    pub backend: BackendConfig,
+    /// Every backend, each with its DNS and health settings: the route `default`
+    /// (`backend.address`, with the main table's settings) first when it is set, then the
+    /// `[[route]]` tables in file order. Never empty.
+    pub routes: Vec<RouteConfig>,
     pub dns: DnsConfig,
     pub health: HealthConfig,
     pub admin: AdminConfig,
@@ -43,6 +48,28 @@ pub struct ProxyConfig {
     pub half_close_timeout: Duration,
     pub max_connections: usize,
     pub tcp_keepalive: Duration,
+    pub sni_timeout: Duration,
+    pub sni_max_bytes: usize,
+    /// Where TLS connections that match no route go.
+    pub unmatched: Fallback,
+    /// Where connections that send no TLS ClientHello go.
+    pub non_tls: Fallback,
+}
+
+/// Where a connection that no route claims goes, with `[[route]]` tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// To the route `default` (`backend.address`).
+    Default,
+    /// Reset at once.
+    Refuse,
+}
+
+/// When `/health` fails for lack of healthy backend addresses, with several backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthPolicy {
+    AllBackendsDown,
+    AnyBackendDown,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +114,7 @@ pub struct HealthConfig {
     pub fall: u32,
     pub rise: u32,
     pub min_healthy: usize,
+    pub unhealthy_when: HealthPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +199,10 @@ impl Loaded {
             let line = format!("{} = {}", s.key.field(), s.value);
             out.push_str(&format!("{line:<44} # {}\n", s.origin));
         }
+        for route in self.config.routes.iter().filter(|r| r.name != routes::DEFAULT) {
+            out.push('\n');
+            out.push_str(&routes::render(route));
+        }
         out
     }
 }
@@ -203,7 +235,17 @@ impl Config {
         let half_close_timeout = r.get("proxy.half_close_timeout", as_duration);
         let max_connections = r.get("proxy.max_connections", as_count);
         let tcp_keepalive = r.get("proxy.tcp_keepalive", as_duration);
-        let backend_address = r.get("backend.address", as_host_port);
+        let sni_timeout = r.get("proxy.sni_timeout", as_duration);
+        let sni_max_bytes = r.get("proxy.sni_max_bytes", as_count);
+        let unmatched = r.get("proxy.unmatched", as_word);
+        let non_tls = r.get("proxy.non_tls", as_word);
+        let has_routes = file.is_some_and(|f| !f.routes.is_empty());
+        // With routes, backend.address may be left out (checked below with proxy.unmatched).
+        let backend_address = if has_routes && !r.is_set("backend.address") {
+            Some(None)
+        } else {
+            r.get("backend.address", as_host_port).map(Some)
+        };
         let removed_grace = r.get("backend.removed_grace", as_duration);
         let proxy_protocol = r.get("backend.proxy_protocol", as_word);
         let nameservers = r.get("dns.nameservers", as_addrs);
@@ -217,6 +259,7 @@ impl Config {
         let fall = r.get("health.fall", as_count);
         let rise = r.get("health.rise", as_count);
         let min_healthy = r.get("health.min_healthy", as_count);
+        let unhealthy_when = r.get("health.unhealthy_when", as_word);
         let admin_listen = r.get("admin.listen", as_addr);
         let admin_header_timeout = r.get("admin.header_timeout", as_duration);
         let admin_max_connections = r.get("admin.max_connections", as_count);
@@ -234,12 +277,12 @@ impl Config {
                     half_close_timeout: half_close_timeout?,
                     max_connections: max_connections?,
                     tcp_keepalive: tcp_keepalive?,
+                    sni_timeout: sni_timeout?,
+                    sni_max_bytes: sni_max_bytes?,
+                    unmatched: fallback(&unmatched?),
+                    non_tls: fallback(&non_tls?),
                 },
-                backend: BackendConfig {
-                    address: backend_address?,
-                    removed_grace: removed_grace?,
-                    proxy_protocol: if proxy_protocol? == "v2" { ProxyProtocol::V2 } else { ProxyProtocol::Off },
-                },
+                routes: Vec::new(),
                 dns: DnsConfig {
                     nameservers: nameservers?,
                     refresh_interval: refresh_interval?,
@@ -258,6 +301,11 @@ impl Config {
                     fall: u32::try_from(fall?).ok()?,
                     rise: u32::try_from(rise?).ok()?,
                     min_healthy: min_healthy?,
+                    unhealthy_when: if unhealthy_when? == "any_backend_down" {
+                        HealthPolicy::AnyBackendDown
+                    } else {
+                        HealthPolicy::AllBackendsDown
+                    },
                 },
                 admin: AdminConfig {
                     listen: admin_listen?,
@@ -270,9 +318,42 @@ impl Config {
             })
         })();
 
+        let mut config = config;
+        if let (Some(c), Some(Some(address)), Some(grace), Some(pp)) =
+            (config.as_mut(), backend_address.clone(), removed_grace, proxy_protocol.clone())
+        {
+            c.routes.push(RouteConfig {
+                name: routes::DEFAULT.to_string(),
+                listen: Vec::new(),
+                server_names: Vec::new(),
+                backend: BackendConfig {
+                    address,
+                    removed_grace: grace,
+                    proxy_protocol: if pp == "v2" { ProxyProtocol::V2 } else { ProxyProtocol::Off },
+                },
+                dns: c.dns.clone(),
+                health: c.health.clone(),
+            });
+        }
+        if let (Some(c), Some(file)) = (config.as_mut(), file) {
+            let base = routes::Base {
+                proxy_protocol: if proxy_protocol.as_deref() == Some("v2") {
+                    ProxyProtocol::V2
+                } else {
+                    ProxyProtocol::Off
+                },
+                removed_grace: removed_grace.unwrap_or_default(),
+                dns: &c.dns,
+                health: &c.health,
+                listen: &c.proxy.listen,
+            };
+            let built = routes::build(&file.path, &file.routes, &base, &mut r.errors);
+            c.routes.extend(built);
+        }
         if let Some(config) = &config {
             r.cross_checks(config);
             r.dns_checks(config);
+            r.route_checks(config, has_routes);
         }
         match config {
             Some(config) if r.errors.is_empty() => {
@@ -305,6 +386,11 @@ struct Resolver<'a> {
 }
 
 impl Resolver<'_> {
+    /// Whether a flag, the environment or the file sets `name`.
+    fn is_set(&self, name: &str) -> bool {
+        self.overrides.iter().any(|o| o.key.name == name) || self.file.is_some_and(|f| f.entries.contains_key(name))
+    }
+
     /// The checked value of `name`, from the highest-precedence place that sets it; `None`
     /// (with the error recorded) when that value is invalid or a required key is missing.
     fn get<T>(&mut self, name: &'static str, typed: fn(Value) -> Option<T>) -> Option<T> {
@@ -405,6 +491,24 @@ impl Resolver<'_> {
         }
     }
 
+    /// With routes: what the fallbacks need.
+    fn route_checks(&mut self, c: &Config, has_routes: bool) {
+        let has_default = c.routes.first().is_some_and(|r| r.name == routes::DEFAULT);
+        if !has_routes || has_default {
+            return;
+        }
+        for (key, value) in [("proxy.unmatched", c.proxy.unmatched), ("proxy.non_tls", c.proxy.non_tls)] {
+            if value == Fallback::Default {
+                self.reject(
+                    key,
+                    "is default, which sends connections no route takes to backend.address, and that is not set: \
+                     set backend.address, or set this to refuse"
+                        .into(),
+                );
+            }
+        }
+    }
+
     fn dns_checks(&mut self, c: &Config) {
         if c.dns.min_ttl > c.dns.refresh_interval {
             self.reject(
@@ -431,6 +535,10 @@ impl Resolver<'_> {
 
 fn internal(name: &str, what: &str) -> ConfigError {
     ConfigError { origin: Origin::Default, key: Some(name.to_string()), message: format!("internal error: {what}") }
+}
+
+fn fallback(word: &str) -> Fallback {
+    if word == "refuse" { Fallback::Refuse } else { Fallback::Default }
 }
 
 fn as_duration(v: Value) -> Option<Duration> {
@@ -537,7 +645,7 @@ mod tests {
         let o = vec![Override::flag("proxy.max_connections", "7").unwrap()];
         let loaded = Config::from_layers(Some(&file), &o).unwrap();
         assert_eq!(loaded.config.proxy.max_connections, 7);
-        assert_eq!(loaded.config.backend.address.host, "a.example");
+        assert_eq!(loaded.config.routes[0].backend.address.host, "a.example");
         let rendered = loaded.render();
         assert!(rendered.contains("max_connections = 7"), "{rendered}");
         assert!(rendered.contains("# flag --proxy-max-connections"), "{rendered}");
@@ -549,6 +657,105 @@ mod tests {
         let loaded = Config::from_layers(None, &[Override::flag("backend.address", "b.example:443").unwrap()]).unwrap();
         let again = FileLayer::parse(Path::new("r.toml"), &loaded.render()).unwrap();
         assert_eq!(Config::from_layers(Some(&again), &[]).unwrap().config, loaded.config);
+    }
+
+    fn routes_errors(text: &str) -> Vec<String> {
+        let file = FileLayer::parse(Path::new("r.toml"), text).map_err(|e| e.to_string());
+        match file {
+            Err(e) => vec![e],
+            Ok(file) => Config::from_layers(Some(&file), &[])
+                .map(|_| Vec::new())
+                .unwrap_or_else(|e| e.0.iter().map(ToString::to_string).collect()),
+        }
+    }
+
+    const TWO_ROUTES: &str = "[proxy]\nlisten = [\"127.0.0.1:8443\"]\n[backend]\naddress = \"main.example:443\"\n\
+        [[route]]\nname = \"api\"\nserver_names = [\"api.example.com\"]\nbackend = \"api.example:443\"\n\
+        health.interval = \"2s\"\n\
+        [[route]]\nname = \"up\"\nserver_names = [\"*.up.example.com\"]\nbackend = \"10.0.0.1:443\"\n\
+        listen = [\"127.0.0.1:8443\"]\nproxy_protocol = \"v2\"\n";
+
+    #[test]
+    fn routes_are_read_with_their_overrides_and_render_back() {
+        let file = FileLayer::parse(Path::new("r.toml"), TWO_ROUTES).unwrap();
+        let loaded = Config::from_layers(Some(&file), &[]).unwrap();
+        let routes = &loaded.config.routes;
+        assert_eq!(routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["default", "api", "up"]);
+        assert_eq!(routes[1].health.interval, Duration::from_secs(2));
+        assert_eq!(routes[0].health.interval, loaded.config.health.interval, "the default keeps the main table's");
+        assert_eq!(routes[2].server_names, vec![ServerName::Wildcard(".up.example.com".into())]);
+        assert_eq!(routes[2].backend.proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(routes[1].backend.proxy_protocol, ProxyProtocol::Off);
+        let again = FileLayer::parse(Path::new("r.toml"), &loaded.render()).unwrap();
+        assert_eq!(Config::from_layers(Some(&again), &[]).unwrap().config, loaded.config);
+    }
+
+    #[test]
+    fn bad_routes_are_each_named_with_their_line() {
+        let route = |body: &str| format!("[backend]\naddress = \"m:1\"\n[[route]]\n{body}");
+        let cases = [
+            (
+                route("name = \"api\"\nserver_names = [\"a.example\"]\nbackned = \"x:1\"\n"),
+                vec![
+                    "r.toml:6: [[route]] api: unknown key backned (did you mean backend?)",
+                    "r.toml:3: [[route]] api.backend: is required",
+                ],
+            ),
+            (
+                route("name = \"default\"\nserver_names = [\"a.example\"]\nbackend = \"x:1\"\n"),
+                vec!["r.toml:4: [[route]] #1.name: \"default\" is the route backend.address makes"],
+            ),
+            (
+                route("name = \"Api\"\nserver_names = [\"a.example\"]\nbackend = \"x:1\"\n"),
+                vec!["r.toml:4: [[route]] #1.name: \"Api\" is not a route name"],
+            ),
+            (
+                route("name = \"a\"\nserver_names = [\"bad name\"]\nbackend = \"x:1\"\n"),
+                vec!["r.toml:5: [[route]] a.server_names: \"bad name\" is not a server name"],
+            ),
+            (
+                route("name = \"a\"\nserver_names = []\nbackend = \"x:1\"\n"),
+                vec!["r.toml:5: [[route]] a.server_names: must be a non-empty list"],
+            ),
+            (
+                route("name = \"a\"\nserver_names = [\"x.example\"]\nbackend = \"x:1\"\nlisten = [\"10.9.9.9:443\"]\n"),
+                vec!["r.toml:7: [[route]] a.listen: 10.9.9.9:443 is not in proxy.listen"],
+            ),
+            (
+                route("name = \"a\"\nserver_names = [\"x.example\"]\nbackend = \"x:1\"\nhealth.fall = 0\n"),
+                vec!["r.toml:7: [[route]] a.health.fall: must be a whole number from 1"],
+            ),
+            (
+                route(
+                    "name = \"a\"\nserver_names = [\"x.example\"]\nbackend = \"x:1\"\n[[route]]\nname = \"b\"\nserver_names = [\"X.example\"]\nbackend = \"y:1\"\n",
+                ),
+                vec!["r.toml:9: [[route]] b.server_names: x.example is already a server name of route \"a\""],
+            ),
+            ("[route]\nname = \"a\"\n".to_string(), vec!["r.toml:1: routes are a list: write each as [[route]]"]),
+            (
+                "[[proxy]]\nlisten = \"1.2.3.4:1\"\n".to_string(),
+                vec!["r.toml:1: [[proxy]] is not a list the config takes (only [[route]] is): write [proxy]"],
+            ),
+            (
+                "[[route]]\nname = \"a\"\nserver_names = [\"x.example\"]\nbackend = \"x:1\"\n".to_string(),
+                vec![
+                    "default: proxy.unmatched: is default, which sends connections no route takes to backend.address, and that is not set",
+                    "default: proxy.non_tls: is default",
+                ],
+            ),
+        ];
+        for (text, want) in cases {
+            let got = routes_errors(&text);
+            assert_eq!(got.len(), want.len(), "{text}\n{got:#?}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(g.starts_with(w), "{text}\ngot:  {g}\nwant: {w}...");
+            }
+        }
+        // With both refusals, no backend.address is needed.
+        let ok = "[proxy]\nunmatched = \"refuse\"\nnon_tls = \"refuse\"\n[[route]]\nname = \"a\"\nserver_names = [\"x.example\"]\nbackend = \"x:1\"\n";
+        assert_eq!(routes_errors(ok), Vec::<String>::new());
+        // Without routes it is still required.
+        assert!(routes_errors("[proxy]\nunmatched = \"refuse\"\n")[0].contains("backend.address: is required"));
     }
 
     #[test]

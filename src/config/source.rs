@@ -92,14 +92,75 @@ pub struct FileEntry {
     pub line: usize,
 }
 
-/// The parsed config file: `section.key` to value, every key already known to exist.
+/// The parsed config file: `section.key` to value, every key already known to exist, and the
+/// `[[route]]` tables, in file order.
 #[derive(Debug, Clone)]
 pub struct FileLayer {
     pub path: PathBuf,
     pub entries: BTreeMap<String, FileEntry>,
+    pub routes: Vec<RouteTable>,
 }
 
-type Document = BTreeMap<String, Spanned<BTreeMap<String, Spanned<toml::Value>>>>;
+/// One `[[route]]` table: its line and its keys (a sub-table such as `health.interval = ...`
+/// flattened to `health.interval`), each with its line. The keys are checked against
+/// [`keys::ROUTE_KEYS`] when the configuration is built.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    pub line: usize,
+    pub entries: BTreeMap<String, FileEntry>,
+}
+
+/// The name of the one list of tables the file may hold.
+pub const ROUTE: &str = "route";
+
+type Section = BTreeMap<String, Spanned<toml::Value>>;
+
+/// A top-level item: a `[section]`, or a list of tables (`[[route]]`).
+#[derive(Debug)]
+enum Item {
+    Section(Section),
+    Tables(Vec<Spanned<Section>>),
+}
+
+impl Item {
+    fn as_section(&self) -> Option<&Section> {
+        match self {
+            Item::Section(s) => Some(s),
+            Item::Tables(_) => None,
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Item {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Item, D::Error> {
+        struct ItemVisitor;
+        impl<'de> serde::de::Visitor<'de> for ItemVisitor {
+            type Value = Item;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a [section] or a [[list]] of tables")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
+                let mut section = Section::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let value = map.next_value::<Spanned<toml::Value>>()?;
+                    section.insert(key, value);
+                }
+                Ok(Item::Section(section))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Item, A::Error> {
+                let mut tables = Vec::new();
+                // Bounded by the file: each element is a table written in it.
+                while let Some(table) = seq.next_element::<Spanned<Section>>()? {
+                    tables.push(table);
+                }
+                Ok(Item::Tables(tables))
+            }
+        }
+        d.deserialize_any(ItemVisitor)
+    }
+}
+
+type Document = BTreeMap<String, Spanned<Item>>;
 
 impl FileLayer {
     /// Reads and parses `path`, refusing unknown sections and keys (all of them, not just
@@ -165,12 +226,47 @@ impl FileLayer {
 
         let mut errors = Vec::new();
         let mut entries = BTreeMap::new();
+        let mut routes = Vec::new();
         let known_sections = keys::sections();
-        for (section, table) in doc {
+        for (section, item) in doc {
+            // Looked up only for an error: a line lookup per key is the budget.
+            let start = item.span().start;
+            let line = || lines.line(start);
+            let table = match item.into_inner() {
+                Item::Tables(tables) if section == ROUTE => {
+                    for table in tables {
+                        routes.push(route_table(table, lines));
+                    }
+                    continue;
+                }
+                Item::Section(_) if section == ROUTE => {
+                    errors.push(ConfigError {
+                        origin: at(Some(line())),
+                        key: None,
+                        message: "routes are a list: write each as [[route]], with double brackets".into(),
+                    });
+                    continue;
+                }
+                Item::Tables(_) => {
+                    let name = cut(&section);
+                    let hint = if known_sections.contains(&section.as_str()) {
+                        format!(": write [{name}], with single brackets")
+                    } else {
+                        String::new()
+                    };
+                    errors.push(ConfigError {
+                        origin: at(Some(line())),
+                        key: None,
+                        message: format!("[[{name}]] is not a list the config takes (only [[route]] is){hint}"),
+                    });
+                    continue;
+                }
+                Item::Section(table) => table,
+            };
             if !known_sections.contains(&section.as_str()) {
                 let hint = did_you_mean(&section, known_sections.iter().copied());
                 errors.push(ConfigError {
-                    origin: at(Some(lines.line(table.span().start))),
+                    origin: at(Some(line())),
                     key: None,
                     message: format!(
                         "unknown section [{}]{}",
@@ -180,7 +276,7 @@ impl FileLayer {
                 });
                 continue;
             }
-            for (field, value) in table.into_inner() {
+            for (field, value) in table {
                 let name = format!("{section}.{field}");
                 let line = lines.line(value.span().start);
                 if keys::find(&name).is_none() {
@@ -202,8 +298,33 @@ impl FileLayer {
             Origin::File { line, .. } => line,
             _ => None,
         });
-        if errors.is_empty() { Ok(FileLayer { path: path.to_path_buf(), entries }) } else { Err(ConfigErrors(errors)) }
+        if errors.is_empty() {
+            Ok(FileLayer { path: path.to_path_buf(), entries, routes })
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
+}
+
+/// A `[[route]]` table with its keys flattened one level (`health = { interval = ... }`, as
+/// `health.interval = ...` writes it, becomes `health.interval`), each with its line.
+fn route_table(table: Spanned<Section>, lines: &LineIndex) -> RouteTable {
+    let line = lines.line(table.span().start);
+    let mut entries = BTreeMap::new();
+    for (field, value) in table.into_inner() {
+        let value_line = lines.line(value.span().start);
+        match value.into_inner() {
+            toml::Value::Table(sub) => {
+                for (k, v) in sub {
+                    entries.insert(format!("{field}.{k}"), FileEntry { value: v, line: value_line });
+                }
+            }
+            v => {
+                entries.insert(field, FileEntry { value: v, line: value_line });
+            }
+        }
+    }
+    RouteTable { line, entries }
 }
 
 /// Line numbers of byte offsets, from one pass over the text. Finding each key's line by
@@ -258,7 +379,7 @@ fn duplicate(text: &str, span: std::ops::Range<usize>, lines: &LineIndex) -> Str
     // The key's section is the last header before it.
     match before.as_ref().and_then(|d| d.iter().max_by_key(|(_, t)| t.span().start)) {
         Some((section, table)) => {
-            let first = table.get_ref().get(&key).map(|v| lines.line(v.span().start));
+            let first = table.get_ref().as_section().and_then(|t| t.get(&key)).map(|v| lines.line(v.span().start));
             let first = first.map(|l| format!(" (first set on line {l})")).unwrap_or_default();
             format!("duplicate key {}.{}{first}", cut(section), cut(&key))
         }

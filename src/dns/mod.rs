@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Backends, Resolution};
 use crate::config::DnsConfig;
 use crate::logging::Throttle;
-use crate::metrics::Metrics;
+use crate::metrics::RouteMetrics;
 
 /// Upper bound on the retry interval while lookups fail: a recovered resolver is noticed within
 /// this long, and a dead one is asked at most this often.
@@ -110,7 +110,8 @@ pub struct Follower<L> {
     pub port: u16,
     pub config: DnsConfig,
     pub backends: Arc<Backends>,
-    pub metrics: Arc<Metrics>,
+    /// The backend's metrics, which count the lookups.
+    pub metrics: Arc<RouteMetrics>,
 }
 
 impl<L: Lookup> Follower<L> {
@@ -268,7 +269,7 @@ mod tests {
             port: 443,
             config,
             backends: Arc::clone(&backends),
-            metrics: Arc::new(Metrics::new("test")),
+            metrics: Arc::new(crate::metrics::Metrics::new("test").route("test")),
         };
         tokio::spawn(f.run(stop.clone()));
         (backends, stop)

@@ -6,6 +6,7 @@ pub mod sni;
 pub mod socket;
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -14,10 +15,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::backend::{BackendAddr, Backends};
+use arc_swap::ArcSwap;
+
+use crate::backend::BackendAddr;
 use crate::config::{ProxyConfig, ProxyProtocol};
 use crate::logging::Throttle;
 use crate::metrics::{CloseReason, ConnectError, Direction, Metrics, Side};
+use crate::route::{Pick, Router, Upstream};
 
 /// How many backend addresses one client connection tries before giving up. Refused connects
 /// cost nothing, but each timeout costs `connect_timeout`; four keeps the worst case well
@@ -27,8 +31,8 @@ const MAX_CONNECT_ATTEMPTS: usize = 4;
 /// Everything a connection task needs, shared by all of them.
 pub struct Proxy {
     config: ProxyConfig,
-    proxy_protocol: ProxyProtocol,
-    backends: Arc<Backends>,
+    /// Every backend, and which connection goes where.
+    router: ArcSwap<Router>,
     metrics: Arc<Metrics>,
     limit: Arc<Semaphore>,
     /// Every connection task, so the drain can wait for them.
@@ -44,18 +48,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(
-        config: ProxyConfig,
-        proxy_protocol: ProxyProtocol,
-        backends: Arc<Backends>,
-        metrics: Arc<Metrics>,
-    ) -> Proxy {
+    pub fn new(config: ProxyConfig, router: Arc<Router>, metrics: Arc<Metrics>) -> Proxy {
         let cut = CancellationToken::new();
         Proxy {
             limit: Arc::new(Semaphore::new(config.max_connections)),
             config,
-            proxy_protocol,
-            backends,
+            router: ArcSwap::new(router),
             metrics,
             tracker: TaskTracker::new(),
             round: std::sync::Mutex::new(cut.child_token()),
@@ -88,19 +86,27 @@ impl Proxy {
         self.config.max_connections
     }
 
+    /// The backends and the routing between them, as connections see them now.
+    pub fn router(&self) -> Arc<Router> {
+        self.router.load_full()
+    }
+
     /// Accepts until `stop` fires, then drops the listener so the port closes. Never returns
     /// early because of an error: per-connection failures are counted and the loop goes on.
     pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
         let addr = listener.local_addr().ok();
+        // Routes name listeners by their configured address; port 0 (tests) is never named.
+        let on = addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let mut acceptor = crate::accept::Acceptor::new(listener);
         while let Some((stream, peer)) = acceptor.next(&stop, |e, exhausted| self.accept_failed(e, exhausted)).await {
             self.metrics.tcp_open_total.inc();
             self.metrics.tcp_open_connections.inc();
             match Arc::clone(&self.limit).try_acquire_owned() {
                 Ok(permit) => {
-                    let span = tracing::debug_span!("conn", client.addr = %peer, backend.addr = tracing::field::Empty);
+                    let span = tracing::debug_span!("conn", client.addr = %peer, backend = tracing::field::Empty,
+                        backend.addr = tracing::field::Empty);
                     let proxy = Arc::clone(&self);
-                    self.tracker.spawn(proxy.serve(stream, permit).instrument(span));
+                    self.tracker.spawn(proxy.serve(stream, on, permit).instrument(span));
                 }
                 Err(_) => {
                     socket::reset(&stream);
@@ -133,11 +139,11 @@ impl Proxy {
         }
     }
 
-    async fn serve(self: Arc<Self>, client: TcpStream, permit: OwnedSemaphorePermit) {
+    async fn serve(self: Arc<Self>, client: TcpStream, listener: SocketAddr, permit: OwnedSemaphorePermit) {
         socket::tune(&client, self.config.tcp_keepalive);
         let cut = self.cut_token();
         let reason = tokio::select! {
-            reason = self.proxy(&client, &cut) => reason,
+            reason = self.route(&client, listener, &cut) => reason,
             () = cut.cancelled() => {
                 socket::reset(&client);
                 CloseReason::Shutdown
@@ -151,16 +157,88 @@ impl Proxy {
         tracing::debug!(reason = reason.as_str(), "connection closed");
     }
 
-    async fn proxy(&self, client: &TcpStream, cut: &CancellationToken) -> CloseReason {
-        let set = self.backends.current();
+    /// Picks the backend (reading the ClientHello first when routes need it), then proxies.
+    async fn route(&self, client: &TcpStream, listener: SocketAddr, cut: &CancellationToken) -> CloseReason {
+        let router = self.router();
+        let (pick, hello) = if router.reads_hello(listener) {
+            match self.read_hello(client).await {
+                Ok((hello, bytes)) => (router.pick(listener, &hello), bytes),
+                Err(reason) => return reason,
+            }
+        } else {
+            (router.direct(), Vec::new())
+        };
+        let upstream = match pick {
+            Pick::To(u) => u,
+            Pick::Refuse => {
+                socket::reset(client);
+                return CloseReason::NoRoute;
+            }
+        };
+        upstream.metrics.routed.inc();
+        tracing::Span::current().record("backend", upstream.name());
+        self.proxy(client, &upstream, &hello, cut).await
+    }
+
+    /// Reads the client's first bytes until they hold a whole TLS ClientHello, are not TLS,
+    /// reach `proxy.sni_max_bytes`, or `proxy.sni_timeout` passes (then what arrived decides:
+    /// nothing is routed as not TLS, so a protocol where the server speaks first still
+    /// works). The bytes are returned to be forwarded first.
+    async fn read_hello(&self, client: &TcpStream) -> Result<(sni::Hello, Vec<u8>), CloseReason> {
+        let deadline = tokio::time::Instant::now() + self.config.sni_timeout;
+        let max = self.config.sni_max_bytes;
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            if tokio::time::timeout_at(deadline, client.readable()).await.is_err() {
+                let hello = match sni::read(&buf) {
+                    sni::Hello::Incomplete if buf.is_empty() => sni::Hello::NotTls,
+                    other => other,
+                };
+                return Ok((hello, buf));
+            }
+            // Grow in steps: most hellos fit the first one.
+            buf.reserve(HELLO_STEP.min(max - buf.len()));
+            match client.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    // The client finished sending: route by what it sent.
+                    let hello = match sni::read(&buf) {
+                        sni::Hello::Incomplete if buf.is_empty() => sni::Hello::NotTls,
+                        other => other,
+                    };
+                    return Ok((hello, buf));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "client failed before its ClientHello arrived");
+                    self.metrics.tcp_error(Side::Client, &e);
+                    return Err(CloseReason::ClientError);
+                }
+            }
+            match sni::read(&buf) {
+                sni::Hello::Incomplete if buf.len() < max => {}
+                hello => return Ok((hello, buf)),
+            }
+        }
+    }
+
+    async fn proxy(
+        &self,
+        client: &TcpStream,
+        upstream: &Upstream,
+        first: &[u8],
+        cut: &CancellationToken,
+    ) -> CloseReason {
+        let backends = &upstream.backends;
+        let set = backends.current();
         if set.addrs.is_empty() {
             return CloseReason::NoBackend;
         }
         // The order is decided before the first attempt: marking an address suspect below
         // must not move it into a later place in this same connection's list.
         let candidates: Vec<&Arc<BackendAddr>> =
-            set.candidates(self.backends.next_start()).take(MAX_CONNECT_ATTEMPTS).collect();
-        let (backend, addr) = match self.connect(&candidates).await {
+            set.candidates(backends.next_start()).take(MAX_CONNECT_ATTEMPTS).collect();
+        let (backend, addr) = match self.connect(upstream, &candidates).await {
             Ok(connected) => connected,
             Err(Unconnected::OutOfResources(e)) => {
                 if let Some(suppressed) = self.connect_log.allow() {
@@ -171,7 +249,8 @@ impl Proxy {
             }
             Err(Unconnected::AllFailed) => {
                 if let Some(suppressed) = self.connect_log.allow() {
-                    tracing::warn!(backend = %self.backends.name, suppressed, "no backend address accepted the connection");
+                    tracing::warn!(backend = %backends.name, route = upstream.name(), suppressed,
+                        "no backend address accepted the connection");
                 }
                 return CloseReason::ConnectFailed;
             }
@@ -179,22 +258,31 @@ impl Proxy {
         tracing::Span::current().record("backend.addr", tracing::field::display(addr.addr));
         let _active = addr.track();
         socket::tune(&backend, self.config.tcp_keepalive);
-        if self.proxy_protocol == ProxyProtocol::V2 {
-            let sent = match (client.peer_addr(), client.local_addr()) {
-                (Ok(peer), Ok(local)) => {
-                    let header = proxy_protocol::v2_header(peer, local);
-                    tokio::time::timeout(self.config.connect_timeout, write_all(&backend, &header)).await
+        // Before the client's own bytes: the PROXY header, then what was read for the route.
+        let mut prefix = Vec::new();
+        if upstream.config.backend.proxy_protocol == ProxyProtocol::V2 {
+            match (client.peer_addr(), client.local_addr()) {
+                (Ok(peer), Ok(local)) => prefix = proxy_protocol::v2_header(peer, local),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::debug!(error = %e, "cannot read the client's addresses for the PROXY protocol header");
+                    socket::reset(client);
+                    socket::reset(&backend);
+                    return CloseReason::ClientError;
                 }
-                (Err(e), _) | (_, Err(e)) => Ok(Err(e)),
-            };
+            }
+        }
+        prefix.extend_from_slice(first);
+        if !prefix.is_empty() {
+            let sent = tokio::time::timeout(self.config.connect_timeout, write_all(&backend, &prefix)).await;
             if let Err(e) = sent.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
-                // Nothing of the client's was read yet: reset it, so it retries rather than
+                // The client has not been answered: reset it, so it retries rather than
                 // taking the close for an answer.
-                tracing::debug!(error = %e, "cannot send the PROXY protocol header");
+                tracing::debug!(error = %e, "cannot send the first bytes to the backend");
                 socket::reset(client);
                 socket::reset(&backend);
                 return CloseReason::BackendError;
             }
+            self.metrics.bytes(Direction::ToBackend).inc_by(first.len() as u64);
         }
 
         let timeouts = copy::Timeouts { idle: self.config.idle_timeout, half_close: self.config.half_close_timeout };
@@ -255,6 +343,7 @@ impl Proxy {
     /// Tries `candidates` in order until one accepts, each once, under the connect timeout.
     async fn connect<'a>(
         &self,
+        upstream: &Upstream,
         candidates: &[&'a Arc<BackendAddr>],
     ) -> Result<(TcpStream, &'a Arc<BackendAddr>), Unconnected> {
         for &addr in candidates {
@@ -262,7 +351,7 @@ impl Proxy {
             let result = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr.addr)).await;
             let error = match result {
                 Ok(Ok(stream)) => {
-                    self.metrics.connect_duration_seconds.observe(started.elapsed().as_secs_f64());
+                    upstream.metrics.connect_duration_seconds.observe(started.elapsed().as_secs_f64());
                     return Ok((stream, addr));
                 }
                 // No socket could be made: the next address would fail the same way, and the
@@ -277,14 +366,17 @@ impl Proxy {
                     ConnectError::Timeout
                 }
             };
-            self.metrics.connect_error(error);
+            upstream.metrics.connect_error(error);
             addr.mark_suspect();
             // The address may have left DNS: ask for a fresh answer (rate-limited there).
-            self.backends.request_refresh();
+            upstream.backends.request_refresh();
         }
         Err(Unconnected::AllFailed)
     }
 }
+
+/// How much the ClientHello buffer grows by at a time.
+const HELLO_STEP: usize = 4096;
 
 /// Writes all of `buf` (a header of a few dozen bytes to a socket just connected: one write).
 async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {

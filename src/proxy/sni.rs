@@ -39,7 +39,9 @@ pub fn read(buf: &[u8]) -> Hello {
         [_, major, ..] if *major != 3 => return Hello::NotTls,
         _ => {}
     }
-    let mut message = Vec::new();
+    // Only whole records are looked into: a partial one waits for the rest (one more read),
+    // so a client sending its hello a byte at a time costs a header check per byte, not a parse.
+    let mut message: Vec<u8> = Vec::new();
     let mut rest = buf;
     loop {
         let Some(header) = rest.get(..5) else { return Hello::Incomplete };
@@ -49,14 +51,21 @@ pub fn read(buf: &[u8]) -> Hello {
         if kind != HANDSHAKE || major != 3 || len == 0 || len > MAX_RECORD {
             return Hello::NotTls;
         }
-        let available = &rest[5..];
-        let payload = &available[..len.min(available.len())];
-        message.extend_from_slice(payload);
-        match client_hello(&message) {
-            Some(answer) => return answer,
-            None if payload.len() < len => return Hello::Incomplete,
-            None => rest = &available[len..],
+        let Some(payload) = rest.get(5..5 + len) else { return Hello::Incomplete };
+        // The usual case, one record holding the whole hello, is parsed in place.
+        let answer = if message.is_empty() {
+            client_hello(payload)
+        } else {
+            message.extend_from_slice(payload);
+            client_hello(&message)
+        };
+        if let Some(answer) = answer {
+            return answer;
         }
+        if message.is_empty() {
+            message.extend_from_slice(payload);
+        }
+        rest = &rest[5 + len..];
     }
 }
 

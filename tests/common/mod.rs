@@ -81,6 +81,26 @@ impl Proxy {
         }
     }
 
+    /// Starts a proxy from the config file `text` (with `[[route]]`s, say), with [`BASE`] and
+    /// `extra` as flags on top.
+    pub async fn start_with_file(text: &str, extra: &[(&str, &str)]) -> Proxy {
+        use static_ingress::config::{FileLayer, Override};
+        let file = FileLayer::parse(std::path::Path::new("test.toml"), text).expect("the test's config file parses");
+        let overrides: Vec<Override> =
+            BASE.iter().chain(extra).map(|(k, v)| Override::flag(k, *v).expect("a known key")).collect();
+        let config = Config::from_layers(Some(&file), &overrides).expect("test config is valid").config;
+        let server = Server::bind(config).expect("binding on port 0 succeeds");
+        let (signals, rx) = mpsc::channel(4);
+        Proxy {
+            addr: server.proxy_addrs()[0],
+            admin: server.admin_addr(),
+            backends: server.backends(),
+            metrics: server.metrics(),
+            signals,
+            run: tokio::spawn(server.run(rx)),
+        }
+    }
+
     /// Replaces the backend address set, as a DNS answer would.
     pub fn set_backends(&self, addrs: &[SocketAddr]) {
         self.backends.publish(addrs.iter().copied(), Resolution::answered(None));

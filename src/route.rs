@@ -1,0 +1,202 @@
+//! Which backend a connection goes to. Without `[[route]]` tables there is one, the route
+//! `default` (`backend.address`), and nothing is read before forwarding. With them, a
+//! connection on a listener that some route is on is held until its TLS ClientHello arrives
+//! ([`crate::proxy::sni`]); its server name picks the route: an exact name first, then the
+//! longest matching `*.` wildcard; no match (or no name) goes where `proxy.unmatched` says,
+//! bytes that are not TLS where `proxy.non_tls` says.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::backend::Backends;
+use crate::config::{Config, Fallback, RouteConfig, ServerName, routes};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::proxy::sni::Hello;
+
+/// One backend: its settings, its address set and its metrics.
+pub struct Upstream {
+    pub config: RouteConfig,
+    pub backends: Arc<Backends>,
+    pub metrics: Arc<RouteMetrics>,
+}
+
+impl Upstream {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+}
+
+/// Every backend and how connections are matched to one.
+pub struct Router {
+    /// In config order: `default` first when it exists.
+    pub upstreams: Vec<Arc<Upstream>>,
+    default: Option<usize>,
+    unmatched: Fallback,
+    non_tls: Fallback,
+    exact: HashMap<String, usize>,
+    /// `(".example.com", route)`, longest suffix first.
+    wildcards: Vec<(String, usize)>,
+}
+
+/// Where the router sends a connection.
+#[derive(Clone)]
+pub enum Pick {
+    To(Arc<Upstream>),
+    /// No route takes it: reset.
+    Refuse,
+}
+
+impl Router {
+    pub fn new(config: &Config, metrics: &Metrics) -> Router {
+        let upstreams: Vec<Arc<Upstream>> = config
+            .routes
+            .iter()
+            .map(|r| {
+                Arc::new(Upstream {
+                    config: r.clone(),
+                    backends: Arc::new(Backends::new(r.address().to_string())),
+                    metrics: Arc::new(metrics.route(&r.name)),
+                })
+            })
+            .collect();
+        let mut exact = HashMap::new();
+        let mut wildcards = Vec::new();
+        for (i, u) in upstreams.iter().enumerate() {
+            for name in &u.config.server_names {
+                match name {
+                    ServerName::Exact(n) => {
+                        exact.insert(n.clone(), i);
+                    }
+                    ServerName::Wildcard(suffix) => wildcards.push((suffix.clone(), i)),
+                }
+            }
+        }
+        wildcards.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+        Router {
+            default: upstreams.iter().position(|u| u.name() == routes::DEFAULT),
+            upstreams,
+            unmatched: config.proxy.unmatched,
+            non_tls: config.proxy.non_tls,
+            exact,
+            wildcards,
+        }
+    }
+
+    /// Whether connections on `listener` wait for their ClientHello: some route with server
+    /// names is on it.
+    pub fn reads_hello(&self, listener: SocketAddr) -> bool {
+        self.upstreams.iter().any(|u| !u.config.server_names.is_empty() && u.config.on(listener))
+    }
+
+    /// The backend for a connection whose first bytes are not read (on a listener no route
+    /// with server names is on, see [`Router::reads_hello`]): the route `default`.
+    pub fn direct(&self) -> Pick {
+        self.fallback(Fallback::Default)
+    }
+
+    /// The backend for a connection on `listener` whose first bytes say `hello` (complete, or
+    /// given up on: `Hello::Incomplete` is a hello too large to read, routed as unnamed).
+    pub fn pick(&self, listener: SocketAddr, hello: &Hello) -> Pick {
+        let name = match hello {
+            Hello::NotTls => return self.fallback(self.non_tls),
+            Hello::Tls(Some(name)) => name,
+            Hello::Tls(None) | Hello::Incomplete => return self.fallback(self.unmatched),
+        };
+        let on = |i: &usize| self.upstreams[*i].config.on(listener);
+        let found = self.exact.get(name.as_str()).filter(|i| on(i)).or_else(|| {
+            self.wildcards
+                .iter()
+                .find(|(suffix, i)| on(i) && name.len() > suffix.len() && name.ends_with(suffix))
+                .map(|(_, i)| i)
+        });
+        match found {
+            Some(&i) => Pick::To(Arc::clone(&self.upstreams[i])),
+            None => self.fallback(self.unmatched),
+        }
+    }
+
+    fn fallback(&self, how: Fallback) -> Pick {
+        match (how, self.default) {
+            (Fallback::Default, Some(i)) => Pick::To(Arc::clone(&self.upstreams[i])),
+            _ => Pick::Refuse,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FileLayer;
+
+    fn router(text: &str) -> Router {
+        let file = FileLayer::parse(std::path::Path::new("t.toml"), text).unwrap();
+        let config = Config::from_layers(Some(&file), &[]).unwrap().config;
+        Router::new(&config, &Metrics::new("test"))
+    }
+
+    fn to(p: Pick) -> String {
+        match p {
+            Pick::To(u) => u.name().to_string(),
+            Pick::Refuse => "refused".into(),
+        }
+    }
+
+    const ROUTES: &str = r#"
+[proxy]
+listen = ["127.0.0.1:8443", "127.0.0.1:9443"]
+[backend]
+address = "default.example:443"
+[[route]]
+name = "api"
+server_names = ["api.example.com", "*.api.example.com"]
+backend = "api-elb.example:443"
+[[route]]
+name = "wild"
+server_names = ["*.example.com"]
+backend = "wild-elb.example:443"
+[[route]]
+name = "only-9443"
+server_names = ["nine.example.com"]
+backend = "nine-elb.example:443"
+listen = ["127.0.0.1:9443"]
+"#;
+
+    #[test]
+    fn exact_names_then_the_longest_wildcard_then_the_default() {
+        let r = router(ROUTES);
+        let l: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let sni = |n: &str| Hello::Tls(Some(n.into()));
+        assert_eq!(to(r.pick(l, &sni("api.example.com"))), "api");
+        assert_eq!(to(r.pick(l, &sni("v2.api.example.com"))), "api", "the longer wildcard wins");
+        assert_eq!(to(r.pick(l, &sni("www.example.com"))), "wild");
+        assert_eq!(to(r.pick(l, &sni("example.com"))), "default");
+        assert_eq!(to(r.pick(l, &sni("other.org"))), "default");
+        assert_eq!(to(r.pick(l, &Hello::Tls(None))), "default");
+        assert_eq!(to(r.pick(l, &Hello::NotTls)), "default");
+        // A route on another listener only: not here (the wildcard takes it instead).
+        assert_eq!(to(r.pick(l, &sni("nine.example.com"))), "wild");
+        assert_eq!(to(r.pick("127.0.0.1:9443".parse().unwrap(), &sni("nine.example.com"))), "only-9443");
+        assert!(r.reads_hello(l));
+        assert_eq!(r.upstreams.iter().map(|u| u.name()).collect::<Vec<_>>(), ["default", "api", "wild", "only-9443"]);
+    }
+
+    #[test]
+    fn refusals_as_configured() {
+        let text = ROUTES
+            .replace("[backend]\naddress = \"default.example:443\"\n", "")
+            .replace("[proxy]\n", "[proxy]\nunmatched = \"refuse\"\nnon_tls = \"refuse\"\n");
+        let r = router(&text);
+        let l: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        assert_eq!(to(r.pick(l, &Hello::Tls(Some("other.org".into())))), "refused");
+        assert_eq!(to(r.pick(l, &Hello::NotTls)), "refused");
+        assert_eq!(to(r.pick(l, &Hello::Tls(Some("api.example.com".into())))), "api");
+    }
+
+    #[test]
+    fn without_routes_nothing_is_read() {
+        let r = router("[backend]\naddress = \"b.example:443\"\n");
+        assert!(!r.reads_hello("127.0.0.1:443".parse().unwrap()));
+        assert_eq!(to(r.direct()), "default");
+    }
+}
