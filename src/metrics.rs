@@ -333,7 +333,10 @@ impl Metrics {
             accept_errors_total.with_label_values(&[reason]);
         }
         let routed = IntCounterVec::new(
-            Opts::new("backend_connections_total", "Client connections sent to each backend (route)."),
+            Opts::new(
+                "backend_connections_total",
+                "Client connections routed to each backend (route), counted before the connect.",
+            ),
             &["backend"],
         )?;
         registry.register(Box::new(routed.clone()))?;

@@ -37,6 +37,8 @@ pub struct Router {
     exact: HashMap<String, usize>,
     /// `(".example.com", route)`, longest suffix first.
     wildcards: Vec<(String, usize)>,
+    /// `proxy.listen`, as configured.
+    listeners: Vec<SocketAddr>,
 }
 
 /// Where the router sends a connection.
@@ -80,7 +82,25 @@ impl Router {
             non_tls: config.proxy.non_tls,
             exact,
             wildcards,
+            listeners: config.proxy.listen.clone(),
         }
+    }
+
+    /// Whether any connection can reach the route `default`: it exists, and some listener
+    /// reads no hello, or a fallback leads to it.
+    pub fn default_serves(&self) -> bool {
+        self.default.is_some()
+            && (self.unmatched == Fallback::Default
+                || self.non_tls == Fallback::Default
+                || self.listeners.iter().any(|l| !self.reads_hello(*l)))
+    }
+
+    /// The backends that can be reached, which `/health` counts: all but a `default` that no
+    /// connection can reach (with both fallbacks `refuse` on routed listeners, it only stands
+    /// for `backend.address`, which the fleet template always sets).
+    pub fn reachable(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        let skip = self.default.filter(|_| !self.default_serves());
+        self.upstreams.iter().enumerate().filter(move |(i, _)| Some(*i) != skip).map(|(_, u)| u)
     }
 
     /// Whether connections on `listener` wait for their ClientHello: some route with server
@@ -191,6 +211,17 @@ listen = ["127.0.0.1:9443"]
         assert_eq!(to(r.pick(l, &Hello::Tls(Some("other.org".into())))), "refused");
         assert_eq!(to(r.pick(l, &Hello::NotTls)), "refused");
         assert_eq!(to(r.pick(l, &Hello::Tls(Some("api.example.com".into())))), "api");
+    }
+
+    #[test]
+    fn a_default_no_connection_reaches_is_not_counted() {
+        let refuse = ROUTES.replace("[proxy]\n", "[proxy]\nunmatched = \"refuse\"\nnon_tls = \"refuse\"\n");
+        let r = router(&refuse);
+        assert!(!r.default_serves());
+        assert_eq!(r.reachable().map(|u| u.name()).collect::<Vec<_>>(), ["api", "wild", "only-9443"]);
+        let r = router(ROUTES);
+        assert!(r.default_serves());
+        assert_eq!(r.reachable().count(), 4);
     }
 
     #[test]

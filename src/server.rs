@@ -45,7 +45,8 @@ pub enum Exit {
 /// Every listener bound, nothing served yet. Tests bind on port 0 and read the addresses.
 pub struct Server {
     config: Arc<Config>,
-    proxy_listeners: Vec<TcpListener>,
+    /// Each bound listener with its address as `proxy.listen` writes it.
+    proxy_listeners: Vec<(TcpListener, SocketAddr)>,
     admin_listener: TcpListener,
     proxy_addrs: Vec<SocketAddr>,
     admin_addr: SocketAddr,
@@ -105,7 +106,8 @@ impl Server {
         for &addr in &config.proxy.listen {
             let l = proxy::socket::bind(addr, "proxy")?;
             proxy_addrs.push(l.local_addr().unwrap_or(addr));
-            proxy_listeners.push(l);
+            // With its address as configured: routes name listeners that way.
+            proxy_listeners.push((l, addr));
         }
         let admin_listener = proxy::socket::bind(config.admin.listen, "admin server")?;
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
@@ -235,7 +237,9 @@ impl Server {
         let accept_loops: Vec<JoinHandle<()>> = self
             .proxy_listeners
             .into_iter()
-            .map(|l| tokio::spawn(Arc::clone(&self.proxy).accept_loop(l, stop_accepting.clone())))
+            .map(|(l, configured)| {
+                tokio::spawn(Arc::clone(&self.proxy).accept_loop(l, configured, stop_accepting.clone()))
+            })
             .collect();
         let stop_admin = CancellationToken::new();
         let admin = tokio::spawn(admin::serve(self.admin_listener, Arc::clone(&self.state), stop_admin.clone()));

@@ -39,8 +39,23 @@ fn certificate(name: &str) -> PathBuf {
     pem
 }
 
+/// HAProxy terminating TLS as a backend named `name`, once it answers (its start takes a
+/// moment; connections wait in its socket's queue meanwhile, but a test should not depend on
+/// how long).
+async fn tls_backend(pem: &std::path::Path, name: &str) -> Haproxy {
+    let h = Haproxy::tls(pem, name).await;
+    within(BOUND, "HAProxy to answer over TLS", async {
+        while https_via(h.addr, Some("ready.example")).await != name {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    h
+}
+
 /// One HTTPS request through the proxy with `openssl s_client`, asking for `server_name`
-/// (`None`: no SNI at all). The answer's body: the route's name.
+/// (`None`: no SNI at all). The answer's body: the route's name (or, when there is none,
+/// everything the client printed, to show why).
 async fn https_via(proxy: std::net::SocketAddr, server_name: Option<&str>) -> String {
     let mut c = tokio::process::Command::new("openssl");
     c.args(["s_client", "-quiet", "-connect", &proxy.to_string()]);
@@ -48,14 +63,17 @@ async fn https_via(proxy: std::net::SocketAddr, server_name: Option<&str>) -> St
         Some(n) => c.args(["-servername", n]),
         None => c.arg("-noservername"),
     };
-    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     let mut child = c.spawn().expect("openssl s_client starts");
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n").await.unwrap();
     let out = within(BOUND, "openssl s_client's answer", child.wait_with_output()).await.unwrap();
     drop(stdin);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or(text)
+    match text.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_string(),
+        None => format!("no answer: {text} {}", String::from_utf8_lossy(&out.stderr)),
+    }
 }
 
 fn routes_file(default: Option<&str>, api: &str, uploads: &str, extra_proxy: &str) -> String {
@@ -76,9 +94,9 @@ async fn real_tls_clients_reach_the_backend_their_server_name_picks() {
     })
     .await
     .unwrap();
-    let default = Haproxy::tls(&pem, "default").await;
-    let api = Haproxy::tls(&pem, "api").await;
-    let uploads = Haproxy::tls(&pem, "uploads").await;
+    let default = tls_backend(&pem, "default").await;
+    let api = tls_backend(&pem, "api").await;
+    let uploads = tls_backend(&pem, "uploads").await;
     let text = routes_file(Some(&default.addr.to_string()), &api.addr.to_string(), &uploads.addr.to_string(), "");
     let proxy = Proxy::start_with_file(&text, &[]).await;
 
@@ -174,29 +192,111 @@ async fn a_hello_split_over_many_segments_is_routed_and_forwarded_whole() {
     let text = routes_file(Some(&default.addr.to_string()), &api.addr.to_string(), &uploads.addr.to_string(), "");
     let proxy = Proxy::start_with_file(&text, &[]).await;
     let hello = client_hello("api.example.com");
-    let mut s = proxy.connect().await;
-    s.set_nodelay(true).unwrap();
-    // One byte at a time for the record header, then ragged pieces, each its own segment.
-    let mut rest: &[u8] = &hello;
-    let mut step = 1;
-    while !rest.is_empty() {
-        let n = step.min(rest.len());
-        s.write_all(&rest[..n]).await.unwrap();
-        rest = &rest[n..];
-        step = if step < 5 { 1 } else { 37 };
-        step += 1;
-        tokio::time::sleep(Duration::from_millis(2)).await;
+    // The hello as rustls writes it (one record), and the same message in three records, each
+    // sent in pieces: a byte at a time for the first 6 bytes, then ragged ones, each its own
+    // segment.
+    for wire in [hello.clone(), in_records(&hello, &[3, 200])] {
+        let before = api.got().len();
+        let mut s = proxy.connect().await;
+        s.set_nodelay(true).unwrap();
+        let mut rest: &[u8] = &wire;
+        for size in [1, 1, 1, 1, 1, 1, 37, 3, 150].iter().chain(std::iter::repeat(&61)) {
+            if rest.is_empty() {
+                break;
+            }
+            let n = (*size).min(rest.len());
+            s.write_all(&rest[..n]).await.unwrap();
+            rest = &rest[n..];
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(answer_of(&mut s, 3).await, "api");
+        s.write_all(b"after").await.unwrap();
+        let mut want = wire.clone();
+        want.extend_from_slice(b"after");
+        eventually("the api backend to get every byte", async || api.got()[before..] == want[..]).await;
     }
-    assert_eq!(answer_of(&mut s, 3).await, "api");
-    s.write_all(b"after").await.unwrap();
-    let mut want = hello.clone();
-    want.extend_from_slice(b"after");
-    eventually("the api backend to get every byte", async || api.got() == want).await;
     assert!(default.got().is_empty() && uploads.got().is_empty());
 }
 
+/// The handshake message of `hello` (one record) re-framed into records whose payloads have
+/// the given sizes (the last takes the rest).
+fn in_records(hello: &[u8], sizes: &[usize]) -> Vec<u8> {
+    let mut message: &[u8] = &hello[5..];
+    let mut out = Vec::new();
+    for size in sizes.iter().copied().chain(std::iter::once(usize::MAX)) {
+        if message.is_empty() {
+            break;
+        }
+        let n = size.min(message.len());
+        out.extend([22, 3, 1]);
+        out.extend((n as u16).to_be_bytes());
+        out.extend(&message[..n]);
+        message = &message[n..];
+    }
+    out
+}
+
+/// A backend that speaks first, as SMTP does: it greets each connection at once.
+async fn greeter() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 hello\r\n").await;
+                let mut sink = [0u8; 64];
+                while let Ok(n) = s.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silence_plain_text_and_oversized_hellos_go_where_the_config_says() {
+async fn a_client_that_sends_nothing_reaches_the_default_once_the_hello_wait_ends() {
+    let (api, uploads) = (Capture::start("api").await, Capture::start("uploads").await);
+    let server_first = greeter().await.to_string();
+    let text =
+        routes_file(Some(&server_first), &api.addr.to_string(), &uploads.addr.to_string(), "sni_timeout = \"300ms\"\n");
+    let proxy = Proxy::start_with_file(&text, &[]).await;
+    let mut quiet = proxy.connect().await;
+    // The client writes nothing: after proxy.sni_timeout it is routed as not TLS (to the
+    // default), whose greeting then arrives.
+    let started = std::time::Instant::now();
+    assert_eq!(answer_of(&mut quiet, 11).await, "220 hello\r\n");
+    // (The proxy's wait starts at its accept, a little before the client's connect returns.)
+    assert!(started.elapsed() >= Duration::from_millis(250), "routed before the wait ended: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_on_one_listener_only_is_not_reached_through_another() {
+    let (default, api, uploads, nine) = (
+        Capture::start("default").await,
+        Capture::start("api").await,
+        Capture::start("uploads").await,
+        Capture::start("nine").await,
+    );
+    let mut text = routes_file(Some(&default.addr.to_string()), &api.addr.to_string(), &uploads.addr.to_string(), "");
+    text.push_str(&format!(
+        "[[route]]\nname = \"nine\"\nserver_names = [\"nine.example.com\"]\nbackend = \"{}\"\nlisten = [\"127.0.0.2:0\"]\n",
+        nine.addr
+    ));
+    let proxy = Proxy::start_with_file(&text, &[("proxy.listen", "127.0.0.1:0,127.0.0.2:0")]).await;
+    let hello = client_hello("nine.example.com");
+    let mut on_first = within(BOUND, "connect", TcpStream::connect(proxy.addrs[0])).await.unwrap();
+    on_first.write_all(&hello).await.unwrap();
+    assert_eq!(answer_of(&mut on_first, 7).await, "default");
+    let mut on_second = within(BOUND, "connect", TcpStream::connect(proxy.addrs[1])).await.unwrap();
+    on_second.write_all(&hello).await.unwrap();
+    assert_eq!(answer_of(&mut on_second, 4).await, "nine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_text_and_oversized_hellos_go_where_the_config_says() {
     let (default, api, uploads) =
         (Capture::start("default").await, Capture::start("api").await, Capture::start("uploads").await);
     let text = routes_file(
@@ -211,12 +311,6 @@ async fn silence_plain_text_and_oversized_hellos_go_where_the_config_says() {
     let mut s = proxy.connect().await;
     s.write_all(b"PING\r\n").await.unwrap();
     assert_eq!(answer_of(&mut s, 7).await, "default");
-    // Nothing at all within proxy.sni_timeout: as not TLS (a protocol where the server speaks
-    // first still works), then the client's late bytes follow.
-    let mut quiet = proxy.connect().await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    quiet.write_all(b"late").await.unwrap();
-    assert_eq!(answer_of(&mut quiet, 7).await, "default");
     // A hello larger than proxy.sni_max_bytes (a big extension before the name): as unnamed.
     let mut big = client_hello("api.example.com");
     assert!(big.len() < 512, "rustls's hello is small");

@@ -159,32 +159,27 @@ impl State {
     }
 
     /// Whether the backends have been seen to work: [`State::backend_health`] passes, and
-    /// enough addresses of each backend that counts passed their last health check (new
-    /// addresses count as healthy before their first check, which is right for serving, not
-    /// for asking to be handed an address). Which backends count follows
-    /// `health.unhealthy_when`: one of them (all_backends_down), or every one.
+    /// every reachable backend that counts as up has enough addresses that passed their last
+    /// health check (new addresses count as healthy before their first check, which is right
+    /// for serving, not for asking to be handed an address).
     pub fn backend_proven(&self) -> bool {
         if self.backend_health() != Health::Ok {
             return false;
         }
         let router = self.proxy.router();
-        let mut proven = router.upstreams.iter().map(|u| {
+        router.reachable().filter(|u| upstream_health(u) == Health::Ok).all(|u| {
             let set = u.backends.current();
             let n = set.addrs.iter().filter(|a| a.is_healthy() && !a.is_suspect() && a.last_check_passed()).count();
             n >= u.config.health.min_healthy.max(1)
-        });
-        match self.config.health.unhealthy_when {
-            HealthPolicy::AllBackendsDown => proven.any(|p| p),
-            HealthPolicy::AnyBackendDown => proven.all(|p| p),
-        }
+        })
     }
 
     /// What the backend checks say, whatever the drain and the Elastic IP are doing: each
-    /// backend's own verdict, combined by `health.unhealthy_when`.
+    /// reachable backend's own verdict, combined by `health.unhealthy_when`.
     pub fn backend_health(&self) -> Health {
         let router = self.proxy.router();
         let verdicts: Vec<(String, Health)> =
-            router.upstreams.iter().map(|u| (u.name().to_string(), upstream_health(u))).collect();
+            router.reachable().map(|u| (u.name().to_string(), upstream_health(u))).collect();
         if let [(_, only)] = verdicts.as_slice() {
             return only.clone();
         }

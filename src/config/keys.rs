@@ -308,7 +308,8 @@ pub static KEYS: &[Key] = &[
         name: "health.min_healthy",
         kind: Kind::Count { min: 1, max: 1000 },
         default: Some("1"),
-        doc: "/health answers 200 only while at least this many backend addresses are healthy.",
+        doc: "/health answers 200 only while at least this many backend addresses are healthy \
+              (of each backend, with [[route]] tables; see health.unhealthy_when).",
     },
     Key {
         name: "health.unhealthy_when",

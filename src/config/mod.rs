@@ -497,6 +497,17 @@ impl Resolver<'_> {
         if !has_routes || has_default {
             return;
         }
+        for &listener in &c.proxy.listen {
+            if !c.routes.iter().any(|r| r.on(listener)) {
+                self.reject(
+                    "proxy.listen",
+                    format!(
+                        "{listener} has no route, and backend.address is not set: every connection there would be \
+                         refused; put a route on it, set backend.address, or drop the listener"
+                    ),
+                );
+            }
+        }
         for (key, value) in [("proxy.unmatched", c.proxy.unmatched), ("proxy.non_tls", c.proxy.non_tls)] {
             if value == Fallback::Default {
                 self.reject(
@@ -751,6 +762,15 @@ mod tests {
                 assert!(g.starts_with(w), "{text}\ngot:  {g}\nwant: {w}...");
             }
         }
+        // A listener no route is on, without backend.address: refused up front.
+        let stranded = "[proxy]\nlisten = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\nunmatched = \"refuse\"\nnon_tls = \"refuse\"\n\
+            [[route]]\nname = \"a\"\nserver_names = [\"x.example\"]\nbackend = \"x:1\"\nlisten = [\"127.0.0.1:1\"]\n";
+        let got = routes_errors(stranded);
+        assert!(got.len() == 1 && got[0].contains("127.0.0.1:2 has no route"), "{got:?}");
+        assert!(
+            routes_errors(&route("name = \"a\"\nserver_names = [\"x.example\"]\nbackend = \"x:1\"\nlisten = []\n"))[0]
+                .contains("a.listen: must list at least one address")
+        );
         // With both refusals, no backend.address is needed.
         let ok = "[proxy]\nunmatched = \"refuse\"\nnon_tls = \"refuse\"\n[[route]]\nname = \"a\"\nserver_names = [\"x.example\"]\nbackend = \"x:1\"\n";
         assert_eq!(routes_errors(ok), Vec::<String>::new());

@@ -221,7 +221,7 @@ impl<'a> Table<'a, '_> {
             match table.entries.get("listen") {
                 None => Some(Vec::new()),
                 Some(e) => {
-                    match self.parse("listen", e, Kind::OptionalSocketAddrs) {
+                    match self.parse("listen", e, Kind::SocketAddrs) {
                         Some(Value::Addrs(addrs)) => {
                             let unknown: Vec<String> =
                                 addrs.iter().filter(|a| !base.listen.contains(a)).map(ToString::to_string).collect();

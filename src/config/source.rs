@@ -103,7 +103,7 @@ pub struct FileLayer {
 
 /// One `[[route]]` table: its line and its keys (a sub-table such as `health.interval = ...`
 /// flattened to `health.interval`), each with its line. The keys are checked against
-/// [`keys::ROUTE_KEYS`] when the configuration is built.
+/// [`super::routes::FIELDS`] and [`super::routes::OVERRIDES`] when the configuration is built.
 #[derive(Debug, Clone)]
 pub struct RouteTable {
     pub line: usize,

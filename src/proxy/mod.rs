@@ -93,10 +93,11 @@ impl Proxy {
 
     /// Accepts until `stop` fires, then drops the listener so the port closes. Never returns
     /// early because of an error: per-connection failures are counted and the loop goes on.
-    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+    /// `configured` is the listener's address as `proxy.listen` writes it, which routes'
+    /// `listen` name (the bound address differs for port 0).
+    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, configured: SocketAddr, stop: CancellationToken) {
         let addr = listener.local_addr().ok();
-        // Routes name listeners by their configured address; port 0 (tests) is never named.
-        let on = addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let on = configured;
         let mut acceptor = crate::accept::Acceptor::new(listener);
         while let Some((stream, peer)) = acceptor.next(&stop, |e, exhausted| self.accept_failed(e, exhausted)).await {
             self.metrics.tcp_open_total.inc();
@@ -177,7 +178,7 @@ impl Proxy {
         };
         upstream.metrics.routed.inc();
         tracing::Span::current().record("backend", upstream.name());
-        self.proxy(client, &upstream, &hello, cut).await
+        self.proxy(client, &upstream, hello, cut).await
     }
 
     /// Reads the client's first bytes until they hold a whole TLS ClientHello, are not TLS,
@@ -196,8 +197,8 @@ impl Proxy {
                 };
                 return Ok((hello, buf));
             }
-            // Grow in steps: most hellos fit the first one.
-            buf.reserve(HELLO_STEP.min(max - buf.len()));
+            // Grow in steps (most hellos fit the first one), never past the bound.
+            buf.reserve_exact(HELLO_STEP.min(max.saturating_sub(buf.len())));
             match client.try_read_buf(&mut buf) {
                 Ok(0) => {
                     // The client finished sending: route by what it sent.
@@ -209,6 +210,8 @@ impl Proxy {
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // Nothing was owed to it: a client (a scanner, a probe) ending with a reset.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(CloseReason::ClientReset),
                 Err(e) => {
                     tracing::debug!(error = %e, "client failed before its ClientHello arrived");
                     self.metrics.tcp_error(Side::Client, &e);
@@ -222,11 +225,13 @@ impl Proxy {
         }
     }
 
+    /// Proxies `client` to `upstream`; `first` is what was read from the client already (for
+    /// the route), sent before anything else of its own and freed once sent.
     async fn proxy(
         &self,
         client: &TcpStream,
         upstream: &Upstream,
-        first: &[u8],
+        first: Vec<u8>,
         cut: &CancellationToken,
     ) -> CloseReason {
         let backends = &upstream.backends;
@@ -259,21 +264,25 @@ impl Proxy {
         let _active = addr.track();
         socket::tune(&backend, self.config.tcp_keepalive);
         // Before the client's own bytes: the PROXY header, then what was read for the route.
-        let mut prefix = Vec::new();
-        if upstream.config.backend.proxy_protocol == ProxyProtocol::V2 {
-            match (client.peer_addr(), client.local_addr()) {
-                (Ok(peer), Ok(local)) => prefix = proxy_protocol::v2_header(peer, local),
+        // Both are freed before the copy starts: an idle connection holds no buffer.
+        let header = match upstream.config.backend.proxy_protocol {
+            ProxyProtocol::Off => Vec::new(),
+            ProxyProtocol::V2 => match (client.peer_addr(), client.local_addr()) {
+                (Ok(peer), Ok(local)) => proxy_protocol::v2_header(peer, local),
                 (Err(e), _) | (_, Err(e)) => {
                     tracing::debug!(error = %e, "cannot read the client's addresses for the PROXY protocol header");
                     socket::reset(client);
                     socket::reset(&backend);
                     return CloseReason::ClientError;
                 }
+            },
+        };
+        let read_ahead = first.len() as u64;
+        for part in [header, first] {
+            if part.is_empty() {
+                continue;
             }
-        }
-        prefix.extend_from_slice(first);
-        if !prefix.is_empty() {
-            let sent = tokio::time::timeout(self.config.connect_timeout, write_all(&backend, &prefix)).await;
+            let sent = tokio::time::timeout(self.config.connect_timeout, write_all(&backend, &part)).await;
             if let Err(e) = sent.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
                 // The client has not been answered: reset it, so it retries rather than
                 // taking the close for an answer.
@@ -282,8 +291,8 @@ impl Proxy {
                 socket::reset(&backend);
                 return CloseReason::BackendError;
             }
-            self.metrics.bytes(Direction::ToBackend).inc_by(first.len() as u64);
         }
+        self.metrics.bytes(Direction::ToBackend).inc_by(read_ahead);
 
         let timeouts = copy::Timeouts { idle: self.config.idle_timeout, half_close: self.config.half_close_timeout };
         let copy = copy::bidirectional(

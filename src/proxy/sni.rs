@@ -29,6 +29,9 @@ const SERVER_NAME: u16 = 0;
 /// The largest record payload a peer may send: 2^14 bytes (RFC 8446 section 5.1), plus the
 /// expansion TLS 1.2 allows for compressed records.
 const MAX_RECORD: usize = (1 << 14) + 1024;
+/// Real clients send their hello in one record, rarely two; a hello in more records than this
+/// is not read.
+const MAX_RECORDS: usize = 16;
 
 /// Reads a ClientHello from the start of `buf`.
 pub fn read(buf: &[u8]) -> Hello {
@@ -39,33 +42,42 @@ pub fn read(buf: &[u8]) -> Hello {
         [_, major, ..] if *major != 3 => return Hello::NotTls,
         _ => {}
     }
-    // Only whole records are looked into: a partial one waits for the rest (one more read),
-    // so a client sending its hello a byte at a time costs a header check per byte, not a parse.
-    let mut message: Vec<u8> = Vec::new();
+    // Only whole records count, and nothing is copied until they hold the whole message: a
+    // client sending its hello a byte at a time costs a walk over a few record headers per
+    // read, not a parse.
+    let mut records: Vec<&[u8]> = Vec::new();
     let mut rest = buf;
+    let mut total = 0;
     loop {
         let Some(header) = rest.get(..5) else { return Hello::Incomplete };
         let (kind, major, len) = (header[0], header[1], usize::from(u16::from_be_bytes([header[3], header[4]])));
-        // Records of another type before the hello is complete, or of impossible sizes: not
-        // a TLS client (a real one sends its hello first, in handshake records).
-        if kind != HANDSHAKE || major != 3 || len == 0 || len > MAX_RECORD {
+        // Records of another type before the hello is complete, or of impossible sizes, or
+        // more of them than any client uses: not a TLS client's hello.
+        if kind != HANDSHAKE || major != 3 || len == 0 || len > MAX_RECORD || records.len() >= MAX_RECORDS {
             return Hello::NotTls;
         }
         let Some(payload) = rest.get(5..5 + len) else { return Hello::Incomplete };
-        // The usual case, one record holding the whole hello, is parsed in place.
-        let answer = if message.is_empty() {
-            client_hello(payload)
-        } else {
-            message.extend_from_slice(payload);
-            client_hello(&message)
-        };
-        if let Some(answer) = answer {
-            return answer;
-        }
-        if message.is_empty() {
-            message.extend_from_slice(payload);
-        }
+        records.push(payload);
+        total += len;
         rest = &rest[5 + len..];
+        // The handshake header (type and length) may itself be split over records.
+        let head: Vec<u8> = records.iter().flat_map(|r| r.iter().copied()).take(4).collect();
+        if head.len() < 4 {
+            continue;
+        }
+        if head[0] != CLIENT_HELLO {
+            return Hello::NotTls;
+        }
+        let need = 4 + (usize::from(head[1]) << 16 | usize::from(head[2]) << 8 | usize::from(head[3]));
+        if total < need {
+            continue;
+        }
+        // The usual case, one record holding the whole hello, is parsed in place.
+        let answer = match records.as_slice() {
+            [only] => client_hello(only),
+            many => client_hello(&many.concat()),
+        };
+        return answer.unwrap_or(Hello::NotTls);
     }
 }
 
@@ -245,6 +257,15 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_in_more_records_than_any_client_uses_is_not_read() {
+        let message = hello(&[], &[0x1301], &[sni("api.example.com")]);
+        assert_eq!(read(&records(&message, &[1; MAX_RECORDS - 1])), Hello::Tls(Some("api.example.com".into())));
+        assert_eq!(read(&records(&message, &[1; MAX_RECORDS])), Hello::NotTls);
+        // Even the handshake header split over records is read.
+        assert_eq!(read(&records(&message, &[1, 1, 1, 1])), Hello::Tls(Some("api.example.com".into())));
+    }
+
+    #[test]
     fn a_hello_without_a_valid_name_is_tls_without_one() {
         let no_ext = records(&hello(&[], &[0x1301], &[]), &[]);
         assert_eq!(read(&no_ext), Hello::Tls(None));
@@ -315,7 +336,7 @@ mod tests {
             suites in proptest::collection::vec(any::<u16>(), 1..40),
             before in other_extensions(),
             after in other_extensions(),
-            sizes in proptest::collection::vec(1usize..600, 0..20),
+            sizes in proptest::collection::vec(1usize..600, 0..MAX_RECORDS),
             cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
         ) {
             let mut extensions = before;

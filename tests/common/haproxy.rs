@@ -57,10 +57,13 @@ impl Haproxy {
         let fd = listener.as_raw_fd();
         let mut command = tokio::process::Command::new(bin);
         command.args(["-db", "-f"]).arg(&config).stdout(Stdio::null()).stderr(Stdio::inherit()).kill_on_drop(true);
-        // The listening socket becomes the child's fd 3 (dup2 clears close-on-exec on the copy).
+        // The listening socket becomes the child's fd 3: dup2 clears close-on-exec on the copy,
+        // but when the socket already is fd 3, dup2 does nothing, so clear the flag instead.
         unsafe {
-            command
-                .pre_exec(move || if libc::dup2(fd, 3) == 3 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+            command.pre_exec(move || {
+                let ok = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) == 0 } else { libc::dup2(fd, 3) == 3 };
+                if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+            });
         }
         let child = command.spawn().expect("haproxy starts");
         drop(listener);

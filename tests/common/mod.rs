@@ -42,6 +42,8 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 /// A running proxy.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// Every proxy listener, in `proxy.listen` order (`addr` is the first).
+    pub addrs: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub backends: Arc<Backends>,
     pub metrics: Arc<Metrics>,
@@ -73,6 +75,7 @@ impl Proxy {
         let (signals, rx) = mpsc::channel(4);
         Proxy {
             addr: server.proxy_addrs()[0],
+            addrs: server.proxy_addrs().to_vec(),
             admin: server.admin_addr(),
             backends: server.backends(),
             metrics: server.metrics(),
@@ -93,6 +96,7 @@ impl Proxy {
         let (signals, rx) = mpsc::channel(4);
         Proxy {
             addr: server.proxy_addrs()[0],
+            addrs: server.proxy_addrs().to_vec(),
             admin: server.admin_addr(),
             backends: server.backends(),
             metrics: server.metrics(),
