@@ -214,6 +214,11 @@ fn run(args: RunArgs) -> ExitCode {
             }
         };
         crate::eip::unhealthy::started(&eip);
+        // SIGHUP reads the same file with the same flags and environment (a process cannot
+        // re-read its environment: per-deployment settings that must change on reload belong
+        // in the file).
+        let (file, overrides) = (path.clone(), args.overrides.clone());
+        let server = server.reload_with(move || load(file.as_deref(), &overrides).map(|l| l.config));
         server.watch_own_failures();
         let signals = match lifecycle::signals() {
             Ok(s) => s,

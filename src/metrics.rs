@@ -230,6 +230,7 @@ pub struct Metrics {
     pub accept_errors_total: IntCounterVec,
     pub draining: IntGauge,
     pub eip_associated: IntGauge,
+    config_reloads_total: [IntCounter; 2],
     /// The families labelled by backend (the route's name); [`Metrics::route`] makes a
     /// route's children.
     by_backend: ByBackend,
@@ -380,6 +381,11 @@ impl Metrics {
         )?;
         registry.register(Box::new(dns_stale.clone()))?;
 
+        let reloads = counter_vec(
+            "config_reloads_total",
+            "Configuration reloads (SIGHUP), by result: ok, or failed (the running configuration is kept).",
+            "result",
+        )?;
         let build_info =
             IntGaugeVec::new(Opts::new("build_info", "Always 1; labels describe this build."), &["version"])?;
         registry.register(Box::new(build_info.clone()))?;
@@ -414,6 +420,7 @@ impl Metrics {
                 "1 while this instance's Elastic IP was associated with it at the last check, else 0 (also with \
                  eip.enabled = false).",
             )?,
+            config_reloads_total: [reloads.with_label_values(&["ok"]), reloads.with_label_values(&["failed"])],
             by_backend: ByBackend {
                 routed,
                 connect_errors,
@@ -440,6 +447,10 @@ impl Metrics {
 
     pub fn bytes(&self, direction: Direction) -> &IntCounter {
         &self.proxied_bytes_total[direction as usize]
+    }
+
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads_total[usize::from(!ok)].inc();
     }
 
     /// Counts an I/O error that ended a connection, by the side that failed.

@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::backend::Backends;
 use crate::config::{Config, Fallback, RouteConfig, ServerName, routes};
 use crate::metrics::{Metrics, RouteMetrics};
@@ -19,6 +21,8 @@ pub struct Upstream {
     pub config: RouteConfig,
     pub backends: Arc<Backends>,
     pub metrics: Arc<RouteMetrics>,
+    /// Stops its DNS follower, health checks and address retirement (a reload removed it).
+    pub stop: CancellationToken,
 }
 
 impl Upstream {
@@ -50,18 +54,53 @@ pub enum Pick {
 }
 
 impl Router {
-    pub fn new(config: &Config, metrics: &Metrics) -> Router {
+    pub fn new(config: &Config, metrics: &Metrics, stop: &CancellationToken) -> Router {
+        Router::rebuilt(config, metrics, stop, &[]).0
+    }
+
+    /// The router for a reloaded `config`: a route whose settings did not change keeps its
+    /// upstream (address set, health, open connections) from `previous`; the others are new,
+    /// with the address set of a previous upstream of the same `host:port` if there is one.
+    /// Also returns the new upstreams (whose tasks must start) and the previous ones no
+    /// longer used (whose tasks must stop).
+    pub fn rebuilt(
+        config: &Config,
+        metrics: &Metrics,
+        stop: &CancellationToken,
+        previous: &[Arc<Upstream>],
+    ) -> (Router, Vec<Arc<Upstream>>, Vec<Arc<Upstream>>) {
+        let mut fresh = Vec::new();
         let upstreams: Vec<Arc<Upstream>> = config
             .routes
             .iter()
             .map(|r| {
-                Arc::new(Upstream {
+                if let Some(kept) = previous.iter().find(|u| u.config == *r) {
+                    return Arc::clone(kept);
+                }
+                // Only its settings changed, not its address: keep the address set, so new
+                // connections have addresses before the new follower's first answer, and
+                // connections open to them are not the old backend's to close.
+                let backends = previous
+                    .iter()
+                    .find(|p| p.config.address() == r.address())
+                    .map_or_else(|| Arc::new(Backends::new(r.address().to_string())), |p| Arc::clone(&p.backends));
+                let u = Arc::new(Upstream {
                     config: r.clone(),
-                    backends: Arc::new(Backends::new(r.address().to_string())),
+                    backends,
                     metrics: Arc::new(metrics.route(&r.name)),
-                })
+                    stop: stop.child_token(),
+                });
+                fresh.push(Arc::clone(&u));
+                u
             })
             .collect();
+        let gone: Vec<Arc<Upstream>> =
+            previous.iter().filter(|p| !upstreams.iter().any(|u| Arc::ptr_eq(u, p))).cloned().collect();
+        let router = Router::from_upstreams(config, upstreams);
+        (router, fresh, gone)
+    }
+
+    fn from_upstreams(config: &Config, upstreams: Vec<Arc<Upstream>>) -> Router {
         let mut exact = HashMap::new();
         let mut wildcards = Vec::new();
         for (i, u) in upstreams.iter().enumerate() {
@@ -152,7 +191,7 @@ mod tests {
     fn router(text: &str) -> Router {
         let file = FileLayer::parse(std::path::Path::new("t.toml"), text).unwrap();
         let config = Config::from_layers(Some(&file), &[]).unwrap().config;
-        Router::new(&config, &Metrics::new("test"))
+        Router::new(&config, &Metrics::new("test"), &CancellationToken::new())
     }
 
     fn to(p: Pick) -> String {

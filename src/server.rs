@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin;
 use crate::backend::{Backends, Resolution};
-use crate::config::Config;
+use crate::config::{Config, ConfigErrors};
 use crate::dns::{self, Follower, hickory::HickoryLookup};
 use crate::eip::{self, Eip};
 use crate::health::Checker;
@@ -47,7 +47,8 @@ pub struct Server {
     config: Arc<Config>,
     /// Each bound listener with its address as `proxy.listen` writes it.
     proxy_listeners: Vec<(TcpListener, SocketAddr)>,
-    admin_listener: TcpListener,
+    /// Taken by `run`.
+    admin_listener: Option<TcpListener>,
     proxy_addrs: Vec<SocketAddr>,
     admin_addr: SocketAddr,
     router: Arc<Router>,
@@ -58,6 +59,88 @@ pub struct Server {
     stop_accepting: CancellationToken,
     /// Cancelled when Auto Scaling is terminating this instance ([`eip::retire`]).
     retire: CancellationToken,
+    /// Re-reads the configuration on SIGHUP.
+    reloader: Option<Box<dyn Fn() -> Result<Config, ConfigErrors> + Send + Sync>>,
+}
+
+/// One backend's address source, health checks and retirement, ready to start.
+struct Sources {
+    upstream: Arc<crate::route::Upstream>,
+    follower: Option<Follower<HickoryLookup>>,
+}
+
+/// What follows `upstream`'s backend; fails only if its DNS resolver cannot be made.
+fn sources(upstream: &Arc<crate::route::Upstream>) -> Result<Sources, dns::hickory::SetupError> {
+    let target = upstream.config.address();
+    let follower = match dns::hickory::literal(&target.host, target.port) {
+        // An IP address needs no DNS: publish it once.
+        Some(addr) => {
+            upstream.backends.publish([addr], Resolution::answered(None));
+            None
+        }
+        None => Some(Follower {
+            lookup: HickoryLookup::new(&upstream.config.dns)?,
+            host: target.host.clone(),
+            port: target.port,
+            config: upstream.config.dns.clone(),
+            backends: Arc::clone(&upstream.backends),
+            metrics: Arc::clone(&upstream.metrics),
+        }),
+    };
+    Ok(Sources { upstream: Arc::clone(upstream), follower })
+}
+
+impl Sources {
+    /// Starts them, until the upstream's own stop (a reload) or the server's.
+    fn spawn(self) {
+        let u = self.upstream;
+        let checker = Checker {
+            config: u.config.health.clone(),
+            backends: Arc::clone(&u.backends),
+            failures: u.metrics.health_check_failures_total.clone(),
+        };
+        tokio::spawn(checker.run(u.stop.clone()));
+        tokio::spawn(crate::backend::retire_removed(
+            Arc::clone(&u.backends),
+            u.config.backend.removed_grace,
+            u.stop.clone(),
+        ));
+        if let Some(follower) = self.follower {
+            tokio::spawn(follower.run(u.stop.clone()));
+        }
+    }
+}
+
+/// A backend a reload no longer uses: its sources stop now; with `close`, its open connections
+/// close when they end or when its `backend.removed_grace` has passed.
+fn retire_upstream(u: &Arc<crate::route::Upstream>, close: bool) {
+    u.stop.cancel();
+    if !close {
+        return;
+    }
+    let (u, grace) = (Arc::clone(u), u.config.backend.removed_grace);
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        u.backends.retire_all();
+    });
+}
+
+/// The keys that differ between `running` and `new` but only apply at start.
+fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut differs = |key: &'static str, changed: bool| {
+        if changed {
+            keys.push(key);
+        }
+    };
+    differs("proxy.listen", running.proxy.listen != new.proxy.listen);
+    differs("proxy.max_connections", running.proxy.max_connections != new.proxy.max_connections);
+    differs("[admin]", running.admin != new.admin);
+    differs("[lifecycle]", running.lifecycle != new.lifecycle);
+    differs("[eip]", running.eip != new.eip);
+    differs("[log]", running.log != new.log);
+    differs("health.unhealthy_when", running.health.unhealthy_when != new.health.unhealthy_when);
+    keys
 }
 
 /// The backend for the "serving" line: its `host:port`, or with routes `name=host:port,...`.
@@ -113,7 +196,8 @@ impl Server {
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
 
         let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")));
-        let router = Arc::new(Router::new(&config, &metrics));
+        let stop_sources = CancellationToken::new();
+        let router = Arc::new(Router::new(&config, &metrics, &stop_sources));
         let proxy = Arc::new(Proxy::new(config.proxy.clone(), Arc::clone(&router), Arc::clone(&metrics)));
         let state = Arc::new(admin::State::new(
             Arc::clone(&config),
@@ -124,23 +208,7 @@ impl Server {
         ));
         // Everything that can fail comes before anything is spawned: a failed start leaves no
         // task behind claiming the Elastic IP or checking backends.
-        let mut followers = Vec::new();
-        for upstream in &router.upstreams {
-            let target = upstream.config.address();
-            match dns::hickory::literal(&target.host, target.port) {
-                // An IP address needs no DNS: publish it once.
-                Some(addr) => upstream.backends.publish([addr], Resolution::answered(None)),
-                None => followers.push(Follower {
-                    lookup: HickoryLookup::new(&upstream.config.dns)?,
-                    host: target.host.clone(),
-                    port: target.port,
-                    config: upstream.config.dns.clone(),
-                    backends: Arc::clone(&upstream.backends),
-                    metrics: Arc::clone(&upstream.metrics),
-                }),
-            }
-        }
-        let stop_sources = CancellationToken::new();
+        let sources = router.upstreams.iter().map(sources).collect::<Result<Vec<_>, _>>()?;
         let stop_accepting = CancellationToken::new();
         let retire = CancellationToken::new();
         if config.eip.enabled {
@@ -152,26 +220,13 @@ impl Server {
             };
             tokio::spawn(eip::keep(config.eip.clone(), timing, serving, Arc::clone(&state.eip), stop_sources.clone()));
         }
-        for upstream in &router.upstreams {
-            let checker = Checker {
-                config: upstream.config.health.clone(),
-                backends: Arc::clone(&upstream.backends),
-                failures: upstream.metrics.health_check_failures_total.clone(),
-            };
-            tokio::spawn(checker.run(stop_sources.clone()));
-            tokio::spawn(crate::backend::retire_removed(
-                Arc::clone(&upstream.backends),
-                upstream.config.backend.removed_grace,
-                stop_sources.clone(),
-            ));
-        }
-        for follower in followers {
-            tokio::spawn(follower.run(stop_sources.clone()));
+        for s in sources {
+            s.spawn();
         }
         Ok(Server {
             config,
             proxy_listeners,
-            admin_listener,
+            admin_listener: Some(admin_listener),
             proxy_addrs,
             admin_addr,
             router,
@@ -181,7 +236,76 @@ impl Server {
             stop_sources,
             stop_accepting,
             retire,
+            reloader: None,
         })
+    }
+
+    /// How SIGHUP re-reads the configuration (the config file and, through it, everything
+    /// that can change live). Without one, SIGHUP is logged and ignored.
+    pub fn reload_with(mut self, load: impl Fn() -> Result<Config, ConfigErrors> + Send + Sync + 'static) -> Server {
+        self.reloader = Some(Box::new(load));
+        self
+    }
+
+    /// Re-reads the configuration and applies what can change live to new connections: the
+    /// routes and their backends (a route whose settings did not change keeps its addresses,
+    /// health and open connections; a removed or changed one keeps its open connections until
+    /// they end or its `backend.removed_grace` passes), and the `[proxy]` timeouts and bounds.
+    /// An invalid configuration changes nothing: every error is logged and counted. Keys that
+    /// only a restart applies are named.
+    fn reload(&self) {
+        let Some(load) = &self.reloader else {
+            tracing::warn!("SIGHUP received, but this server has no configuration to reload");
+            return;
+        };
+        tracing::info!("SIGHUP received: reloading the configuration");
+        lifecycle::notify(&[
+            NotifyState::Reloading,
+            NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
+        ]);
+        let result = load().map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>()).and_then(|new| {
+            let restart = needs_restart(&self.config, &new);
+            let previous = self.proxy.router();
+            let (router, fresh, gone) = Router::rebuilt(&new, &self.metrics, &self.stop_sources, &previous.upstreams);
+            // A DNS resolver that cannot be made fails the reload before anything changes.
+            let started = fresh.iter().map(sources).collect::<Result<Vec<_>, _>>().map_err(|e| vec![e.to_string()])?;
+            for s in started {
+                s.spawn();
+            }
+            for u in &gone {
+                // Its address set may live on in a route that only changed settings.
+                let kept = router.upstreams.iter().any(|n| Arc::ptr_eq(&n.backends, &u.backends));
+                retire_upstream(u, !kept);
+            }
+            self.proxy.reconfigure(new.proxy.clone(), Arc::new(router));
+            Ok((fresh, gone, restart))
+        });
+        match result {
+            Ok((fresh, gone, restart)) => {
+                self.metrics.config_reload(true);
+                let names =
+                    |us: &[Arc<crate::route::Upstream>]| us.iter().map(|u| u.name().to_string()).collect::<Vec<_>>();
+                tracing::info!(started = ?names(&fresh), retired = ?names(&gone), "configuration reloaded");
+                for key in &restart {
+                    tracing::warn!(key = %key, "changed in the configuration, but only a restart applies it; still running the old value");
+                }
+                lifecycle::notify(&[NotifyState::Ready, NotifyState::Status("serving (configuration reloaded)")]);
+            }
+            Err(errors) => {
+                self.metrics.config_reload(false);
+                for e in &errors {
+                    tracing::error!(error = %e, "reload: invalid configuration");
+                }
+                tracing::error!(
+                    errors = errors.len(),
+                    "configuration reload failed; still running the previous configuration"
+                );
+                lifecycle::notify(&[
+                    NotifyState::Ready,
+                    NotifyState::Status("serving (last reload failed; see the log)"),
+                ]);
+            }
+        }
     }
 
     /// Watches the admin server and reports the instance unhealthy to its Auto Scaling group
@@ -232,17 +356,20 @@ impl Server {
     /// 4. those still open are cut, the admin server stops, and `run` returns.
     ///
     /// A second `Terminate` at any point skips to the end and returns [`Exit::Forced`].
-    pub async fn run(self, mut signals: mpsc::Receiver<Signal>) -> Exit {
+    pub async fn run(mut self, mut signals: mpsc::Receiver<Signal>) -> Exit {
         let stop_accepting = self.stop_accepting.clone();
-        let accept_loops: Vec<JoinHandle<()>> = self
-            .proxy_listeners
+        let accept_loops: Vec<JoinHandle<()>> = std::mem::take(&mut self.proxy_listeners)
             .into_iter()
             .map(|(l, configured)| {
                 tokio::spawn(Arc::clone(&self.proxy).accept_loop(l, configured, stop_accepting.clone()))
             })
             .collect();
         let stop_admin = CancellationToken::new();
-        let admin = tokio::spawn(admin::serve(self.admin_listener, Arc::clone(&self.state), stop_admin.clone()));
+        let Some(admin_listener) = self.admin_listener.take() else {
+            tracing::error!("run called twice");
+            return Exit::Forced;
+        };
+        let admin = tokio::spawn(admin::serve(admin_listener, Arc::clone(&self.state), stop_admin.clone()));
 
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
@@ -261,11 +388,7 @@ impl Server {
             tokio::select! {
                 signal = signals.recv(), if !closed => match signal {
                     Some(Signal::Terminate) => break false,
-                    Some(Signal::Reload) => {
-                        tracing::warn!(
-                            "SIGHUP received: configuration reload is not supported yet; restart to apply changes"
-                        )
-                    }
+                    Some(Signal::Reload) => self.reload(),
                     None => closed = true,
                 },
                 () = self.retire.cancelled() => break true,

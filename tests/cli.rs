@@ -344,13 +344,16 @@ async fn the_binary_proxies_and_drains_on_sigterm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_does_not_kill_it_and_a_second_sigint_exits_at_once_with_1() {
+async fn sighup_reloads_without_stopping_and_a_second_sigint_exits_at_once_with_1() {
     let backend = Backend::echo().await;
     let p = Process::start(backend.addr, &["--lifecycle-drain-delay", "60s", "--log-format", "json"]).await;
     p.signal(libc::SIGHUP);
     // Handled, not merely not yet delivered: the proxy says it got it, and then still serves.
     p.log_line("the SIGHUP to be handled", |l| l.contains("SIGHUP received").then_some(()));
+    p.log_line("the reload to finish", |l| l.contains("configuration reloaded").then_some(()));
     assert_eq!(get(p.admin, "/health").await.status, 200, "not healthy after SIGHUP");
+    let metrics = get(p.admin, "/metrics").await.body;
+    assert!(metrics.contains("static_ingress_config_reloads_total{result=\"ok\"} 1"), "{metrics}");
     p.signal(libc::SIGINT);
     eventually("draining", async || get(p.admin, "/health").await.status == 503).await;
     let started = Instant::now();

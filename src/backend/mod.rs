@@ -285,6 +285,17 @@ impl Backends {
         retiring.iter().map(|(_, since)| *since + grace).min()
     }
 
+    /// Closes every connection to every address of this set, current or retiring: the backend
+    /// is no longer used (a reload removed or changed it) and its grace is over.
+    pub fn retire_all(&self) {
+        for addr in &self.current().addrs {
+            addr.retired.cancel();
+        }
+        for (addr, _) in self.retiring.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
+            addr.retired.cancel();
+        }
+    }
+
     /// Addresses that left DNS and are not yet retired, with when they left.
     pub fn retiring(&self) -> Vec<(Arc<BackendAddr>, Instant)> {
         self.retiring.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()

@@ -30,7 +30,10 @@ const MAX_CONNECT_ATTEMPTS: usize = 4;
 
 /// Everything a connection task needs, shared by all of them.
 pub struct Proxy {
-    config: ProxyConfig,
+    /// Swapped by a reload; each connection reads it as it goes. `proxy.max_connections` and
+    /// `proxy.listen` are not live (see `max_connections`).
+    config: ArcSwap<ProxyConfig>,
+    max_connections: usize,
     /// Every backend, and which connection goes where.
     router: ArcSwap<Router>,
     metrics: Arc<Metrics>,
@@ -52,7 +55,8 @@ impl Proxy {
         let cut = CancellationToken::new();
         Proxy {
             limit: Arc::new(Semaphore::new(config.max_connections)),
-            config,
+            max_connections: config.max_connections,
+            config: ArcSwap::from_pointee(config),
             router: ArcSwap::new(router),
             metrics,
             tracker: TaskTracker::new(),
@@ -66,7 +70,7 @@ impl Proxy {
 
     /// Connections being proxied now.
     pub fn active(&self) -> usize {
-        self.config.max_connections - self.limit.available_permits()
+        self.max_connections - self.limit.available_permits()
     }
 
     /// Cuts the connections open now with a reset (counted as shutdown), and only those:
@@ -83,7 +87,14 @@ impl Proxy {
     }
 
     pub fn max_connections(&self) -> usize {
-        self.config.max_connections
+        self.max_connections
+    }
+
+    /// Applies a reloaded configuration to new connections: its routes and backends, and its
+    /// `[proxy]` timeouts and bounds. Connections already open keep what they started with.
+    pub fn reconfigure(&self, config: ProxyConfig, router: Arc<Router>) {
+        self.config.store(Arc::new(config));
+        self.router.store(router);
     }
 
     /// The backends and the routing between them, as connections see them now.
@@ -115,7 +126,7 @@ impl Proxy {
                     self.metrics.closed(CloseReason::OverLimit);
                     if let Some(suppressed) = self.limit_log.allow() {
                         tracing::warn!(
-                            limit = self.config.max_connections,
+                            limit = self.max_connections,
                             suppressed,
                             "connection limit reached; resetting new connections"
                         );
@@ -141,7 +152,7 @@ impl Proxy {
     }
 
     async fn serve(self: Arc<Self>, client: TcpStream, listener: SocketAddr, permit: OwnedSemaphorePermit) {
-        socket::tune(&client, self.config.tcp_keepalive);
+        socket::tune(&client, self.config.load().tcp_keepalive);
         let cut = self.cut_token();
         let reason = tokio::select! {
             reason = self.route(&client, listener, &cut) => reason,
@@ -186,8 +197,9 @@ impl Proxy {
     /// nothing is routed as not TLS, so a protocol where the server speaks first still
     /// works). The bytes are returned to be forwarded first.
     async fn read_hello(&self, client: &TcpStream) -> Result<(sni::Hello, Vec<u8>), CloseReason> {
-        let deadline = tokio::time::Instant::now() + self.config.sni_timeout;
-        let max = self.config.sni_max_bytes;
+        let config = self.config.load();
+        let deadline = tokio::time::Instant::now() + config.sni_timeout;
+        let max = config.sni_max_bytes;
         let mut buf: Vec<u8> = Vec::new();
         loop {
             if tokio::time::timeout_at(deadline, client.readable()).await.is_err() {
@@ -262,7 +274,8 @@ impl Proxy {
         };
         tracing::Span::current().record("backend.addr", tracing::field::display(addr.addr));
         let _active = addr.track();
-        socket::tune(&backend, self.config.tcp_keepalive);
+        let config = self.config.load_full();
+        socket::tune(&backend, config.tcp_keepalive);
         // Before the client's own bytes: the PROXY header, then what was read for the route.
         // Both are freed before the copy starts: an idle connection holds no buffer.
         let header = match upstream.config.backend.proxy_protocol {
@@ -282,7 +295,7 @@ impl Proxy {
             if part.is_empty() {
                 continue;
             }
-            let sent = tokio::time::timeout(self.config.connect_timeout, write_all(&backend, &part)).await;
+            let sent = tokio::time::timeout(config.connect_timeout, write_all(&backend, &part)).await;
             if let Err(e) = sent.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
                 // The client has not been answered: reset it, so it retries rather than
                 // taking the close for an answer.
@@ -294,7 +307,7 @@ impl Proxy {
         }
         self.metrics.bytes(Direction::ToBackend).inc_by(read_ahead);
 
-        let timeouts = copy::Timeouts { idle: self.config.idle_timeout, half_close: self.config.half_close_timeout };
+        let timeouts = copy::Timeouts { idle: config.idle_timeout, half_close: config.half_close_timeout };
         let copy = copy::bidirectional(
             client,
             &backend,
@@ -357,7 +370,8 @@ impl Proxy {
     ) -> Result<(TcpStream, &'a Arc<BackendAddr>), Unconnected> {
         for &addr in candidates {
             let started = tokio::time::Instant::now();
-            let result = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr.addr)).await;
+            let timeout = self.config.load().connect_timeout;
+            let result = tokio::time::timeout(timeout, TcpStream::connect(addr.addr)).await;
             let error = match result {
                 Ok(Ok(stream)) => {
                     upstream.metrics.connect_duration_seconds.observe(started.elapsed().as_secs_f64());
@@ -371,7 +385,7 @@ impl Proxy {
                     ConnectError::classify(&e)
                 }
                 Err(_elapsed) => {
-                    tracing::debug!(backend.addr = %addr.addr, timeout = ?self.config.connect_timeout, "connect timed out; trying the next address");
+                    tracing::debug!(backend.addr = %addr.addr, ?timeout, "connect timed out; trying the next address");
                     ConnectError::Timeout
                 }
             };

@@ -105,6 +105,29 @@ impl Proxy {
         }
     }
 
+    /// Starts a proxy from the config file at `path`, which SIGHUP (a `Signal::Reload` on
+    /// `signals`) reads again, with [`BASE`] and `extra` as flags on top, as `run` does.
+    pub async fn start_reloadable(path: &std::path::Path, extra: &[(&str, &str)]) -> Proxy {
+        use static_ingress::config::Override;
+        let overrides: Vec<Override> =
+            BASE.iter().chain(extra).map(|(k, v)| Override::flag(k, *v).expect("a known key")).collect();
+        let config = Config::load(Some(path), &overrides).expect("test config is valid").config;
+        let file = path.to_path_buf();
+        let server = Server::bind(config)
+            .expect("binding on port 0 succeeds")
+            .reload_with(move || Config::load(Some(&file), &overrides).map(|l| l.config));
+        let (signals, rx) = mpsc::channel(4);
+        Proxy {
+            addr: server.proxy_addrs()[0],
+            addrs: server.proxy_addrs().to_vec(),
+            admin: server.admin_addr(),
+            backends: server.backends(),
+            metrics: server.metrics(),
+            signals,
+            run: tokio::spawn(server.run(rx)),
+        }
+    }
+
     /// Replaces the backend address set, as a DNS answer would.
     pub fn set_backends(&self, addrs: &[SocketAddr]) {
         self.backends.publish(addrs.iter().copied(), Resolution::answered(None));
