@@ -43,6 +43,9 @@ pub enum Cmd {
     Run(RunArgs),
     /// Check the configuration and print the effective settings; exit 0 if valid, 78 if not.
     CheckConfig(CheckArgs),
+    /// Ask the running proxy with process id PID to reload its configuration (SIGHUP); what
+    /// the unit's ExecReload runs. Exit 0 once asked, 1 if there is no such process.
+    Reload(ReloadArgs),
     /// Claim this instance's Elastic IP once (the [eip] settings; eip.enabled is not needed),
     /// print what was found and done, and exit: 0 when the address is this instance's, or
     /// 10-17 naming what to fix (see the README).
@@ -66,6 +69,13 @@ pub struct CheckArgs {
     pub file: Option<PathBuf>,
     #[command(flatten)]
     pub overrides: Overrides,
+}
+
+#[derive(Args, Debug)]
+pub struct ReloadArgs {
+    /// The proxy's process id (systemd passes $MAINPID).
+    #[arg(long, value_name = "PID")]
+    pub pid: i32,
 }
 
 #[derive(Args, Debug)]
@@ -137,6 +147,7 @@ pub fn main() -> ExitCode {
         Cmd::CheckConfig(args) => check_config(args),
         Cmd::Run(args) => run(args),
         Cmd::ClaimEip(args) => claim_eip(args),
+        Cmd::Reload(args) => reload(&args),
     }
 }
 
@@ -234,6 +245,20 @@ fn run(args: RunArgs) -> ExitCode {
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(code)
+}
+
+fn reload(args: &ReloadArgs) -> ExitCode {
+    if args.pid <= 0 {
+        eprintln!("error: --pid {} is not a process id", args.pid);
+        return ExitCode::from(exit::USAGE);
+    }
+    // SAFETY: kill(2) with a positive pid (never a process group) and a valid signal.
+    if unsafe { libc::kill(args.pid, libc::SIGHUP) } != 0 {
+        eprintln!("error: cannot signal process {}: {}", args.pid, std::io::Error::last_os_error());
+        return ExitCode::from(exit::FAILURE);
+    }
+    println!("asked process {} to reload its configuration; its log says how it went", args.pid);
+    ExitCode::from(exit::OK)
 }
 
 fn claim_eip(args: ClaimArgs) -> ExitCode {

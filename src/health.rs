@@ -61,7 +61,11 @@ async fn check_loop(addr: Arc<BackendAddr>, config: HealthConfig, failures: IntC
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let result = tokio::time::timeout(config.timeout, TcpStream::connect(addr.addr)).await;
+        let result = tokio::select! {
+            // Stopped mid-check (the address left, or a reload replaced these checks).
+            () = stop.cancelled() => return,
+            r = tokio::time::timeout(config.timeout, TcpStream::connect(addr.addr)) => r,
+        };
         let error = match result {
             Ok(Ok(_stream)) => None,
             Ok(Err(e)) => Some(e.to_string()),

@@ -449,6 +449,17 @@ impl Metrics {
         &self.proxied_bytes_total[direction as usize]
     }
 
+    /// A route a reload removed: its gauges go, so that they do not stay frozen at their last
+    /// values (its counters stay, as counters do).
+    pub fn forget_route(&self, name: &str) {
+        let b = &self.by_backend;
+        for state in ["healthy", "suspect", "unhealthy"] {
+            let _ = b.backend_addresses.remove_label_values(&[name, state]);
+        }
+        let _ = b.dns_answer_age.remove_label_values(&[name]);
+        let _ = b.dns_stale.remove_label_values(&[name]);
+    }
+
     pub fn config_reload(&self, ok: bool) {
         self.config_reloads_total[usize::from(!ok)].inc();
     }

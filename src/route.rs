@@ -69,31 +69,47 @@ impl Router {
         stop: &CancellationToken,
         previous: &[Arc<Upstream>],
     ) -> (Router, Vec<Arc<Upstream>>, Vec<Arc<Upstream>>) {
-        let mut fresh = Vec::new();
-        let upstreams: Vec<Arc<Upstream>> = config
+        // First the routes that did not change keep their upstream, each previous one at most
+        // once; then a changed route may take the address set of a previous upstream of the
+        // same host:port that nothing kept or took yet (the same name first).
+        let mut claimed = vec![false; previous.len()];
+        let mut kept: Vec<Option<Arc<Upstream>>> = config
             .routes
             .iter()
             .map(|r| {
-                if let Some(kept) = previous.iter().find(|u| u.config == *r) {
-                    return Arc::clone(kept);
-                }
-                // Only its settings changed, not its address: keep the address set, so new
-                // connections have addresses before the new follower's first answer, and
-                // connections open to them are not the old backend's to close.
-                let backends = previous
-                    .iter()
-                    .find(|p| p.config.address() == r.address())
-                    .map_or_else(|| Arc::new(Backends::new(r.address().to_string())), |p| Arc::clone(&p.backends));
-                let u = Arc::new(Upstream {
-                    config: r.clone(),
-                    backends,
-                    metrics: Arc::new(metrics.route(&r.name)),
-                    stop: stop.child_token(),
-                });
-                fresh.push(Arc::clone(&u));
-                u
+                let i = (0..previous.len()).find(|&i| !claimed[i] && previous[i].config == *r)?;
+                claimed[i] = true;
+                Some(Arc::clone(&previous[i]))
             })
             .collect();
+        let mut sets: Vec<bool> = claimed.clone();
+        let mut fresh = Vec::new();
+        for (r, slot) in config.routes.iter().zip(kept.iter_mut()) {
+            if slot.is_some() {
+                continue;
+            }
+            let same_address = |i: &usize| !sets[*i] && previous[*i].config.address() == r.address();
+            let reuse = (0..previous.len())
+                .filter(same_address)
+                .find(|&i| previous[i].config.name == r.name)
+                .or_else(|| (0..previous.len()).find(same_address));
+            let backends = match reuse {
+                Some(i) => {
+                    sets[i] = true;
+                    Arc::clone(&previous[i].backends)
+                }
+                None => Arc::new(Backends::new(r.address().to_string())),
+            };
+            let u = Arc::new(Upstream {
+                config: r.clone(),
+                backends,
+                metrics: Arc::new(metrics.route(&r.name)),
+                stop: stop.child_token(),
+            });
+            fresh.push(Arc::clone(&u));
+            *slot = Some(u);
+        }
+        let upstreams: Vec<Arc<Upstream>> = kept.into_iter().flatten().collect();
         let gone: Vec<Arc<Upstream>> =
             previous.iter().filter(|p| !upstreams.iter().any(|u| Arc::ptr_eq(u, p))).cloned().collect();
         let router = Router::from_upstreams(config, upstreams);
@@ -261,6 +277,40 @@ listen = ["127.0.0.1:9443"]
         let r = router(ROUTES);
         assert!(r.default_serves());
         assert_eq!(r.reachable().count(), 4);
+    }
+
+    #[test]
+    fn a_reload_keeps_unchanged_upstreams_and_gives_each_address_set_to_one_route() {
+        let stop = CancellationToken::new();
+        let metrics = Metrics::new("test");
+        let config = |b_extra: &str, a_name: &str| {
+            let text = format!(
+                "[backend]\naddress = \"10.0.0.9:443\"\n\
+                 [[route]]\nname = \"{a_name}\"\nserver_names = [\"a.example\"]\nbackend = \"10.0.0.1:443\"\n\
+                 [[route]]\nname = \"b\"\nserver_names = [\"b.example\"]\nbackend = \"10.0.0.1:443\"\n{b_extra}"
+            );
+            let file = FileLayer::parse(std::path::Path::new("t.toml"), &text).unwrap();
+            Config::from_layers(Some(&file), &[]).unwrap().config
+        };
+        let v1 = Router::new(&config("", "a"), &metrics, &stop);
+        let find = |r: &Router, name: &str| Arc::clone(r.upstreams.iter().find(|u| u.name() == name).unwrap());
+        // b changes a setting: a and default stay as they were; b gets its own old set back,
+        // not a's, which shares its host:port.
+        let (v2, fresh, gone) =
+            Router::rebuilt(&config("health.interval = \"7s\"\n", "a"), &metrics, &stop, &v1.upstreams);
+        assert!(Arc::ptr_eq(&find(&v2, "a"), &find(&v1, "a")));
+        assert!(Arc::ptr_eq(&find(&v2, "default"), &find(&v1, "default")));
+        assert!(!Arc::ptr_eq(&find(&v2, "b"), &find(&v1, "b")));
+        assert!(Arc::ptr_eq(&find(&v2, "b").backends, &find(&v1, "b").backends));
+        assert!(!Arc::ptr_eq(&find(&v2, "b").backends, &find(&v1, "a").backends));
+        assert_eq!((fresh.len(), gone.len()), (1, 1));
+        assert_eq!(gone[0].name(), "b");
+        // a is renamed c: c takes a's set (a is gone, its set lives on); b is unchanged.
+        let (v3, fresh, gone) =
+            Router::rebuilt(&config("health.interval = \"7s\"\n", "c"), &metrics, &stop, &v2.upstreams);
+        assert!(Arc::ptr_eq(&find(&v3, "c").backends, &find(&v2, "a").backends));
+        assert!(Arc::ptr_eq(&find(&v3, "b"), &find(&v2, "b")));
+        assert_eq!((fresh.len(), gone.len()), (1, 1));
     }
 
     #[test]

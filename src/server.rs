@@ -21,6 +21,9 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy, socket::BindError};
 use crate::route::Router;
 
+/// How long a reload waits for a new backend name's first DNS answer before it applies anyway.
+const FIRST_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long the proxy waits for connections it has just cut to finish closing.
 const CUT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -51,7 +54,6 @@ pub struct Server {
     admin_listener: Option<TcpListener>,
     proxy_addrs: Vec<SocketAddr>,
     admin_addr: SocketAddr,
-    router: Arc<Router>,
     metrics: Arc<Metrics>,
     proxy: Arc<Proxy>,
     state: Arc<admin::State>,
@@ -229,7 +231,6 @@ impl Server {
             admin_listener: Some(admin_listener),
             proxy_addrs,
             admin_addr,
-            router,
             metrics,
             proxy,
             state,
@@ -238,6 +239,53 @@ impl Server {
             retire,
             reloader: None,
         })
+    }
+
+    /// Applies a valid reloaded configuration (see [`Server::reload`]); `Err` when a backend's
+    /// DNS resolver cannot be made, before anything changed.
+    async fn apply(
+        &self,
+        mut new: Config,
+    ) -> Result<(Vec<Arc<crate::route::Upstream>>, Vec<Arc<crate::route::Upstream>>, Vec<&'static str>), Vec<String>>
+    {
+        let restart = needs_restart(&self.config, &new);
+        // What only a restart applies keeps its running value, so that nothing computed from
+        // it (the routes' listeners, their health policy) describes what is not running.
+        new.proxy.listen.clone_from(&self.config.proxy.listen);
+        new.proxy.max_connections = self.config.proxy.max_connections;
+        new.health.unhealthy_when = self.config.health.unhealthy_when;
+        for r in &mut new.routes {
+            r.health.unhealthy_when = self.config.health.unhealthy_when;
+        }
+        let previous = self.proxy.router();
+        let (router, fresh, gone) = Router::rebuilt(&new, &self.metrics, &self.stop_sources, &previous.upstreams);
+        // A DNS resolver that cannot be made fails the reload before anything changes.
+        let started = fresh.iter().map(sources).collect::<Result<Vec<_>, _>>().map_err(|e| vec![e.to_string()])?;
+        for s in started {
+            s.spawn();
+        }
+        // A new backend name gets a moment to resolve before connections are sent to it.
+        let unresolved = |u: &Arc<crate::route::Upstream>| u.backends.current().addrs.is_empty();
+        let waiting: Vec<_> = fresh.iter().filter(|u| unresolved(u)).cloned().collect();
+        let until = tokio::time::Instant::now() + FIRST_ANSWER_WAIT;
+        while waiting.iter().any(unresolved) && tokio::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        for u in waiting.iter().filter(|u| unresolved(u)) {
+            tracing::warn!(route = u.name(), backend = %u.backends.name,
+                "the reloaded route's backend has no address yet: its connections fail until it resolves");
+        }
+        self.proxy.reconfigure(new.proxy.clone(), Arc::new(router));
+        let router = self.proxy.router();
+        for u in &gone {
+            // Its address set may live on in a route that only changed settings.
+            let kept = router.upstreams.iter().any(|n| Arc::ptr_eq(&n.backends, &u.backends));
+            retire_upstream(u, !kept);
+            if !router.upstreams.iter().any(|n| n.name() == u.name()) {
+                self.metrics.forget_route(u.name());
+            }
+        }
+        Ok((fresh, gone, restart))
     }
 
     /// How SIGHUP re-reads the configuration (the config file and, through it, everything
@@ -253,7 +301,7 @@ impl Server {
     /// they end or its `backend.removed_grace` passes), and the `[proxy]` timeouts and bounds.
     /// An invalid configuration changes nothing: every error is logged and counted. Keys that
     /// only a restart applies are named.
-    fn reload(&self) {
+    async fn reload(&self) {
         let Some(load) = &self.reloader else {
             tracing::warn!("SIGHUP received, but this server has no configuration to reload");
             return;
@@ -263,23 +311,10 @@ impl Server {
             NotifyState::Reloading,
             NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
         ]);
-        let result = load().map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>()).and_then(|new| {
-            let restart = needs_restart(&self.config, &new);
-            let previous = self.proxy.router();
-            let (router, fresh, gone) = Router::rebuilt(&new, &self.metrics, &self.stop_sources, &previous.upstreams);
-            // A DNS resolver that cannot be made fails the reload before anything changes.
-            let started = fresh.iter().map(sources).collect::<Result<Vec<_>, _>>().map_err(|e| vec![e.to_string()])?;
-            for s in started {
-                s.spawn();
-            }
-            for u in &gone {
-                // Its address set may live on in a route that only changed settings.
-                let kept = router.upstreams.iter().any(|n| Arc::ptr_eq(&n.backends, &u.backends));
-                retire_upstream(u, !kept);
-            }
-            self.proxy.reconfigure(new.proxy.clone(), Arc::new(router));
-            Ok((fresh, gone, restart))
-        });
+        let result = match load() {
+            Err(e) => Err(e.0.iter().map(ToString::to_string).collect::<Vec<_>>()),
+            Ok(new) => self.apply(new).await,
+        };
         match result {
             Ok((fresh, gone, restart)) => {
                 self.metrics.config_reload(true);
@@ -335,12 +370,12 @@ impl Server {
     /// The first backend's address set (the only one without routes): the seam where
     /// address sources plug in.
     pub fn backends(&self) -> Arc<Backends> {
-        Arc::clone(&self.router.upstreams[0].backends)
+        Arc::clone(&self.proxy.router().upstreams[0].backends)
     }
 
-    /// Every backend and the routing between them.
+    /// Every backend and the routing between them, as connections see them now.
     pub fn router(&self) -> Arc<Router> {
-        Arc::clone(&self.router)
+        self.proxy.router()
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -375,7 +410,7 @@ impl Server {
             version = env!("CARGO_PKG_VERSION"),
             proxy = ?self.proxy_addrs,
             admin = %self.admin_addr,
-            backend = %backends_line(&self.router),
+            backend = %backends_line(&self.proxy.router()),
             "serving"
         );
         lifecycle::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
@@ -388,7 +423,7 @@ impl Server {
             tokio::select! {
                 signal = signals.recv(), if !closed => match signal {
                     Some(Signal::Terminate) => break false,
-                    Some(Signal::Reload) => self.reload(),
+                    Some(Signal::Reload) => self.reload().await,
                     None => closed = true,
                 },
                 () = self.retire.cancelled() => break true,

@@ -347,7 +347,14 @@ async fn the_binary_proxies_and_drains_on_sigterm() {
 async fn sighup_reloads_without_stopping_and_a_second_sigint_exits_at_once_with_1() {
     let backend = Backend::echo().await;
     let p = Process::start(backend.addr, &["--lifecycle-drain-delay", "60s", "--log-format", "json"]).await;
-    p.signal(libc::SIGHUP);
+    // As the unit's ExecReload asks: `static-ingress reload --pid $MAINPID`.
+    let pid = p.child.id().to_string();
+    let out = cmd().args(["reload", "--pid", &pid]).output().expect("reload runs");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // No such process: said, and exit 1.
+    let none = cmd().args(["reload", "--pid", "999999999"]).output().expect("reload runs");
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("cannot signal process 999999999"));
     // Handled, not merely not yet delivered: the proxy says it got it, and then still serves.
     p.log_line("the SIGHUP to be handled", |l| l.contains("SIGHUP received").then_some(()));
     p.log_line("the reload to finish", |l| l.contains("configuration reloaded").then_some(()));

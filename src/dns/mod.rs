@@ -116,12 +116,26 @@ pub struct Follower<L> {
 
 impl<L: Lookup> Follower<L> {
     pub async fn run(self, stop: CancellationToken) {
-        let mut last_good: Option<Instant> = None;
+        // A set that already holds an answer (kept across a reload) keeps its age: the hold
+        // counts from that answer, not from this follower's start.
+        let mut last_good: Option<Instant> = self
+            .backends
+            .current()
+            .resolution
+            .last_good
+            .and_then(|t| t.elapsed().ok())
+            .and_then(|age| Instant::now().checked_sub(age));
         let mut retry = self.config.min_ttl;
         let failure_log = Throttle::new();
         loop {
             let started = Instant::now();
-            let wait = match self.lookup.lookup(&self.host).await {
+            // Stopped mid-lookup (a reload replaced this follower): its answer is not written,
+            // the set may belong to the follower that replaced it.
+            let result = tokio::select! {
+                () = stop.cancelled() => return,
+                r = self.lookup.lookup(&self.host) => r,
+            };
+            let wait = match result {
                 Ok(answer) if !answer.addrs.is_empty() => {
                     self.metrics.dns_resolution("success");
                     self.publish(&answer);

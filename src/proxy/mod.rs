@@ -171,14 +171,14 @@ impl Proxy {
 
     /// Picks the backend (reading the ClientHello first when routes need it), then proxies.
     async fn route(&self, client: &TcpStream, listener: SocketAddr, cut: &CancellationToken) -> CloseReason {
-        let router = self.router();
-        let (pick, hello) = if router.reads_hello(listener) {
+        let (pick, hello) = if self.router().reads_hello(listener) {
             match self.read_hello(client).await {
-                Ok((hello, bytes)) => (router.pick(listener, &hello), bytes),
+                // The routes as they are once the hello is in (a reload may have come since).
+                Ok((hello, bytes)) => (self.router().pick(listener, &hello), bytes),
                 Err(reason) => return reason,
             }
         } else {
-            (router.direct(), Vec::new())
+            (self.router().direct(), Vec::new())
         };
         let upstream = match pick {
             Pick::To(u) => u,
