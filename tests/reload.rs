@@ -42,25 +42,10 @@ async fn named_echo(name: &'static str) -> SocketAddr {
     addr
 }
 
-/// A TLS ClientHello asking for `name` (rustls's first flight).
-fn hello(name: &str) -> Vec<u8> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
-    let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut wire = Vec::new();
-    client.write_tls(&mut wire).unwrap();
-    wire
-}
-
 /// A new connection asking for `name`: which backend answered.
 async fn ask(proxy: SocketAddr, name: &str) -> std::io::Result<(String, TcpStream)> {
     let mut s = TcpStream::connect(proxy).await?;
-    s.write_all(&hello(name)).await?;
+    s.write_all(&client_hello(name)).await?;
     let mut who = [0u8; 5];
     tokio::time::timeout(BOUND, s.read_exact(&mut who)).await.map_err(|_| std::io::ErrorKind::TimedOut)??;
     Ok((String::from_utf8_lossy(&who).into_owned(), s))

@@ -164,21 +164,6 @@ impl Capture {
     }
 }
 
-/// A real TLS client's first flight (rustls), asking for `name`.
-fn client_hello(name: &str) -> Vec<u8> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
-    let mut client = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-    let mut wire = Vec::new();
-    client.write_tls(&mut wire).unwrap();
-    wire
-}
-
 async fn answer_of(s: &mut TcpStream, len: usize) -> String {
     let mut buf = vec![0u8; len];
     within(BOUND, "the backend's answer", s.read_exact(&mut buf)).await.expect("an answer");

@@ -72,27 +72,34 @@ impl Proxy {
         pairs.extend_from_slice(extra);
         let config = Config::from_pairs(pairs).expect("test config is valid");
         let server = Server::bind(config).expect("binding on port 0 succeeds");
-        let (signals, rx) = mpsc::channel(4);
-        Proxy {
-            addr: server.proxy_addrs()[0],
-            addrs: server.proxy_addrs().to_vec(),
-            admin: server.admin_addr(),
-            backends: server.backends(),
-            metrics: server.metrics(),
-            signals,
-            run: tokio::spawn(server.run(rx)),
-        }
+        Proxy::running(server)
     }
 
     /// Starts a proxy from the config file `text` (with `[[route]]`s, say), with [`BASE`] and
     /// `extra` as flags on top.
     pub async fn start_with_file(text: &str, extra: &[(&str, &str)]) -> Proxy {
-        use static_ingress::config::{FileLayer, Override};
-        let file = FileLayer::parse(std::path::Path::new("test.toml"), text).expect("the test's config file parses");
-        let overrides: Vec<Override> =
-            BASE.iter().chain(extra).map(|(k, v)| Override::flag(k, *v).expect("a known key")).collect();
+        let file = static_ingress::config::FileLayer::parse(std::path::Path::new("test.toml"), text)
+            .expect("the test's config file parses");
+        let overrides = Proxy::overrides(extra);
         let config = Config::from_layers(Some(&file), &overrides).expect("test config is valid").config;
         let server = Server::bind(config).expect("binding on port 0 succeeds");
+        Proxy::running(server)
+    }
+
+    /// Starts a proxy from the config file at `path`, which SIGHUP (a `Signal::Reload` on
+    /// `signals`) reads again, with [`BASE`] and `extra` as flags on top, as `run` does.
+    pub async fn start_reloadable(path: &std::path::Path, extra: &[(&str, &str)]) -> Proxy {
+        let overrides = Proxy::overrides(extra);
+        let config = Config::load(Some(path), &overrides).expect("test config is valid").config;
+        let file = path.to_path_buf();
+        let server = Server::bind(config)
+            .expect("binding on port 0 succeeds")
+            .reload_with(move || Config::load(Some(&file), &overrides).map(|l| l.config));
+        Proxy::running(server)
+    }
+
+    /// Runs a bound `server`, its signals on [`Proxy::signals`].
+    fn running(server: Server) -> Proxy {
         let (signals, rx) = mpsc::channel(4);
         Proxy {
             addr: server.proxy_addrs()[0],
@@ -105,27 +112,12 @@ impl Proxy {
         }
     }
 
-    /// Starts a proxy from the config file at `path`, which SIGHUP (a `Signal::Reload` on
-    /// `signals`) reads again, with [`BASE`] and `extra` as flags on top, as `run` does.
-    pub async fn start_reloadable(path: &std::path::Path, extra: &[(&str, &str)]) -> Proxy {
-        use static_ingress::config::Override;
-        let overrides: Vec<Override> =
-            BASE.iter().chain(extra).map(|(k, v)| Override::flag(k, *v).expect("a known key")).collect();
-        let config = Config::load(Some(path), &overrides).expect("test config is valid").config;
-        let file = path.to_path_buf();
-        let server = Server::bind(config)
-            .expect("binding on port 0 succeeds")
-            .reload_with(move || Config::load(Some(&file), &overrides).map(|l| l.config));
-        let (signals, rx) = mpsc::channel(4);
-        Proxy {
-            addr: server.proxy_addrs()[0],
-            addrs: server.proxy_addrs().to_vec(),
-            admin: server.admin_addr(),
-            backends: server.backends(),
-            metrics: server.metrics(),
-            signals,
-            run: tokio::spawn(server.run(rx)),
-        }
+    /// The flags every test proxy gets ([`BASE`]) and `extra`, as overrides.
+    fn overrides(extra: &[(&str, &str)]) -> Vec<static_ingress::config::Override> {
+        BASE.iter()
+            .chain(extra)
+            .map(|(k, v)| static_ingress::config::Override::flag(k, *v).expect("a known key"))
+            .collect()
     }
 
     /// Replaces the backend address set, as a DNS answer would.
@@ -382,4 +374,19 @@ pub async fn read_until_closed(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
         s.read_to_end(&mut buf).await.map(|_| buf)
     })
     .await
+}
+
+/// A real TLS client's first flight (rustls): its ClientHello, asking for `name`.
+pub fn client_hello(name: &str) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).expect("a valid server name");
+    let mut client = rustls::ClientConnection::new(Arc::new(config), name).expect("a client connection");
+    let mut wire = Vec::new();
+    client.write_tls(&mut wire).expect("writing to a Vec does not fail");
+    wire
 }
