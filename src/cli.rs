@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches, Parser, Subcommand};
 
+use crate::admin::client;
 use crate::config::{self, Config, ConfigErrors, Loaded, Origin, Override, keys};
 use crate::server::{Exit, Server, StartError};
 use crate::{lifecycle, logging};
@@ -43,8 +44,11 @@ pub enum Cmd {
     Run(RunArgs),
     /// Check the configuration and print the effective settings; exit 0 if valid, 78 if not.
     CheckConfig(CheckArgs),
-    /// Ask the running proxy with process id PID to reload its configuration (SIGHUP); what
-    /// the unit's ExecReload runs. Exit 0 once asked, 1 if there is no such process.
+    /// Reload the running proxy with process id PID (what the unit's ExecReload runs): check
+    /// the configuration as check-config does, send SIGHUP, and wait for the proxy's /status
+    /// to report the outcome. Exit 0 once applied, 78 if the configuration is invalid (the
+    /// proxy is then not signalled, or kept its running configuration), 1 if the proxy could
+    /// not apply it (e.g. a new listener's port is taken) or there is no such process.
     Reload(ReloadArgs),
     /// Claim this instance's Elastic IP once (the [eip] settings; eip.enabled is not needed),
     /// print what was found and done, and exit: 0 when the address is this instance's, or
@@ -76,6 +80,23 @@ pub struct ReloadArgs {
     /// The proxy's process id (systemd passes $MAINPID).
     #[arg(long, value_name = "PID")]
     pub pid: i32,
+    /// Config file, as given to run. Without it, /etc/static-ingress/static-ingress.toml (and
+    /// its drop-ins) is read if it exists.
+    #[arg(short, long, env = "STATIC_INGRESS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// How long to wait for the proxy to report the reload's outcome.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_wait)]
+    pub wait: std::time::Duration,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
+    let d = config::value::duration(s)?;
+    if d > std::time::Duration::from_secs(600) {
+        return Err("at most 10m".into());
+    }
+    Ok(d)
 }
 
 #[derive(Args, Debug)]
@@ -151,13 +172,30 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The config file to read: the one named, else the default path if it exists, else none.
-fn config_path(named: Option<PathBuf>) -> Option<PathBuf> {
-    named.or_else(|| Some(PathBuf::from(config::DEFAULT_PATH)).filter(|p| p.exists()))
+/// The config file to read and whether it may be missing: the one named (which must exist),
+/// else the default path, read if it or its drop-in directory exists.
+fn config_path(named: Option<PathBuf>) -> Option<(PathBuf, bool)> {
+    match named {
+        Some(path) => Some((path, false)),
+        None => {
+            let path = PathBuf::from(config::DEFAULT_PATH);
+            (path.exists() || config::drop_in_dir(&path).exists()).then_some((path, true))
+        }
+    }
 }
 
-fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Loaded, ConfigErrors> {
-    Config::load(path, &overrides.0)
+fn load(path: Option<&(PathBuf, bool)>, overrides: &Overrides) -> Result<Loaded, ConfigErrors> {
+    Config::load_from(path.map(|(p, optional)| (p.as_path(), *optional)), &overrides.0)
+}
+
+/// What a load read, for the log and check-config: the file and its drop-ins.
+fn files_read(path: &Path, loaded: &Loaded) -> String {
+    let mut files = Vec::new();
+    if path.exists() {
+        files.push(path.display().to_string());
+    }
+    files.extend(loaded.drop_ins.iter().map(|p| p.display().to_string()));
+    if files.is_empty() { "no config file".to_string() } else { files.join(", ") }
 }
 
 fn print_errors(errors: &ConfigErrors) {
@@ -170,10 +208,10 @@ fn print_errors(errors: &ConfigErrors) {
 
 fn check_config(args: CheckArgs) -> ExitCode {
     let path = config_path(args.file);
-    match load(path.as_deref(), &args.overrides) {
+    match load(path.as_ref(), &args.overrides) {
         Ok(loaded) => {
             match &path {
-                Some(p) => println!("# effective configuration: {} (valid)", p.display()),
+                Some((p, _)) => println!("# effective configuration: {} (valid)", files_read(p, &loaded)),
                 None => println!("# effective configuration: no config file, defaults and overrides only (valid)"),
             }
             print!("{}", loaded.render());
@@ -188,17 +226,18 @@ fn check_config(args: CheckArgs) -> ExitCode {
 
 fn run(args: RunArgs) -> ExitCode {
     let path = config_path(args.config);
-    let loaded = match load(path.as_deref(), &args.overrides) {
+    let loaded = match load(path.as_ref(), &args.overrides) {
         Ok(l) => l,
         Err(errors) => {
             print_errors(&errors);
             return ExitCode::from(exit::CONFIG);
         }
     };
+    let files = path.as_ref().map(|(p, _)| files_read(p, &loaded));
     let config = loaded.config;
     logging::init(&config.log);
-    match &path {
-        Some(p) => tracing::info!(file = %p.display(), "configuration loaded"),
+    match files {
+        Some(files) => tracing::info!(files = %files, "configuration loaded"),
         None => tracing::info!("no config file; using defaults and overrides"),
     }
     lifecycle::raise_fd_limit(config.proxy.max_connections);
@@ -229,7 +268,7 @@ fn run(args: RunArgs) -> ExitCode {
         // re-read its environment: per-deployment settings that must change on reload belong
         // in the file).
         let (file, overrides) = (path.clone(), args.overrides.clone());
-        let server = server.reload_with(move || load(file.as_deref(), &overrides).map(|l| l.config));
+        let server = server.reload_with(move || load(file.as_ref(), &overrides));
         server.watch_own_failures();
         let signals = match lifecycle::signals() {
             Ok(s) => s,
@@ -252,18 +291,63 @@ fn reload(args: &ReloadArgs) -> ExitCode {
         eprintln!("error: --pid {} is not a process id", args.pid);
         return ExitCode::from(exit::USAGE);
     }
+    // The proxy would refuse an invalid file too; saying so here puts the errors where the
+    // operator who ran `systemctl reload` looks, and makes the reload fail.
+    let path = config_path(args.config.clone());
+    let loaded = match load(path.as_ref(), &args.overrides) {
+        Ok(l) => l,
+        Err(errors) => {
+            print_errors(&errors);
+            eprintln!("not reloading: process {} keeps running its configuration", args.pid);
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    let admin = client::local(loaded.config.admin.listen);
+    let before = client::reload_status(admin, args.pid);
     // SAFETY: kill(2) with a positive pid (never a process group) and a valid signal.
     if unsafe { libc::kill(args.pid, libc::SIGHUP) } != 0 {
         eprintln!("error: cannot signal process {}: {}", args.pid, std::io::Error::last_os_error());
         return ExitCode::from(exit::FAILURE);
     }
-    println!("asked process {} to reload its configuration; its log says how it went", args.pid);
-    ExitCode::from(exit::OK)
+    let before = match before {
+        Ok(b) => b,
+        Err(why) => {
+            println!("asked process {} to reload; cannot follow it ({why}): its log says how it went", args.pid);
+            return ExitCode::from(exit::OK);
+        }
+    };
+    match client::wait_for_reload(admin, args.pid, before.count, args.wait) {
+        Ok(outcome) => {
+            for key in &outcome.needs_restart {
+                println!("warning: {key} changed, but only a restart applies it; still running the old value");
+            }
+            for shadowed in &outcome.shadowed {
+                println!("warning: {shadowed}");
+            }
+            match outcome.result.as_str() {
+                "applied" => {
+                    println!("configuration reloaded by process {}", args.pid);
+                    ExitCode::from(exit::OK)
+                }
+                result => {
+                    for e in &outcome.errors {
+                        eprintln!("error: {e}");
+                    }
+                    eprintln!("reload {result}: process {} keeps running its previous configuration", args.pid);
+                    ExitCode::from(if result == "invalid" { exit::CONFIG } else { exit::FAILURE })
+                }
+            }
+        }
+        Err(why) => {
+            eprintln!("error: process {} was asked to reload, but {why}; its log says how it went", args.pid);
+            ExitCode::from(exit::FAILURE)
+        }
+    }
 }
 
 fn claim_eip(args: ClaimArgs) -> ExitCode {
     let path = config_path(args.config);
-    let (eip, log) = match Config::load_eip(path.as_deref(), &args.overrides.0) {
+    let (eip, log) = match Config::load_eip(path.as_ref().map(|(p, o)| (p.as_path(), *o)), &args.overrides.0) {
         Ok(c) => c,
         Err(errors) => {
             print_errors(&errors);

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin;
 use crate::backend::{Backends, Resolution};
-use crate::config::{Config, ConfigErrors};
+use crate::config::{Config, ConfigErrors, Loaded};
 use crate::dns::{self, Follower, hickory::HickoryLookup};
 use crate::eip::{self, Eip};
 use crate::health::Checker;
@@ -48,8 +48,10 @@ pub enum Exit {
 /// Every listener bound, nothing served yet. Tests bind on port 0 and read the addresses.
 pub struct Server {
     config: Arc<Config>,
-    /// Each bound listener with its address as `proxy.listen` writes it.
+    /// Each bound listener with its address as `proxy.listen` writes it; `run` starts them.
     proxy_listeners: Vec<(TcpListener, SocketAddr)>,
+    /// The listeners accepting now (`run` fills it; a reload adds and removes).
+    listening: std::sync::Mutex<Vec<Listening>>,
     /// Taken by `run`.
     admin_listener: Option<TcpListener>,
     proxy_addrs: Vec<SocketAddr>,
@@ -62,7 +64,18 @@ pub struct Server {
     /// Cancelled when Auto Scaling is terminating this instance ([`eip::retire`]).
     retire: CancellationToken,
     /// Re-reads the configuration on SIGHUP.
-    reloader: Option<Box<dyn Fn() -> Result<Config, ConfigErrors> + Send + Sync>>,
+    reloader: Option<Box<dyn Fn() -> Result<Loaded, ConfigErrors> + Send + Sync>>,
+}
+
+/// One proxy listener's accept loop.
+struct Listening {
+    /// The address as `proxy.listen` writes it.
+    configured: SocketAddr,
+    /// The address it is bound to (differs for port 0).
+    local: SocketAddr,
+    /// Stops this listener alone (a reload removed it); a child of the drain's.
+    stop: CancellationToken,
+    task: JoinHandle<()>,
 }
 
 /// One backend's address source, health checks and retirement, ready to start.
@@ -135,8 +148,6 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
             keys.push(key);
         }
     };
-    differs("proxy.listen", running.proxy.listen != new.proxy.listen);
-    differs("proxy.max_connections", running.proxy.max_connections != new.proxy.max_connections);
     differs("[admin]", running.admin != new.admin);
     differs("[lifecycle]", running.lifecycle != new.lifecycle);
     differs("[eip]", running.eip != new.eip);
@@ -228,6 +239,7 @@ impl Server {
         Ok(Server {
             config,
             proxy_listeners,
+            listening: std::sync::Mutex::new(Vec::new()),
             admin_listener: Some(admin_listener),
             proxy_addrs,
             admin_addr,
@@ -250,16 +262,34 @@ impl Server {
     {
         let restart = needs_restart(&self.config, &new);
         // What only a restart applies keeps its running value, so that nothing computed from
-        // it (the routes' listeners, their health policy) describes what is not running.
-        new.proxy.listen.clone_from(&self.config.proxy.listen);
-        new.proxy.max_connections = self.config.proxy.max_connections;
+        // it (the routes' health policy) describes what is not running.
         new.health.unhealthy_when = self.config.health.unhealthy_when;
         for r in &mut new.routes {
             r.health.unhealthy_when = self.config.health.unhealthy_when;
         }
+        // New listeners are bound first: a port that cannot be bound fails the reload before
+        // anything changes.
+        let running: Vec<SocketAddr> = self.listening().iter().map(|l| l.configured).collect();
+        let removed: Vec<SocketAddr> = running.iter().copied().filter(|a| !new.proxy.listen.contains(a)).collect();
+        let mut added = Vec::new();
+        for &addr in new.proxy.listen.iter().filter(|a| !running.contains(a)) {
+            match proxy::socket::bind(addr, "proxy") {
+                Ok(l) => added.push((l, addr)),
+                Err(e) => {
+                    let hint = if removed.iter().any(|r| r.port() == addr.port()) {
+                        " (a listener this reload removes may hold the port until it is gone: remove it in one \
+                         reload and add the new one in the next)"
+                    } else {
+                        ""
+                    };
+                    return Err(vec![format!("proxy.listen: {e}{hint}")]);
+                }
+            }
+        }
         let previous = self.proxy.router();
         let (router, fresh, gone) = Router::rebuilt(&new, &self.metrics, &self.stop_sources, &previous.upstreams);
-        // A DNS resolver that cannot be made fails the reload before anything changes.
+        // A DNS resolver that cannot be made fails the reload before anything changes (the
+        // listeners bound above close as they drop).
         let started = fresh.iter().map(sources).collect::<Result<Vec<_>, _>>().map_err(|e| vec![e.to_string()])?;
         for s in started {
             s.spawn();
@@ -275,8 +305,27 @@ impl Server {
             tracing::warn!(route = u.name(), backend = %u.backends.name,
                 "the reloaded route's backend has no address yet: its connections fail until it resolves");
         }
+        if new.proxy.max_connections > self.proxy.max_connections() {
+            lifecycle::raise_fd_limit(new.proxy.max_connections);
+        }
+        self.proxy.set_max_connections(new.proxy.max_connections);
         self.proxy.reconfigure(new.proxy.clone(), Arc::new(router));
         let router = self.proxy.router();
+        // Listeners change once the routes that name them are in place. A removed one stops
+        // accepting; its open connections go on as any other.
+        for (l, addr) in added {
+            tracing::info!(listen = %addr, "reload: new listener accepting");
+            self.start_listener(l, addr);
+        }
+        self.listening().retain(|l| {
+            let keep = !removed.contains(&l.configured);
+            if !keep {
+                tracing::info!(listen = %l.configured, "reload: listener removed; its open connections go on");
+                l.stop.cancel();
+            }
+            keep
+        });
+        self.state.set_listen(self.listening().iter().map(|l| l.local).collect());
         for u in &gone {
             // Its address set may live on in a route that only changed settings.
             let kept = router.upstreams.iter().any(|n| Arc::ptr_eq(&n.backends, &u.backends));
@@ -288,9 +337,22 @@ impl Server {
         Ok((fresh, gone, restart))
     }
 
+    /// The listeners accepting now.
+    fn listening(&self) -> std::sync::MutexGuard<'_, Vec<Listening>> {
+        self.listening.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts accepting on `listener` until the drain, or until a reload removes it.
+    fn start_listener(&self, listener: TcpListener, configured: SocketAddr) {
+        let stop = self.stop_accepting.child_token();
+        let local = listener.local_addr().unwrap_or(configured);
+        let task = tokio::spawn(Arc::clone(&self.proxy).accept_loop(listener, configured, stop.clone()));
+        self.listening().push(Listening { configured, local, stop, task });
+    }
+
     /// How SIGHUP re-reads the configuration (the config file and, through it, everything
     /// that can change live). Without one, SIGHUP is logged and ignored.
-    pub fn reload_with(mut self, load: impl Fn() -> Result<Config, ConfigErrors> + Send + Sync + 'static) -> Server {
+    pub fn reload_with(mut self, load: impl Fn() -> Result<Loaded, ConfigErrors> + Send + Sync + 'static) -> Server {
         self.reloader = Some(Box::new(load));
         self
     }
@@ -311,10 +373,13 @@ impl Server {
             NotifyState::Reloading,
             NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
         ]);
-        let result = match load() {
-            Err(e) => Err(e.0.iter().map(ToString::to_string).collect::<Vec<_>>()),
-            Ok(new) => self.apply(new).await,
+        let (result, shadowed) = match load() {
+            Err(e) => (Err(("invalid", e.0.iter().map(ToString::to_string).collect::<Vec<_>>())), Vec::new()),
+            Ok(new) => (self.apply(new.config).await.map_err(|e| ("failed", e)), new.shadowed),
         };
+        for line in &shadowed {
+            tracing::warn!("reload: {line}; a reload re-reads the files only");
+        }
         match result {
             Ok((fresh, gone, restart)) => {
                 self.metrics.config_reload(true);
@@ -324,17 +389,20 @@ impl Server {
                 for key in &restart {
                     tracing::warn!(key = %key, "changed in the configuration, but only a restart applies it; still running the old value");
                 }
+                self.state.reloaded("applied", Vec::new(), restart.iter().map(ToString::to_string).collect(), shadowed);
                 lifecycle::notify(&[NotifyState::Ready, NotifyState::Status("serving (configuration reloaded)")]);
             }
-            Err(errors) => {
+            Err((result, errors)) => {
                 self.metrics.config_reload(false);
+                let what = if result == "invalid" { "invalid configuration" } else { "cannot apply the configuration" };
                 for e in &errors {
-                    tracing::error!(error = %e, "reload: invalid configuration");
+                    tracing::error!(error = %e, "reload: {what}");
                 }
                 tracing::error!(
                     errors = errors.len(),
                     "configuration reload failed; still running the previous configuration"
                 );
+                self.state.reloaded(result, errors, Vec::new(), shadowed);
                 lifecycle::notify(&[
                     NotifyState::Ready,
                     NotifyState::Status("serving (last reload failed; see the log)"),
@@ -393,12 +461,9 @@ impl Server {
     /// A second `Terminate` at any point skips to the end and returns [`Exit::Forced`].
     pub async fn run(mut self, mut signals: mpsc::Receiver<Signal>) -> Exit {
         let stop_accepting = self.stop_accepting.clone();
-        let accept_loops: Vec<JoinHandle<()>> = std::mem::take(&mut self.proxy_listeners)
-            .into_iter()
-            .map(|(l, configured)| {
-                tokio::spawn(Arc::clone(&self.proxy).accept_loop(l, configured, stop_accepting.clone()))
-            })
-            .collect();
+        for (l, configured) in std::mem::take(&mut self.proxy_listeners) {
+            self.start_listener(l, configured);
+        }
         let stop_admin = CancellationToken::new();
         let Some(admin_listener) = self.admin_listener.take() else {
             tracing::error!("run called twice");
@@ -465,7 +530,8 @@ impl Server {
 
             // 2. Stop accepting.
             stop_accepting.cancel();
-            for handle in accept_loops {
+            let loops: Vec<Listening> = std::mem::take(&mut *self.listening());
+            for handle in loops.into_iter().map(|l| l.task) {
                 if let Err(e) = handle.await {
                     tracing::error!(error = %e, "accept loop task failed");
                 }

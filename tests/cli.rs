@@ -232,12 +232,19 @@ impl Process {
     }
 
     /// Starts the proxy through `launcher`, a command that ends with the binary's path or is it.
-    async fn start_under(mut launcher: Command, backend: SocketAddr, extra: &[&str]) -> Process {
+    async fn start_under(launcher: Command, backend: SocketAddr, extra: &[&str]) -> Process {
+        let backend = backend.to_string();
+        let mut args = vec!["--config", &fixture("empty.toml")].into_iter().map(String::from).collect::<Vec<_>>();
+        args.extend(["--backend-address", &backend, "--proxy-listen", "127.0.0.1:0"].map(String::from));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Process::start_args(launcher, &args).await
+    }
+
+    /// Starts `run` with `args` (the admin server on a free loopback port).
+    async fn start_args(mut launcher: Command, args: &[String]) -> Process {
         let mut child = launcher
-            .args(["run", "--config", &fixture("empty.toml")])
-            .args(["--backend-address", &backend.to_string()])
-            .args(["--proxy-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(extra)
+            .args(["run", "--admin-listen", "127.0.0.1:0"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -347,12 +354,16 @@ async fn the_binary_proxies_and_drains_on_sigterm() {
 async fn sighup_reloads_without_stopping_and_a_second_sigint_exits_at_once_with_1() {
     let backend = Backend::echo().await;
     let p = Process::start(backend.addr, &["--lifecycle-drain-delay", "60s", "--log-format", "json"]).await;
-    // As the unit's ExecReload asks: `static-ingress reload --pid $MAINPID`.
+    // As the unit's ExecReload asks: `static-ingress reload --pid $MAINPID`, in the unit's
+    // environment (here, the same flags).
     let pid = p.child.id().to_string();
-    let out = cmd().args(["reload", "--pid", &pid]).output().expect("reload runs");
+    let admin = p.admin.to_string();
+    let same = ["--config", &fixture("empty.toml"), "--backend-address", &backend.addr.to_string(), "--admin-listen", &admin];
+    let out = cmd().args(["reload", "--pid", &pid]).args(same).output().expect("reload runs");
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout(&out), format!("configuration reloaded by process {pid}\n"));
     // No such process: said, and exit 1.
-    let none = cmd().args(["reload", "--pid", "999999999"]).output().expect("reload runs");
+    let none = cmd().args(["reload", "--pid", "999999999"]).args(same).output().expect("reload runs");
     assert_eq!(none.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&none.stderr).contains("cannot signal process 999999999"));
     // Handled, not merely not yet delivered: the proxy says it got it, and then still serves.
@@ -375,6 +386,79 @@ async fn sighup_reloads_without_stopping_and_a_second_sigint_exits_at_once_with_
         assert!(["INFO", "WARN", "ERROR"].contains(&json["level"].as_str().unwrap_or("")), "{line}");
         assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()), "{line}");
     }
+}
+
+/// `static-ingress reload` as `systemctl reload` runs it: it waits for the proxy's outcome and
+/// says it, and fails the reload (so systemd reports it) when the file is invalid or cannot
+/// be applied. The launch template's settings live in a drop-in, which a reload re-reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_waits_for_the_outcome_and_fails_when_invalid_or_not_applied() {
+    let blue = Backend::named("127.0.0.1:0".parse().unwrap(), "blue").await.unwrap();
+    let green = Backend::named("127.0.0.1:0".parse().unwrap(), "green").await.unwrap();
+    let dir = std::env::temp_dir().join(format!("static-ingress-cli-reload-{}", std::process::id()));
+    let drop_ins = dir.join("static-ingress.toml.d");
+    std::fs::create_dir_all(&drop_ins).unwrap();
+    let main = dir.join("static-ingress.toml");
+    std::fs::write(&main, "[proxy]\nlisten = [\"127.0.0.1:0\"]\nconnect_timeout = \"2s\"\n").unwrap();
+    let fleet = drop_ins.join("50-fleet.toml");
+    let backend = |b: &Backend| format!("# written by the launch template\n[backend]\naddress = \"{}\"\n", b.addr);
+    std::fs::write(&fleet, backend(&blue)).unwrap();
+    // An editor's backup beside it is not read.
+    std::fs::write(drop_ins.join("50-fleet.toml~"), "[backend]\naddress = \"nowhere:1\"\n").unwrap();
+    let config = main.display().to_string();
+    let p = Process::start_args(cmd(), &["--config".into(), config.clone(), "--proxy-idle-timeout".into(), "60s".into()]).await;
+    assert_eq!(greeting(p.proxy).await.unwrap().0, "blue");
+    let pid = p.child.id().to_string();
+    let admin = p.admin.to_string();
+    let reload = || run(cmd().args(["reload", "--pid", &pid, "--config", &config, "--admin-listen", &admin]));
+
+    // The drop-in names the new backend (and sets a key the start's flag still overrides).
+    std::fs::write(&fleet, backend(&green) + "[proxy]\nidle_timeout = \"90s\"\n").unwrap();
+    let out = reload();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert!(said.ends_with(&format!("configuration reloaded by process {pid}\n")), "{said}");
+    assert!(
+        said.contains("warning: proxy.idle_timeout: ")
+            && said.contains("50-fleet.toml:5 sets \"1m 30s\", but flag --proxy-idle-timeout sets \"1m\", which wins"),
+        "{said}"
+    );
+    assert_eq!(greeting(p.proxy).await.unwrap().0, "green");
+
+    // Invalid: the errors with file:line, exit 78, and the proxy is not even signalled.
+    std::fs::write(&fleet, backend(&blue) + "[proxy]\nconnect_timeout = 5\n").unwrap();
+    let out = reload();
+    assert_eq!(out.status.code(), Some(78), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("50-fleet.toml:5: proxy.connect_timeout:"), "{err}");
+    assert!(err.contains(&format!("not reloading: process {pid} keeps running its configuration")), "{err}");
+    let status: serde_json::Value = serde_json::from_str(&get(p.admin, "/status").await.body).unwrap();
+    assert_eq!(status["reload"]["count"], 1, "{status}");
+    assert_eq!(greeting(p.proxy).await.unwrap().0, "green");
+
+    // Valid but not applicable: a new listener on a port another process holds. Exit 1, the
+    // proxy's own error, and everything as it was.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    std::fs::write(&fleet, backend(&blue) + &format!("[proxy]\nlisten = [\"127.0.0.1:0\", \"127.0.0.1:{port}\"]\n")).unwrap();
+    let out = reload();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("error: proxy.listen: cannot listen on 127.0.0.1:{port} for the proxy (another process")), "{err}");
+    assert!(err.contains(&format!("reload failed: process {pid} keeps running its previous configuration")), "{err}");
+    assert_eq!(greeting(p.proxy).await.unwrap().0, "green");
+    let metrics = get(p.admin, "/metrics").await.body;
+    assert!(metrics.contains("static_ingress_config_reloads_total{result=\"failed\"} 1"), "{metrics}");
+
+    // Once the port is free, the same file applies: the new listener serves the new backend.
+    drop(held);
+    let out = reload();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(greeting(SocketAddr::from(([127, 0, 0, 1], port))).await.unwrap().0, "blue");
+    assert_eq!(greeting(p.proxy).await.unwrap().0, "blue");
+    p.signal(libc::SIGKILL);
+    let _ = p.wait().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -188,3 +188,66 @@ async fn connections_to_a_backend_a_reload_removed_close_when_its_grace_ends() {
     eventually("counted as backend_retired", async || proxy.closed("backend_retired").await == 1.0).await;
     let _ = std::fs::remove_file(&path);
 }
+
+/// A loopback address with a port nobody listens on now.
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+async fn active(proxy: &Proxy) -> u64 {
+    let status: serde_json::Value = serde_json::from_str(&get(proxy.admin, "/status").await.body).unwrap();
+    status["connections"]["active"].as_u64().unwrap()
+}
+
+/// Whether a new connection to `addr` is served (the backend's name comes back).
+async fn served(addr: SocketAddr) -> Option<TcpStream> {
+    ask(addr, "x").await.ok().map(|(who, s)| {
+        assert_eq!(who, "deflt");
+        s
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_listeners_and_changes_the_limit_without_closing_anything() {
+    let default = named_echo("deflt").await;
+    let (a, b) = (free_addr(), free_addr());
+    let path = config_file("listen");
+    let text = |listen: &[SocketAddr], max: usize| {
+        let listen = listen.iter().map(|l| format!("\"{l}\"")).collect::<Vec<_>>().join(", ");
+        format!("[proxy]\nlisten = [{listen}]\nmax_connections = {max}\n[backend]\naddress = \"{default}\"\n")
+    };
+    std::fs::write(&path, text(&[a], 3)).unwrap();
+    let proxy = Proxy::start_reloadable_listening(&path, &[]).await;
+    let mut one = served(a).await.expect("served on a");
+    let mut two = served(a).await.expect("served on a");
+
+    // Listener a goes, b comes, and the limit drops below what is open.
+    reload(&proxy, &path, &text(&[b], 1), "ok", 1.0).await;
+    let refused = TcpStream::connect(a).await.map(|_| ()).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "a removed listener still accepts");
+    for s in [&mut one, &mut two] {
+        s.write_all(b"still").await.unwrap();
+        let mut back = [0u8; 5];
+        within(BOUND, "the echo", s.read_exact(&mut back)).await.expect("open through the removed listener");
+        assert_eq!(&back, b"still");
+    }
+    // Two open, limit one: b accepts, and resets as over the limit, until enough have ended.
+    assert!(served(b).await.is_none(), "served past the lowered limit");
+    assert_eq!(proxy.closed("over_limit").await, 1.0);
+    let status: serde_json::Value = serde_json::from_str(&get(proxy.admin, "/status").await.body).unwrap();
+    assert_eq!(status["listen"], serde_json::json!([b.to_string()]), "{status}");
+    assert_eq!(status["connections"], serde_json::json!({"active": 2, "limit": 1, "accepted_total": 3}), "{status}");
+    drop((one, two));
+    eventually("the two to close", async || active(&proxy).await == 0).await;
+    let first = served(b).await.expect("served on b under the limit");
+    assert!(served(b).await.is_none(), "a second connection served at limit 1");
+
+    // Both listeners, and room for three.
+    reload(&proxy, &path, &text(&[a, b], 3), "ok", 2.0).await;
+    let more = [served(a).await, served(b).await];
+    assert!(more.iter().all(Option::is_some), "not served under the raised limit");
+    assert!(served(a).await.is_none(), "a fourth connection served at limit 3");
+    assert_eq!(active(&proxy).await, 3);
+    drop((first, more));
+    let _ = std::fs::remove_file(&path);
+}

@@ -5,6 +5,7 @@
 //! and a connection cap that makes room for a newcomer by closing a connection that waits
 //! (see [`slots`]), so slow clients cannot lock Route 53 out of `/health`.
 
+pub mod client;
 mod slots;
 mod status;
 
@@ -40,7 +41,8 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     pub proxy: Arc<Proxy>,
     pub eip: Arc<crate::eip::Eip>,
-    pub listen: Vec<std::net::SocketAddr>,
+    /// The proxy listeners, as `proxy.listen` writes them (a reload changes them).
+    listen: std::sync::Mutex<Vec<std::net::SocketAddr>>,
     pub version: &'static str,
     started: Instant,
     started_at: SystemTime,
@@ -48,6 +50,9 @@ pub struct State {
     /// Set while the Elastic IP is being handed over to a newer instance, and after: why
     /// `/health` fails.
     handoff: std::sync::Mutex<Option<String>>,
+    /// The reloads so far and the last one's outcome, for `/status` (and `static-ingress
+    /// reload`, which waits on it).
+    reload: std::sync::Mutex<client::Reload>,
     admin_metrics: AdminMetrics,
 }
 
@@ -111,16 +116,35 @@ impl State {
             metrics,
             proxy,
             eip,
-            listen,
+            listen: std::sync::Mutex::new(listen),
             version: env!("CARGO_PKG_VERSION"),
             started: Instant::now(),
             started_at: SystemTime::now(),
             draining: AtomicBool::new(false),
             handoff: std::sync::Mutex::new(None),
+            reload: std::sync::Mutex::new(client::Reload::default()),
             // The one name and label set are fixed and valid; `admin_metrics_render` in the
             // tests registers them.
             admin_metrics: AdminMetrics::new().expect("admin metric definitions are valid"),
         }
+    }
+
+    /// Records a reload's outcome: `applied`, `invalid` or `failed`.
+    pub fn reloaded(&self, result: &str, errors: Vec<String>, needs_restart: Vec<String>, shadowed: Vec<String>) {
+        let mut r = self.reload.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *r = client::Reload { count: r.count + 1, result: result.to_string(), errors, needs_restart, shadowed };
+    }
+
+    pub fn reload_status(&self) -> client::Reload {
+        self.reload.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub fn listen(&self) -> Vec<std::net::SocketAddr> {
+        self.listen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub fn set_listen(&self, listen: Vec<std::net::SocketAddr>) {
+        *self.listen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = listen;
     }
 
     /// From now on `/health` answers 503 `draining`.

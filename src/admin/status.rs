@@ -9,6 +9,8 @@ use super::{Health, State};
 #[derive(Serialize)]
 struct Status<'a> {
     version: &'a str,
+    /// This process's id (`static-ingress reload --pid` checks it is talking to the right one).
+    pid: u32,
     started_at: f64,
     uptime_seconds: f64,
     health: HealthView,
@@ -20,6 +22,9 @@ struct Status<'a> {
     backends: Vec<BackendView>,
     connections: Connections,
     eip: EipView,
+    /// The reloads (SIGHUP) since start: `count`, and the last one's `result` (applied,
+    /// invalid or failed), `errors`, `needs_restart` and `shadowed`.
+    reload: super::client::Reload,
 }
 
 #[derive(Serialize)]
@@ -166,11 +171,12 @@ pub fn render(state: &State) -> String {
     let backends: Vec<BackendView> = state.proxy.router().upstreams.iter().map(|u| backend_view(u)).collect();
     let status = Status {
         version: state.version,
+        pid: std::process::id(),
         started_at: unix(state.started_at),
         uptime_seconds: state.started.elapsed().as_secs_f64(),
         health: health_view(state.health()),
         draining: state.is_draining(),
-        listen: state.listen.iter().map(ToString::to_string).collect(),
+        listen: state.listen().iter().map(ToString::to_string).collect(),
         backend: backends[0].clone(),
         backends,
         connections: Connections {
@@ -191,6 +197,7 @@ pub fn render(state: &State) -> String {
                 error: e.error,
             }
         },
+        reload: state.reload_status(),
     };
     // Serializing plain structs of strings and numbers cannot fail.
     serde_json::to_string_pretty(&status).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"

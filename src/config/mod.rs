@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use routes::{RouteConfig, ServerName};
-pub use source::{ConfigError, ConfigErrors, FileLayer, Origin, Override};
+pub use source::{ConfigError, ConfigErrors, FileLayer, Origin, Override, drop_in_dir};
 pub use value::HostPort;
 use value::{Raw, Value};
 
@@ -180,6 +180,11 @@ pub struct Setting {
 pub struct Loaded {
     pub config: Config,
     pub settings: Vec<Setting>,
+    /// The drop-ins read after the main file, in order.
+    pub drop_ins: Vec<std::path::PathBuf>,
+    /// Keys the files set to another value than a flag or the environment gives them, which
+    /// win: one line each, naming both places (a reload re-reads the files only).
+    pub shadowed: Vec<String>,
 }
 
 impl Loaded {
@@ -210,8 +215,18 @@ impl Loaded {
 impl Config {
     /// Merges the file (if any) with overrides and defaults, and checks every key. All errors
     /// are returned, not just the first.
+    /// The file is read with its drop-ins ([`FileLayer::read_with_drop_ins`]); it must exist.
     pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Loaded, ConfigErrors> {
-        let file = file.map(FileLayer::read).transpose()?;
+        Self::load_from(file.map(|p| (p, false)), overrides)
+    }
+
+    /// Like [`Config::load`], for a file that may be missing when its flag is true (the
+    /// default path: its drop-ins are still read).
+    pub fn load_from(file: Option<(&Path, bool)>, overrides: &[Override]) -> Result<Loaded, ConfigErrors> {
+        let file = match file {
+            Some((path, optional)) => FileLayer::read_with_drop_ins(path, optional)?,
+            None => None,
+        };
         Self::from_layers(file.as_ref(), overrides)
     }
 
@@ -226,7 +241,7 @@ impl Config {
     }
 
     pub fn from_layers(file: Option<&FileLayer>, overrides: &[Override]) -> Result<Loaded, ConfigErrors> {
-        let mut r = Resolver { file, overrides, errors: Vec::new(), settings: Vec::new() };
+        let mut r = Resolver { file, overrides, errors: Vec::new(), settings: Vec::new(), shadowed: Vec::new() };
 
         // Read every key before building, so that all errors are collected.
         let listen = r.get("proxy.listen", as_addrs);
@@ -347,7 +362,7 @@ impl Config {
                 health: &c.health,
                 listen: &c.proxy.listen,
             };
-            let built = routes::build(&file.path, &file.routes, &base, &mut r.errors);
+            let built = routes::build(&file.routes, &base, &mut r.errors);
             c.routes.extend(built);
         }
         if let Some(config) = &config {
@@ -359,7 +374,8 @@ impl Config {
             Some(config) if r.errors.is_empty() => {
                 // Keep check-config's output in the order of the key table.
                 r.settings.sort_by_key(|s| keys::KEYS.iter().position(|k| k.name == s.key.name));
-                Ok(Loaded { config, settings: r.settings })
+                let drop_ins = file.map(|f| f.drop_ins.clone()).unwrap_or_default();
+                Ok(Loaded { config, settings: r.settings, drop_ins, shadowed: r.shadowed })
             }
             _ => Err(ConfigErrors(r.errors)),
         }
@@ -367,9 +383,18 @@ impl Config {
 
     /// Only the `[eip]` and `[log]` sections, for `claim-eip`, which needs no backend. The
     /// file is still parsed whole, so unknown keys anywhere are refused as for `run`.
-    pub fn load_eip(file: Option<&Path>, overrides: &[Override]) -> Result<(EipConfig, LogConfig), ConfigErrors> {
-        let file = file.map(FileLayer::read).transpose()?;
-        let mut r = Resolver { file: file.as_ref(), overrides, errors: Vec::new(), settings: Vec::new() };
+    pub fn load_eip(file: Option<(&Path, bool)>, overrides: &[Override]) -> Result<(EipConfig, LogConfig), ConfigErrors> {
+        let file = match file {
+            Some((path, optional)) => FileLayer::read_with_drop_ins(path, optional)?,
+            None => None,
+        };
+        let mut r = Resolver {
+            file: file.as_ref(),
+            overrides,
+            errors: Vec::new(),
+            settings: Vec::new(),
+            shadowed: Vec::new(),
+        };
         let (eip, log) = (r.eip(), r.log());
         match (eip, log) {
             (Some(eip), Some(log)) if r.errors.is_empty() => Ok((eip, log)),
@@ -383,6 +408,7 @@ struct Resolver<'a> {
     overrides: &'a [Override],
     errors: Vec<ConfigError>,
     settings: Vec<Setting>,
+    shadowed: Vec<String>,
 }
 
 impl Resolver<'_> {
@@ -398,10 +424,23 @@ impl Resolver<'_> {
             self.errors.push(internal(name, "is read but not listed in config::keys::KEYS"));
             return None;
         };
+        let in_file = self.file.and_then(|f| f.entries.get(name));
         let (raw, origin) = if let Some(o) = self.overrides.iter().rev().find(|o| o.key.name == name) {
+            if let Some(entry) = in_file {
+                let (ours, theirs) = (value::parse(key.kind, Raw::Text(&o.value)), value::parse(key.kind, Raw::Toml(&entry.value)));
+                if let (Ok(ours), Ok(theirs)) = (ours, theirs)
+                    && ours != theirs
+                {
+                    self.shadowed.push(format!(
+                        "{name}: {} sets {theirs}, but {} sets {ours}, which wins over the files",
+                        entry.origin(),
+                        o.origin
+                    ));
+                }
+            }
             (Raw::Text(&o.value), o.origin.clone())
-        } else if let Some((file, entry)) = self.file.and_then(|f| f.entries.get(name).map(|e| (f, e))) {
-            (Raw::Toml(&entry.value), Origin::File { path: file.path.clone(), line: Some(entry.line) })
+        } else if let Some(entry) = in_file {
+            (Raw::Toml(&entry.value), entry.origin())
         } else if let Some(default) = key.default {
             (Raw::Text(default), Origin::Default)
         } else {

@@ -160,13 +160,14 @@ pub struct Base<'a> {
     pub listen: &'a [SocketAddr],
 }
 
-/// Checks the `[[route]]` tables of the file at `path`; every error is pushed to `errors`.
-pub fn build(path: &Path, tables: &[RouteTable], base: &Base<'_>, errors: &mut Vec<ConfigError>) -> Vec<RouteConfig> {
+/// Checks the `[[route]]` tables (of the file and its drop-ins); every error is pushed to
+/// `errors`.
+pub fn build(tables: &[RouteTable], base: &Base<'_>, errors: &mut Vec<ConfigError>) -> Vec<RouteConfig> {
     let mut routes: Vec<RouteConfig> = Vec::new();
     // Which route already claimed each server name, for duplicates across routes.
     let mut claimed: BTreeMap<ServerName, String> = BTreeMap::new();
     for (i, table) in tables.iter().enumerate() {
-        let mut r = Table { path, table, label: format!("#{}", i + 1), errors };
+        let mut r = Table { path: &table.path, table, label: format!("#{}", i + 1), errors };
         if let Some(route) = r.route(base, &routes, &mut claimed) {
             routes.push(route);
         }

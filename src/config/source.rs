@@ -85,20 +85,30 @@ impl Override {
     }
 }
 
-/// A value from the file and the line it is on.
+/// A value from a file, the file and the line it is on.
 #[derive(Debug, Clone)]
 pub struct FileEntry {
     pub value: toml::Value,
+    pub path: PathBuf,
     pub line: usize,
 }
 
-/// The parsed config file: `section.key` to value, every key already known to exist, and the
-/// `[[route]]` tables, in file order.
+impl FileEntry {
+    pub fn origin(&self) -> Origin {
+        Origin::File { path: self.path.clone(), line: Some(self.line) }
+    }
+}
+
+/// The parsed config file and its drop-ins (see [`FileLayer::read_with_drop_ins`]):
+/// `section.key` to value, every key already known to exist, and the `[[route]]` tables, in
+/// file order. `path` is the main file.
 #[derive(Debug, Clone)]
 pub struct FileLayer {
     pub path: PathBuf,
     pub entries: BTreeMap<String, FileEntry>,
     pub routes: Vec<RouteTable>,
+    /// The drop-ins read after the main file, in the order read.
+    pub drop_ins: Vec<PathBuf>,
 }
 
 /// One `[[route]]` table: its line and its keys (a sub-table such as `health.interval = ...`
@@ -106,6 +116,7 @@ pub struct FileLayer {
 /// [`super::routes::FIELDS`] and [`super::routes::OVERRIDES`] when the configuration is built.
 #[derive(Debug, Clone)]
 pub struct RouteTable {
+    pub path: PathBuf,
     pub line: usize,
     pub entries: BTreeMap<String, FileEntry>,
 }
@@ -162,7 +173,90 @@ impl<'de> serde::Deserialize<'de> for Item {
 
 type Document = BTreeMap<String, Spanned<Item>>;
 
+/// The directory of drop-ins for the config file at `path`: `<path>.d`, as sshd reads
+/// `sshd_config.d` (`/etc/static-ingress/static-ingress.toml.d/`).
+pub fn drop_in_dir(path: &Path) -> PathBuf {
+    let mut dir = path.as_os_str().to_owned();
+    dir.push(".d");
+    PathBuf::from(dir)
+}
+
+/// The most drop-ins read from one directory: a bound on work, far above any real use.
+pub const MAX_DROP_INS: usize = 256;
+
 impl FileLayer {
+    /// The config file at `path` (which need not exist when `optional`) and then every
+    /// `*.toml` file in [`drop_in_dir`], in byte order of their names, each a config file of
+    /// its own. A key set in a later file replaces the earlier value (each keeps its own
+    /// `file:line`); `[[route]]` tables add up, in the order read. Files whose names start
+    /// with `.` or do not end in `.toml` are skipped (editor backups, `dpkg-dist` copies). The
+    /// errors of every file are returned together.
+    pub fn read_with_drop_ins(path: &Path, optional: bool) -> Result<Option<FileLayer>, ConfigErrors> {
+        let dir = drop_in_dir(path);
+        let mut errors = Vec::new();
+        let mut layer = match Self::read(path) {
+            Ok(layer) => Some(layer),
+            Err(_) if optional && !path.exists() => None,
+            Err(e) => {
+                errors.extend(e.0);
+                None
+            }
+        };
+        let mut names = Vec::new();
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                for entry in entries {
+                    let entry = match entry {
+                        Ok(entry) => entry,
+                        Err(e) => {
+                            errors.push(dir_error(&dir, &format!("cannot list the drop-in directory: {e}")));
+                            break;
+                        }
+                    };
+                    let name = entry.file_name();
+                    let Some(text) = name.to_str() else { continue };
+                    if text.starts_with('.') || !text.ends_with(".toml") {
+                        continue;
+                    }
+                    names.push(entry.path());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+                errors.push(dir_error(&dir, "is not a directory; drop-ins go in a directory of that name"));
+            }
+            Err(e) => errors.push(dir_error(&dir, &format!("cannot read the drop-in directory: {e}"))),
+        }
+        names.sort();
+        if names.len() > MAX_DROP_INS {
+            errors.push(dir_error(&dir, &format!("holds {} drop-ins; at most {MAX_DROP_INS} are read", names.len())));
+            names.truncate(MAX_DROP_INS);
+        }
+        for name in names {
+            match Self::read(&name) {
+                Ok(next) => match &mut layer {
+                    Some(layer) => layer.add(next),
+                    None => {
+                        // No main file: the first drop-in's path stands for the files in errors.
+                        let mut next = next;
+                        next.drop_ins = vec![next.path.clone()];
+                        next.path = path.to_path_buf();
+                        layer = Some(next);
+                    }
+                },
+                Err(e) => errors.extend(e.0),
+            }
+        }
+        if errors.is_empty() { Ok(layer) } else { Err(ConfigErrors(errors)) }
+    }
+
+    /// `later`'s keys over this layer's, and its routes after them.
+    fn add(&mut self, later: FileLayer) {
+        self.entries.extend(later.entries);
+        self.routes.extend(later.routes);
+        self.drop_ins.push(later.path);
+    }
+
     /// Reads and parses `path`, refusing unknown sections and keys (all of them, not just
     /// the first).
     pub fn read(path: &Path) -> Result<FileLayer, ConfigErrors> {
@@ -235,7 +329,7 @@ impl FileLayer {
             let table = match item.into_inner() {
                 Item::Tables(tables) if section == ROUTE => {
                     for table in tables {
-                        routes.push(route_table(table, lines));
+                        routes.push(route_table(path, table, lines));
                     }
                     continue;
                 }
@@ -291,7 +385,7 @@ impl FileLayer {
                     });
                     continue;
                 }
-                entries.insert(name, FileEntry { value: value.into_inner(), line });
+                entries.insert(name, FileEntry { value: value.into_inner(), path: path.to_path_buf(), line });
             }
         }
         errors.sort_by_key(|e: &ConfigError| match e.origin {
@@ -299,7 +393,7 @@ impl FileLayer {
             _ => None,
         });
         if errors.is_empty() {
-            Ok(FileLayer { path: path.to_path_buf(), entries, routes })
+            Ok(FileLayer { path: path.to_path_buf(), entries, routes, drop_ins: Vec::new() })
         } else {
             Err(ConfigErrors(errors))
         }
@@ -308,7 +402,7 @@ impl FileLayer {
 
 /// A `[[route]]` table with its keys flattened one level (`health = { interval = ... }`, as
 /// `health.interval = ...` writes it, becomes `health.interval`), each with its line.
-fn route_table(table: Spanned<Section>, lines: &LineIndex) -> RouteTable {
+fn route_table(path: &Path, table: Spanned<Section>, lines: &LineIndex) -> RouteTable {
     let line = lines.line(table.span().start);
     let mut entries = BTreeMap::new();
     for (field, value) in table.into_inner() {
@@ -316,15 +410,22 @@ fn route_table(table: Spanned<Section>, lines: &LineIndex) -> RouteTable {
         match value.into_inner() {
             toml::Value::Table(sub) => {
                 for (k, v) in sub {
-                    entries.insert(format!("{field}.{k}"), FileEntry { value: v, line: value_line });
+                    entries.insert(
+                        format!("{field}.{k}"),
+                        FileEntry { value: v, path: path.to_path_buf(), line: value_line },
+                    );
                 }
             }
             v => {
-                entries.insert(field, FileEntry { value: v, line: value_line });
+                entries.insert(field, FileEntry { value: v, path: path.to_path_buf(), line: value_line });
             }
         }
     }
-    RouteTable { line, entries }
+    RouteTable { path: path.to_path_buf(), line, entries }
+}
+
+fn dir_error(dir: &Path, message: &str) -> ConfigError {
+    ConfigError { origin: Origin::File { path: dir.to_path_buf(), line: None }, key: None, message: message.into() }
 }
 
 /// Line numbers of byte offsets, from one pass over the text. Finding each key's line by
@@ -547,5 +648,69 @@ mod tests {
     fn values_keep_their_lines() {
         let layer = FileLayer::parse(Path::new("t.toml"), "# c\n[backend]\naddress = \"a:1\"\n").unwrap();
         assert_eq!(layer.entries["backend.address"].line, 3);
+    }
+
+    /// A fresh directory for one test's files.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("static-ingress-dropins-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn drop_ins_are_read_in_name_order_and_later_keys_win_each_with_its_place() {
+        let dir = scratch("order");
+        let main = dir.join("s.toml");
+        std::fs::write(&main, "[backend]\naddress = \"main:1\"\n[proxy]\nidle_timeout = \"1m\"\n").unwrap();
+        let d = drop_in_dir(&main);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("50-fleet.toml"), "[backend]\naddress = \"fleet:1\"\n[[route]]\nname = \"a\"\n").unwrap();
+        std::fs::write(d.join("10-base.toml"), "[backend]\naddress = \"base:1\"\n[[route]]\nname = \"b\"\n").unwrap();
+        // Not read: hidden, a backup, a package manager's copy.
+        for skipped in [".50-x.toml", "60-x.toml~", "60-x.toml.dpkg-dist", "README"] {
+            std::fs::write(d.join(skipped), "not toml at all [[[").unwrap();
+        }
+        let layer = FileLayer::read_with_drop_ins(&main, false).unwrap().unwrap();
+        let address = &layer.entries["backend.address"];
+        assert_eq!(address.value.as_str(), Some("fleet:1"));
+        assert_eq!(address.origin().to_string(), format!("{}:2", d.join("50-fleet.toml").display()));
+        assert_eq!(layer.entries["proxy.idle_timeout"].origin().to_string(), format!("{}:4", main.display()));
+        let names: Vec<_> = layer.routes.iter().map(|r| r.entries["name"].value.as_str().unwrap()).collect();
+        assert_eq!(names, ["b", "a"]);
+        assert_eq!(layer.drop_ins, [d.join("10-base.toml"), d.join("50-fleet.toml")]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn errors_of_every_file_come_together_and_a_missing_default_file_may_have_drop_ins() {
+        let dir = scratch("errors");
+        let main = dir.join("s.toml");
+        std::fs::write(&main, "[nope]\n").unwrap();
+        let d = drop_in_dir(&main);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("1.toml"), "[proxy]\nno_such = 1\n").unwrap();
+        let got: Vec<String> =
+            FileLayer::read_with_drop_ins(&main, false).unwrap_err().0.iter().map(ToString::to_string).collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].starts_with(&format!("{}:1: unknown section [nope]", main.display())), "{got:?}");
+        assert!(got[1].starts_with(&format!("{}:2: unknown key proxy.no_such", d.join("1.toml").display())), "{got:?}");
+
+        // The default path may be missing; its drop-ins are read all the same.
+        std::fs::remove_file(&main).unwrap();
+        std::fs::write(d.join("1.toml"), "[backend]\naddress = \"d:1\"\n").unwrap();
+        let layer = FileLayer::read_with_drop_ins(&main, true).unwrap().unwrap();
+        assert_eq!(layer.entries["backend.address"].value.as_str(), Some("d:1"));
+        // A named file must exist.
+        let err = FileLayer::read_with_drop_ins(&main, false).unwrap_err().to_string();
+        assert!(err.contains("cannot read the config file"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+        assert!(FileLayer::read_with_drop_ins(&main, true).unwrap().is_none());
+
+        // A file where the directory should be is said.
+        std::fs::write(&d, "").unwrap();
+        let err = FileLayer::read_with_drop_ins(&main, true).unwrap_err().to_string();
+        assert!(err.contains("is not a directory"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

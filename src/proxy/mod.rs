@@ -8,6 +8,7 @@ pub mod socket;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -30,10 +31,13 @@ const MAX_CONNECT_ATTEMPTS: usize = 4;
 
 /// Everything a connection task needs, shared by all of them.
 pub struct Proxy {
-    /// Swapped by a reload; each connection reads it as it goes. `proxy.max_connections` and
-    /// `proxy.listen` are not live (see `max_connections`).
+    /// Swapped by a reload; each connection reads it as it goes.
     config: ArcSwap<ProxyConfig>,
-    max_connections: usize,
+    /// `proxy.max_connections` now: `limit` holds this many permits, plus `owed`.
+    max_connections: AtomicUsize,
+    /// Permits a lowered limit still has to take back: held by connections opened under the
+    /// higher one, each forgotten (not returned) as its connection ends.
+    owed: AtomicUsize,
     /// Every backend, and which connection goes where.
     router: ArcSwap<Router>,
     metrics: Arc<Metrics>,
@@ -55,7 +59,8 @@ impl Proxy {
         let cut = CancellationToken::new();
         Proxy {
             limit: Arc::new(Semaphore::new(config.max_connections)),
-            max_connections: config.max_connections,
+            max_connections: AtomicUsize::new(config.max_connections),
+            owed: AtomicUsize::new(0),
             config: ArcSwap::from_pointee(config),
             router: ArcSwap::new(router),
             metrics,
@@ -70,7 +75,38 @@ impl Proxy {
 
     /// Connections being proxied now.
     pub fn active(&self) -> usize {
-        self.max_connections - self.limit.available_permits()
+        // The semaphore holds max + owed permits; those not available are held.
+        (self.max_connections.load(Ordering::Acquire) + self.owed.load(Ordering::Acquire))
+            .saturating_sub(self.limit.available_permits())
+    }
+
+    /// Applies a reloaded `proxy.max_connections`. Raised: the new slots are free at once.
+    /// Lowered: free slots go at once, and those held by open connections go as each ends;
+    /// no connection is closed, and until enough have ended new ones are refused as over
+    /// the limit.
+    pub fn set_max_connections(&self, max: usize) {
+        let old = self.max_connections.swap(max, Ordering::AcqRel);
+        if max > old {
+            // Slots still owed to an earlier lowering are the first to come back.
+            let delta = max - old;
+            let owed = self.owed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| Some(o - o.min(delta)));
+            let repaid = owed.unwrap_or(0).min(delta);
+            self.limit.add_permits(delta - repaid);
+        } else if max < old {
+            let delta = old - max;
+            let taken = self.limit.forget_permits(delta);
+            self.owed.fetch_add(delta - taken, Ordering::AcqRel);
+        }
+    }
+
+    /// A connection's slot, back to the limit (or forgotten while a lowering is owed one).
+    fn release(&self, permit: OwnedSemaphorePermit) {
+        let owed = self.owed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| o.checked_sub(1));
+        if owed.is_ok() {
+            permit.forget();
+        } else {
+            drop(permit);
+        }
     }
 
     /// Cuts the connections open now with a reset (counted as shutdown), and only those:
@@ -87,7 +123,7 @@ impl Proxy {
     }
 
     pub fn max_connections(&self) -> usize {
-        self.max_connections
+        self.max_connections.load(Ordering::Acquire)
     }
 
     /// Applies a reloaded configuration to new connections: its routes and backends, and its
@@ -126,7 +162,7 @@ impl Proxy {
                     self.metrics.closed(CloseReason::OverLimit);
                     if let Some(suppressed) = self.limit_log.allow() {
                         tracing::warn!(
-                            limit = self.max_connections,
+                            limit = self.max_connections(),
                             suppressed,
                             "connection limit reached; resetting new connections"
                         );
@@ -164,7 +200,7 @@ impl Proxy {
         // Free the socket and the slot before counting the close, so that whoever sees the
         // close counted can rely on the slot being free.
         drop(client);
-        drop(permit);
+        self.release(permit);
         self.metrics.closed(reason);
         tracing::debug!(reason = reason.as_str(), "connection closed");
     }

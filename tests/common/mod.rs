@@ -94,7 +94,20 @@ impl Proxy {
         let file = path.to_path_buf();
         let server = Server::bind(config)
             .expect("binding on port 0 succeeds")
-            .reload_with(move || Config::load(Some(&file), &overrides).map(|l| l.config));
+            .reload_with(move || Config::load(Some(&file), &overrides));
+        Proxy::running(server)
+    }
+
+    /// Like [`Proxy::start_reloadable`], with `proxy.listen` left to the file (so that a reload
+    /// can change it).
+    pub async fn start_reloadable_listening(path: &std::path::Path, extra: &[(&str, &str)]) -> Proxy {
+        let overrides: Vec<_> =
+            Proxy::overrides(extra).into_iter().filter(|o| o.key.name != "proxy.listen").collect();
+        let config = Config::load(Some(path), &overrides).expect("test config is valid").config;
+        let file = path.to_path_buf();
+        let server = Server::bind(config)
+            .expect("binding succeeds")
+            .reload_with(move || Config::load(Some(&file), &overrides));
         Proxy::running(server)
     }
 

@@ -1,0 +1,106 @@
+//! A small blocking client of a running proxy's admin server, for the subcommands that talk
+//! to it (`reload` waits on its `/status`). Plain HTTP/1.1 over loopback with one request per
+//! connection: the admin server is ours, and a CLI needs no runtime for one GET.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// How long one request to the admin server may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// The most of an answer read: `/status` of a proxy with many routes is tens of KiB.
+const MAX_ANSWER: u64 = 4 << 20;
+/// How often `wait_for_reload` asks.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Where to reach an admin server listening on `listen`: a wildcard address is reached on
+/// loopback.
+pub fn local(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+/// `GET path`: the status code and the body.
+pub fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT).map_err(|e| format!("cannot reach {addr}: {e}"))?;
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT)).and_then(|()| stream.set_write_timeout(Some(REQUEST_TIMEOUT))).map_err(
+        |e| format!("cannot set a timeout on the connection to {addr}: {e}"),
+    )?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).map_err(|e| format!("cannot send to {addr}: {e}"))?;
+    let mut answer = Vec::new();
+    stream.take(MAX_ANSWER).read_to_end(&mut answer).map_err(|e| format!("no answer from {addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("{addr} sent no HTTP answer"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{addr} sent no HTTP status line"))?;
+    Ok((code, body.to_string()))
+}
+
+/// The reload part of a proxy's `/status`.
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
+pub struct Reload {
+    /// Reloads tried since start (SIGHUP received).
+    pub count: u64,
+    /// The last one's outcome: `applied`, `invalid` (the file had errors) or `failed` (valid,
+    /// but it could not be applied); empty before the first.
+    #[serde(default)]
+    pub result: String,
+    #[serde(default)]
+    pub errors: Vec<String>,
+    /// Keys that changed but only a restart applies.
+    #[serde(default)]
+    pub needs_restart: Vec<String>,
+    /// Keys the files changed that a flag or the environment of the start still overrides.
+    #[serde(default)]
+    pub shadowed: Vec<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct StatusPart {
+    pid: u32,
+    reload: Reload,
+}
+
+/// The reload state of the proxy with process id `pid` whose admin server is at `addr`; an
+/// error if it does not answer or another process does.
+pub fn reload_status(addr: SocketAddr, pid: i32) -> Result<Reload, String> {
+    let (code, body) = get(addr, "/status")?;
+    if code != 200 {
+        return Err(format!("{addr}/status answered {code}"));
+    }
+    let status: StatusPart =
+        serde_json::from_str(&body).map_err(|e| format!("{addr}/status is not a static-ingress status: {e}"))?;
+    if i64::from(status.pid) != i64::from(pid) {
+        return Err(format!("the admin server at {addr} is process {}'s, not {pid}'s", status.pid));
+    }
+    Ok(status.reload)
+}
+
+/// Waits up to `wait` for the proxy to finish the reload after the `seen`-th, and returns
+/// its outcome.
+pub fn wait_for_reload(addr: SocketAddr, pid: i32, seen: u64, wait: Duration) -> Result<Reload, String> {
+    let until = Instant::now() + wait;
+    let mut last_error = None;
+    // Bounded by `wait`: one request (itself bounded) every POLL.
+    while Instant::now() < until {
+        match reload_status(addr, pid) {
+            Ok(r) if r.count > seen && !r.result.is_empty() => return Ok(r),
+            Ok(_) => last_error = None,
+            Err(e) => last_error = Some(e),
+        }
+        std::thread::sleep(POLL);
+    }
+    Err(match last_error {
+        Some(e) => format!("it did not report the outcome within {} ({e})", humantime::format_duration(wait)),
+        None => format!("it did not report the outcome within {}", humantime::format_duration(wait)),
+    })
+}
