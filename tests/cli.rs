@@ -358,7 +358,8 @@ async fn sighup_reloads_without_stopping_and_a_second_sigint_exits_at_once_with_
     // environment (here, the same flags).
     let pid = p.child.id().to_string();
     let admin = p.admin.to_string();
-    let same = ["--config", &fixture("empty.toml"), "--backend-address", &backend.addr.to_string(), "--admin-listen", &admin];
+    let same =
+        ["--config", &fixture("empty.toml"), "--backend-address", &backend.addr.to_string(), "--admin-listen", &admin];
     let out = cmd().args(["reload", "--pid", &pid]).args(same).output().expect("reload runs");
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout(&out), format!("configuration reloaded by process {pid}\n"));
@@ -406,7 +407,9 @@ async fn reload_waits_for_the_outcome_and_fails_when_invalid_or_not_applied() {
     // An editor's backup beside it is not read.
     std::fs::write(drop_ins.join("50-fleet.toml~"), "[backend]\naddress = \"nowhere:1\"\n").unwrap();
     let config = main.display().to_string();
-    let p = Process::start_args(cmd(), &["--config".into(), config.clone(), "--proxy-idle-timeout".into(), "60s".into()]).await;
+    let p =
+        Process::start_args(cmd(), &["--config".into(), config.clone(), "--proxy-idle-timeout".into(), "60s".into()])
+            .await;
     assert_eq!(greeting(p.proxy).await.unwrap().0, "blue");
     let pid = p.child.id().to_string();
     let admin = p.admin.to_string();
@@ -440,11 +443,15 @@ async fn reload_waits_for_the_outcome_and_fails_when_invalid_or_not_applied() {
     // proxy's own error, and everything as it was.
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().port();
-    std::fs::write(&fleet, backend(&blue) + &format!("[proxy]\nlisten = [\"127.0.0.1:0\", \"127.0.0.1:{port}\"]\n")).unwrap();
+    std::fs::write(&fleet, backend(&blue) + &format!("[proxy]\nlisten = [\"127.0.0.1:0\", \"127.0.0.1:{port}\"]\n"))
+        .unwrap();
     let out = reload();
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     let err = stderr(&out);
-    assert!(err.contains(&format!("error: proxy.listen: cannot listen on 127.0.0.1:{port} for the proxy (another process")), "{err}");
+    assert!(
+        err.contains(&format!("error: proxy.listen: cannot listen on 127.0.0.1:{port} for the proxy (another process")),
+        "{err}"
+    );
     assert!(err.contains(&format!("reload failed: process {pid} keeps running its previous configuration")), "{err}");
     assert_eq!(greeting(p.proxy).await.unwrap().0, "green");
     let metrics = get(p.admin, "/metrics").await.body;

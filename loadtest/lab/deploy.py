@@ -50,6 +50,8 @@ VPC_RESOLVER = "198.18.3.2"
 ELBS = {"blue": ["198.18.4.2", "198.18.4.3", "198.18.4.4"], "green": ["198.18.5.2", "198.18.5.3", "198.18.5.4"]}
 SUBNETS = {"us-east-1a": ("198.18.64.0/24", "198.18.64.1", "az-a"), "us-east-1b": ("198.18.65.0/24", "198.18.65.1", "az-b")}
 ADMIN_PORT = 9001
+# The config drop-in the launch template's user data writes (cloudformation/fleet.yaml).
+DROP_IN = pathlib.PurePosixPath("/etc/static-ingress/static-ingress.toml.d/50-launch-template.toml")
 
 
 def eip_lab_address(n):
@@ -207,28 +209,31 @@ class Instance:
             "--host", "169.254.169.254", "--port", "80",
             "--lifecycle-state-file", self.dir / "lifecycle-state",
         ], self.dir / "imds.log", ready="ready")
-        user_data = self.user_data_env()
+        drop_in = self.dir / "static-ingress.toml.d"
+        drop_in.mkdir(exist_ok=True)
+        (drop_in / DROP_IN.name).write_text(self.user_data_drop_in())
         moto = f"http://{MOTO[0]}:{MOTO[1]}"
         lab = {"STATIC_INGRESS_EIP_EC2_ENDPOINT": moto, "STATIC_INGRESS_EIP_AUTOSCALING_ENDPOINT": moto,
                **dep.timings.proxy_env()}
         if dep.root:
-            self.boot_container(user_data, lab)
+            self.boot_container(drop_in, lab)
         else:
-            env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(self.dir), **user_data, **lab}
+            # The .deb's config file beside the drop-in directory, as on the instance.
+            config = self.dir / "static-ingress.toml"
+            config.write_text((ROOT / "deb/static-ingress.toml").read_text())
+            env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(self.dir), **lab}
             (self.dir / "env").write_text("".join(f"{k}={v}\n" for k, v in sorted(env.items())))
             self.proxy = Proc(f"static-ingress-{self.id}", self.ns, [
-                dep.binary, "run", "--config", ROOT / "deb/static-ingress.toml",
+                dep.binary, "run", "--config", config,
             ], self.dir / "static-ingress.log", env=env)
         dep.events("instance_start", f"{self.id} in {self.az} ({self.group})"
                    + (" booting the .deb" if dep.root else ""), instance=self.id, az=self.az)
 
-    def boot_container(self, user_data, lab):
+    def boot_container(self, drop_in, lab):
         """The instance as shipped: the .deb's root file system booted with systemd-nspawn in
         the instance's namespace, the unit started by systemd with its sandbox, the launch
-        template's environment file in place and the lab's settings (the EC2 endpoint, the
-        scaled timings) in a drop-in."""
-        env_file = self.dir / "static-ingress.env"
-        env_file.write_text("".join(f"{k}={v}\n" for k, v in user_data.items()))
+        template's config drop-in in place and the lab's settings (the EC2 endpoint, the
+        scaled timings) in a unit drop-in."""
         dropin = self.dir / "dropin"
         dropin.mkdir(exist_ok=True)
         (dropin / "lab.conf").write_text("# The lab's settings (loadtest/lab/deploy.py)\n[Service]\n"
@@ -237,7 +242,7 @@ class Instance:
             "systemd-nspawn", "--quiet", "-D", self.dep.root, "-M", f"si-{self.id[-12:]}",
             "--register=no", "--keep-unit", "--volatile=overlay",
             f"--network-namespace-path=/run/netns/{self.ns}", "--boot", "--console=passive",
-            f"--bind-ro={env_file}:/etc/static-ingress/static-ingress.env",
+            f"--bind-ro={drop_in}:{DROP_IN.parent}",
             f"--bind-ro={dropin}:/etc/systemd/system/static-ingress.service.d",
             f"--bind-ro={netns.ETC_NETNS / self.ns / 'resolv.conf'}:/etc/resolv.conf",
         ], self.dir / "nspawn.log")
@@ -276,24 +281,18 @@ class Instance:
         """The container's PID 1 (systemd), a child of systemd-nspawn."""
         return nspawn.container_leader(self.proxy.pid)
 
-    def user_data_env(self):
+    def user_data_drop_in(self):
         """What cloud-init would write from the launch template's user data (moto has no
-        cloud-init): the environment file's lines, as a dict."""
+        cloud-init): the config drop-in's text."""
         lt_id, version = self.launch_template
         ec2 = self.dep.aws["ec2"]
         versions = ec2.describe_launch_template_versions(LaunchTemplateId=lt_id, Versions=[version])
         data = versions["LaunchTemplateVersions"][0]["LaunchTemplateData"]
         doc = yaml.safe_load(base64.b64decode(data["UserData"]).decode())
-        env = {}
         for f in doc.get("write_files", []):
-            if f["path"] == "/etc/static-ingress/static-ingress.env":
-                for line in f["content"].splitlines():
-                    if "=" in line and not line.startswith("#"):
-                        k, v = line.split("=", 1)
-                        env[k.strip()] = v.strip()
-        if not env:
-            raise LabError(f"{self.id}: the launch template's user data writes no environment file")
-        return env
+            if f["path"] == str(DROP_IN):
+                return f["content"]
+        raise LabError(f"{self.id}: the launch template's user data writes no {DROP_IN}")
 
     def admin(self, path, timeout_s=2.0):
         return http_get(self.private_ip, ADMIN_PORT, path, timeout_s)

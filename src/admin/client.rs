@@ -28,9 +28,10 @@ pub fn local(listen: SocketAddr) -> SocketAddr {
 pub fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     let mut stream =
         TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT).map_err(|e| format!("cannot reach {addr}: {e}"))?;
-    stream.set_read_timeout(Some(REQUEST_TIMEOUT)).and_then(|()| stream.set_write_timeout(Some(REQUEST_TIMEOUT))).map_err(
-        |e| format!("cannot set a timeout on the connection to {addr}: {e}"),
-    )?;
+    stream
+        .set_read_timeout(Some(REQUEST_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(REQUEST_TIMEOUT)))
+        .map_err(|e| format!("cannot set a timeout on the connection to {addr}: {e}"))?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).map_err(|e| format!("cannot send to {addr}: {e}"))?;
     let mut answer = Vec::new();

@@ -2,7 +2,15 @@
 //!
 //! The file parser, the command-line flags, the `STATIC_INGRESS_*` environment variables,
 //! `check-config` and the example config are all derived from [`KEYS`], so a key added here
-//! is accepted everywhere at once.
+//! is accepted everywhere at once. Code reads a key through its typed constant (below, such as
+//! [`PROXY_CONNECT_TIMEOUT`]), never by its name.
+
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::value::{HostPort, Value};
+use super::{Fallback, Family, HealthPolicy, LogFormat, ProxyProtocol};
 
 /// What a key's value must look like; each kind has one parser in `config::value`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +122,10 @@ pub fn sections() -> Vec<&'static str> {
     out
 }
 
-pub static KEYS: &[Key] = &[
+/// Every key, in the order `check-config` and the docs list them.
+pub static KEYS: &[Key] = KEY_LIST;
+
+const KEY_LIST: &[Key] = &[
     Key {
         name: "proxy.listen",
         kind: Kind::SocketAddrs,
@@ -483,3 +494,222 @@ pub static KEYS: &[Key] = &[
               as info,static_ingress::proxy=debug.",
     },
 ];
+
+/// The Rust type a key's value is read as: one per [`Value`] variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Duration,
+    Count,
+    Addr,
+    Addrs,
+    HostPort,
+    Word,
+    Bool,
+}
+
+impl Kind {
+    /// Which [`Value`] variant `config::value::parse` makes of this kind.
+    pub const fn class(self) -> Class {
+        match self {
+            Kind::Duration { .. } | Kind::DurationOrZero { .. } => Class::Duration,
+            Kind::Count { .. } => Class::Count,
+            Kind::SocketAddr => Class::Addr,
+            Kind::SocketAddrs | Kind::OptionalSocketAddrs => Class::Addrs,
+            Kind::HostPort => Class::HostPort,
+            Kind::Choice(_) | Kind::LogFilter | Kind::OptionalAllocationId | Kind::TagKey | Kind::OptionalUrl => {
+                Class::Word
+            }
+            Kind::Bool => Class::Bool,
+        }
+    }
+}
+
+/// A type a key's checked [`Value`] is read as.
+pub trait FromValue: Sized {
+    /// The class of kinds whose values this type reads.
+    const CLASS: Class;
+    /// `None` only for a value of another class, or a word no variant names: what
+    /// [`Typed::new`] and the unit tests rule out.
+    fn from_value(v: Value) -> Option<Self>;
+}
+
+macro_rules! from_value {
+    ($($t:ty = $class:ident($v:ident) => $e:expr;)*) => {$(
+        impl FromValue for $t {
+            const CLASS: Class = Class::$class;
+            fn from_value(v: Value) -> Option<Self> {
+                match v {
+                    Value::$class($v) => $e,
+                    _ => None,
+                }
+            }
+        }
+    )*};
+}
+
+from_value! {
+    Duration = Duration(d) => Some(d);
+    usize = Count(n) => usize::try_from(n).ok();
+    u32 = Count(n) => u32::try_from(n).ok();
+    SocketAddr = Addr(a) => Some(a);
+    Vec<SocketAddr> = Addrs(a) => Some(a);
+    HostPort = HostPort(h) => Some(h);
+    String = Word(w) => Some(w);
+    bool = Bool(b) => Some(b);
+}
+
+/// The words of a [`Kind::Choice`] read as the enum they stand for.
+macro_rules! choice {
+    ($($t:ident { $($word:literal => $variant:ident),* $(,)? })*) => {$(
+        impl FromValue for $t {
+            const CLASS: Class = Class::Word;
+            fn from_value(v: Value) -> Option<Self> {
+                match v {
+                    Value::Word(w) => match w.as_str() {
+                        $($word => Some($t::$variant),)*
+                        _ => None,
+                    },
+                    _ => None,
+                }
+            }
+        }
+    )*};
+}
+
+choice! {
+    Fallback { "default" => Default, "refuse" => Refuse }
+    ProxyProtocol { "off" => Off, "v2" => V2 }
+    Family { "ipv4" => Ipv4, "ipv6" => Ipv6, "both" => Both }
+    HealthPolicy { "all_backends_down" => AllBackendsDown, "any_backend_down" => AnyBackendDown }
+    LogFormat { "text" => Text, "json" => Json }
+}
+
+/// A key together with the type its value is read as. Only the constants below make one, and
+/// [`Typed::new`] runs at compile time: a name [`KEYS`] does not list, or a type its kind does
+/// not give (a duration read as a count, a backend's address as a word), does not compile.
+#[derive(Debug)]
+pub struct Typed<T> {
+    pub name: &'static str,
+    of: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Typed<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Typed<T> {}
+
+impl<T: FromValue> Typed<T> {
+    const fn new(name: &'static str) -> Typed<T> {
+        let mut i = 0;
+        while i < KEY_LIST.len() {
+            if const_eq(KEY_LIST[i].name, name) {
+                assert!(
+                    KEY_LIST[i].kind.class() as u8 == T::CLASS as u8,
+                    "a typed key whose type its kind in KEYS does not give"
+                );
+                return Typed { name, of: PhantomData };
+            }
+            i += 1;
+        }
+        panic!("a typed key that KEYS does not list");
+    }
+}
+
+impl<T> Typed<T> {
+    /// The key's entry in [`KEYS`].
+    pub fn key(self) -> &'static Key {
+        // Typed::new found the name there, and KEYS is fixed.
+        find(self.name).expect("a typed key is listed in KEYS")
+    }
+}
+
+const fn const_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+// One typed constant per key, named after it.
+pub const PROXY_LISTEN: Typed<Vec<SocketAddr>> = Typed::new("proxy.listen");
+pub const PROXY_CONNECT_TIMEOUT: Typed<Duration> = Typed::new("proxy.connect_timeout");
+pub const PROXY_IDLE_TIMEOUT: Typed<Duration> = Typed::new("proxy.idle_timeout");
+pub const PROXY_HALF_CLOSE_TIMEOUT: Typed<Duration> = Typed::new("proxy.half_close_timeout");
+pub const PROXY_MAX_CONNECTIONS: Typed<usize> = Typed::new("proxy.max_connections");
+pub const PROXY_TCP_KEEPALIVE: Typed<Duration> = Typed::new("proxy.tcp_keepalive");
+pub const PROXY_SNI_TIMEOUT: Typed<Duration> = Typed::new("proxy.sni_timeout");
+pub const PROXY_SNI_MAX_BYTES: Typed<usize> = Typed::new("proxy.sni_max_bytes");
+pub const PROXY_UNMATCHED: Typed<Fallback> = Typed::new("proxy.unmatched");
+pub const PROXY_NON_TLS: Typed<Fallback> = Typed::new("proxy.non_tls");
+pub const BACKEND_ADDRESS: Typed<HostPort> = Typed::new("backend.address");
+pub const BACKEND_PROXY_PROTOCOL: Typed<ProxyProtocol> = Typed::new("backend.proxy_protocol");
+pub const BACKEND_REMOVED_GRACE: Typed<Duration> = Typed::new("backend.removed_grace");
+pub const DNS_NAMESERVERS: Typed<Vec<SocketAddr>> = Typed::new("dns.nameservers");
+pub const DNS_REFRESH_INTERVAL: Typed<Duration> = Typed::new("dns.refresh_interval");
+pub const DNS_MIN_TTL: Typed<Duration> = Typed::new("dns.min_ttl");
+pub const DNS_HOLD: Typed<Duration> = Typed::new("dns.hold");
+pub const DNS_TIMEOUT: Typed<Duration> = Typed::new("dns.timeout");
+pub const DNS_FAMILY: Typed<Family> = Typed::new("dns.family");
+pub const HEALTH_INTERVAL: Typed<Duration> = Typed::new("health.interval");
+pub const HEALTH_TIMEOUT: Typed<Duration> = Typed::new("health.timeout");
+pub const HEALTH_FALL: Typed<u32> = Typed::new("health.fall");
+pub const HEALTH_RISE: Typed<u32> = Typed::new("health.rise");
+pub const HEALTH_MIN_HEALTHY: Typed<usize> = Typed::new("health.min_healthy");
+pub const HEALTH_UNHEALTHY_WHEN: Typed<HealthPolicy> = Typed::new("health.unhealthy_when");
+pub const ADMIN_LISTEN: Typed<SocketAddr> = Typed::new("admin.listen");
+pub const ADMIN_HEADER_TIMEOUT: Typed<Duration> = Typed::new("admin.header_timeout");
+pub const ADMIN_MAX_CONNECTIONS: Typed<usize> = Typed::new("admin.max_connections");
+pub const LIFECYCLE_DRAIN_DELAY: Typed<Duration> = Typed::new("lifecycle.drain_delay");
+pub const LIFECYCLE_GRACE_PERIOD: Typed<Duration> = Typed::new("lifecycle.grace_period");
+pub const EIP_ENABLED: Typed<bool> = Typed::new("eip.enabled");
+pub const EIP_ALLOCATION_ID: Typed<String> = Typed::new("eip.allocation_id");
+pub const EIP_TAG_KEY: Typed<String> = Typed::new("eip.tag_key");
+pub const EIP_CHECK_INTERVAL: Typed<Duration> = Typed::new("eip.check_interval");
+pub const EIP_HANDOFF: Typed<bool> = Typed::new("eip.handoff");
+pub const EIP_HANDOFFS_AT_ONCE: Typed<usize> = Typed::new("eip.handoffs_at_once");
+pub const EIP_HANDOFF_ANNOUNCE_DELAY: Typed<Duration> = Typed::new("eip.handoff_announce_delay");
+pub const EIP_DEADLINE: Typed<Duration> = Typed::new("eip.deadline");
+pub const EIP_IMDS_ENDPOINT: Typed<String> = Typed::new("eip.imds_endpoint");
+pub const EIP_EC2_ENDPOINT: Typed<String> = Typed::new("eip.ec2_endpoint");
+pub const EIP_AUTOSCALING_ENDPOINT: Typed<String> = Typed::new("eip.autoscaling_endpoint");
+pub const EIP_REPORT_UNHEALTHY_AFTER: Typed<Duration> = Typed::new("eip.report_unhealthy_after");
+pub const LOG_FORMAT: Typed<LogFormat> = Typed::new("log.format");
+pub const LOG_LEVEL: Typed<String> = Typed::new("log.level");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every word a choice key accepts reads as a variant of its enum (a word added to KEYS
+    /// but not to the enum would be an internal error at load).
+    #[test]
+    fn every_choice_word_reads_as_its_enum() {
+        fn words_of<T: FromValue>(typed: Typed<T>) -> usize {
+            let Kind::Choice(words) = typed.key().kind else { panic!("{} is not a choice", typed.name) };
+            for w in words {
+                assert!(T::from_value(Value::Word((*w).to_string())).is_some(), "{}: {w}", typed.name);
+            }
+            assert!(T::from_value(Value::Word("nonsense".into())).is_none());
+            words.len()
+        }
+        let n = words_of(PROXY_UNMATCHED)
+            + words_of(PROXY_NON_TLS)
+            + words_of(BACKEND_PROXY_PROTOCOL)
+            + words_of(DNS_FAMILY)
+            + words_of(HEALTH_UNHEALTHY_WHEN)
+            + words_of(LOG_FORMAT);
+        let all: usize = KEYS.iter().map(|k| if let Kind::Choice(words) = k.kind { words.len() } else { 0 }).sum();
+        assert_eq!(n, all, "a choice key is read as a plain word: give it an enum");
+    }
+}

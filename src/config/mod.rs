@@ -244,42 +244,42 @@ impl Config {
         let mut r = Resolver { file, overrides, errors: Vec::new(), settings: Vec::new(), shadowed: Vec::new() };
 
         // Read every key before building, so that all errors are collected.
-        let listen = r.get("proxy.listen", as_addrs);
-        let connect_timeout = r.get("proxy.connect_timeout", as_duration);
-        let idle_timeout = r.get("proxy.idle_timeout", as_duration);
-        let half_close_timeout = r.get("proxy.half_close_timeout", as_duration);
-        let max_connections = r.get("proxy.max_connections", as_count);
-        let tcp_keepalive = r.get("proxy.tcp_keepalive", as_duration);
-        let sni_timeout = r.get("proxy.sni_timeout", as_duration);
-        let sni_max_bytes = r.get("proxy.sni_max_bytes", as_count);
-        let unmatched = r.get("proxy.unmatched", as_word);
-        let non_tls = r.get("proxy.non_tls", as_word);
+        let listen = r.get(keys::PROXY_LISTEN);
+        let connect_timeout = r.get(keys::PROXY_CONNECT_TIMEOUT);
+        let idle_timeout = r.get(keys::PROXY_IDLE_TIMEOUT);
+        let half_close_timeout = r.get(keys::PROXY_HALF_CLOSE_TIMEOUT);
+        let max_connections = r.get(keys::PROXY_MAX_CONNECTIONS);
+        let tcp_keepalive = r.get(keys::PROXY_TCP_KEEPALIVE);
+        let sni_timeout = r.get(keys::PROXY_SNI_TIMEOUT);
+        let sni_max_bytes = r.get(keys::PROXY_SNI_MAX_BYTES);
+        let unmatched = r.get(keys::PROXY_UNMATCHED);
+        let non_tls = r.get(keys::PROXY_NON_TLS);
         let has_routes = file.is_some_and(|f| !f.routes.is_empty());
         // With routes, backend.address may be left out (checked below with proxy.unmatched).
         let backend_address = if has_routes && !r.is_set("backend.address") {
             Some(None)
         } else {
-            r.get("backend.address", as_host_port).map(Some)
+            r.get(keys::BACKEND_ADDRESS).map(Some)
         };
-        let removed_grace = r.get("backend.removed_grace", as_duration);
-        let proxy_protocol = r.get("backend.proxy_protocol", as_word);
-        let nameservers = r.get("dns.nameservers", as_addrs);
-        let refresh_interval = r.get("dns.refresh_interval", as_duration);
-        let min_ttl = r.get("dns.min_ttl", as_duration);
-        let hold = r.get("dns.hold", as_duration);
-        let dns_timeout = r.get("dns.timeout", as_duration);
-        let family = r.get("dns.family", as_word);
-        let health_interval = r.get("health.interval", as_duration);
-        let health_timeout = r.get("health.timeout", as_duration);
-        let fall = r.get("health.fall", as_count);
-        let rise = r.get("health.rise", as_count);
-        let min_healthy = r.get("health.min_healthy", as_count);
-        let unhealthy_when = r.get("health.unhealthy_when", as_word);
-        let admin_listen = r.get("admin.listen", as_addr);
-        let admin_header_timeout = r.get("admin.header_timeout", as_duration);
-        let admin_max_connections = r.get("admin.max_connections", as_count);
-        let drain_delay = r.get("lifecycle.drain_delay", as_duration);
-        let grace_period = r.get("lifecycle.grace_period", as_duration);
+        let removed_grace = r.get(keys::BACKEND_REMOVED_GRACE);
+        let proxy_protocol = r.get(keys::BACKEND_PROXY_PROTOCOL);
+        let nameservers = r.get(keys::DNS_NAMESERVERS);
+        let refresh_interval = r.get(keys::DNS_REFRESH_INTERVAL);
+        let min_ttl = r.get(keys::DNS_MIN_TTL);
+        let hold = r.get(keys::DNS_HOLD);
+        let dns_timeout = r.get(keys::DNS_TIMEOUT);
+        let family = r.get(keys::DNS_FAMILY);
+        let health_interval = r.get(keys::HEALTH_INTERVAL);
+        let health_timeout = r.get(keys::HEALTH_TIMEOUT);
+        let fall = r.get(keys::HEALTH_FALL);
+        let rise = r.get(keys::HEALTH_RISE);
+        let min_healthy = r.get(keys::HEALTH_MIN_HEALTHY);
+        let unhealthy_when = r.get(keys::HEALTH_UNHEALTHY_WHEN);
+        let admin_listen = r.get(keys::ADMIN_LISTEN);
+        let admin_header_timeout = r.get(keys::ADMIN_HEADER_TIMEOUT);
+        let admin_max_connections = r.get(keys::ADMIN_MAX_CONNECTIONS);
+        let drain_delay = r.get(keys::LIFECYCLE_DRAIN_DELAY);
+        let grace_period = r.get(keys::LIFECYCLE_GRACE_PERIOD);
         let eip = r.eip();
         let log = r.log();
 
@@ -294,8 +294,8 @@ impl Config {
                     tcp_keepalive: tcp_keepalive?,
                     sni_timeout: sni_timeout?,
                     sni_max_bytes: sni_max_bytes?,
-                    unmatched: fallback(&unmatched?),
-                    non_tls: fallback(&non_tls?),
+                    unmatched: unmatched?,
+                    non_tls: non_tls?,
                 },
                 routes: Vec::new(),
                 dns: DnsConfig {
@@ -304,23 +304,15 @@ impl Config {
                     min_ttl: min_ttl?,
                     hold: hold?,
                     timeout: dns_timeout?,
-                    family: match family?.as_str() {
-                        "ipv6" => Family::Ipv6,
-                        "both" => Family::Both,
-                        _ => Family::Ipv4,
-                    },
+                    family: family?,
                 },
                 health: HealthConfig {
                     interval: health_interval?,
                     timeout: health_timeout?,
-                    fall: u32::try_from(fall?).ok()?,
-                    rise: u32::try_from(rise?).ok()?,
+                    fall: fall?,
+                    rise: rise?,
                     min_healthy: min_healthy?,
-                    unhealthy_when: if unhealthy_when? == "any_backend_down" {
-                        HealthPolicy::AnyBackendDown
-                    } else {
-                        HealthPolicy::AllBackendsDown
-                    },
+                    unhealthy_when: unhealthy_when?,
                 },
                 admin: AdminConfig {
                     listen: admin_listen?,
@@ -335,28 +327,20 @@ impl Config {
 
         let mut config = config;
         if let (Some(c), Some(Some(address)), Some(grace), Some(pp)) =
-            (config.as_mut(), backend_address.clone(), removed_grace, proxy_protocol.clone())
+            (config.as_mut(), backend_address.clone(), removed_grace, proxy_protocol)
         {
             c.routes.push(RouteConfig {
                 name: routes::DEFAULT.to_string(),
                 listen: Vec::new(),
                 server_names: Vec::new(),
-                backend: BackendConfig {
-                    address,
-                    removed_grace: grace,
-                    proxy_protocol: if pp == "v2" { ProxyProtocol::V2 } else { ProxyProtocol::Off },
-                },
+                backend: BackendConfig { address, removed_grace: grace, proxy_protocol: pp },
                 dns: c.dns.clone(),
                 health: c.health.clone(),
             });
         }
         if let (Some(c), Some(file)) = (config.as_mut(), file) {
             let base = routes::Base {
-                proxy_protocol: if proxy_protocol.as_deref() == Some("v2") {
-                    ProxyProtocol::V2
-                } else {
-                    ProxyProtocol::Off
-                },
+                proxy_protocol: proxy_protocol.unwrap_or(ProxyProtocol::Off),
                 removed_grace: removed_grace.unwrap_or_default(),
                 dns: &c.dns,
                 health: &c.health,
@@ -383,18 +367,16 @@ impl Config {
 
     /// Only the `[eip]` and `[log]` sections, for `claim-eip`, which needs no backend. The
     /// file is still parsed whole, so unknown keys anywhere are refused as for `run`.
-    pub fn load_eip(file: Option<(&Path, bool)>, overrides: &[Override]) -> Result<(EipConfig, LogConfig), ConfigErrors> {
+    pub fn load_eip(
+        file: Option<(&Path, bool)>,
+        overrides: &[Override],
+    ) -> Result<(EipConfig, LogConfig), ConfigErrors> {
         let file = match file {
             Some((path, optional)) => FileLayer::read_with_drop_ins(path, optional)?,
             None => None,
         };
-        let mut r = Resolver {
-            file: file.as_ref(),
-            overrides,
-            errors: Vec::new(),
-            settings: Vec::new(),
-            shadowed: Vec::new(),
-        };
+        let mut r =
+            Resolver { file: file.as_ref(), overrides, errors: Vec::new(), settings: Vec::new(), shadowed: Vec::new() };
         let (eip, log) = (r.eip(), r.log());
         match (eip, log) {
             (Some(eip), Some(log)) if r.errors.is_empty() => Ok((eip, log)),
@@ -419,15 +401,13 @@ impl Resolver<'_> {
 
     /// The checked value of `name`, from the highest-precedence place that sets it; `None`
     /// (with the error recorded) when that value is invalid or a required key is missing.
-    fn get<T>(&mut self, name: &'static str, typed: fn(Value) -> Option<T>) -> Option<T> {
-        let Some(key) = keys::find(name) else {
-            self.errors.push(internal(name, "is read but not listed in config::keys::KEYS"));
-            return None;
-        };
+    fn get<T: keys::FromValue>(&mut self, typed: keys::Typed<T>) -> Option<T> {
+        let (key, name) = (typed.key(), typed.name);
         let in_file = self.file.and_then(|f| f.entries.get(name));
         let (raw, origin) = if let Some(o) = self.overrides.iter().rev().find(|o| o.key.name == name) {
             if let Some(entry) = in_file {
-                let (ours, theirs) = (value::parse(key.kind, Raw::Text(&o.value)), value::parse(key.kind, Raw::Toml(&entry.value)));
+                let (ours, theirs) =
+                    (value::parse(key.kind, Raw::Text(&o.value)), value::parse(key.kind, Raw::Toml(&entry.value)));
                 if let (Ok(ours), Ok(theirs)) = (ours, theirs)
                     && ours != theirs
                 {
@@ -457,7 +437,9 @@ impl Resolver<'_> {
         };
         match value::parse(key.kind, raw) {
             Ok(v) => {
-                let Some(t) = typed(v.clone()) else {
+                // Typed::new checked the class at compile time; a choice's words are checked
+                // against its enum by a unit test.
+                let Some(t) = T::from_value(v.clone()) else {
                     self.errors.push(internal(name, "is read as a different kind than KEYS declares"));
                     return None;
                 };
@@ -472,18 +454,18 @@ impl Resolver<'_> {
     }
 
     fn eip(&mut self) -> Option<EipConfig> {
-        let enabled = self.get("eip.enabled", as_bool);
-        let allocation_id = self.get("eip.allocation_id", as_word);
-        let tag_key = self.get("eip.tag_key", as_word);
-        let check_interval = self.get("eip.check_interval", as_duration);
-        let deadline = self.get("eip.deadline", as_duration);
-        let imds_endpoint = self.get("eip.imds_endpoint", as_word);
-        let ec2_endpoint = self.get("eip.ec2_endpoint", as_word);
-        let handoff = self.get("eip.handoff", as_bool);
-        let handoffs_at_once = self.get("eip.handoffs_at_once", as_count);
-        let handoff_announce_delay = self.get("eip.handoff_announce_delay", as_duration);
-        let autoscaling_endpoint = self.get("eip.autoscaling_endpoint", as_word);
-        let report_unhealthy_after = self.get("eip.report_unhealthy_after", as_duration);
+        let enabled = self.get(keys::EIP_ENABLED);
+        let allocation_id = self.get(keys::EIP_ALLOCATION_ID);
+        let tag_key = self.get(keys::EIP_TAG_KEY);
+        let check_interval = self.get(keys::EIP_CHECK_INTERVAL);
+        let deadline = self.get(keys::EIP_DEADLINE);
+        let imds_endpoint = self.get(keys::EIP_IMDS_ENDPOINT);
+        let ec2_endpoint = self.get(keys::EIP_EC2_ENDPOINT);
+        let handoff = self.get(keys::EIP_HANDOFF);
+        let handoffs_at_once = self.get(keys::EIP_HANDOFFS_AT_ONCE);
+        let handoff_announce_delay = self.get(keys::EIP_HANDOFF_ANNOUNCE_DELAY);
+        let autoscaling_endpoint = self.get(keys::EIP_AUTOSCALING_ENDPOINT);
+        let report_unhealthy_after = self.get(keys::EIP_REPORT_UNHEALTHY_AFTER);
         let non_empty = |s: String| Some(s).filter(|s| !s.is_empty());
         if let Some(interval) = check_interval
             && interval < MIN_EIP_CHECK_INTERVAL
@@ -515,9 +497,9 @@ impl Resolver<'_> {
     }
 
     fn log(&mut self) -> Option<LogConfig> {
-        let format = self.get("log.format", as_word);
-        let filter = self.get("log.level", as_word);
-        Some(LogConfig { format: if format? == "json" { LogFormat::Json } else { LogFormat::Text }, filter: filter? })
+        let format = self.get(keys::LOG_FORMAT);
+        let filter = self.get(keys::LOG_LEVEL);
+        Some(LogConfig { format: format?, filter: filter? })
     }
 
     /// Rules that involve more than one key.
@@ -585,59 +567,6 @@ impl Resolver<'_> {
 
 fn internal(name: &str, what: &str) -> ConfigError {
     ConfigError { origin: Origin::Default, key: Some(name.to_string()), message: format!("internal error: {what}") }
-}
-
-fn fallback(word: &str) -> Fallback {
-    if word == "refuse" { Fallback::Refuse } else { Fallback::Default }
-}
-
-fn as_duration(v: Value) -> Option<Duration> {
-    match v {
-        Value::Duration(d) => Some(d),
-        _ => None,
-    }
-}
-
-fn as_count(v: Value) -> Option<usize> {
-    match v {
-        Value::Count(n) => usize::try_from(n).ok(),
-        _ => None,
-    }
-}
-
-fn as_addr(v: Value) -> Option<SocketAddr> {
-    match v {
-        Value::Addr(a) => Some(a),
-        _ => None,
-    }
-}
-
-fn as_addrs(v: Value) -> Option<Vec<SocketAddr>> {
-    match v {
-        Value::Addrs(a) => Some(a),
-        _ => None,
-    }
-}
-
-fn as_host_port(v: Value) -> Option<HostPort> {
-    match v {
-        Value::HostPort(hp) => Some(hp),
-        _ => None,
-    }
-}
-
-fn as_bool(v: Value) -> Option<bool> {
-    match v {
-        Value::Bool(b) => Some(b),
-        _ => None,
-    }
-}
-
-fn as_word(v: Value) -> Option<String> {
-    match v {
-        Value::Word(w) => Some(w),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

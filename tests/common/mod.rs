@@ -101,13 +101,11 @@ impl Proxy {
     /// Like [`Proxy::start_reloadable`], with `proxy.listen` left to the file (so that a reload
     /// can change it).
     pub async fn start_reloadable_listening(path: &std::path::Path, extra: &[(&str, &str)]) -> Proxy {
-        let overrides: Vec<_> =
-            Proxy::overrides(extra).into_iter().filter(|o| o.key.name != "proxy.listen").collect();
+        let overrides: Vec<_> = Proxy::overrides(extra).into_iter().filter(|o| o.key.name != "proxy.listen").collect();
         let config = Config::load(Some(path), &overrides).expect("test config is valid").config;
         let file = path.to_path_buf();
-        let server = Server::bind(config)
-            .expect("binding succeeds")
-            .reload_with(move || Config::load(Some(&file), &overrides));
+        let server =
+            Server::bind(config).expect("binding succeeds").reload_with(move || Config::load(Some(&file), &overrides));
         Proxy::running(server)
     }
 

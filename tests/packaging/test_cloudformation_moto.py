@@ -15,9 +15,11 @@ import ast
 import base64
 import os
 import subprocess
+import tomllib
 import urllib.request
 
 import pytest
+import yaml
 
 import fleet
 from conftest import tool
@@ -162,9 +164,12 @@ def test_launch_template_requires_imdsv2_and_passes_the_backend(aws):
     }
     user_data = base64.b64decode(data["UserData"]).decode()
     assert user_data.startswith("#cloud-config\n")
-    assert "path: /etc/static-ingress/static-ingress.env" in user_data
-    assert "STATIC_INGRESS_BACKEND_ADDRESS=blue-green.example.net:8443\n" in user_data
-    assert "STATIC_INGRESS_EIP_HANDOFFS_AT_ONCE=2\n" in user_data
+    [drop_in] = [f for f in yaml.safe_load(user_data)["write_files"]
+                 if f["path"] == "/etc/static-ingress/static-ingress.toml.d/50-launch-template.toml"]
+    # The drop-in is TOML the proxy reads, with the stack's values in place.
+    settings = tomllib.loads(drop_in["content"])
+    assert settings == {"backend": {"address": "blue-green.example.net:8443"}, "admin": {"listen": "0.0.0.0:9001"},
+                        "eip": {"handoffs_at_once": 2}}, settings
 
 
 def test_one_handoff_at_a_time_by_default(aws):
@@ -174,7 +179,9 @@ def test_one_handoff_at_a_time_by_default(aws):
     [inst] = fleet.instances(aws, "static-fleet-1")[:1]
     data = aws["ec2"].describe_launch_template_versions(
         LaunchTemplateId=inst["tags"]["aws:ec2launchtemplate:id"])["LaunchTemplateVersions"][0]["LaunchTemplateData"]
-    assert "STATIC_INGRESS_EIP_HANDOFFS_AT_ONCE=1\n" in base64.b64decode(data["UserData"]).decode()
+    [drop_in] = [f for f in yaml.safe_load(base64.b64decode(data["UserData"]).decode())["write_files"]
+                 if f["path"].endswith("/50-launch-template.toml")]
+    assert tomllib.loads(drop_in["content"])["eip"] == {"handoffs_at_once": 1}
 
 
 def test_every_group_carries_its_fleet_tag_and_moto_ignores_hooks_and_maintenance(aws):

@@ -1,11 +1,12 @@
 """The .deb in a booted Debian 13 container (systemd-nspawn, private network): installed with
 dpkg, the unit starts at boot under its sandbox, /health answers, the proxy serves port 443 as
-an unprivileged user, the watchdog is fed, a stop drains, and a bad config never serves but
-heals by itself once fixed. Needs root; run by `make container-test`.
+an unprivileged user, the watchdog is fed, `systemctl reload` applies a changed drop-in and fails
+on an invalid one, a stop drains, and a bad config never serves but heals by itself once fixed. Needs root; run by `make container-test`.
 
 The backend is the proxy's own admin port (127.0.0.1:9001): the container has no other network,
 and an address that accepts TCP is all the health checks need."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -19,11 +20,14 @@ from conftest import ROOT
 from nspawn import container_leader, wait_for
 
 UNIT = "static-ingress.service"
-ENV_FILE = "etc/static-ingress/static-ingress.env"
-ENV = """\
-STATIC_INGRESS_BACKEND_ADDRESS=127.0.0.1:9001
-STATIC_INGRESS_LIFECYCLE_DRAIN_DELAY=4s
-STATIC_INGRESS_LIFECYCLE_GRACE_PERIOD=2s
+# What the launch template writes (here with a short drain for the test).
+DROP_IN = "etc/static-ingress/static-ingress.toml.d/50-launch-template.toml"
+SETTINGS = """\
+[backend]
+address = "127.0.0.1:9001"
+[lifecycle]
+drain_delay = "4s"
+grace_period = "2s"
 """
 WATCHDOG_S = 3
 
@@ -111,9 +115,10 @@ def container(deb_path, tmp_path_factory):
              "dpkg", "-i", "/root/static-ingress.deb"], timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     (root / "root/static-ingress.deb").unlink()
-    # The launch template's part: the environment file (here with a short drain for the test),
-    # and a short watchdog so the test sees it fed.
-    (root / ENV_FILE).write_text(ENV)
+    # The launch template's part: the config drop-in (cloud-init makes the directory; the
+    # .deb ships it with a README), and a short watchdog so the test sees it fed.
+    assert (root / DROP_IN).parent.joinpath("README").is_file()
+    (root / DROP_IN).write_text(SETTINGS)
     dropin = root / f"etc/systemd/system/{UNIT}.d"
     dropin.mkdir(parents=True)
     (dropin / "test-watchdog.conf").write_text(f"[Service]\nWatchdogSec={WATCHDOG_S}s\n")
@@ -188,6 +193,38 @@ def test_systemd_analyze_verify_in_the_container(container):
     assert (r.returncode, r.stdout + r.stderr) == (0, "")
 
 
+def status(c):
+    r = c.net("curl", "-s", "-m", "3", "http://127.0.0.1:9001/status")
+    return json.loads(r.stdout)
+
+
+def test_systemctl_reload_applies_the_drop_in_and_fails_on_an_invalid_one(container):
+    before = container.show("MainPID", "NRestarts")
+    drop_in = container.root / DROP_IN
+    # A changed drop-in: `systemctl reload` returns once the proxy has applied it.
+    drop_in.write_text(SETTINGS + '[proxy]\nidle_timeout = "90s"\n')
+    r = container.sh("systemctl", "reload", UNIT)
+    assert r.returncode == 0, r.stdout + r.stderr + container.journal()
+    reload = status(container)["reload"]
+    assert (reload["count"], reload["result"]) == (1, "applied"), reload
+    assert "configuration reloaded" in container.journal()
+    # Invalid: the reload job fails, the journal names the file and line, and the proxy goes on
+    # serving what it ran (not signalled, not restarted).
+    drop_in.write_text(SETTINGS + "[proxy]\nconnect_timeout = 5\n")
+    r = container.sh("systemctl", "reload", UNIT)
+    assert r.returncode != 0, r.stdout + r.stderr
+    journal = container.journal()
+    assert f"/{DROP_IN}:7: proxy.connect_timeout:" in journal, journal
+    assert "not reloading: process" in journal, journal
+    assert container.show("ActiveState", "MainPID", "NRestarts") == {"ActiveState": "active", **before}
+    assert status(container)["reload"]["count"] == 1
+    assert health(container) == "ok 200"
+    drop_in.write_text(SETTINGS)
+    r = container.sh("systemctl", "reload", UNIT)
+    assert r.returncode == 0, r.stdout + r.stderr + container.journal()
+    assert status(container)["reload"]["count"] == 2
+
+
 def test_stop_drains_then_exits_cleanly(container):
     r = container.sh("systemctl", "stop", "--no-block", UNIT)
     assert r.returncode == 0, r.stderr
@@ -200,19 +237,19 @@ def test_stop_drains_then_exits_cleanly(container):
 
 
 def test_bad_config_never_serves_and_heals_once_fixed(container):
-    env = container.root / ENV_FILE
-    env.write_text(ENV + "STATIC_INGRESS_PROXY_CONNECT_TIMEOUT=5\n")
+    drop_in = container.root / DROP_IN
+    drop_in.write_text(SETTINGS + "[proxy]\nconnect_timeout = 5\n")
     r = container.sh("systemctl", "start", UNIT)
     assert r.returncode != 0
     assert container.show("Result")["Result"] == "exit-code"
     # The config check names the bad value in the journal, and nothing listens.
-    assert "STATIC_INGRESS_PROXY_CONNECT_TIMEOUT" in container.journal()
+    assert f"/{DROP_IN}:7: proxy.connect_timeout:" in container.journal()
     assert container.net("curl", "-s", "-m", "3", "http://127.0.0.1:9001/health").returncode != 0
     # Restart=always: the check is retried every RestartSec (5s)...
     wait_for("a retry of the config check",
              lambda: int(container.show("NRestarts")["NRestarts"]) >= 1, 15)
     assert container.show("ActiveState")["ActiveState"] != "active"
     # ...so once the file is fixed the proxy comes up by itself, with no one to restart it.
-    env.write_text(ENV)
+    drop_in.write_text(SETTINGS)
     wait_for("the unit to become active", lambda: container.show("ActiveState")["ActiveState"] == "active", 20)
     wait_for("/health to answer 200 again", lambda: health(container) == "ok 200", 30)

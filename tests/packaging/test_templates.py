@@ -9,6 +9,7 @@ import subprocess
 import tomllib
 
 import pytest
+import yaml
 
 import cfn_yaml
 from conftest import ROOT, tool
@@ -84,7 +85,13 @@ def test_handoffs_at_once_reaches_the_proxy_and_leaves_an_address_announced():
     # Of the four addresses, at least one stays announced throughout a release.
     assert (param["Type"], param["Default"], param["MinValue"], param["MaxValue"]) == ("Number", 1, 1, 3)
     user_data = fleet["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
-    assert "STATIC_INGRESS_EIP_HANDOFFS_AT_ONCE=${HandoffsAtOnce}\n" in user_data["Fn::Base64"]["Fn::Sub"]
+    doc = yaml.safe_load(user_data["Fn::Base64"]["Fn::Sub"])
+    [drop_in] = [f for f in doc["write_files"]
+                 if f["path"] == "/etc/static-ingress/static-ingress.toml.d/50-launch-template.toml"]
+    assert "[eip]\nhandoffs_at_once = ${HandoffsAtOnce}\n" in drop_in["content"]
+    # BackendAddress's pattern keeps the quoted TOML string whole (no quote or backslash).
+    assert 'address = "${BackendAddress}"\n' in drop_in["content"]
+    assert not re.fullmatch(fleet["Parameters"]["BackendAddress"]["AllowedPattern"], 'a"b:1')
 
 
 def guard(tmp_path, template_data, name="template.json"):
