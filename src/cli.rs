@@ -45,10 +45,12 @@ pub enum Cmd {
     /// Check the configuration and print the effective settings; exit 0 if valid, 78 if not.
     CheckConfig(CheckArgs),
     /// Reload the running proxy with process id PID (what the unit's ExecReload runs): check
-    /// the configuration as check-config does, send SIGHUP, and wait for the proxy's /status
-    /// to report the outcome. Exit 0 once applied, 78 if the configuration is invalid (the
-    /// proxy is then not signalled, or kept its running configuration), 1 if the proxy could
-    /// not apply it (e.g. a new listener's port is taken) or there is no such process.
+    /// its configuration files as it will read them (with the flags and environment it
+    /// started with), send SIGHUP, and wait for its /status to report the outcome. Exit 0
+    /// once applied, 78 if the files are invalid (the proxy is then not signalled, or kept
+    /// its running configuration), 1 if the proxy could not apply them (e.g. a new
+    /// listener's port is taken), is draining, is not a static-ingress, or could not be
+    /// followed.
     Reload(ReloadArgs),
     /// Claim this instance's Elastic IP once (the [eip] settings; eip.enabled is not needed),
     /// print what was found and done, and exit: 0 when the address is this instance's, or
@@ -77,24 +79,19 @@ pub struct CheckArgs {
 
 #[derive(Args, Debug)]
 pub struct ReloadArgs {
-    /// The proxy's process id (systemd passes $MAINPID).
+    /// The proxy's process id (systemd passes $MAINPID). Its command line and environment
+    /// (from /proc) say which files and overrides it reads.
     #[arg(long, value_name = "PID")]
     pub pid: i32,
-    /// Config file, as given to run. Without it, /etc/static-ingress/static-ingress.toml (and
-    /// its drop-ins) is read if it exists.
-    #[arg(short, long, env = "STATIC_INGRESS_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
     /// How long to wait for the proxy to report the reload's outcome.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_wait)]
     pub wait: std::time::Duration,
-    #[command(flatten)]
-    pub overrides: Overrides,
 }
 
 fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
     let d = config::value::duration(s)?;
-    if d > std::time::Duration::from_secs(600) {
-        return Err("at most 10m".into());
+    if d.is_zero() || d > std::time::Duration::from_secs(600) {
+        return Err("from 1ms to 10m".into());
     }
     Ok(d)
 }
@@ -225,7 +222,7 @@ fn check_config(args: CheckArgs) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let path = config_path(args.config);
+    let path = config_path(args.config.clone());
     let loaded = match load(path.as_ref(), &args.overrides) {
         Ok(l) => l,
         Err(errors) => {
@@ -267,8 +264,10 @@ fn run(args: RunArgs) -> ExitCode {
         // SIGHUP reads the same file with the same flags and environment (a process cannot
         // re-read its environment: per-deployment settings that must change on reload belong
         // in the file).
-        let (file, overrides) = (path.clone(), args.overrides.clone());
-        let server = server.reload_with(move || load(file.as_ref(), &overrides));
+        // The path is looked for again each time: a default file or drop-in directory made
+        // after the start is read.
+        let (named, overrides) = (args.config.clone(), args.overrides.clone());
+        let server = server.reload_with(move || load(config_path(named.clone()).as_ref(), &overrides));
         server.watch_own_failures();
         let signals = match lifecycle::signals() {
             Ok(s) => s,
@@ -287,36 +286,57 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 fn reload(args: &ReloadArgs) -> ExitCode {
-    if args.pid <= 0 {
-        eprintln!("error: --pid {} is not a process id", args.pid);
+    let pid = args.pid;
+    if pid <= 0 {
+        eprintln!("error: --pid {pid} is not a process id");
         return ExitCode::from(exit::USAGE);
     }
+    // A mistyped pid must not get a SIGHUP, whose default action ends a process.
+    if let Err(why) = reload_client::is_static_ingress(pid) {
+        eprintln!("error: {why}; not signalling it");
+        return ExitCode::from(exit::FAILURE);
+    }
+    // What the proxy will read: the files it was started on, with its flags and environment.
+    let (path, overrides) = match reload_client::started_with(pid) {
+        Ok(Cmd::Run(run)) => (config_path(run.config), run.overrides),
+        other => {
+            let why = other.err().unwrap_or_else(|| "it was not started with `run`".into());
+            println!("note: cannot read how process {pid} was started ({why}); checking the default files");
+            (config_path(None), Overrides::default())
+        }
+    };
     // The proxy would refuse an invalid file too; saying so here puts the errors where the
     // operator who ran `systemctl reload` looks, and makes the reload fail.
-    let path = config_path(args.config.clone());
-    let loaded = match load(path.as_ref(), &args.overrides) {
+    let loaded = match load(path.as_ref(), &overrides) {
         Ok(l) => l,
         Err(errors) => {
             print_errors(&errors);
-            eprintln!("not reloading: process {} keeps running its configuration", args.pid);
+            eprintln!("not reloading: process {pid} keeps running its configuration");
             return ExitCode::from(exit::CONFIG);
         }
     };
     let admin = client::local(loaded.config.admin.listen);
-    let before = client::reload_status(admin, args.pid);
+    let before = client::reload_status(admin, pid);
+    if let Ok((_, true)) = before {
+        eprintln!("error: process {pid} is draining (stopping): a reload does nothing now");
+        return ExitCode::from(exit::FAILURE);
+    }
     // SAFETY: kill(2) with a positive pid (never a process group) and a valid signal.
-    if unsafe { libc::kill(args.pid, libc::SIGHUP) } != 0 {
-        eprintln!("error: cannot signal process {}: {}", args.pid, std::io::Error::last_os_error());
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        eprintln!("error: cannot signal process {pid}: {}", std::io::Error::last_os_error());
         return ExitCode::from(exit::FAILURE);
     }
     let before = match before {
-        Ok(b) => b,
+        Ok((b, _)) => b,
         Err(why) => {
-            println!("asked process {} to reload; cannot follow it ({why}): its log says how it went", args.pid);
-            return ExitCode::from(exit::OK);
+            eprintln!(
+                "error: asked process {pid} to reload, but cannot follow it: {why} (admin.listen applies only at \
+                 a restart: if the files change it, restart); its log says how the reload went"
+            );
+            return ExitCode::from(exit::FAILURE);
         }
     };
-    match client::wait_for_reload(admin, args.pid, before.count, args.wait) {
+    match client::wait_for_reload(admin, pid, before.started, args.wait) {
         Ok(outcome) => {
             for key in &outcome.needs_restart {
                 println!("warning: {key} changed, but only a restart applies it; still running the old value");
@@ -326,22 +346,92 @@ fn reload(args: &ReloadArgs) -> ExitCode {
             }
             match outcome.result.as_str() {
                 "applied" => {
-                    println!("configuration reloaded by process {}", args.pid);
+                    println!("configuration reloaded by process {pid}");
                     ExitCode::from(exit::OK)
                 }
                 result => {
                     for e in &outcome.errors {
                         eprintln!("error: {e}");
                     }
-                    eprintln!("reload {result}: process {} keeps running its previous configuration", args.pid);
+                    eprintln!("reload {result}: process {pid} keeps running its previous configuration");
                     ExitCode::from(if result == "invalid" { exit::CONFIG } else { exit::FAILURE })
                 }
             }
         }
         Err(why) => {
-            eprintln!("error: process {} was asked to reload, but {why}; its log says how it went", args.pid);
+            eprintln!("error: process {pid} was asked to reload, but {why}; its log says how it went");
             ExitCode::from(exit::FAILURE)
         }
+    }
+}
+
+/// What `reload` learns about the proxy process from /proc.
+mod reload_client {
+    use super::{Cli, Cmd};
+    use clap::Parser;
+
+    /// Ok when process `pid` runs the same program as this one (its `comm`, which systemd and
+    /// `ps` show).
+    pub fn is_static_ingress(pid: i32) -> Result<(), String> {
+        let own =
+            std::fs::read_to_string("/proc/self/comm").map_err(|e| format!("cannot read /proc/self/comm: {e}"))?;
+        let theirs = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map_err(|e| format!("no process {pid} that this user can see ({e})"))?;
+        if own.trim_end() == theirs.trim_end() {
+            Ok(())
+        } else {
+            Err(format!("process {pid} is {}, not {}", theirs.trim_end(), own.trim_end()))
+        }
+    }
+
+    /// The command line process `pid` was started with, parsed as this program parses its
+    /// own, with the `STATIC_INGRESS_*` variables of its environment (not this one's: under
+    /// systemd this process sees the unit's environment file as it is now, the proxy as it
+    /// was at its start). Variables this command sees that differ are reported: only a
+    /// restart applies them.
+    pub fn started_with(pid: i32) -> Result<Cmd, String> {
+        let read = |what: &str| {
+            std::fs::read(format!("/proc/{pid}/{what}")).map_err(|e| format!("cannot read /proc/{pid}/{what}: {e}"))
+        };
+        let (cmdline, environ) = (read("cmdline")?, read("environ")?);
+        let argv: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let theirs: Vec<(String, String)> = environ
+            .split(|b| *b == 0)
+            .filter_map(|kv| {
+                let kv = String::from_utf8_lossy(kv);
+                let (k, v) = kv.split_once('=')?;
+                k.starts_with("STATIC_INGRESS_").then(|| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        let ours: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("STATIC_INGRESS_")).collect();
+        for (k, v) in &ours {
+            match theirs.iter().find(|(t, _)| t == k) {
+                Some((_, tv)) if tv == v => {}
+                Some(_) => println!(
+                    "warning: {k} differs from the value process {pid} started with; only a restart applies it"
+                ),
+                None => println!(
+                    "warning: {k} is set here but not in process {pid}'s environment; only a restart applies it"
+                ),
+            }
+        }
+        // SAFETY: `reload` runs before this process starts any thread (no runtime, no
+        // logging), so nothing reads the environment concurrently.
+        unsafe {
+            for (k, _) in &ours {
+                std::env::remove_var(k);
+            }
+            for (k, v) in &theirs {
+                std::env::set_var(k, v);
+            }
+        }
+        Cli::try_parse_from(&argv).map(|c| c.command).map_err(|e| {
+            format!("its command line does not parse: {}", e.to_string().lines().next().unwrap_or_default())
+        })
     }
 }
 

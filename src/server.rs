@@ -276,13 +276,21 @@ impl Server {
             match proxy::socket::bind(addr, "proxy") {
                 Ok(l) => added.push((l, addr)),
                 Err(e) => {
-                    let hint = if removed.iter().any(|r| r.port() == addr.port()) {
-                        " (a listener this reload removes may hold the port until it is gone: remove it in one \
-                         reload and add the new one in the next)"
-                    } else {
-                        ""
+                    // Linux lets no two listeners share a port when one is a wildcard: this
+                    // proxy's own may be the one in the way.
+                    let own = running.iter().find(|r| r.port() == addr.port());
+                    let message = match own {
+                        Some(own) if e.source.raw_os_error() == Some(libc::EADDRINUSE) => format!(
+                            "proxy.listen: cannot listen on {addr}: this proxy's listener on {own} holds the port{}",
+                            if removed.contains(own) {
+                                " until this reload removes it: remove it in one reload, then add the new address in the next"
+                            } else {
+                                ""
+                            }
+                        ),
+                        _ => format!("proxy.listen: {e}"),
                     };
-                    return Err(vec![format!("proxy.listen: {e}{hint}")]);
+                    return Err(vec![message]);
                 }
             }
         }
@@ -309,22 +317,30 @@ impl Server {
             lifecycle::raise_fd_limit(new.proxy.max_connections);
         }
         self.proxy.set_max_connections(new.proxy.max_connections);
+        // Removed listeners stop before the routes change (nothing is accepted there under
+        // routes that no longer know them), and are closed before the reload is reported
+        // done, so their ports are free by then. Their open connections go on as any other.
+        let stopped: Vec<Listening> = {
+            let mut listening = self.listening();
+            let (gone, kept) =
+                std::mem::take(&mut *listening).into_iter().partition(|l| removed.contains(&l.configured));
+            *listening = kept;
+            gone
+        };
+        for l in stopped {
+            l.stop.cancel();
+            if let Err(e) = l.task.await {
+                tracing::error!(error = %e, "accept loop task failed");
+            }
+            tracing::info!(listen = %l.configured, "reload: listener removed; its open connections go on");
+        }
         self.proxy.reconfigure(new.proxy.clone(), Arc::new(router));
         let router = self.proxy.router();
-        // Listeners change once the routes that name them are in place. A removed one stops
-        // accepting; its open connections go on as any other.
+        // New listeners accept once the routes that name them are in place.
         for (l, addr) in added {
             tracing::info!(listen = %addr, "reload: new listener accepting");
             self.start_listener(l, addr);
         }
-        self.listening().retain(|l| {
-            let keep = !removed.contains(&l.configured);
-            if !keep {
-                tracing::info!(listen = %l.configured, "reload: listener removed; its open connections go on");
-                l.stop.cancel();
-            }
-            keep
-        });
         self.state.set_listen(self.listening().iter().map(|l| l.local).collect());
         for u in &gone {
             // Its address set may live on in a route that only changed settings.
@@ -369,6 +385,7 @@ impl Server {
             return;
         };
         tracing::info!("SIGHUP received: reloading the configuration");
+        self.state.reload_started();
         lifecycle::notify(&[
             NotifyState::Reloading,
             NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
@@ -498,8 +515,9 @@ impl Server {
         let lifecycle = &self.config.lifecycle;
         let forced = async {
             loop {
-                if let Some(Signal::Terminate) | None = signals.recv().await {
-                    return;
+                match signals.recv().await {
+                    Some(Signal::Terminate) | None => return,
+                    Some(Signal::Reload) => tracing::warn!("SIGHUP ignored: draining, a reload does nothing now"),
                 }
             }
         };

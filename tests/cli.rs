@@ -13,6 +13,12 @@ use common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_static-ingress");
 
+/// A loopback address with a port nobody listens on now, for an admin server whose address
+/// `reload` must find in the proxy's command line or environment.
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+}
+
 fn fixture(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).display().to_string()
 }
@@ -235,15 +241,18 @@ impl Process {
     async fn start_under(launcher: Command, backend: SocketAddr, extra: &[&str]) -> Process {
         let backend = backend.to_string();
         let mut args = vec!["--config", &fixture("empty.toml")].into_iter().map(String::from).collect::<Vec<_>>();
-        args.extend(["--backend-address", &backend, "--proxy-listen", "127.0.0.1:0"].map(String::from));
+        args.extend(
+            ["--backend-address", &backend, "--proxy-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+                .map(String::from),
+        );
         args.extend(extra.iter().map(|s| s.to_string()));
         Process::start_args(launcher, &args).await
     }
 
-    /// Starts `run` with `args` (the admin server on a free loopback port).
+    /// Starts `run` with `args`.
     async fn start_args(mut launcher: Command, args: &[String]) -> Process {
         let mut child = launcher
-            .args(["run", "--admin-listen", "127.0.0.1:0"])
+            .arg("run")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -353,20 +362,43 @@ async fn the_binary_proxies_and_drains_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_without_stopping_and_a_second_sigint_exits_at_once_with_1() {
     let backend = Backend::echo().await;
-    let p = Process::start(backend.addr, &["--lifecycle-drain-delay", "60s", "--log-format", "json"]).await;
-    // As the unit's ExecReload asks: `static-ingress reload --pid $MAINPID`, in the unit's
-    // environment (here, the same flags).
+    // The admin server on a port that `reload` can find from the proxy's command line.
+    let admin = free_port();
+    let p = Process::start_args(
+        cmd(),
+        &[
+            "--config",
+            &fixture("empty.toml"),
+            "--backend-address",
+            &backend.addr.to_string(),
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            &admin,
+            "--lifecycle-drain-delay",
+            "60s",
+            "--log-format",
+            "json",
+        ]
+        .map(String::from),
+    )
+    .await;
+    // As the unit's ExecReload asks: `static-ingress reload --pid $MAINPID`, which reads the
+    // proxy's own flags and environment from /proc.
     let pid = p.child.id().to_string();
-    let admin = p.admin.to_string();
-    let same =
-        ["--config", &fixture("empty.toml"), "--backend-address", &backend.addr.to_string(), "--admin-listen", &admin];
-    let out = cmd().args(["reload", "--pid", &pid]).args(same).output().expect("reload runs");
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(cmd().args(["reload", "--pid", &pid]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), format!("configuration reloaded by process {pid}\n"));
-    // No such process: said, and exit 1.
-    let none = cmd().args(["reload", "--pid", "999999999"]).args(same).output().expect("reload runs");
+    // No such process, or one that is not a static-ingress (this test): said, exit 1, and
+    // no SIGHUP (which would end this test).
+    let none = run(cmd().args(["reload", "--pid", "999999999"]));
     assert_eq!(none.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&none.stderr).contains("cannot signal process 999999999"));
+    assert!(stderr(&none).contains("no process 999999999"), "{}", stderr(&none));
+    let me = std::process::id().to_string();
+    let other = run(cmd().args(["reload", "--pid", &me]));
+    assert_eq!(other.status.code(), Some(1));
+    assert!(stderr(&other).contains(&format!("process {me} is ")), "{}", stderr(&other));
+    assert!(stderr(&other).contains("not static-ingress; not signalling it"), "{}", stderr(&other));
     // Handled, not merely not yet delivered: the proxy says it got it, and then still serves.
     p.log_line("the SIGHUP to be handled", |l| l.contains("SIGHUP received").then_some(()));
     p.log_line("the reload to finish", |l| l.contains("configuration reloaded").then_some(()));
@@ -407,13 +439,21 @@ async fn reload_waits_for_the_outcome_and_fails_when_invalid_or_not_applied() {
     // An editor's backup beside it is not read.
     std::fs::write(drop_ins.join("50-fleet.toml~"), "[backend]\naddress = \"nowhere:1\"\n").unwrap();
     let config = main.display().to_string();
-    let p =
-        Process::start_args(cmd(), &["--config".into(), config.clone(), "--proxy-idle-timeout".into(), "60s".into()])
-            .await;
+    // The admin address in the proxy's environment, where `reload` finds it.
+    let admin = free_port();
+    let mut launcher = cmd();
+    launcher.env("STATIC_INGRESS_ADMIN_LISTEN", &admin);
+    let p = Process::start_args(
+        launcher,
+        &["--config".into(), config.clone(), "--proxy-idle-timeout".into(), "60s".into()],
+    )
+    .await;
     assert_eq!(greeting(p.proxy).await.unwrap().0, "blue");
     let pid = p.child.id().to_string();
-    let admin = p.admin.to_string();
-    let reload = || run(cmd().args(["reload", "--pid", &pid, "--config", &config, "--admin-listen", &admin]));
+    // Run as systemd runs ExecReload: in the unit's environment as it is now, which here has a
+    // variable the proxy did not start with (an invalid one): the proxy's environment is what
+    // counts, and the difference is said.
+    let reload = || run(cmd().args(["reload", "--pid", &pid]).env("STATIC_INGRESS_PROXY_CONNECT_TIMEOUT", "5"));
 
     // The drop-in names the new backend (and sets a key the start's flag still overrides).
     std::fs::write(&fleet, backend(&green) + "[proxy]\nidle_timeout = \"90s\"\n").unwrap();
@@ -421,6 +461,9 @@ async fn reload_waits_for_the_outcome_and_fails_when_invalid_or_not_applied() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let said = stdout(&out);
     assert!(said.ends_with(&format!("configuration reloaded by process {pid}\n")), "{said}");
+    let note =
+        format!("warning: STATIC_INGRESS_PROXY_CONNECT_TIMEOUT is set here but not in process {pid}'s environment");
+    assert!(said.contains(&note), "{said}");
     assert!(
         said.contains("warning: proxy.idle_timeout: ")
             && said.contains("50-fleet.toml:5 sets \"1m 30s\", but flag --proxy-idle-timeout sets \"1m\", which wins"),

@@ -229,6 +229,16 @@ def measure_path(instances: dict[str, peers.Instance], oha: Path, mode: Mode) ->
         f"  {mode.rate}/s: success {steady['success_ratio']:.4f}, p50 {fmt(steady, 'p50_ms')} "
         f"p99 {fmt(steady, 'p99_ms')} p99.9 {fmt(steady, 'p999_ms')} ms"
     )
+    sni = instances.get(peers.SNI_ROLE)
+    if sni:
+        # The same load through an instance that routes by the ClientHello's server name,
+        # right after the one that does not, so both see the same machine.
+        routed = measure.constant_rate(oha, sni.port, mode.rate, mode.rate_seconds, peers.SNI_NAME)
+        result.update({f"sni_{k}": routed[k] for k in ("success_ratio", "p50_ms", "p99_ms", "p999_ms")})
+        log(
+            f"  {mode.rate}/s routed by SNI: success {routed['success_ratio']:.4f}, p50 {fmt(routed, 'p50_ms')} "
+            f"p99 {fmt(routed, 'p99_ms')} p99.9 {fmt(routed, 'p999_ms')} ms"
+        )
     search = measure.highest_clean_rate(
         oha, tls.port, mode.search_start, mode.search_ceiling, mode.search_steps, mode.search_seconds
     )

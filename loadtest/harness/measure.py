@@ -63,9 +63,13 @@ OHA_WORKERS = 500  # in-flight requests allowed; far above rate x latency, so th
 OHA_TIMEOUT = "2s"  # a request slower than this counts as an error
 
 
-def oha_argv(oha: Path, port: int, rate: int, seconds: float) -> list[str]:
+def oha_argv(oha: Path, port: int, rate: int, seconds: float, server_name: str | None = None) -> list[str]:
+    """oha's command line; with `server_name`, the URL names it (so the ClientHello carries it
+    as SNI) and --connect-to still sends every connection to loopback."""
+    host = server_name or LOOPBACK
+    connect_to = ["--connect-to", f"{server_name}:{port}:{LOOPBACK}:{port}"] if server_name else []
     return [
-        str(oha), f"https://{LOOPBACK}:{port}/",
+        str(oha), f"https://{host}:{port}/", *connect_to,
         "-z", f"{seconds}s",
         "-q", str(rate),
         "-c", str(OHA_WORKERS),
@@ -84,14 +88,16 @@ def oha_argv(oha: Path, port: int, rate: int, seconds: float) -> list[str]:
 WARMUP_S = 1.0
 
 
-def constant_rate(oha: Path, port: int, rate: int, seconds: float) -> dict:
+def constant_rate(oha: Path, port: int, rate: int, seconds: float, server_name: str | None = None) -> dict:
     """Success ratio (all requests) and latency percentiles in ms (requests due after the
     warm-up) at `rate` new connections per second. oha's per-request records (--db-url) give
     the percentiles, so that the warm-up can be left out."""
     warmup = min(WARMUP_S, seconds / 4)
     with tempfile.TemporaryDirectory(prefix="oha-") as tmp:
         db = Path(tmp) / "requests.db"
-        result = run([*oha_argv(oha, port, rate, seconds), "--db-url", str(db)], seconds + 30, f"oha at {rate}/s")
+        result = run(
+            [*oha_argv(oha, port, rate, seconds, server_name), "--db-url", str(db)], seconds + 30, f"oha at {rate}/s"
+        )
         if result.returncode != 0:
             raise HarnessError(
                 f"oha at {rate}/s failed (exit status {result.returncode}): {result.stderr.strip()[:200]}"

@@ -25,6 +25,9 @@ HARNESS_DIR = Path(__file__).resolve().parent
 # What each proxy instance forwards to: "tls" to the HTTPS backend (latency and connection
 # rate), "bulk" to iperf3 (throughput and CPU), "idle" to the echo server (memory).
 ROLES = ("tls", "bulk", "idle")
+# static-ingress only: a fourth instance in front of the HTTPS backend with SNI routing on, for
+# what reading the ClientHello costs a new connection.
+SNI_ROLE = "tls-sni"
 
 
 @dataclass
@@ -133,15 +136,32 @@ def start_direct(ctx: Context, role: str) -> tuple[int, Proc | None]:
     return ctx.backends.port(role), None
 
 
+# The server name of the SNI-routing instance's one route, which the client sends
+# (measure.oha_argv with server_name).
+SNI_NAME = "api.example.com"
+
+
 def start_static_ingress(ctx: Context, role: str) -> tuple[int, Proc | None]:
     port = free_port()
-    # An empty config file, so that neither /etc/static-ingress/static-ingress.toml nor
-    # STATIC_INGRESS_* variables of this machine (dropped in Processes.start) change the run.
-    config = ctx.workdir / "static-ingress.toml"
-    config.write_text("# every setting comes from the flags below\n")
+    if role == SNI_ROLE:
+        # SNI routing on: one [[route]] by server name to the HTTPS backend and every other
+        # connection refused, so a request that succeeds was routed by its ClientHello.
+        config = ctx.workdir / "static-ingress-sni.toml"
+        config.write_text(
+            "# connections are routed by the ClientHello's server name; the rest come from the flags\n"
+            '[proxy]\nunmatched = "refuse"\nnon_tls = "refuse"\n\n'
+            f'[[route]]\nname = "api"\nserver_names = ["{SNI_NAME}"]\nbackend = "{BACKEND_NAME}:{ctx.backends.tls}"\n'
+        )
+        target = []
+    else:
+        # An empty config file, so that neither /etc/static-ingress/static-ingress.toml nor
+        # STATIC_INGRESS_* variables of this machine (dropped in Processes.start) change the run.
+        config = ctx.workdir / "static-ingress.toml"
+        config.write_text("# every setting comes from the flags below\n")
+        target = ["--backend-address", f"{BACKEND_NAME}:{ctx.backends.port(role)}"]
     argv = [
         str(ctx.binary), "run", "--config", str(config),
-        "--backend-address", f"{BACKEND_NAME}:{ctx.backends.port(role)}",
+        *target,
         "--dns-nameservers", f"{LOOPBACK}:{ctx.backends.dns}",
         "--proxy-listen", f"{LOOPBACK}:{port}",
         "--admin-listen", f"{LOOPBACK}:{free_port()}",
@@ -257,11 +277,14 @@ class Instance:
 def start_path(ctx: Context, path: str) -> dict[str, Instance]:
     """Starts one instance of the path per role and waits until each passes traffic end to end."""
     instances = {}
-    for role in ROLES:
+    for role in ROLES + ((SNI_ROLE,) if path == "static-ingress" else ()):
         port, proc = PATHS[path](ctx, role)
         instances[role] = Instance(port, proc)
     procs = [i.proc for i in instances.values() if i.proc]
     wait_until(f"{path} to the HTTPS backend", lambda: https_probe(instances["tls"].port), READY_TIMEOUT_S, procs)
+    if SNI_ROLE in instances:
+        wait_until(f"{path} routing by SNI to the HTTPS backend",
+                   lambda: https_probe(instances[SNI_ROLE].port, SNI_NAME), READY_TIMEOUT_S, procs)
     wait_until(f"{path} to iperf3", lambda: iperf_probe(instances["bulk"].port), READY_TIMEOUT_S, procs)
     wait_until(f"{path} to the echo server", lambda: echo_probe(instances["idle"].port), READY_TIMEOUT_S, procs)
     return instances
@@ -286,14 +309,14 @@ def connect_probe(port: int) -> str | None:
     return None
 
 
-def https_probe(port: int) -> str | None:
+def https_probe(port: int, server_name: str = BACKEND_NAME) -> str | None:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
         with (
             socket.create_connection((LOOPBACK, port), timeout=PROBE_TIMEOUT_S) as raw,
-            context.wrap_socket(raw, server_hostname=BACKEND_NAME) as tls,
+            context.wrap_socket(raw, server_hostname=server_name) as tls,
         ):
             tls.sendall(f"GET / HTTP/1.1\r\nHost: {BACKEND_NAME}\r\nConnection: close\r\n\r\n".encode())
             head = tls.recv(64)
@@ -338,7 +361,7 @@ def dns_probe(port: int) -> str | None:
 def describe(proc: Proc) -> dict:
     """A process's exact command line and configuration file, for the report."""
     entry: dict = {"argv": proc.argv}
-    for flag in ("-f", "-c"):  # haproxy -f FILE, nginx -c FILE
+    for flag in ("-f", "-c", "--config"):  # haproxy -f FILE, nginx -c FILE, static-ingress --config FILE
         if flag in proc.argv:
             entry["config"] = Path(proc.argv[proc.argv.index(flag) + 1]).read_text()
     return entry

@@ -52,11 +52,52 @@ def problems(medians: dict[str, dict], paths: list[str], strict: bool) -> list[s
                 continue
             if numbers.get(metric.key) is None:
                 found.append(f"{path}: no {metric.label}")
+        if path == "static-ingress":
+            for key, label in SNI_FIGURES:
+                if numbers.get(f"sni_{key}") is None:
+                    found.append(f"{path}: no {label} routed by SNI")
+            if strict and numbers.get("sni_success_ratio", 0) < 1:
+                found.append(f"{path}: success ratio {numbers.get('sni_success_ratio')} routed by SNI")
         if strict and numbers.get("success_ratio", 0) < 1:
             found.append(f"{path}: success ratio {numbers.get('success_ratio')} at the constant rate")
         if strict and not numbers.get("max_clean_rate"):
             found.append(f"{path}: no rate passed the clean-rate search")
     return found
+
+
+# The constant-rate figures measured again through an instance that routes by SNI.
+SNI_FIGURES = [("success_ratio", "success"), ("p50_ms", "latency p50"), ("p99_ms", "latency p99"),
+               ("p999_ms", "latency p99.9")]
+
+
+def sni_section(results: dict) -> list[str]:
+    """Latency at the constant rate with and without SNI routing: what reading the
+    ClientHello before connecting to the backend costs."""
+    si = results["medians"].get("static-ingress", {})
+    if si.get("sni_p50_ms") is None:
+        return []
+    rows = ["| figure | without routes | routed by SNI | difference | rounds, routed by SNI |", "|---|---|---|---|---|"]
+    for key, label in SNI_FIGURES:
+        plain, routed = si.get(key), si.get(f"sni_{key}")
+        unit = "ratio" if key == "success_ratio" else "ms"
+        diff = "" if plain is None or routed is None or unit == "ratio" else f"{routed - plain:+.3f} ms"
+        per_round = ", ".join(
+            number(r["results"]["static-ingress"].get(f"sni_{key}"), unit)
+            for r in results["rounds"] if "static-ingress" in r["results"]
+        )
+        rows.append(f"| {label} | {number(plain, unit)} | {number(routed, unit)} | {diff} | {per_round} |")
+    return [
+        "### What SNI routing costs",
+        "",
+        "The constant-rate test (a new TCP+TLS connection and one GET each) run again, right after the one "
+        "above, through a static-ingress instance with one `[[route]]` by server name and "
+        "`proxy.unmatched = \"refuse\"`: every request that succeeds was routed by the server name in its "
+        "ClientHello, which the proxy reads before it connects to the backend (oha sends the name with "
+        "`--connect-to`; see its command below). Medians over the rounds:",
+        "",
+        *rows,
+        "",
+    ]
 
 
 def ratio(value, base) -> float | None:
@@ -262,6 +303,7 @@ def markdown(results: dict, paths: list[str], results_file: Path | None) -> str:
             out += ["", "Against HAProxy with splicing forced (`haproxy-splice`):", ""]
             out += behind_section(results, "haproxy-splice")
         out.append("")
+    out += sni_section(results)
     if ANALYSIS.exists():
         out += [ANALYSIS.read_text().strip(), ""]
     out += ["### Spread over the rounds (lowest to highest)", "", spread_table(results["rounds"], paths), ""]
@@ -278,6 +320,13 @@ def markdown(results: dict, paths: list[str], results_file: Path | None) -> str:
         "--connect-timeout 3000 --json",
         shlex.join(measure.oha_argv(Path("oha"), 0, 0, 0))
         .replace(":0/", ":PORT/")
+        .replace("-z 0s", "-z SECONDS")
+        .replace("-q 0", "-q RATE"),
+        "# routed by SNI: the same, naming the server (the route's) and sending it to loopback",
+        shlex.join(measure.oha_argv(Path("oha"), 0, 0, 0, "api.example.com"))
+        .replace(":0/", ":PORT/")
+        .replace(":0:", ":PORT:")
+        .replace(":0 ", ":PORT ")
         .replace("-z 0s", "-z SECONDS")
         .replace("-q 0", "-q RATE"),
         "```",
@@ -315,6 +364,11 @@ def markdown(results: dict, paths: list[str], results_file: Path | None) -> str:
                 "differ only in ports):", "", f"`{cmd(entry)}`", ""]  # fmt: skip
         if "config" in entry:
             out += ["```", entry["config"].replace(work, "WORK").strip(), "```", ""]
+        sni = results["commands"].get(path, {}).get("tls-sni", {})
+        if "argv" in sni:
+            out += ["The instance routing by SNI (the same HTTPS backend):", "", f"`{cmd(sni)}`", ""]
+            if "config" in sni:
+                out += ["```toml", sni["config"].replace(work, "WORK").strip(), "```", ""]
     out += ["## Raw results", ""]
     if results_file:
         out += [

@@ -34,8 +34,28 @@ pub fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
         .map_err(|e| format!("cannot set a timeout on the connection to {addr}: {e}"))?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).map_err(|e| format!("cannot send to {addr}: {e}"))?;
+    // One deadline for the whole answer, not one per read.
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
     let mut answer = Vec::new();
-    stream.take(MAX_ANSWER).read_to_end(&mut answer).map_err(|e| format!("no answer from {addr}: {e}"))?;
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("{addr} did not answer within {}", humantime::format_duration(REQUEST_TIMEOUT)));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| format!("cannot set a timeout on the connection to {addr}: {e}"))?;
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) if (answer.len() + n) as u64 > MAX_ANSWER => {
+                return Err(format!("{addr} sent more than {MAX_ANSWER} bytes"));
+            }
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("no answer from {addr}: {e}")),
+        }
+    }
     let text = String::from_utf8_lossy(&answer);
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("{addr} sent no HTTP answer"))?;
     let code = head
@@ -49,7 +69,10 @@ pub fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
 /// The reload part of a proxy's `/status`.
 #[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
 pub struct Reload {
-    /// Reloads tried since start (SIGHUP received).
+    /// Reloads begun since start (SIGHUP handled).
+    #[serde(default)]
+    pub started: u64,
+    /// Reloads finished since start; the fields below describe the last of them.
     pub count: u64,
     /// The last one's outcome: `applied`, `invalid` (the file had errors) or `failed` (valid,
     /// but it could not be applied); empty before the first.
@@ -68,12 +91,13 @@ pub struct Reload {
 #[derive(serde::Deserialize)]
 struct StatusPart {
     pid: u32,
+    draining: bool,
     reload: Reload,
 }
 
-/// The reload state of the proxy with process id `pid` whose admin server is at `addr`; an
-/// error if it does not answer or another process does.
-pub fn reload_status(addr: SocketAddr, pid: i32) -> Result<Reload, String> {
+/// The reload state of the proxy with process id `pid` whose admin server is at `addr`, and
+/// whether it is draining; an error if it does not answer or another process does.
+pub fn reload_status(addr: SocketAddr, pid: i32) -> Result<(Reload, bool), String> {
     let (code, body) = get(addr, "/status")?;
     if code != 200 {
         return Err(format!("{addr}/status answered {code}"));
@@ -83,18 +107,19 @@ pub fn reload_status(addr: SocketAddr, pid: i32) -> Result<Reload, String> {
     if i64::from(status.pid) != i64::from(pid) {
         return Err(format!("the admin server at {addr} is process {}'s, not {pid}'s", status.pid));
     }
-    Ok(status.reload)
+    Ok((status.reload, status.draining))
 }
 
-/// Waits up to `wait` for the proxy to finish the reload after the `seen`-th, and returns
-/// its outcome.
-pub fn wait_for_reload(addr: SocketAddr, pid: i32, seen: u64, wait: Duration) -> Result<Reload, String> {
+/// Waits up to `wait` for the proxy to finish a reload begun after the `started`-th (the one
+/// a SIGHUP sent now causes: one under way when it was sent is not it), and returns the
+/// outcome.
+pub fn wait_for_reload(addr: SocketAddr, pid: i32, started: u64, wait: Duration) -> Result<Reload, String> {
     let until = Instant::now() + wait;
     let mut last_error = None;
     // Bounded by `wait`: one request (itself bounded) every POLL.
     while Instant::now() < until {
         match reload_status(addr, pid) {
-            Ok(r) if r.count > seen && !r.result.is_empty() => return Ok(r),
+            Ok((r, _)) if r.count > started && !r.result.is_empty() => return Ok(r),
             Ok(_) => last_error = None,
             Err(e) => last_error = Some(e),
         }

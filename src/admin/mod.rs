@@ -129,10 +129,22 @@ impl State {
         }
     }
 
+    /// A reload begins.
+    pub fn reload_started(&self) {
+        self.reload.lock().unwrap_or_else(std::sync::PoisonError::into_inner).started += 1;
+    }
+
     /// Records a reload's outcome: `applied`, `invalid` or `failed`.
     pub fn reloaded(&self, result: &str, errors: Vec<String>, needs_restart: Vec<String>, shadowed: Vec<String>) {
         let mut r = self.reload.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *r = client::Reload { count: r.count + 1, result: result.to_string(), errors, needs_restart, shadowed };
+        *r = client::Reload {
+            started: r.started,
+            count: r.count + 1,
+            result: result.to_string(),
+            errors,
+            needs_restart,
+            shadowed,
+        };
     }
 
     pub fn reload_status(&self) -> client::Reload {

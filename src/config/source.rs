@@ -181,8 +181,11 @@ pub fn drop_in_dir(path: &Path) -> PathBuf {
     PathBuf::from(dir)
 }
 
-/// The most drop-ins read from one directory: a bound on work, far above any real use.
+/// The most drop-ins one directory may hold: a bound on work, far above any real use.
 pub const MAX_DROP_INS: usize = 256;
+
+/// The largest config file read (the main one or a drop-in).
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
 
 impl FileLayer {
     /// The config file at `path` (which need not exist when `optional`) and then every
@@ -214,7 +217,13 @@ impl FileLayer {
                         }
                     };
                     let name = entry.file_name();
-                    let Some(text) = name.to_str() else { continue };
+                    let Some(text) = name.to_str() else {
+                        errors.push(dir_error(
+                            &dir,
+                            &format!("holds a file whose name is not UTF-8 ({}); rename it", name.to_string_lossy()),
+                        ));
+                        continue;
+                    };
                     if text.starts_with('.') || !text.ends_with(".toml") {
                         continue;
                     }
@@ -260,13 +269,28 @@ impl FileLayer {
     /// Reads and parses `path`, refusing unknown sections and keys (all of them, not just
     /// the first).
     pub fn read(path: &Path) -> Result<FileLayer, ConfigErrors> {
-        let bytes = std::fs::read(path).map_err(|e| {
+        let fail = |message: String| {
             ConfigErrors(vec![ConfigError {
                 origin: Origin::File { path: path.to_path_buf(), line: None },
                 key: None,
-                message: format!("cannot read the config file: {e}"),
+                message,
             }])
-        })?;
+        };
+        // Only a regular file (through symlinks): a FIFO would block the read for ever, a
+        // device would never end.
+        let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read the config file: {e}")))?;
+        if !meta.is_file() {
+            return Err(fail("is not a regular file; a config file must be one".into()));
+        }
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_FILE_BYTES + 1), &mut bytes))
+            .map_err(|e| {
+                fail(format!("cannot read the config file: {e} (it must be readable by the user the proxy runs as)"))
+            })?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(fail(format!("is larger than {} KiB; a config file is a few KiB", MAX_FILE_BYTES / 1024)));
+        }
         Self::parse_bytes(path, &bytes)
     }
 
@@ -706,6 +730,21 @@ mod tests {
         assert!(err.contains("cannot read the config file"), "{err}");
         std::fs::remove_dir_all(&d).unwrap();
         assert!(FileLayer::read_with_drop_ins(&main, true).unwrap().is_none());
+
+        // Only regular files of a sane size are read: a FIFO would block the load for ever.
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::create_dir(d.join("2.toml")).unwrap();
+        let fifo = std::ffi::CString::new(d.join("3.toml").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        std::fs::write(d.join("4.toml"), vec![b'#'; (MAX_FILE_BYTES + 1) as usize]).unwrap();
+        let got: Vec<String> =
+            FileLayer::read_with_drop_ins(&main, true).unwrap_err().0.iter().map(ToString::to_string).collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got[0].ends_with("2.toml: is not a regular file; a config file must be one"), "{got:?}");
+        assert!(got[1].ends_with("3.toml: is not a regular file; a config file must be one"), "{got:?}");
+        assert!(got[2].ends_with("4.toml: is larger than 1024 KiB; a config file is a few KiB"), "{got:?}");
+        std::fs::remove_dir_all(&d).unwrap();
 
         // A file where the directory should be is said.
         std::fs::write(&d, "").unwrap();

@@ -29,6 +29,29 @@ use crate::route::{Pick, Router, Upstream};
 /// inside the ~30 s a TLS client waits for its handshake at the default 3 s.
 const MAX_CONNECT_ATTEMPTS: usize = 4;
 
+/// One connection's slot under `proxy.max_connections`, counted in [`Proxy::active`] while it
+/// lives; dropped (however the connection's task ends), it goes back to the limit.
+struct Slot {
+    proxy: Arc<Proxy>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Slot {
+    fn new(proxy: Arc<Proxy>, permit: OwnedSemaphorePermit) -> Slot {
+        proxy.open.fetch_add(1, Ordering::AcqRel);
+        Slot { proxy, permit: Some(permit) }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.proxy.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(permit) = self.permit.take() {
+            self.proxy.release(permit);
+        }
+    }
+}
+
 /// Everything a connection task needs, shared by all of them.
 pub struct Proxy {
     /// Swapped by a reload; each connection reads it as it goes.
@@ -38,6 +61,9 @@ pub struct Proxy {
     /// Permits a lowered limit still has to take back: held by connections opened under the
     /// higher one, each forgotten (not returned) as its connection ends.
     owed: AtomicUsize,
+    /// Connections holding a slot now (counted apart from the semaphore, whose permits a
+    /// lowering of the limit moves about).
+    open: AtomicUsize,
     /// Every backend, and which connection goes where.
     router: ArcSwap<Router>,
     metrics: Arc<Metrics>,
@@ -61,6 +87,7 @@ impl Proxy {
             limit: Arc::new(Semaphore::new(config.max_connections)),
             max_connections: AtomicUsize::new(config.max_connections),
             owed: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
             config: ArcSwap::from_pointee(config),
             router: ArcSwap::new(router),
             metrics,
@@ -75,9 +102,7 @@ impl Proxy {
 
     /// Connections being proxied now.
     pub fn active(&self) -> usize {
-        // The semaphore holds max + owed permits; those not available are held.
-        (self.max_connections.load(Ordering::Acquire) + self.owed.load(Ordering::Acquire))
-            .saturating_sub(self.limit.available_permits())
+        self.open.load(Ordering::Acquire)
     }
 
     /// Applies a reloaded `proxy.max_connections`. Raised: the new slots are free at once.
@@ -151,10 +176,11 @@ impl Proxy {
             self.metrics.tcp_open_connections.inc();
             match Arc::clone(&self.limit).try_acquire_owned() {
                 Ok(permit) => {
+                    let slot = Slot::new(Arc::clone(&self), permit);
                     let span = tracing::debug_span!("conn", client.addr = %peer, backend = tracing::field::Empty,
                         backend.addr = tracing::field::Empty);
                     let proxy = Arc::clone(&self);
-                    self.tracker.spawn(proxy.serve(stream, on, permit).instrument(span));
+                    self.tracker.spawn(proxy.serve(stream, on, slot).instrument(span));
                 }
                 Err(_) => {
                     socket::reset(&stream);
@@ -187,7 +213,7 @@ impl Proxy {
         }
     }
 
-    async fn serve(self: Arc<Self>, client: TcpStream, listener: SocketAddr, permit: OwnedSemaphorePermit) {
+    async fn serve(self: Arc<Self>, client: TcpStream, listener: SocketAddr, slot: Slot) {
         socket::tune(&client, self.config.load().tcp_keepalive);
         let cut = self.cut_token();
         let reason = tokio::select! {
@@ -200,7 +226,7 @@ impl Proxy {
         // Free the socket and the slot before counting the close, so that whoever sees the
         // close counted can rely on the slot being free.
         drop(client);
-        self.release(permit);
+        drop(slot);
         self.metrics.closed(reason);
         tracing::debug!(reason = reason.as_str(), "connection closed");
     }

@@ -9,7 +9,9 @@ import subprocess
 import tomllib
 
 import pytest
+import yaml
 
+import cfn_yaml
 from conftest import ROOT
 
 UNIT = "static-ingress.service"
@@ -47,13 +49,29 @@ def test_package_holds_binary_unit_and_config(deb_path):
     fields = run("dpkg-deb", "-f", str(deb_path), "Package", "Architecture", "Depends").stdout
     assert "Package: static-ingress" in fields
     assert "Architecture: amd64" in fields
-    assert re.search(r"Depends: .*libc6", fields), fields
+    # Installable on Debian 12 (glibc 2.36) as well as 13: the glibc the binary needs, as
+    # dpkg-shlibdeps found it, is no newer.
+    libc = re.search(r"Depends: .*libc6 \(>= ([0-9.]+)\)", fields)
+    assert libc, fields
+    assert tuple(map(int, libc.group(1).split("."))) <= (2, 36), fields
     assert re.search(r"Depends: .*ca-certificates", fields), fields
     listing = run("dpkg-deb", "-c", str(deb_path)).stdout
     paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
     assert "/usr/bin/static-ingress" in paths
     assert CONFFILE in paths
     assert any(p.endswith(f"/systemd/system/{UNIT}") for p in paths), paths
+
+
+def test_drop_in_directory_ships_with_a_readme_that_is_never_read(deb_path, extracted):
+    readme = extracted / "etc/static-ingress/static-ingress.toml.d/README"
+    assert readme.is_file()
+    assert "50-launch-template.toml" in readme.read_text()
+    # The proxy skips it (not *.toml): the packaged files check as they do without it.
+    binary = extracted / "usr/bin/static-ingress"
+    conf = extracted / CONFFILE.lstrip("/")
+    r = run(binary, "check-config", conf, env={"PATH": os.environ["PATH"], "STATIC_INGRESS_BACKEND_ADDRESS": "a.example:443"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "static-ingress.toml.d" not in r.stdout.splitlines()[0], r.stdout
 
 
 def test_config_is_a_conffile(deb_path):
@@ -110,16 +128,32 @@ def test_descriptor_limit_covers_the_connection_limit():
     assert int(_unit_setting("LimitNOFILE")) >= 2 * max_conn + 256
 
 
-def test_packaged_config_needs_only_the_backend(extracted):
-    """What ExecStartPre sees on an instance: with the launch template's environment file the
-    packaged config is valid; without it, the one missing thing is named and the exit code is
-    78."""
+def test_packaged_config_needs_only_the_backend(extracted, tmp_path):
+    """What ExecStartPre sees on an instance: with the drop-in the launch template's user data
+    writes, the packaged config is valid and each setting comes from the drop-in; without it,
+    the one missing thing is named and the exit code is 78."""
     binary = str(extracted / "usr/bin/static-ingress")
-    conf = str(extracted / CONFFILE.lstrip("/"))
+    etc = tmp_path / "etc"
+    shutil.copytree(extracted / "etc/static-ingress", etc)
+    conf = str(etc / "static-ingress.toml")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    r = run(binary, "check-config", conf, env={**env, "STATIC_INGRESS_BACKEND_ADDRESS": "api.example.com:443"})
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "api.example.com:443" in r.stdout
     r = run(binary, "check-config", conf, env=env)
     assert r.returncode == 78, r.stdout + r.stderr
     assert "backend.address" in r.stdout + r.stderr
+    fleet = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")
+    doc = yaml.safe_load(fleet["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
+                         ["Fn::Base64"]["Fn::Sub"])
+    [drop_in] = [f for f in doc["write_files"] if f["path"].endswith("static-ingress.toml.d/50-launch-template.toml")]
+    text = drop_in["content"]
+    for name, value in {"AWS::StackName": "fleet-1", "BackendAddress": "api.example.com:443", "HealthPort": "9001",
+                        "HandoffsAtOnce": "2"}.items():
+        text = text.replace("${" + name + "}", value)
+    assert "${" not in text, text
+    (etc / "static-ingress.toml.d/50-launch-template.toml").write_text(text)
+    r = run(binary, "check-config", conf, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"# effective configuration: {conf}, {etc}/static-ingress.toml.d/50-launch-template.toml (valid)"
+    for setting in ('address = "api.example.com:443"', 'listen = "0.0.0.0:9001"', "handoffs_at_once = 2"):
+        [line] = [x for x in lines if x.startswith(setting)]
+        assert "static-ingress.toml.d/50-launch-template.toml:" in line, line
