@@ -165,7 +165,8 @@ fn flags_and_environment_are_bounded_too() {
 fn file_mistakes_are_named_with_their_line() {
     let mut huge = b"[backend]\naddress = \"127.0.0.1:1\"\n[proxy]\nidle_timeout = \"".to_vec();
     huge.push(b'5');
-    huge.extend(std::iter::repeat_n(b'x', 1 << 20));
+    // Half the largest file read (1 MiB): long enough for any message to have to cut it.
+    huge.extend(std::iter::repeat_n(b'x', 1 << 19));
     huge.extend(b"\"\n");
     let cut = format!(
         "4: proxy.idle_timeout: invalid duration \"5{}…\" (unknown time unit \"{}…\"); write durations like \"5s\", \
