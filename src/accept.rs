@@ -26,6 +26,11 @@ impl Acceptor {
         Acceptor { listener, backoff: BACKOFF_MIN }
     }
 
+    /// Sets the options accepted sockets inherit ([`crate::proxy::socket::tune_listener`]).
+    pub fn tune(&self, keepalive: Duration) {
+        crate::proxy::socket::tune_listener(&self.listener, keepalive);
+    }
+
     /// The next connection, or `None` once `stop` fires. `failed` sees every accept error with
     /// whether it is a shortage (the loop then backs off), to count and log it.
     pub async fn next(

@@ -225,6 +225,10 @@ pub struct Metrics {
     pub tcp_open_connections: IntGauge,
     tcp_close_total: [IntCounter; CloseReason::ALL.len()],
     proxied_bytes_total: [IntCounter; 2],
+    /// The splice path ([`crate::proxy::splice`]): bytes moved through pipes, the pool.
+    pub splice_bytes_total: IntCounter,
+    pub splice_pipes: crate::proxy::splice::PoolMetrics,
+    pub splice_pipes_limit: IntGauge,
     /// By side (client, backend) and errno class.
     tcp_errors_total: [[IntCounter; Errno::ALL.len()]; 2],
     pub accept_errors_total: IntCounterVec,
@@ -409,6 +413,29 @@ impl Metrics {
             tcp_open_connections: gauge("tcp_open_connections", "Client connections open now.")?,
             tcp_close_total: CloseReason::ALL.map(|r| close.with_label_values(&[r.as_str()])),
             proxied_bytes_total: [bytes.with_label_values(&["to_backend"]), bytes.with_label_values(&["to_client"])],
+            splice_bytes_total: counter(
+                "splice_bytes_total",
+                "Bytes forwarded through kernel pipes (splice), both directions; also in proxied_bytes_total.",
+            )?,
+            splice_pipes: {
+                let pipes = IntGaugeVec::new(
+                    Opts::new("splice_pipes", "Kernel pipes for splice, by state: in_use, free."),
+                    &["state"],
+                )?;
+                registry.register(Box::new(pipes.clone()))?;
+                crate::proxy::splice::PoolMetrics {
+                    in_use: pipes.with_label_values(&["in_use"]),
+                    free: pipes.with_label_values(&["free"]),
+                    shortages: counter(
+                        "splice_pipe_shortages_total",
+                        "Times a direction wanted a pipe and none was free (or none could be made), and copied instead.",
+                    )?,
+                }
+            },
+            splice_pipes_limit: gauge(
+                "splice_pipes_limit",
+                "The most pipes the splice pool may hold: from the open-file limit and fs.pipe-user-pages-soft.",
+            )?,
             tcp_errors_total,
             accept_errors_total,
             draining: gauge(

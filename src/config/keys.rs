@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::value::{HostPort, Value};
-use super::{Fallback, Family, HealthPolicy, LogFormat, ProxyProtocol};
+use super::{Fallback, Family, HealthPolicy, LogFormat, ProxyProtocol, Splice};
 
 /// What a key's value must look like; each kind has one parser in `config::value`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +175,17 @@ const KEY_LIST: &[Key] = &[
         doc: "Idle time before TCP keepalive probes start on both sides (then every 10s, 6 \
               probes), so peers that vanished without a FIN are noticed and NAT state stays warm. \
               At most 32767s: Linux refuses a keepalive idle time above 32767 seconds.",
+    },
+    Key {
+        name: "proxy.splice",
+        kind: Kind::Choice(&["auto", "always", "off"]),
+        default: Some("auto"),
+        doc: "Forwarding through kernel pipes with splice(2), the bytes never copied into the proxy: \
+              auto, each direction of a connection once it has moved 128 KiB (bulk transfers; small \
+              requests and TLS handshakes are cheaper through a buffer); always, from the first byte; \
+              off, never. Pipes come from a pool sized at start from the open-file limit (two \
+              descriptors each, after proxy.max_connections' two per connection) and \
+              fs.pipe-user-pages-soft (16 pages each); with none free a direction copies instead.",
     },
     Key {
         name: "proxy.sni_timeout",
@@ -582,6 +593,7 @@ choice! {
     Family { "ipv4" => Ipv4, "ipv6" => Ipv6, "both" => Both }
     HealthPolicy { "all_backends_down" => AllBackendsDown, "any_backend_down" => AnyBackendDown }
     LogFormat { "text" => Text, "json" => Json }
+    Splice { "auto" => Auto, "always" => Always, "off" => Off }
 }
 
 /// A key together with the type its value is read as. Only the constants below make one, and
@@ -648,6 +660,7 @@ pub const PROXY_IDLE_TIMEOUT: Typed<Duration> = Typed::new("proxy.idle_timeout")
 pub const PROXY_HALF_CLOSE_TIMEOUT: Typed<Duration> = Typed::new("proxy.half_close_timeout");
 pub const PROXY_MAX_CONNECTIONS: Typed<usize> = Typed::new("proxy.max_connections");
 pub const PROXY_TCP_KEEPALIVE: Typed<Duration> = Typed::new("proxy.tcp_keepalive");
+pub const PROXY_SPLICE: Typed<Splice> = Typed::new("proxy.splice");
 pub const PROXY_SNI_TIMEOUT: Typed<Duration> = Typed::new("proxy.sni_timeout");
 pub const PROXY_SNI_MAX_BYTES: Typed<usize> = Typed::new("proxy.sni_max_bytes");
 pub const PROXY_UNMATCHED: Typed<Fallback> = Typed::new("proxy.unmatched");
@@ -708,7 +721,8 @@ mod tests {
             + words_of(BACKEND_PROXY_PROTOCOL)
             + words_of(DNS_FAMILY)
             + words_of(HEALTH_UNHEALTHY_WHEN)
-            + words_of(LOG_FORMAT);
+            + words_of(LOG_FORMAT)
+            + words_of(PROXY_SPLICE);
         let all: usize = KEYS.iter().map(|k| if let Kind::Choice(words) = k.kind { words.len() } else { 0 }).sum();
         assert_eq!(n, all, "a choice key is read as a plain word: give it an enum");
     }

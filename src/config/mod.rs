@@ -48,12 +48,23 @@ pub struct ProxyConfig {
     pub half_close_timeout: Duration,
     pub max_connections: usize,
     pub tcp_keepalive: Duration,
+    pub splice: Splice,
     pub sni_timeout: Duration,
     pub sni_max_bytes: usize,
     /// Where TLS connections that match no route go.
     pub unmatched: Fallback,
     /// Where connections that send no TLS ClientHello go.
     pub non_tls: Fallback,
+}
+
+/// When a connection's bytes go through kernel pipes (`proxy.splice`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Splice {
+    /// Each direction once it has moved `proxy::splice::SPLICE_AFTER` bytes.
+    Auto,
+    /// From the first byte.
+    Always,
+    Off,
 }
 
 /// Where a connection that no route claims goes, with `[[route]]` tables.
@@ -250,6 +261,7 @@ impl Config {
         let half_close_timeout = r.get(keys::PROXY_HALF_CLOSE_TIMEOUT);
         let max_connections = r.get(keys::PROXY_MAX_CONNECTIONS);
         let tcp_keepalive = r.get(keys::PROXY_TCP_KEEPALIVE);
+        let splice = r.get(keys::PROXY_SPLICE);
         let sni_timeout = r.get(keys::PROXY_SNI_TIMEOUT);
         let sni_max_bytes = r.get(keys::PROXY_SNI_MAX_BYTES);
         let unmatched = r.get(keys::PROXY_UNMATCHED);
@@ -292,6 +304,7 @@ impl Config {
                     half_close_timeout: half_close_timeout?,
                     max_connections: max_connections?,
                     tcp_keepalive: tcp_keepalive?,
+                    splice: splice?,
                     sni_timeout: sni_timeout?,
                     sni_max_bytes: sni_max_bytes?,
                     unmatched: unmatched?,

@@ -20,13 +20,17 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::pin::pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use prometheus::IntCounter;
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use super::splice::{self, Lease, PipePool};
 
 pub use crate::metrics::Side;
 
@@ -75,10 +79,27 @@ pub enum Outcome {
     HalfCloseTimeout,
 }
 
+/// Forwarding through kernel pipes (splice(2)) instead of a user buffer, for directions that
+/// move bulk data: see [`super::splice`].
+#[derive(Clone)]
+pub struct Splicing {
+    pub pool: Arc<PipePool>,
+    /// A direction splices once it has moved this many bytes (0: from its first byte).
+    pub after: u64,
+    /// Bytes moved through pipes, both directions.
+    pub bytes: IntCounter,
+}
+
 /// One direction: reads from `from`, writes to `to`.
 struct Pipe {
     buf: Vec<u8>,
     written: usize,
+    /// The kernel pipe this direction holds while spliced bytes are in flight.
+    lease: Option<Lease>,
+    /// Bytes read so far (for [`Splicing::after`]).
+    total: u64,
+    /// These sockets cannot splice (the kernel said so): copy from now on.
+    no_splice: bool,
     eof: bool,
     done: bool,
     /// The other side failed: a read error here is the end of what can be salvaged, and the
@@ -90,11 +111,38 @@ struct Pipe {
 
 impl Pipe {
     fn new(from: Side, to: Side) -> Pipe {
-        Pipe { buf: Vec::new(), written: 0, eof: false, done: false, salvage: false, from, to }
+        Pipe {
+            buf: Vec::new(),
+            written: 0,
+            lease: None,
+            total: 0,
+            no_splice: false,
+            eof: false,
+            done: false,
+            salvage: false,
+            from,
+            to,
+        }
     }
 
+    /// Bytes read and not yet written, in the user buffer or in the pipe.
     fn pending(&self) -> usize {
-        self.buf.len() - self.written
+        self.buf.len() - self.written + self.lease.as_ref().map_or(0, |l| l.data)
+    }
+
+    /// Whether the next read goes through a pipe: one is held, or the direction has moved
+    /// enough to want one and the pool has one free (else it copies).
+    fn splices(&mut self, splicing: Option<&Splicing>) -> bool {
+        if self.lease.is_some() {
+            return true;
+        }
+        match splicing {
+            Some(s) if !self.no_splice && self.total >= s.after => {
+                self.lease = s.pool.take();
+                self.lease.is_some()
+            }
+            _ => false,
+        }
     }
 
     /// Moves what it can. Ready(Ok) once the source has ended and the FIN has been passed on.
@@ -104,11 +152,27 @@ impl Pipe {
         from: &TcpStream,
         to: &TcpStream,
         bytes: &IntCounter,
+        splicing: Option<&Splicing>,
         moved: &mut bool,
     ) -> Poll<Result<(), (Side, io::Error)>> {
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));
+            }
+            if let Some(lease) = self.lease.as_mut().filter(|l| l.data > 0) {
+                ready!(to.poll_write_ready(cx)).map_err(|e| (self.to, e))?;
+                // try_io clears the readiness on WouldBlock: the send buffer is full.
+                match to.try_io(Interest::WRITABLE, || lease.drain(to.as_raw_fd())) {
+                    Ok(n) => {
+                        if let Some(s) = splicing {
+                            s.bytes.inc_by(n as u64);
+                        }
+                        *moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err((self.to, e))),
+                }
+                continue;
             }
             if self.written < self.buf.len() {
                 ready!(to.poll_write_ready(cx)).map_err(|e| (self.to, e))?;
@@ -137,12 +201,15 @@ impl Pipe {
                 }
                 self.done = true;
                 self.buf = Vec::new();
+                self.lease = None;
                 continue;
             }
             match from.poll_read_ready(cx) {
                 Poll::Pending => {
-                    // Going idle: give the buffer back rather than hold it while nothing moves.
+                    // Going idle: give the buffer and the pipe (empty here) back rather than
+                    // hold them while nothing moves.
                     self.buf = Vec::new();
+                    self.lease = None;
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(_)) if self.salvage => {
@@ -152,6 +219,27 @@ impl Pipe {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err((self.from, e))),
                 Poll::Ready(Ok(())) => {}
             }
+            if self.splices(splicing) {
+                let Some(lease) = self.lease.as_mut() else { continue };
+                // The pipe is empty here, so WouldBlock means the socket has nothing (and
+                // try_io clears its readiness).
+                match from.try_io(Interest::READABLE, || lease.fill(from.as_raw_fd())) {
+                    Ok(0) => self.eof = true,
+                    Ok(n) => {
+                        bytes.inc_by(n as u64);
+                        self.total += n as u64;
+                        *moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if splice::unsupported(&e) => {
+                        self.no_splice = true;
+                        self.lease = None;
+                    }
+                    Err(_) if self.salvage => self.eof = true,
+                    Err(e) => return Poll::Ready(Err((self.from, e))),
+                }
+                continue;
+            }
             if self.buf.capacity() == 0 {
                 self.buf.reserve_exact(BUF_SIZE);
             }
@@ -159,6 +247,7 @@ impl Pipe {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     bytes.inc_by(n as u64);
+                    self.total += n as u64;
                     *moved = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -216,6 +305,7 @@ pub async fn bidirectional(
     timeouts: Timeouts,
     to_backend: &IntCounter,
     to_client: &IntCounter,
+    splicing: Option<&Splicing>,
 ) -> Outcome {
     let mut up = Pipe::new(Side::Client, Side::Backend);
     let mut down = Pipe::new(Side::Backend, Side::Client);
@@ -232,10 +322,10 @@ pub async fn bidirectional(
         // Stop at the first failure, before polling the other direction: a socket reports its
         // error once, and a read after a write consumed it returns end of file, which would be
         // passed on as a FIN, as if the failed side had ended cleanly.
-        if let Poll::Ready(Err(failed)) = up.poll(cx, client, backend, to_backend, &mut moved) {
+        if let Poll::Ready(Err(failed)) = up.poll(cx, client, backend, to_backend, splicing, &mut moved) {
             return Poll::Ready(Err(failed));
         }
-        if let Poll::Ready(Err(failed)) = down.poll(cx, backend, client, to_client, &mut moved) {
+        if let Poll::Ready(Err(failed)) = down.poll(cx, backend, client, to_client, splicing, &mut moved) {
             return Poll::Ready(Err(failed));
         }
         if up.done && down.done {
@@ -297,7 +387,8 @@ pub async fn bidirectional(
     let nothing_pending =
         abandoned.pending() == 0 && unsent(failed).is_some_and(|n| n == 0) && unread(other).is_some_and(|n| n == 0);
     salvaged.salvage = true;
-    let delivered = salvage(&mut salvaged, failed, other, counter, half_limit).await && drain(other, half_limit).await;
+    let delivered =
+        salvage(&mut salvaged, failed, other, counter, splicing, half_limit).await && drain(other, half_limit).await;
     // A reset is only "how that side ends a stream" if the other side got everything too.
     let clean_reset = error.kind() == io::ErrorKind::ConnectionReset && nothing_pending && delivered;
     Outcome::Failed(Failure { side, error, clean_reset, delivered })
@@ -305,12 +396,19 @@ pub async fn bidirectional(
 
 /// Forwards what the failed side had sent before failing. False if the other side failed too
 /// or nothing moved for `limit`.
-async fn salvage(pipe: &mut Pipe, from: &TcpStream, to: &TcpStream, bytes: &IntCounter, limit: Duration) -> bool {
+async fn salvage(
+    pipe: &mut Pipe,
+    from: &TcpStream,
+    to: &TcpStream,
+    bytes: &IntCounter,
+    splicing: Option<&Splicing>,
+    limit: Duration,
+) -> bool {
     let mut last_activity = Instant::now();
     let mut timer = pin!(tokio::time::sleep(limit));
     poll_fn(|cx| {
         let mut moved = false;
-        match pipe.poll(cx, from, to, bytes, &mut moved) {
+        match pipe.poll(cx, from, to, bytes, splicing, &mut moved) {
             Poll::Ready(Ok(())) => return Poll::Ready(true),
             Poll::Ready(Err(_)) => return Poll::Ready(false),
             Poll::Pending => {}

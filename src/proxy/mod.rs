@@ -4,6 +4,7 @@ pub mod copy;
 pub mod proxy_protocol;
 pub mod sni;
 pub mod socket;
+pub mod splice;
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ use tracing::Instrument;
 use arc_swap::ArcSwap;
 
 use crate::backend::BackendAddr;
-use crate::config::{ProxyConfig, ProxyProtocol};
+use crate::config::{ProxyConfig, ProxyProtocol, Splice};
 use crate::logging::Throttle;
 use crate::metrics::{CloseReason, ConnectError, Direction, Metrics, Side};
 use crate::route::{Pick, Router, Upstream};
@@ -68,6 +69,8 @@ pub struct Proxy {
     router: ArcSwap<Router>,
     metrics: Arc<Metrics>,
     limit: Arc<Semaphore>,
+    /// Kernel pipes for `proxy.splice`, sized at start.
+    pipes: Arc<splice::PipePool>,
     /// Every connection task, so the drain can wait for them.
     pub tracker: TaskTracker,
     /// Cancelled when the drain's grace period ends: open connections are cut.
@@ -85,6 +88,11 @@ impl Proxy {
         let cut = CancellationToken::new();
         Proxy {
             limit: Arc::new(Semaphore::new(config.max_connections)),
+            pipes: {
+                let max = splice::PipePool::size_for(config.max_connections);
+                metrics.splice_pipes_limit.set(i64::try_from(max).unwrap_or(i64::MAX));
+                splice::PipePool::new(max, metrics.splice_pipes.clone())
+            },
             max_connections: AtomicUsize::new(config.max_connections),
             owed: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
@@ -170,8 +178,18 @@ impl Proxy {
     pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, configured: SocketAddr, stop: CancellationToken) {
         let addr = listener.local_addr().ok();
         let on = configured;
+        // Accepted sockets inherit these from the listener (socket::tune_listener); a reload
+        // that changes proxy.tcp_keepalive re-tunes it at the next accept.
+        let mut tuned = self.config.load().tcp_keepalive;
+        socket::tune_listener(&listener, tuned);
         let mut acceptor = crate::accept::Acceptor::new(listener);
         while let Some((stream, peer)) = acceptor.next(&stop, |e, exhausted| self.accept_failed(e, exhausted)).await {
+            let keepalive = self.config.load().tcp_keepalive;
+            if keepalive != tuned {
+                acceptor.tune(keepalive);
+                socket::tune(&stream, keepalive);
+                tuned = keepalive;
+            }
             self.metrics.tcp_open_total.inc();
             self.metrics.tcp_open_connections.inc();
             match Arc::clone(&self.limit).try_acquire_owned() {
@@ -214,7 +232,6 @@ impl Proxy {
     }
 
     async fn serve(self: Arc<Self>, client: TcpStream, listener: SocketAddr, slot: Slot) {
-        socket::tune(&client, self.config.load().tcp_keepalive);
         let cut = self.cut_token();
         let reason = tokio::select! {
             reason = self.route(&client, listener, &cut) => reason,
@@ -370,12 +387,23 @@ impl Proxy {
         self.metrics.bytes(Direction::ToBackend).inc_by(read_ahead);
 
         let timeouts = copy::Timeouts { idle: config.idle_timeout, half_close: config.half_close_timeout };
+        let after = match config.splice {
+            Splice::Auto => Some(splice::SPLICE_AFTER),
+            Splice::Always => Some(0),
+            Splice::Off => None,
+        };
+        let splicing = after.filter(|_| self.pipes.max() > 0).map(|after| copy::Splicing {
+            pool: Arc::clone(&self.pipes),
+            after,
+            bytes: self.metrics.splice_bytes_total.clone(),
+        });
         let copy = copy::bidirectional(
             client,
             &backend,
             timeouts,
             self.metrics.bytes(Direction::ToBackend),
             self.metrics.bytes(Direction::ToClient),
+            splicing.as_ref(),
         );
         let outcome = tokio::select! {
             outcome = copy => outcome,

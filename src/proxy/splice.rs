@@ -1,0 +1,255 @@
+//! Zero-copy forwarding on Linux: socket to pipe to socket with splice(2), the bytes never
+//! entering user space.
+//!
+//! What HAProxy's `raw_sock.c` and pipe pool learned, kept here:
+//! - Pipes come from one bounded pool, reused across connections, and a direction holds one
+//!   only while bytes are in flight: an idle connection holds none. A pipe handed back with
+//!   bytes still in it (the connection ended mid-transfer) is closed, never reused.
+//! - Small transfers are cheaper through a user buffer (one read and one write against two
+//!   splices and a pipe), so a direction splices only once it has shown it moves bulk data
+//!   ([`SPLICE_AFTER`]); when no pipe is free it goes on copying.
+//! - EAGAIN from splice(2) means either "no data" or "pipe full". A direction here fills its
+//!   pipe only when it is empty and empties it fully before reading again, so an EAGAIN while
+//!   reading always means the socket has nothing, and one while writing always means the
+//!   socket's send buffer is full.
+//!
+//! The pool's size comes from the two limits each pipe counts against: two descriptors under
+//! the process's `RLIMIT_NOFILE`, after the two per connection `proxy.max_connections` needs,
+//! and 16 pages (64 KiB) of `fs.pipe-user-pages-soft`, past which Linux gives new pipes one
+//! page only. At the edge (every pipe in use, or `pipe2` failing for lack of descriptors) a
+//! direction copies through a user buffer instead, and `splice_pipe_shortages_total` counts it.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus::{IntCounter, IntGauge};
+
+/// A direction starts splicing once it has moved this much: two full reads of the copy path's
+/// 64 KiB buffer. A TLS handshake and an API request and its answer stay below it.
+pub const SPLICE_AFTER: u64 = 128 * 1024;
+/// The most one splice(2) moves into a pipe: the default pipe size (16 pages).
+pub const PIPE_BYTES: usize = 64 * 1024;
+/// Pages one pipe counts against `fs.pipe-user-pages-soft` (its default size).
+const PIPE_PAGES: u64 = 16;
+/// Descriptors kept out of the pool's share: listeners, the admin server, DNS, health checks,
+/// EC2 calls, logging.
+const FD_RESERVE: u64 = 256;
+
+/// The pool's metrics.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    pub in_use: IntGauge,
+    pub free: IntGauge,
+    pub shortages: IntCounter,
+}
+
+/// The pipes a proxy may hold, and those free now.
+pub struct PipePool {
+    free: Mutex<Vec<(OwnedFd, OwnedFd)>>,
+    /// Pipes open now, in use or free.
+    count: AtomicUsize,
+    max: usize,
+    metrics: PoolMetrics,
+}
+
+/// A pipe a direction holds while bytes are in flight. Dropped empty, it goes back to the
+/// pool; dropped with bytes in it, it is closed.
+pub struct Lease {
+    pool: Arc<PipePool>,
+    fds: Option<(OwnedFd, OwnedFd)>,
+    /// Bytes spliced in and not yet out.
+    pub data: usize,
+}
+
+impl PipePool {
+    pub fn new(max: usize, metrics: PoolMetrics) -> Arc<PipePool> {
+        Arc::new(PipePool { free: Mutex::new(Vec::new()), count: AtomicUsize::new(0), max, metrics })
+    }
+
+    /// How many pipes a proxy with `max_connections` may hold: what the descriptor limit
+    /// leaves after the connections' two each, what `fs.pipe-user-pages-soft` allows at full
+    /// size, and never more than two per connection.
+    pub fn size_for(max_connections: usize) -> usize {
+        let nofile = rlimit::Resource::NOFILE.get().map_or(1024, |(soft, _)| soft);
+        let pages = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(16384);
+        Self::size(max_connections as u64, nofile, pages)
+    }
+
+    fn size(max_connections: u64, nofile: u64, pipe_user_pages_soft: u64) -> usize {
+        let by_fds = nofile.saturating_sub(2 * max_connections + FD_RESERVE) / 2;
+        // 0 means no soft limit.
+        let by_pages = if pipe_user_pages_soft == 0 { u64::MAX } else { pipe_user_pages_soft / PIPE_PAGES };
+        let max = by_fds.min(by_pages).min(2 * max_connections);
+        usize::try_from(max).unwrap_or(usize::MAX)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// A pipe, or None when all are in use or one cannot be made (counted as a shortage).
+    pub fn take(self: &Arc<Self>) -> Option<Lease> {
+        let reused = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        let fds = match reused {
+            Some(fds) => {
+                self.metrics.free.dec();
+                fds
+            }
+            None => {
+                let grown =
+                    self.count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| (c < self.max).then_some(c + 1));
+                if grown.is_err() {
+                    self.metrics.shortages.inc();
+                    return None;
+                }
+                match new_pipe() {
+                    Ok(fds) => fds,
+                    Err(e) => {
+                        self.count.fetch_sub(1, Ordering::AcqRel);
+                        self.metrics.shortages.inc();
+                        tracing::debug!(error = %e, "cannot make a pipe for splice; copying instead");
+                        return None;
+                    }
+                }
+            }
+        };
+        self.metrics.in_use.inc();
+        Some(Lease { pool: Arc::clone(self), fds: Some(fds), data: 0 })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(fds) = self.fds.take() else { return };
+        self.pool.metrics.in_use.dec();
+        if self.data == 0 {
+            self.pool.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(fds);
+            self.pool.metrics.free.inc();
+        } else {
+            // Bytes nobody will read: close it rather than hand them to the next connection.
+            drop(fds);
+            self.pool.count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Lease {
+    fn read_end(&self) -> RawFd {
+        self.fds.as_ref().map_or(-1, |(r, _)| r.as_raw_fd())
+    }
+
+    fn write_end(&self) -> RawFd {
+        self.fds.as_ref().map_or(-1, |(_, w)| w.as_raw_fd())
+    }
+
+    /// Moves up to [`PIPE_BYTES`] from socket `from` into the pipe (which must be empty, see
+    /// the module's notes): Ok(0) at end of stream, WouldBlock when the socket has nothing.
+    pub fn fill(&mut self, from: RawFd) -> io::Result<usize> {
+        let n = splice(from, self.write_end(), PIPE_BYTES)?;
+        self.data += n;
+        Ok(n)
+    }
+
+    /// Moves what the pipe holds into socket `to`: WouldBlock when its send buffer is full.
+    pub fn drain(&mut self, to: RawFd) -> io::Result<usize> {
+        let n = splice(self.read_end(), to, self.data)?;
+        if n == 0 && self.data > 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        self.data -= n;
+        Ok(n)
+    }
+}
+
+fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array on success, which we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are fresh descriptors nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// One non-blocking splice(2) of up to `len` bytes between a socket and a pipe.
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    loop {
+        // SAFETY: both descriptors are open (borrowed from live sockets and a held pipe), and
+        // null offsets are what splice takes for sockets and pipes.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n >= 0 {
+            // Non-negative and at most `len`.
+            return Ok(usize::try_from(n).unwrap_or(0));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// True for splice errors that mean this pair of descriptors cannot splice at all (not a
+/// failure of the connection): the direction goes back to copying.
+pub fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> PoolMetrics {
+        PoolMetrics {
+            in_use: IntGauge::new("in_use", "h").unwrap(),
+            free: IntGauge::new("free", "h").unwrap(),
+            shortages: IntCounter::new("shortages", "h").unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_pool_is_sized_from_descriptors_and_pipe_pages() {
+        // The unit's 32768 descriptors, 10000 connections: 6256 by descriptors, 1024 by the
+        // default 16384 pages.
+        assert_eq!(PipePool::size(10_000, 32_768, 16_384), 1024);
+        // This machine's 20000 and the benchmark's 9000 connections: descriptors decide.
+        assert_eq!(PipePool::size(9_000, 20_000, 16_384), 872);
+        // No room: no pool, every direction copies.
+        assert_eq!(PipePool::size(10_000, 20_000, 16_384), 0);
+        // No soft limit; never more than two per connection.
+        assert_eq!(PipePool::size(10, 1 << 20, 0), 20);
+    }
+
+    #[test]
+    fn pipes_are_reused_when_empty_closed_when_not_and_bounded() {
+        let pool = PipePool::new(2, metrics());
+        let a = pool.take().expect("first");
+        let b = pool.take().expect("second");
+        assert!(pool.take().is_none(), "past the bound");
+        assert_eq!(pool.metrics.shortages.get(), 1);
+        let (a_read, _) = (a.read_end(), ());
+        drop(a);
+        assert_eq!((pool.metrics.in_use.get(), pool.metrics.free.get()), (1, 1));
+        let again = pool.take().expect("the freed one");
+        assert_eq!(again.read_end(), a_read, "an empty pipe is reused");
+        // One handed back holding bytes is closed, and its place in the bound freed.
+        let mut b = b;
+        b.data = 10;
+        drop(b);
+        assert_eq!(pool.count.load(Ordering::Acquire), 1);
+        assert!(pool.take().is_some());
+    }
+}
