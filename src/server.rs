@@ -200,7 +200,7 @@ impl Server {
         let mut proxy_listeners = Vec::new();
         let mut proxy_addrs = Vec::new();
         for &addr in &config.proxy.listen {
-            let l = proxy::socket::bind(addr, "proxy")?;
+            let l = proxy::socket::bind_proxy(addr, config.proxy.tcp_keepalive)?;
             proxy_addrs.push(l.local_addr().unwrap_or(addr));
             // With its address as configured: routes name listeners that way.
             proxy_listeners.push((l, addr));
@@ -273,7 +273,7 @@ impl Server {
         let removed: Vec<SocketAddr> = running.iter().copied().filter(|a| !new.proxy.listen.contains(a)).collect();
         let mut added = Vec::new();
         for &addr in new.proxy.listen.iter().filter(|a| !running.contains(a)) {
-            match proxy::socket::bind(addr, "proxy") {
+            match proxy::socket::bind_proxy(addr, new.proxy.tcp_keepalive) {
                 Ok(l) => added.push((l, addr)),
                 Err(e) => {
                     // Linux lets no two listeners share a port when one is a wildcard: this

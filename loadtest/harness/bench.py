@@ -48,14 +48,17 @@ class Mode:
     search_steps: int
     search_seconds: float
     idle_connections: int
+    api_connections: int  # the API-like load: keep-alive connections, requests a second, seconds
+    api_rate: int
+    api_seconds: float
     profile: str  # cargo profile of the static-ingress binary
 
 
 MODES = {
     # About 2.4 minutes a round for the five paths on 2 cores: three rounds fit the 10 minutes.
-    "full": Mode(3, 3, 300, 6, 500, 16000, 7, 2, 5000, "release"),
+    "full": Mode(3, 3, 300, 6, 500, 16000, 10, 2, 5000, 2000, 2000, 8, "release"),
     # Enough of each measurement to prove it still yields a number, in well under a minute.
-    "smoke": Mode(1, 1, 50, 1, 100, 200, 2, 1, 200, "debug"),
+    "smoke": Mode(1, 1, 50, 1, 100, 200, 2, 1, 200, 50, 50, 2, "debug"),
 }
 
 
@@ -98,7 +101,7 @@ def main() -> int:
         rounds, commands = run_rounds(procs, workdir, binary, oha, mode, paths)
         results = {
             "mode": args.mode,
-            "settings": mode.__dict__,
+            "settings": {**mode.__dict__, "search_resolution": measure.SEARCH_RESOLUTION},
             "started_utc": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="seconds"),
             "duration_s": round(time.time() - started, 1),
             "loadavg_before": load_before,
@@ -249,6 +252,16 @@ def measure_path(instances: dict[str, peers.Instance], oha: Path, mode: Mode) ->
         connections = steady["requests"] + sum(step["requests"] for step in search["max_rate_steps"])
         result["cpu_us_per_conn"] = (cpu_seconds(tls.pids()) - cpu_before) / connections * 1e6
     log(f"  highest clean rate: {search['max_clean_rate']}/s; {fmt(result, 'cpu_us_per_conn')} CPU us/conn")
+    api = instances["api"]
+    cpu_before = cpu_seconds(api.pids())
+    result.update(measure.api_load(oha, api.port, mode.api_connections, mode.api_rate, mode.api_seconds))
+    if api.proc:
+        result["api_cpu_us_per_req"] = (cpu_seconds(api.pids()) - cpu_before) / result["api_requests"] * 1e6
+    log(
+        f"  keep-alive API load ({mode.api_connections} connections, {mode.api_rate}/s): success "
+        f"{result['api_success_ratio']:.4f}, p50 {fmt(result, 'api_p50_ms')} p99 {fmt(result, 'api_p99_ms')} ms, "
+        f"{fmt(result, 'api_cpu_us_per_req')} CPU us/request"
+    )
     return result
 
 

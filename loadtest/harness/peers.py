@@ -23,8 +23,9 @@ READY_TIMEOUT_S = 20.0
 HARNESS_DIR = Path(__file__).resolve().parent
 
 # What each proxy instance forwards to: "tls" to the HTTPS backend (latency and connection
-# rate), "bulk" to iperf3 (throughput and CPU), "idle" to the echo server (memory).
-ROLES = ("tls", "bulk", "idle")
+# rate), "bulk" to iperf3 (throughput and CPU), "idle" to the echo server (memory), "api" to
+# the HTTPS backend's keep-alive port (many connections, a small request now and then).
+ROLES = ("tls", "bulk", "idle", "api")
 # static-ingress only: a fourth instance in front of the HTTPS backend with SNI routing on, for
 # what reading the ClientHello costs a new connection.
 SNI_ROLE = "tls-sni"
@@ -36,6 +37,7 @@ class Backends:
     tls: int
     bulk: int
     idle: int
+    api: int
 
     def port(self, role: str) -> int:
         return getattr(self, role)
@@ -43,7 +45,7 @@ class Backends:
 
 def start_backends(procs: Processes, workdir: Path) -> Backends:
     """dnsmasq answering backend.test with 127.0.0.1, and the three backends."""
-    backends = Backends(dns=free_port(), tls=free_port(), bulk=free_port(), idle=free_port())
+    backends = Backends(dns=free_port(), tls=free_port(), bulk=free_port(), idle=free_port(), api=free_port())
     dns = procs.start(
         "dnsmasq",
         [
@@ -61,11 +63,12 @@ def start_backends(procs: Processes, workdir: Path) -> Backends:
             "--log-facility=-",
         ],
     )
-    tls = start_nginx(procs, workdir, "backend-https", https_backend_conf(workdir, backends.tls))
+    tls = start_nginx(procs, workdir, "backend-https", https_backend_conf(workdir, backends.tls, backends.api))
     bulk = procs.start("iperf3-server", ["iperf3", "--server", "--bind", LOOPBACK, "--port", str(backends.bulk)])
     idle = procs.start("echo-server", [sys.executable, str(HARNESS_DIR / "echo.py"), str(backends.idle)])
     wait_until("dnsmasq", lambda: dns_probe(backends.dns), READY_TIMEOUT_S, [dns])
     wait_until("nginx HTTPS backend", lambda: https_probe(backends.tls), READY_TIMEOUT_S, [tls])
+    wait_until("nginx HTTPS keep-alive backend", lambda: https_probe(backends.api), READY_TIMEOUT_S, [tls])
     wait_until("iperf3 server", lambda: connect_probe(backends.bulk), READY_TIMEOUT_S, [bulk])
     wait_until("echo server", lambda: echo_probe(backends.idle), READY_TIMEOUT_S, [idle])
     return backends
@@ -89,7 +92,7 @@ def make_certificate(workdir: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def https_backend_conf(workdir: Path, port: int) -> str:
+def https_backend_conf(workdir: Path, port: int, api_port: int) -> str:
     cert, key = make_certificate(workdir)
     temp = workdir / "backend-https"
     # No TLS session resumption: every connection is a full handshake, as a client without a
@@ -113,6 +116,18 @@ http {{
         ssl_session_cache off;
         ssl_session_tickets off;
         keepalive_timeout 0;
+        location / {{ return 200 "ok\\n"; }}
+    }}
+    # The API-like load: connections kept open, as an API client's pool keeps them.
+    server {{
+        listen {LOOPBACK}:{api_port} ssl backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache off;
+        ssl_session_tickets off;
+        keepalive_timeout 300s;
+        keepalive_requests 1000000;
         location / {{ return 200 "ok\\n"; }}
     }}
 }}
@@ -287,6 +302,8 @@ def start_path(ctx: Context, path: str) -> dict[str, Instance]:
                    lambda: https_probe(instances[SNI_ROLE].port, SNI_NAME), READY_TIMEOUT_S, procs)
     wait_until(f"{path} to iperf3", lambda: iperf_probe(instances["bulk"].port), READY_TIMEOUT_S, procs)
     wait_until(f"{path} to the echo server", lambda: echo_probe(instances["idle"].port), READY_TIMEOUT_S, procs)
+    wait_until(f"{path} to the HTTPS keep-alive backend", lambda: https_probe(instances["api"].port),
+               READY_TIMEOUT_S, procs)
     return instances
 
 

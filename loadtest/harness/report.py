@@ -34,6 +34,9 @@ METRICS = [
     Metric("p999_ms", "latency p99.9", "ms", False),
     Metric("cpu_us_per_conn", "proxy CPU per connection", "CPU us", False, proxy_only=True),
     Metric("max_clean_rate", "highest clean new-connection rate", "conn/s", True),
+    Metric("api_success_ratio", "success, keep-alive API load", "ratio", True),
+    Metric("api_p99_ms", "latency p99, keep-alive API load", "ms", False),
+    Metric("api_cpu_us_per_req", "proxy CPU per keep-alive request", "CPU us", False, proxy_only=True),
     Metric("rss_mib", "proxy RSS with the idle connections open", "MiB", False, proxy_only=True),
     Metric("rss_kib_per_conn", "proxy RSS per idle connection", "KiB", False, proxy_only=True),
     Metric("machine_kib_per_conn", "machine memory per idle connection (MemAvailable)", "KiB", False),
@@ -401,8 +404,9 @@ def method(s: dict) -> list[str]:
         "resolved at run time by its `resolver` (open-source nginx has no active health checks).",
         "- **haproxy-splice**: the same HAProxy with `option splice-request` and `option splice-response` "
         "instead of `splice-auto`. `splice-auto` splices only when its heuristic expects a gain, which "
-        "on loopback is seldom; forcing it shows what zero-copy forwarding (which static-ingress does "
-        "not do) is worth. Ratios against HAProxy use the design's configuration, `haproxy`.",
+        "on loopback is seldom; forcing it shows what zero-copy forwarding is worth, against "
+        "static-ingress's own (`proxy.splice = auto`). Ratios against HAProxy use the design's configuration, "
+        "`haproxy`.",
         "",
         "Every proxy may hold 9,000 connections (two descriptors each keeps every process under "
         "the 20,000 open files a process may have here) and uses as many threads or workers as its "
@@ -428,7 +432,9 @@ def method(s: dict) -> list[str]:
         "the success ratio counts every request.",
         f"- **Highest clean new-connection rate**: the same test for {s['search_seconds']} s a step, the rate "
         f"doubling from {s['search_start']}/s (up to {s['search_ceiling']}/s) until a step fails, then halving the "
-        f"gap, at most {s['search_steps']} steps. A step passes with no failed request, at least "
+        + (f"gap until the last pass and the first failure are within {s['search_resolution']:.1%} of the pass, "
+           if "search_resolution" in s else "gap, ")
+        + f"at most {s['search_steps']} steps. A step passes with no failed request, at least "
         f"{measure.PASS_SHARE:.0%} of the asked rate completed, and p99 under {measure.PASS_P99_MS:.0f} ms. On two "
         "cores the client's and the backend's TLS work share the CPU with the proxy, so this says how "
         "much of the machine the proxy leaves to them; compare it with the direct path.",
@@ -441,5 +447,19 @@ def method(s: dict) -> list[str]:
         "structures live, plus the pages TCP buffers hold, from `/proc/net/sockstat`), which other "
         "work disturbs much less. The machine and kernel figures include the client's and the echo "
         "server's sockets, so compare them with the direct path, which has only those.",
+        *(
+            [
+                f"- **Keep-alive API load**: the traffic this appliance mostly carries. oha opens "
+                f"{s['api_connections']:,} HTTPS connections and keeps them (no `--disable-keepalive`), sending "
+                f"{s['api_rate']:,} GETs a second among them for {s['api_seconds']} s, so each connection asks about "
+                f"once every {s['api_connections'] / max(s['api_rate'], 1):.1f} s, to a port of the HTTPS backend that "
+                "keeps connections open. Success ratio, p99 after the warm-up, and the proxy's CPU time over the "
+                "run divided by the requests (the connections' TLS handshakes included)."
+            ]
+            if "api_connections" in s
+            else []
+        ),
+        "- **CPU per GB and splice**: static-ingress forwards through kernel pipes (`proxy.splice = auto`, "
+        "the default) once a direction has moved 128 KiB, so the bulk runs splice and the other tests copy.",
         "",
     ]

@@ -166,7 +166,7 @@ const KEY_LIST: &[Key] = &[
         default: Some("10000"),
         doc: "Client connections served at once. At the limit a new connection is accepted \
               and reset at once (counted as over_limit), so the client fails fast and can try \
-              another address of the static name. Each connection holds two file descriptors.",
+              another address of the static name. Each connection holds two file descriptors (and, while a direction splices, a pipe's two, from a pool sized to fit: see proxy.splice).",
     },
     Key {
         name: "proxy.tcp_keepalive",

@@ -90,6 +90,14 @@ pub struct Splicing {
     pub bytes: IntCounter,
 }
 
+/// What one splice into an empty pipe did.
+enum Fill {
+    /// Moved this many bytes (0: end of stream).
+    Moved(usize),
+    /// Moved nothing with bytes still queued: urgent data, which splice cannot read past.
+    Stuck,
+}
+
 /// One direction: reads from `from`, writes to `to`.
 struct Pipe {
     buf: Vec<u8>,
@@ -98,8 +106,11 @@ struct Pipe {
     lease: Option<Lease>,
     /// Bytes read so far (for [`Splicing::after`]).
     total: u64,
-    /// These sockets cannot splice (the kernel said so): copy from now on.
+    /// These sockets cannot splice (the kernel said so, or urgent data stopped it): copy from
+    /// now on.
     no_splice: bool,
+    /// The last time this direction wanted a pipe none was free (counted once until one is).
+    short: bool,
     eof: bool,
     done: bool,
     /// The other side failed: a read error here is the end of what can be salvaged, and the
@@ -117,6 +128,7 @@ impl Pipe {
             lease: None,
             total: 0,
             no_splice: false,
+            short: false,
             eof: false,
             done: false,
             salvage: false,
@@ -139,6 +151,14 @@ impl Pipe {
         match splicing {
             Some(s) if !self.no_splice && self.total >= s.after => {
                 self.lease = s.pool.take();
+                match (self.lease.is_some(), self.short) {
+                    (true, _) => self.short = false,
+                    (false, false) => {
+                        s.pool.short();
+                        self.short = true;
+                    }
+                    (false, true) => {}
+                }
                 self.lease.is_some()
             }
             _ => false,
@@ -170,6 +190,17 @@ impl Pipe {
                         *moved = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // Not the socket's failure: take the bytes out of the pipe and copy them.
+                    Err(e) if splice::unsupported(&e) && self.buf.is_empty() => {
+                        let rescued = lease.empty_into(&mut self.buf);
+                        self.written = 0;
+                        self.no_splice = true;
+                        if let Err(e) = rescued {
+                            tracing::debug!(error = %e, "cannot read a pipe back; the stream is cut");
+                            return Poll::Ready(Err((self.from, e)));
+                        }
+                        self.lease = None;
+                    }
                     Err(e) => return Poll::Ready(Err((self.to, e))),
                 }
                 continue;
@@ -222,13 +253,24 @@ impl Pipe {
             if self.splices(splicing) {
                 let Some(lease) = self.lease.as_mut() else { continue };
                 // The pipe is empty here, so WouldBlock means the socket has nothing (and
-                // try_io clears its readiness).
-                match from.try_io(Interest::READABLE, || lease.fill(from.as_raw_fd())) {
-                    Ok(0) => self.eof = true,
-                    Ok(n) => {
+                // try_io clears its readiness), unless urgent data stopped splice short of
+                // bytes still queued: then the copy path reads on.
+                let filled = from.try_io(Interest::READABLE, || match lease.fill(from.as_raw_fd()) {
+                    Ok(0) if at_urgent_mark(from) => Ok(Fill::Stuck),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && at_urgent_mark(from) => Ok(Fill::Stuck),
+                    Ok(n) => Ok(Fill::Moved(n)),
+                    Err(e) => Err(e),
+                });
+                match filled {
+                    Ok(Fill::Moved(0)) => self.eof = true,
+                    Ok(Fill::Moved(n)) => {
                         bytes.inc_by(n as u64);
                         self.total += n as u64;
                         *moved = true;
+                    }
+                    Ok(Fill::Stuck) => {
+                        self.no_splice = true;
+                        self.lease = None;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) if splice::unsupported(&e) => {
@@ -281,6 +323,17 @@ fn unacknowledged(stream: &TcpStream) -> Option<usize> {
 /// Bytes written to `stream` that have not even been sent yet: still owed to the peer.
 fn unsent(stream: &TcpStream) -> Option<usize> {
     queued(stream, SIOCOUTQNSD)
+}
+
+/// `SIOCATMARK` from linux/sockios.h (not in the libc crate): 1 when the next byte to read is
+/// the urgent mark.
+const SIOCATMARK: libc::Ioctl = 0x8905;
+
+/// Whether reading `stream` has stopped at urgent (out-of-band) data, which splice cannot read
+/// past (it reports nothing to read, or the end of the stream, there). FIONREAD counts only the
+/// bytes before the mark, so it says 0 there too: ask for the mark itself.
+fn at_urgent_mark(stream: &TcpStream) -> bool {
+    queued(stream, SIOCATMARK).is_some_and(|n| n > 0)
 }
 
 /// Bytes received on `stream` that the proxy has not read yet (`FIONREAD`).

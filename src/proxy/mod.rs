@@ -30,6 +30,10 @@ use crate::route::{Pick, Router, Upstream};
 /// inside the ~30 s a TLS client waits for its handshake at the default 3 s.
 const MAX_CONNECT_ATTEMPTS: usize = 4;
 
+/// After a reload changes `proxy.tcp_keepalive`, how long accepted sockets are tuned one by
+/// one: the backlog that completed under the old setting drains within it.
+const RETUNE_BACKLOG: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One connection's slot under `proxy.max_connections`, counted in [`Proxy::active`] while it
 /// lives; dropped (however the connection's task ends), it goes back to the limit.
 struct Slot {
@@ -88,11 +92,11 @@ impl Proxy {
         let cut = CancellationToken::new();
         Proxy {
             limit: Arc::new(Semaphore::new(config.max_connections)),
-            pipes: {
-                let max = splice::PipePool::size_for(config.max_connections);
-                metrics.splice_pipes_limit.set(i64::try_from(max).unwrap_or(i64::MAX));
-                splice::PipePool::new(max, metrics.splice_pipes.clone())
-            },
+            pipes: splice::PipePool::new(
+                splice::PipePool::size_for(config.max_connections),
+                metrics.splice_pipes.clone(),
+                metrics.splice_pipes_limit.clone(),
+            ),
             max_connections: AtomicUsize::new(config.max_connections),
             owed: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
@@ -119,6 +123,10 @@ impl Proxy {
     /// the limit.
     pub fn set_max_connections(&self, max: usize) {
         let old = self.max_connections.swap(max, Ordering::AcqRel);
+        if old != max {
+            // The pipe pool shares the descriptor budget with the connections.
+            self.pipes.resize(splice::PipePool::size_for(max));
+        }
         if max > old {
             // Slots still owed to an earlier lowering are the first to come back.
             let delta = max - old;
@@ -178,17 +186,26 @@ impl Proxy {
     pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, configured: SocketAddr, stop: CancellationToken) {
         let addr = listener.local_addr().ok();
         let on = configured;
-        // Accepted sockets inherit these from the listener (socket::tune_listener); a reload
-        // that changes proxy.tcp_keepalive re-tunes it at the next accept.
+        // Connections inherit TCP_NODELAY and keepalive from the listener, which was bound
+        // with them (socket::bind_proxy). A reload that changes proxy.tcp_keepalive re-tunes
+        // the listener at the next accept, and for a while tunes each accepted socket too:
+        // those whose handshake completed before carry the old setting.
         let mut tuned = self.config.load().tcp_keepalive;
-        socket::tune_listener(&listener, tuned);
+        let mut retune_until: Option<tokio::time::Instant> = None;
         let mut acceptor = crate::accept::Acceptor::new(listener);
         while let Some((stream, peer)) = acceptor.next(&stop, |e, exhausted| self.accept_failed(e, exhausted)).await {
             let keepalive = self.config.load().tcp_keepalive;
             if keepalive != tuned {
                 acceptor.tune(keepalive);
-                socket::tune(&stream, keepalive);
                 tuned = keepalive;
+                retune_until = Some(tokio::time::Instant::now() + RETUNE_BACKLOG);
+            }
+            if let Some(until) = retune_until {
+                if tokio::time::Instant::now() < until {
+                    socket::tune(&stream, keepalive);
+                } else {
+                    retune_until = None;
+                }
             }
             self.metrics.tcp_open_total.inc();
             self.metrics.tcp_open_connections.inc();

@@ -29,11 +29,18 @@ pub struct BindError {
 
 /// Binds a TCP listener on `addr`. `role` ("proxy", "admin server") names it in errors.
 pub fn bind(addr: SocketAddr, role: &'static str) -> Result<TcpListener, BindError> {
-    let listener = open(addr).map_err(|source| BindError { role, addr, hint: hint(addr, &source), source })?;
-    Ok(listener)
+    open(addr, None).map_err(|source| BindError { role, addr, hint: hint(addr, &source), source })
 }
 
-fn open(addr: SocketAddr) -> io::Result<TcpListener> {
+/// [`bind`] for a proxy listener, with TCP_NODELAY and keepalive set before it listens: Linux
+/// copies them to each connection when its handshake completes (not at accept), so every
+/// connection, those queued before the first accept included, has them without a system call
+/// of its own.
+pub fn bind_proxy(addr: SocketAddr, keepalive: Duration) -> Result<TcpListener, BindError> {
+    open(addr, Some(keepalive)).map_err(|source| BindError { role: "proxy", addr, hint: hint(addr, &source), source })
+}
+
+fn open(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // Lets a restarted proxy bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
@@ -42,6 +49,9 @@ fn open(addr: SocketAddr) -> io::Result<TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    if let Some(keepalive) = keepalive {
+        tune_socket(SockRef::from(&socket), keepalive, true);
+    }
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     TcpListener::from_std(socket.into())
@@ -67,23 +77,28 @@ pub fn out_of_resources(e: &io::Error) -> bool {
 /// TCP_NODELAY (the proxy forwards what it reads at once; Nagle would only add latency to TLS
 /// handshakes) and keepalive.
 pub fn tune(stream: &TcpStream, keepalive: Duration) {
-    tune_socket(SockRef::from(stream), keepalive);
+    tune_socket(SockRef::from(stream), keepalive, false);
 }
 
-/// [`tune`] on a listener: Linux copies these options to every socket it accepts, so accepted
+/// [`tune`] on a listener: Linux copies these options to each connection it completes, so
 /// client sockets need no system call of their own for them (five fewer per connection).
 pub fn tune_listener(listener: &TcpListener, keepalive: Duration) {
-    tune_socket(SockRef::from(listener), keepalive);
+    tune_socket(SockRef::from(listener), keepalive, true);
 }
 
-fn tune_socket(sock: SockRef<'_>, keepalive: Duration) {
+/// `listener`: a failure is worth a warning, since every connection it accepts goes untuned.
+fn tune_socket(sock: SockRef<'_>, keepalive: Duration, listener: bool) {
     // The kernel counts keepalive idle time in whole seconds and refuses 0: a sub-second
     // setting means "as soon as possible", which is one second.
     let keepalive = keepalive.max(Duration::from_secs(1));
     let ka = TcpKeepalive::new().with_time(keepalive).with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_RETRIES);
     // Failing to tune a socket that works is not worth dropping the connection for.
     if let Err(e) = sock.set_tcp_nodelay(true).and_then(|()| sock.set_tcp_keepalive(&ka)) {
-        tracing::debug!(error = %e, "could not set socket options");
+        if listener {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY and keepalive on a listener; its connections go without");
+        } else {
+            tracing::debug!(error = %e, "could not set socket options");
+        }
     }
 }
 
@@ -101,8 +116,8 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_sockets_inherit_the_listeners_options() {
-        let listener = bind("127.0.0.1:0".parse().unwrap(), "test").unwrap();
-        tune_listener(&listener, Duration::from_secs(77));
+        let listener = bind_proxy("127.0.0.1:0".parse().unwrap(), Duration::from_secs(77)).unwrap();
+        // Connected before anything accepts: the kernel made the socket at the handshake.
         let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         let sock = SockRef::from(&accepted);

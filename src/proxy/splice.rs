@@ -14,10 +14,17 @@
 //!   socket's send buffer is full.
 //!
 //! The pool's size comes from the two limits each pipe counts against: two descriptors under
-//! the process's `RLIMIT_NOFILE`, after the two per connection `proxy.max_connections` needs,
-//! and 16 pages (64 KiB) of `fs.pipe-user-pages-soft`, past which Linux gives new pipes one
-//! page only. At the edge (every pipe in use, or `pipe2` failing for lack of descriptors) a
-//! direction copies through a user buffer instead, and `splice_pipe_shortages_total` counts it.
+//! the process's `RLIMIT_NOFILE` (half of what is left after the two per connection
+//! `proxy.max_connections` needs and a reserve, so that admin connections, health checks and
+//! bursts keep room), and 16 pages (64 KiB) of `fs.pipe-user-pages-soft`, past which Linux
+//! makes new pipes of the user smaller (it counts every pipe of the user, and does not apply to
+//! root). A reload that changes `proxy.max_connections` resizes it. At the edge (every pipe in
+//! use, or `pipe2` failing for lack of descriptors) a direction copies through a user buffer
+//! instead, and `splice_pipe_shortages_total` counts it once each time that happens.
+//!
+//! A socket splice cannot read past urgent (out-of-band) data: it reports EAGAIN, or the end
+//! of the stream, with bytes still queued. A direction that sees that goes back to copying,
+//! whose reads skip the urgent byte as the copy path always did.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -50,8 +57,9 @@ pub struct PipePool {
     free: Mutex<Vec<(OwnedFd, OwnedFd)>>,
     /// Pipes open now, in use or free.
     count: AtomicUsize,
-    max: usize,
+    max: AtomicUsize,
     metrics: PoolMetrics,
+    limit: IntGauge,
 }
 
 /// A pipe a direction holds while bytes are in flight. Dropped empty, it goes back to the
@@ -64,13 +72,33 @@ pub struct Lease {
 }
 
 impl PipePool {
-    pub fn new(max: usize, metrics: PoolMetrics) -> Arc<PipePool> {
-        Arc::new(PipePool { free: Mutex::new(Vec::new()), count: AtomicUsize::new(0), max, metrics })
+    /// A pool of at most `max` pipes; `limit` reports it.
+    pub fn new(max: usize, metrics: PoolMetrics, limit: IntGauge) -> Arc<PipePool> {
+        limit.set(i64::try_from(max).unwrap_or(i64::MAX));
+        Arc::new(PipePool {
+            free: Mutex::new(Vec::new()),
+            count: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+            metrics,
+            limit,
+        })
     }
 
-    /// How many pipes a proxy with `max_connections` may hold: what the descriptor limit
-    /// leaves after the connections' two each, what `fs.pipe-user-pages-soft` allows at full
-    /// size, and never more than two per connection.
+    /// A new bound (a reload changed `proxy.max_connections`): free pipes above it are closed
+    /// now, pipes in use above it when they come back.
+    pub fn resize(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
+        self.limit.set(i64::try_from(max).unwrap_or(i64::MAX));
+        let mut free = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while self.count.load(Ordering::Acquire) > max && free.pop().is_some() {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.free.dec();
+        }
+    }
+
+    /// How many pipes a proxy with `max_connections` may hold: half of what the descriptor
+    /// limit leaves after the connections' two each and a reserve, what
+    /// `fs.pipe-user-pages-soft` allows at full size, and never more than two per connection.
     pub fn size_for(max_connections: usize) -> usize {
         let nofile = rlimit::Resource::NOFILE.get().map_or(1024, |(soft, _)| soft);
         let pages = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
@@ -81,7 +109,8 @@ impl PipePool {
     }
 
     fn size(max_connections: u64, nofile: u64, pipe_user_pages_soft: u64) -> usize {
-        let by_fds = nofile.saturating_sub(2 * max_connections + FD_RESERVE) / 2;
+        // Each pipe is two descriptors; the pool takes half of the spare ones.
+        let by_fds = nofile.saturating_sub(2 * max_connections + FD_RESERVE) / 4;
         // 0 means no soft limit.
         let by_pages = if pipe_user_pages_soft == 0 { u64::MAX } else { pipe_user_pages_soft / PIPE_PAGES };
         let max = by_fds.min(by_pages).min(2 * max_connections);
@@ -89,29 +118,37 @@ impl PipePool {
     }
 
     pub fn max(&self) -> usize {
-        self.max
+        self.max.load(Ordering::Acquire)
     }
 
-    /// A pipe, or None when all are in use or one cannot be made (counted as a shortage).
+    /// Counts a direction that wanted a pipe and copies instead.
+    pub fn short(&self) {
+        self.metrics.shortages.inc();
+    }
+
+    /// A pipe, or None when all are in use or one cannot be made.
     pub fn take(self: &Arc<Self>) -> Option<Lease> {
-        let reused = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
-        let fds = match reused {
-            Some(fds) => {
+        let reused = {
+            let mut free = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let fds = free.pop();
+            if fds.is_some() {
                 self.metrics.free.dec();
-                fds
             }
+            fds
+        };
+        let fds = match reused {
+            Some(fds) => fds,
             None => {
+                let max = self.max();
                 let grown =
-                    self.count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| (c < self.max).then_some(c + 1));
+                    self.count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| (c < max).then_some(c + 1));
                 if grown.is_err() {
-                    self.metrics.shortages.inc();
                     return None;
                 }
                 match new_pipe() {
                     Ok(fds) => fds,
                     Err(e) => {
                         self.count.fetch_sub(1, Ordering::AcqRel);
-                        self.metrics.shortages.inc();
                         tracing::debug!(error = %e, "cannot make a pipe for splice; copying instead");
                         return None;
                     }
@@ -127,11 +164,13 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let Some(fds) = self.fds.take() else { return };
         self.pool.metrics.in_use.dec();
-        if self.data == 0 {
-            self.pool.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(fds);
+        // Bytes nobody will read: close it rather than hand them to the next connection; and
+        // close one the pool no longer has room for.
+        if self.data == 0 && self.pool.count.load(Ordering::Acquire) <= self.pool.max() {
+            let mut free = self.pool.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            free.push(fds);
             self.pool.metrics.free.inc();
         } else {
-            // Bytes nobody will read: close it rather than hand them to the next connection.
             drop(fds);
             self.pool.count.fetch_sub(1, Ordering::AcqRel);
         }
@@ -153,6 +192,28 @@ impl Lease {
         let n = splice(from, self.write_end(), PIPE_BYTES)?;
         self.data += n;
         Ok(n)
+    }
+
+    /// Reads what the pipe holds into `buf` (a direction going back to copying with bytes in
+    /// its pipe).
+    pub fn empty_into(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+        while self.data > 0 {
+            let start = buf.len();
+            buf.resize(start + self.data, 0);
+            // SAFETY: reads at most `data` bytes into the `data` bytes just made room for, from
+            // the pipe's read end, which this lease holds open.
+            let n = unsafe { libc::read(self.read_end(), buf[start..].as_mut_ptr().cast(), self.data) };
+            let Ok(n) = usize::try_from(n) else {
+                buf.truncate(start);
+                return Err(io::Error::last_os_error());
+            };
+            buf.truncate(start + n);
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.data -= n;
+        }
+        Ok(())
     }
 
     /// Moves what the pipe holds into socket `to`: WouldBlock when its send buffer is full.
@@ -202,10 +263,11 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// True for splice errors that mean this pair of descriptors cannot splice at all (not a
-/// failure of the connection): the direction goes back to copying.
+/// True for splice errors that are no failure of the connection (this pair of descriptors
+/// cannot splice, or the kernel is short of memory for pipe buffers, which a plain read does
+/// not need): the direction goes back to copying.
 pub fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP))
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ENOMEM))
 }
 
 #[cfg(test)]
@@ -220,13 +282,17 @@ mod tests {
         }
     }
 
+    fn pool(max: usize) -> Arc<PipePool> {
+        PipePool::new(max, metrics(), IntGauge::new("limit", "h").unwrap())
+    }
+
     #[test]
     fn the_pool_is_sized_from_descriptors_and_pipe_pages() {
-        // The unit's 32768 descriptors, 10000 connections: 6256 by descriptors, 1024 by the
+        // The unit's 32768 descriptors, 10000 connections: 3128 by descriptors, 1024 by the
         // default 16384 pages.
         assert_eq!(PipePool::size(10_000, 32_768, 16_384), 1024);
         // This machine's 20000 and the benchmark's 9000 connections: descriptors decide.
-        assert_eq!(PipePool::size(9_000, 20_000, 16_384), 872);
+        assert_eq!(PipePool::size(9_000, 20_000, 16_384), 436);
         // No room: no pool, every direction copies.
         assert_eq!(PipePool::size(10_000, 20_000, 16_384), 0);
         // No soft limit; never more than two per connection.
@@ -235,21 +301,40 @@ mod tests {
 
     #[test]
     fn pipes_are_reused_when_empty_closed_when_not_and_bounded() {
-        let pool = PipePool::new(2, metrics());
+        let pool = pool(2);
         let a = pool.take().expect("first");
-        let b = pool.take().expect("second");
+        let mut b = pool.take().expect("second");
         assert!(pool.take().is_none(), "past the bound");
-        assert_eq!(pool.metrics.shortages.get(), 1);
-        let (a_read, _) = (a.read_end(), ());
         drop(a);
         assert_eq!((pool.metrics.in_use.get(), pool.metrics.free.get()), (1, 1));
         let again = pool.take().expect("the freed one");
-        assert_eq!(again.read_end(), a_read, "an empty pipe is reused");
+        assert_eq!((pool.count.load(Ordering::Acquire), pool.metrics.free.get()), (2, 0), "reused, not made anew");
         // One handed back holding bytes is closed, and its place in the bound freed.
-        let mut b = b;
         b.data = 10;
         drop(b);
         assert_eq!(pool.count.load(Ordering::Acquire), 1);
-        assert!(pool.take().is_some());
+        let c = pool.take().expect("room again");
+        // A smaller bound: free pipes above it close now, those in use as they come back.
+        drop(again);
+        pool.resize(1);
+        assert_eq!((pool.count.load(Ordering::Acquire), pool.metrics.free.get()), (1, 0));
+        drop(c);
+        assert_eq!((pool.count.load(Ordering::Acquire), pool.metrics.free.get()), (1, 1));
+        pool.resize(0);
+        assert_eq!(pool.count.load(Ordering::Acquire), 0);
+        assert!(pool.take().is_none());
+    }
+
+    #[test]
+    fn bytes_in_a_pipe_can_be_read_back_into_a_buffer() {
+        let pool = pool(1);
+        let mut lease = pool.take().unwrap();
+        // SAFETY: writes 5 bytes from a live array into the pipe's write end.
+        let n = unsafe { libc::write(lease.write_end(), b"hello".as_ptr().cast(), 5) };
+        assert_eq!(n, 5);
+        lease.data = 5;
+        let mut buf = b"<".to_vec();
+        lease.empty_into(&mut buf).unwrap();
+        assert_eq!((buf.as_slice(), lease.data), (&b"<hello"[..], 0));
     }
 }

@@ -6,7 +6,7 @@
 /// `extra` on top of this binary's `proxy.splice`, with a connection limit that leaves the
 /// pipe pool room under the test process's open-file limit.
 fn with_splice<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    let mut all = vec![("proxy.splice", SPLICE), ("proxy.max_connections", "1000")];
+    let mut all = vec![("proxy.splice", SPLICE), ("proxy.max_connections", "100")];
     all.extend_from_slice(extra);
     all
 }
@@ -338,6 +338,7 @@ async fn a_slow_client_gets_every_byte_a_backend_sent_before_its_reset() {
     // Such a reset is how that backend ends a stream, not an error.
     assert_eq!(proxy.closed("backend_error").await, 0.0);
     assert_eq!(proxy.metric("static_ingress_tcp_errors_total{errno=\"ECONNRESET\",side=\"backend\"}").await, 0.0);
+    assert_eq!(proxy.metric("static_ingress_splice_bytes_total").await > 0.0, SPLICE == "always", "the path taken");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,6 +377,7 @@ async fn a_slow_backend_gets_every_byte_a_client_sent_before_its_reset() {
     assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "the client's reset is passed on after the data");
     eventually("client_reset", async || proxy.closed("client_reset").await == 1.0).await;
     assert_eq!(proxy.closed("client_error").await, 0.0);
+    assert_eq!(proxy.metric("static_ingress_splice_bytes_total").await > 0.0, SPLICE == "always", "the path taken");
     backend.abort();
 }
 
@@ -528,4 +530,39 @@ async fn an_idle_timeout_with_bytes_still_owed_ends_with_a_reset_not_a_fin() {
     let (got, end) = read_all_until_end(&mut client).await;
     assert!(got.len() < 8 * 1024 * 1024);
     assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "the cut stream must not look complete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn urgent_data_mid_stream_neither_stalls_nor_truncates_the_stream() {
+    // A backend that reads the whole request and sends back what it got. TCP urgent data (a
+    // client's send with MSG_OOB) is not part of the stream without SO_OOBINLINE, so the proxy
+    // forwards the bytes around it; splice stops at the urgent mark, and must not stall there
+    // or take it for the end.
+    let backend = Backend::start(|mut s| async move {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.expect("read request");
+        s.write_all(&got).await.expect("write reply");
+    })
+    .await;
+    let proxy = Proxy::start(backend.addr, &with_splice(&[])).await;
+    let client = proxy.connect().await;
+    let before = pattern(200_000, 1);
+    let after = pattern(200_000, 2);
+    let std_client = client.into_std().expect("std socket");
+    std_client.set_nonblocking(false).unwrap();
+    let sock = socket2::SockRef::from(&std_client);
+    std::io::Write::write_all(&mut &std_client, &before).unwrap();
+    // Let the first part be forwarded (and the direction start splicing) before the mark.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sock.send_out_of_band(b"!").unwrap();
+    std::io::Write::write_all(&mut &std_client, &after).unwrap();
+    sock.shutdown(std::net::Shutdown::Write).unwrap();
+    std_client.set_nonblocking(true).unwrap();
+    let mut client = tokio::net::TcpStream::from_std(std_client).unwrap();
+    let reply = read_until_closed(&mut client).await.expect("a clean close after the reply");
+    let mut want = before.clone();
+    want.extend_from_slice(&after);
+    assert_eq!(reply.len(), want.len(), "bytes around the urgent byte");
+    assert!(reply == want, "the stream around the urgent byte arrived corrupted");
+    eventually("completed", async || proxy.closed("completed").await == 1.0).await;
 }
