@@ -185,7 +185,7 @@ const KEY_LIST: &[Key] = &[
               requests and TLS handshakes are cheaper through a buffer); always, from the first byte; \
               off, never. Pipes come from a pool sized at start from the open-file limit (two \
               descriptors each, after proxy.max_connections' two per connection) and \
-              fs.pipe-user-pages-soft (16 pages each); with none free a direction copies instead.",
+              fs.pipe-user-pages-soft (256 KiB, 64 pages each); with none free a direction copies instead.",
     },
     Key {
         name: "proxy.sni_timeout",

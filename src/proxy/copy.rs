@@ -5,7 +5,9 @@
 //! Both directions are driven by one future, so neither is ever dropped early: when one side
 //! finishes sending, its FIN is passed on (`shutdown(Write)`) and the other direction keeps
 //! running until it finishes too. A direction holds a buffer only while data is in flight, so an
-//! idle connection costs two sockets and a little state, not two buffers.
+//! idle connection costs two sockets and a little state, not two buffers; and bytes the other
+//! side takes at once pass through a per-thread scratch buffer, so a request and its answer
+//! allocate nothing.
 //!
 //! When one side fails (a reset, a broken pipe), what it sent before failing is still owed to
 //! the other side: the bytes in our buffer and those still queued in the kernel for us to read.
@@ -283,7 +285,18 @@ impl Pipe {
                 continue;
             }
             if self.buf.capacity() == 0 {
-                self.buf.reserve_exact(BUF_SIZE);
+                // Holding no buffer: read into this thread's scratch buffer and write straight
+                // on. Only what the other side cannot take now is copied into one of our own.
+                let through = SCRATCH.try_with(|scratch| match scratch.try_borrow_mut() {
+                    Ok(mut scratch) => Some(self.pass_through(&mut scratch, cx, from, to, bytes, moved)),
+                    Err(_) => None,
+                });
+                match through {
+                    Ok(Some(Ok(()))) => continue,
+                    Ok(Some(Err(failed))) => return Poll::Ready(Err(failed)),
+                    // No scratch buffer on this thread (it is being torn down): use our own.
+                    Ok(None) | Err(_) => self.buf.reserve_exact(BUF_SIZE),
+                }
             }
             match from.try_read_buf(&mut self.buf) {
                 Ok(0) => self.eof = true,
@@ -300,6 +313,64 @@ impl Pipe {
             }
         }
     }
+}
+
+impl Pipe {
+    /// One read into `scratch` and a write of it straight on (the source was readable). What
+    /// `to` does not take now is kept in a buffer of the direction's own, which later reads then
+    /// fill as long as bytes keep coming: a request and its answer allocate nothing, a
+    /// direction with a slow reader holds one buffer, as before.
+    fn pass_through(
+        &mut self,
+        scratch: &mut [u8],
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        bytes: &IntCounter,
+        moved: &mut bool,
+    ) -> Result<(), (Side, io::Error)> {
+        let n = match from.try_read(scratch) {
+            Ok(0) => {
+                self.eof = true;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(_) if self.salvage => {
+                self.eof = true;
+                return Ok(());
+            }
+            Err(e) => return Err((self.from, e)),
+        };
+        bytes.inc_by(n as u64);
+        self.total += n as u64;
+        *moved = true;
+        let (sent, result) = match to.poll_write_ready(cx) {
+            Poll::Ready(Ok(())) => match to.try_write(&scratch[..n]) {
+                Ok(0) => (0, Err(io::ErrorKind::WriteZero.into())),
+                Ok(sent) => (sent, Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, Ok(())),
+                Err(e) => (0, Err(e)),
+            },
+            Poll::Ready(Err(e)) => (0, Err(e)),
+            // Woken when it can take more; the bytes wait in our buffer meanwhile.
+            Poll::Pending => (0, Ok(())),
+        };
+        if sent < n {
+            // Also on a failed write: the bytes count as pending (no clean end, see
+            // `bidirectional`).
+            self.buf.reserve_exact(BUF_SIZE);
+            self.buf.extend_from_slice(&scratch[sent..n]);
+            self.written = 0;
+        }
+        result.map_err(|e| (self.to, e))
+    }
+}
+
+thread_local! {
+    /// Each thread's read buffer for the directions that hold none (see [`Pipe::pass_through`]).
+    /// Allocated zeroed, so its pages are taken only as reads reach them.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; BUF_SIZE].into_boxed_slice());
 }
 
 /// `SIOCOUTQNSD` from linux/sockios.h (not in the libc crate): bytes written but not yet sent.
@@ -341,110 +412,120 @@ fn unread(stream: &TcpStream) -> Option<usize> {
     queued(stream, libc::FIONREAD)
 }
 
-/// Ends `stream` with a reset when the pipe toward it still held bytes: a FIN would make the
-/// truncated stream look complete to that peer.
-fn reset_if_truncated(pipe: &Pipe, stream: &TcpStream) {
-    if (pipe.pending() > 0 || unsent(stream).is_some_and(|n| n > 0))
-        && let Err(e) = SockRef::from(stream).set_linger(Some(Duration::ZERO))
-    {
+/// Ends `to` with a reset when the stream toward it was cut short: bytes still in the pipe's
+/// buffer or pipe, written and not yet sent, or arrived from `from` and never read. A FIN would
+/// make the truncated stream look complete to that peer.
+fn reset_if_truncated(pipe: &Pipe, from: &TcpStream, to: &TcpStream) {
+    let cut =
+        pipe.pending() > 0 || unsent(to).is_some_and(|n| n > 0) || (!pipe.eof && unread(from).is_some_and(|n| n > 0));
+    if cut && let Err(e) = SockRef::from(to).set_linger(Some(Duration::ZERO)) {
         tracing::debug!(error = %e, "could not set SO_LINGER; the truncated stream ends with a FIN");
     }
 }
 
 /// Proxies until both directions end, a side fails, or a timeout fires.
-pub async fn bidirectional(
-    client: &TcpStream,
-    backend: &TcpStream,
+///
+/// Not an `async fn`, whose arguments rustc would store twice: see `Proxy::serve`.
+#[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice in every connection's task")]
+pub fn bidirectional<'a>(
+    client: &'a TcpStream,
+    backend: &'a TcpStream,
     timeouts: Timeouts,
-    to_backend: &IntCounter,
-    to_client: &IntCounter,
-    splicing: Option<&Splicing>,
-) -> Outcome {
-    let mut up = Pipe::new(Side::Client, Side::Backend);
-    let mut down = Pipe::new(Side::Backend, Side::Client);
-    let half_limit = timeouts.half_close.min(timeouts.idle);
-    let mut last_activity = Instant::now();
-    let mut half_closed = false;
-    // The timer is re-armed lazily: activity only moves `last_activity`, and when the timer
-    // fires early it is pushed to the real deadline. That keeps timer work off the per-read path.
-    // `checked_add` everywhere: a deadline past the end of time means "never".
-    let mut timer = pin!(tokio::time::sleep(timeouts.idle));
+    to_backend: &'a IntCounter,
+    to_client: &'a IntCounter,
+    splicing: Option<&'a Splicing>,
+) -> impl Future<Output = Outcome> + Send + 'a {
+    async move {
+        let mut up = Pipe::new(Side::Client, Side::Backend);
+        let mut down = Pipe::new(Side::Backend, Side::Client);
+        let half_limit = timeouts.half_close.min(timeouts.idle);
+        let mut last_activity = Instant::now();
+        let mut half_closed = false;
+        // The timer is re-armed lazily: activity only moves `last_activity`, and when the timer
+        // fires early it is pushed to the real deadline. That keeps timer work off the per-read path.
+        // `checked_add` everywhere: a deadline past the end of time means "never".
+        let mut timer = pin!(tokio::time::sleep(timeouts.idle));
 
-    let ended = poll_fn(|cx| {
-        let mut moved = false;
-        // Stop at the first failure, before polling the other direction: a socket reports its
-        // error once, and a read after a write consumed it returns end of file, which would be
-        // passed on as a FIN, as if the failed side had ended cleanly.
-        if let Poll::Ready(Err(failed)) = up.poll(cx, client, backend, to_backend, splicing, &mut moved) {
-            return Poll::Ready(Err(failed));
-        }
-        if let Poll::Ready(Err(failed)) = down.poll(cx, backend, client, to_client, splicing, &mut moved) {
-            return Poll::Ready(Err(failed));
-        }
-        if up.done && down.done {
-            return Poll::Ready(Ok(Outcome::Completed));
-        }
-        if moved {
-            last_activity = Instant::now();
-        }
-        let limit = if up.done || down.done { half_limit } else { timeouts.idle };
-        let Some(deadline) = last_activity.checked_add(limit) else {
-            return Poll::Pending;
-        };
-        if (up.done || down.done) && !half_closed {
-            // The FIN just passed on is activity: the half-close limit counts from it, not from
-            // the last data, which may be long ago. It may be shorter than the idle limit, so
-            // bring the timer forward.
-            half_closed = true;
-            last_activity = Instant::now();
+        let ended = poll_fn(|cx| {
+            let mut moved = false;
+            // Stop at the first failure, before polling the other direction: a socket reports its
+            // error once, and a read after a write consumed it returns end of file, which would be
+            // passed on as a FIN, as if the failed side had ended cleanly.
+            if let Poll::Ready(Err(failed)) = up.poll(cx, client, backend, to_backend, splicing, &mut moved) {
+                return Poll::Ready(Err(failed));
+            }
+            if let Poll::Ready(Err(failed)) = down.poll(cx, backend, client, to_client, splicing, &mut moved) {
+                return Poll::Ready(Err(failed));
+            }
+            if up.done && down.done {
+                return Poll::Ready(Ok(Outcome::Completed));
+            }
+            if moved {
+                last_activity = Instant::now();
+            }
+            let limit = if up.done || down.done { half_limit } else { timeouts.idle };
             let Some(deadline) = last_activity.checked_add(limit) else {
                 return Poll::Pending;
             };
-            timer.as_mut().reset(deadline);
-            return match timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Ok(Outcome::HalfCloseTimeout)),
-                Poll::Pending => Poll::Pending,
-            };
-        }
-        while timer.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= deadline {
-                return Poll::Ready(Ok(if half_closed { Outcome::HalfCloseTimeout } else { Outcome::IdleTimeout }));
+            if (up.done || down.done) && !half_closed {
+                // The FIN just passed on is activity: the half-close limit counts from it, not from
+                // the last data, which may be long ago. It may be shorter than the idle limit, so
+                // bring the timer forward.
+                half_closed = true;
+                last_activity = Instant::now();
+                let Some(deadline) = last_activity.checked_add(limit) else {
+                    return Poll::Pending;
+                };
+                timer.as_mut().reset(deadline);
+                return match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Ok(Outcome::HalfCloseTimeout)),
+                    Poll::Pending => Poll::Pending,
+                };
             }
-            timer.as_mut().reset(deadline);
-        }
-        Poll::Pending
-    })
-    .await;
-    let (side, error) = match ended {
-        Ok(outcome) => {
-            if !matches!(outcome, Outcome::Completed) {
-                // A timeout cuts the stream: whoever had bytes still coming must not take the
-                // end for a complete one.
-                reset_if_truncated(&up, backend);
-                reset_if_truncated(&down, client);
+            while timer.as_mut().poll(cx).is_ready() {
+                if Instant::now() >= deadline {
+                    return Poll::Ready(Ok(if half_closed { Outcome::HalfCloseTimeout } else { Outcome::IdleTimeout }));
+                }
+                timer.as_mut().reset(deadline);
             }
-            return outcome;
-        }
-        Err(failed) => failed,
-    };
+            Poll::Pending
+        })
+        .await;
+        let (side, error) = match ended {
+            Ok(outcome) => {
+                if !matches!(outcome, Outcome::Completed) {
+                    // A timeout cuts the stream: whoever had bytes still coming must not take the
+                    // end for a complete one.
+                    reset_if_truncated(&up, client, backend);
+                    reset_if_truncated(&down, backend, client);
+                }
+                return outcome;
+            }
+            Err(failed) => failed,
+        };
 
-    // `failed`/`other`: the sockets; `salvaged`: the pipe from the failed side; `abandoned`:
-    // the pipe toward it, whose bytes have nowhere to go.
-    let (failed, other, mut salvaged, abandoned, counter) = match side {
-        Side::Client => (client, backend, up, &down, to_backend),
-        Side::Backend => (backend, client, down, &up, to_client),
-    };
-    // "Nothing pending toward it": every byte for the failed side had left this machine. Sent
-    // but unacknowledged bytes do not count against it: a peer that resets within its delayed
-    // ACK window carries its last ACK on the RST, which Linux does not apply.
-    let nothing_pending =
-        abandoned.pending() == 0 && unsent(failed).is_some_and(|n| n == 0) && unread(other).is_some_and(|n| n == 0);
-    salvaged.salvage = true;
-    let delivered =
-        salvage(&mut salvaged, failed, other, counter, splicing, half_limit).await && drain(other, half_limit).await;
-    // A reset is only "how that side ends a stream" if the other side got everything too.
-    let clean_reset = error.kind() == io::ErrorKind::ConnectionReset && nothing_pending && delivered;
-    Outcome::Failed(Failure { side, error, clean_reset, delivered })
+        // `failed`/`other`: the sockets; `salvaged`: the pipe from the failed side; `abandoned`:
+        // the pipe toward it, whose bytes have nowhere to go.
+        let (failed, other, mut salvaged, abandoned, counter) = match side {
+            Side::Client => (client, backend, up, &down, to_backend),
+            Side::Backend => (backend, client, down, &up, to_client),
+        };
+        // "Nothing pending toward it": every byte for the failed side had left this machine. Sent
+        // but unacknowledged bytes do not count against it: a peer that resets within its delayed
+        // ACK window carries its last ACK on the RST, which Linux does not apply.
+        let nothing_pending =
+            abandoned.pending() == 0 && unsent(failed).is_some_and(|n| n == 0) && unread(other).is_some_and(|n| n == 0);
+        salvaged.salvage = true;
+        // Boxed: this path is rare, and its timers would otherwise be part of every connection's
+        // task for its whole life, idle or not.
+        let delivered = Box::pin(async {
+            salvage(&mut salvaged, failed, other, counter, splicing, half_limit).await && drain(other, half_limit).await
+        })
+        .await;
+        // A reset is only "how that side ends a stream" if the other side got everything too.
+        let clean_reset = error.kind() == io::ErrorKind::ConnectionReset && nothing_pending && delivered;
+        Outcome::Failed(Failure { side, error, clean_reset, delivered })
+    }
 }
 
 /// Forwards what the failed side had sent before failing. False if the other side failed too

@@ -248,44 +248,65 @@ impl Proxy {
         }
     }
 
-    async fn serve(self: Arc<Self>, client: TcpStream, listener: SocketAddr, slot: Slot) {
-        let cut = self.cut_token();
-        let reason = tokio::select! {
-            reason = self.route(&client, listener, &cut) => reason,
-            () = cut.cancelled() => {
-                socket::reset(&client);
-                CloseReason::Shutdown
-            }
-        };
-        // Free the socket and the slot before counting the close, so that whoever sees the
-        // close counted can rely on the slot being free.
-        drop(client);
-        drop(slot);
-        self.metrics.closed(reason);
-        tracing::debug!(reason = reason.as_str(), "connection closed");
+    // `serve`, `route`, `proxy` and `copy::bidirectional` make the future a connection's task
+    // holds for its life, which is most of what an open connection costs the proxy. They are
+    // plain functions returning an `async move` block, not `async fn`s: rustc stores an async
+    // fn's arguments twice (the argument and the local it is moved into). Futures are made
+    // inside the `select!` that polls them, not held in a local first, for the same reason.
+    // `cargo rustc --release --lib -- -Zprint-type-sizes` (with RUSTC_BOOTSTRAP=1) shows the
+    // layout.
+
+    #[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice in every connection's task")]
+    fn serve(self: Arc<Self>, client: TcpStream, listener: SocketAddr, slot: Slot) -> impl Future<Output = ()> + Send {
+        async move {
+            let cut = self.cut_token();
+            let reason = self.route(&client, listener, &cut).await;
+            // Free the socket and the slot before counting the close, so that whoever sees the
+            // close counted can rely on the slot being free.
+            drop(client);
+            drop(slot);
+            self.metrics.closed(reason);
+            tracing::debug!(reason = reason.as_str(), "connection closed");
+        }
     }
 
     /// Picks the backend (reading the ClientHello first when routes need it), then proxies.
-    async fn route(&self, client: &TcpStream, listener: SocketAddr, cut: &CancellationToken) -> CloseReason {
-        let (pick, hello) = if self.router().reads_hello(listener) {
-            match self.read_hello(client).await {
-                // The routes as they are once the hello is in (a reload may have come since).
-                Ok((hello, bytes)) => (self.router().pick(listener, &hello), bytes),
-                Err(reason) => return reason,
-            }
-        } else {
-            (self.router().direct(), Vec::new())
-        };
-        let upstream = match pick {
-            Pick::To(u) => u,
-            Pick::Refuse => {
-                socket::reset(client);
-                return CloseReason::NoRoute;
-            }
-        };
-        upstream.metrics.routed.inc();
-        tracing::Span::current().record("backend", upstream.name());
-        self.proxy(client, &upstream, hello, cut).await
+    /// Each step that waits also ends when `cut` fires (the connection is reset, counted as
+    /// shutdown); each in its own `select!`, so that only one wait on `cut` is ever held.
+    #[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice in every connection's task")]
+    fn route<'a>(
+        &'a self,
+        client: &'a TcpStream,
+        listener: SocketAddr,
+        cut: &'a CancellationToken,
+    ) -> impl Future<Output = CloseReason> + Send + 'a {
+        async move {
+            let (pick, hello) = if self.router().reads_hello(listener) {
+                let read = tokio::select! {
+                    biased;
+                    () = cut.cancelled() => None,
+                    read = self.read_hello(client) => Some(read),
+                };
+                match read {
+                    // The routes as they are once the hello is in (a reload may have come since).
+                    Some(Ok((hello, bytes))) => (self.router().pick(listener, &hello), bytes),
+                    Some(Err(reason)) => return reason,
+                    None => return cut_off(client),
+                }
+            } else {
+                (self.router().direct(), Vec::new())
+            };
+            let upstream = match pick {
+                Pick::To(u) => u,
+                Pick::Refuse => {
+                    socket::reset(client);
+                    return CloseReason::NoRoute;
+                }
+            };
+            upstream.metrics.routed.inc();
+            tracing::Span::current().record("backend", upstream.name());
+            self.proxy(client, &upstream, hello, cut).await
+        }
     }
 
     /// Reads the client's first bytes until they hold a whole TLS ClientHello, are not TLS,
@@ -335,133 +356,153 @@ impl Proxy {
 
     /// Proxies `client` to `upstream`; `first` is what was read from the client already (for
     /// the route), sent before anything else of its own and freed once sent.
-    async fn proxy(
-        &self,
-        client: &TcpStream,
-        upstream: &Upstream,
+    #[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice in every connection's task")]
+    fn proxy<'a>(
+        &'a self,
+        client: &'a TcpStream,
+        upstream: &'a Upstream,
         first: Vec<u8>,
-        cut: &CancellationToken,
-    ) -> CloseReason {
-        let backends = &upstream.backends;
-        let set = backends.current();
-        if set.addrs.is_empty() {
-            return CloseReason::NoBackend;
-        }
-        // The order is decided before the first attempt: marking an address suspect below
-        // must not move it into a later place in this same connection's list.
-        let candidates: Vec<&Arc<BackendAddr>> =
-            set.candidates(backends.next_start()).take(MAX_CONNECT_ATTEMPTS).collect();
-        let (backend, addr) = match self.connect(upstream, &candidates).await {
-            Ok(connected) => connected,
-            Err(Unconnected::OutOfResources(e)) => {
-                if let Some(suppressed) = self.connect_log.allow() {
-                    tracing::warn!(error = %e, suppressed, "cannot open a backend socket: out of file descriptors or memory");
+        cut: &'a CancellationToken,
+    ) -> impl Future<Output = CloseReason> + Send + 'a {
+        async move {
+            let backends = &upstream.backends;
+            let connected = {
+                let set = backends.current();
+                if set.addrs.is_empty() {
+                    return CloseReason::NoBackend;
                 }
-                socket::reset(client);
-                return CloseReason::FdLimit;
-            }
-            Err(Unconnected::AllFailed) => {
-                if let Some(suppressed) = self.connect_log.allow() {
-                    tracing::warn!(backend = %backends.name, route = upstream.name(), suppressed,
-                        "no backend address accepted the connection");
+                // The order is decided before the first attempt: marking an address suspect below
+                // must not move it into a later place in this same connection's list.
+                let candidates: Vec<&Arc<BackendAddr>> =
+                    set.candidates(backends.next_start()).take(MAX_CONNECT_ATTEMPTS).collect();
+                let connected = tokio::select! {
+                    biased;
+                    () = cut.cancelled() => return cut_off(client),
+                    connected = self.connect(upstream, &candidates) => connected,
+                };
+                // The address is kept, not the set and the list: neither is needed once
+                // connected, and an open connection should hold no more than it uses.
+                connected.map(|(stream, addr)| (stream, Arc::clone(addr)))
+            };
+            let (backend, addr) = match connected {
+                Ok(connected) => connected,
+                Err(Unconnected::OutOfResources(e)) => {
+                    if let Some(suppressed) = self.connect_log.allow() {
+                        tracing::warn!(error = %e, suppressed, "cannot open a backend socket: out of file descriptors or memory");
+                    }
+                    socket::reset(client);
+                    return CloseReason::FdLimit;
                 }
-                return CloseReason::ConnectFailed;
-            }
-        };
-        tracing::Span::current().record("backend.addr", tracing::field::display(addr.addr));
-        let _active = addr.track();
-        let config = self.config.load_full();
-        socket::tune(&backend, config.tcp_keepalive);
-        // Before the client's own bytes: the PROXY header, then what was read for the route.
-        // Both are freed before the copy starts: an idle connection holds no buffer.
-        let header = match upstream.config.backend.proxy_protocol {
-            ProxyProtocol::Off => Vec::new(),
-            ProxyProtocol::V2 => match (client.peer_addr(), client.local_addr()) {
-                (Ok(peer), Ok(local)) => proxy_protocol::v2_header(peer, local),
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::debug!(error = %e, "cannot read the client's addresses for the PROXY protocol header");
+                Err(Unconnected::AllFailed) => {
+                    if let Some(suppressed) = self.connect_log.allow() {
+                        tracing::warn!(backend = %backends.name, route = upstream.name(), suppressed,
+                            "no backend address accepted the connection");
+                    }
+                    return CloseReason::ConnectFailed;
+                }
+            };
+            tracing::Span::current().record("backend.addr", tracing::field::display(addr.addr));
+            let _active = addr.track();
+            let config = self.config.load_full();
+            socket::tune(&backend, config.tcp_keepalive);
+            // Before the client's own bytes: the PROXY header, then what was read for the route.
+            // Both are freed before the copy starts: an idle connection holds no buffer.
+            let header = match upstream.config.backend.proxy_protocol {
+                ProxyProtocol::Off => Vec::new(),
+                ProxyProtocol::V2 => match (client.peer_addr(), client.local_addr()) {
+                    (Ok(peer), Ok(local)) => proxy_protocol::v2_header(peer, local),
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::debug!(error = %e, "cannot read the client's addresses for the PROXY protocol header");
+                        socket::reset(client);
+                        socket::reset(&backend);
+                        return CloseReason::ClientError;
+                    }
+                },
+            };
+            let read_ahead = first.len() as u64;
+            for part in [header, first] {
+                if part.is_empty() {
+                    continue;
+                }
+                let sent = tokio::select! {
+                    biased;
+                    () = cut.cancelled() => {
+                        socket::reset(&backend);
+                        return cut_off(client);
+                    }
+                    sent = tokio::time::timeout(config.connect_timeout, write_all(&backend, &part)) => sent,
+                };
+                if let Err(e) = sent.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
+                    // The client has not been answered: reset it, so it retries rather than
+                    // taking the close for an answer.
+                    tracing::debug!(error = %e, "cannot send the first bytes to the backend");
                     socket::reset(client);
                     socket::reset(&backend);
-                    return CloseReason::ClientError;
+                    return CloseReason::BackendError;
                 }
-            },
-        };
-        let read_ahead = first.len() as u64;
-        for part in [header, first] {
-            if part.is_empty() {
-                continue;
             }
-            let sent = tokio::time::timeout(config.connect_timeout, write_all(&backend, &part)).await;
-            if let Err(e) = sent.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
-                // The client has not been answered: reset it, so it retries rather than
-                // taking the close for an answer.
-                tracing::debug!(error = %e, "cannot send the first bytes to the backend");
-                socket::reset(client);
-                socket::reset(&backend);
-                return CloseReason::BackendError;
-            }
-        }
-        self.metrics.bytes(Direction::ToBackend).inc_by(read_ahead);
+            self.metrics.bytes(Direction::ToBackend).inc_by(read_ahead);
 
-        let timeouts = copy::Timeouts { idle: config.idle_timeout, half_close: config.half_close_timeout };
-        let after = match config.splice {
-            Splice::Auto => Some(splice::SPLICE_AFTER),
-            Splice::Always => Some(0),
-            Splice::Off => None,
-        };
-        let splicing = after.filter(|_| self.pipes.max() > 0).map(|after| copy::Splicing {
-            pool: Arc::clone(&self.pipes),
-            after,
-            bytes: self.metrics.splice_bytes_total.clone(),
-        });
-        let copy = copy::bidirectional(
-            client,
-            &backend,
-            timeouts,
-            self.metrics.bytes(Direction::ToBackend),
-            self.metrics.bytes(Direction::ToClient),
-            splicing.as_ref(),
-        );
-        let outcome = tokio::select! {
-            outcome = copy => outcome,
-            () = addr.retired() => {
-                // The address may now belong to someone else: end the stream with a reset so
-                // the client reconnects (and resolves again) rather than mistaking it for an end.
-                socket::reset(client);
-                socket::reset(&backend);
-                return CloseReason::BackendRetired;
-            }
-            () = cut.cancelled() => {
-                // Cut mid-stream by the end of the drain: both ends see an abort, so neither
-                // takes a partial upload or reply for a complete one.
-                socket::reset(client);
-                socket::reset(&backend);
-                return CloseReason::Shutdown;
-            }
-        };
-        match outcome {
-            copy::Outcome::Completed => CloseReason::Completed,
-            copy::Outcome::IdleTimeout => CloseReason::IdleTimeout,
-            copy::Outcome::HalfCloseTimeout => CloseReason::HalfCloseTimeout,
-            copy::Outcome::Failed(failure) => {
-                tracing::debug!(side = failure.side.as_str(), error = %failure.error, clean = failure.clean_reset,
-                    delivered = failure.delivered, "connection ended by a failure of one side");
-                // The other side has received (and acknowledged) everything the failed side sent
-                // before it failed, or the drain gave up: now pass the abort on, as a reset, so
-                // that it sees what it would have seen talking to the failed side directly.
-                let other = match failure.side {
-                    Side::Client => &backend,
-                    Side::Backend => client,
-                };
-                socket::reset(other);
-                match (failure.side, failure.clean_reset) {
-                    (Side::Client, true) => CloseReason::ClientReset,
-                    (Side::Backend, true) => CloseReason::BackendReset,
-                    (side, false) => {
-                        self.metrics.tcp_error(side, &failure.error);
-                        match side {
-                            Side::Client => CloseReason::ClientError,
-                            Side::Backend => CloseReason::BackendError,
+            let timeouts = copy::Timeouts { idle: config.idle_timeout, half_close: config.half_close_timeout };
+            let after = match config.splice {
+                Splice::Auto => Some(splice::SPLICE_AFTER),
+                Splice::Always => Some(0),
+                Splice::Off => None,
+            };
+            drop(config);
+            let splicing = after.filter(|_| self.pipes.max() > 0).map(|after| copy::Splicing {
+                pool: Arc::clone(&self.pipes),
+                after,
+                bytes: self.metrics.splice_bytes_total.clone(),
+            });
+            let outcome = tokio::select! {
+                outcome = copy::bidirectional(
+                    client,
+                    &backend,
+                    timeouts,
+                    self.metrics.bytes(Direction::ToBackend),
+                    self.metrics.bytes(Direction::ToClient),
+                    splicing.as_ref(),
+                ) => outcome,
+                () = addr.retired() => {
+                    // The address may now belong to someone else: end the stream with a reset so
+                    // the client reconnects (and resolves again) rather than mistaking it for an end.
+                    socket::reset(client);
+                    socket::reset(&backend);
+                    return CloseReason::BackendRetired;
+                }
+                () = cut.cancelled() => {
+                    // Cut mid-stream by the end of the drain: both ends see an abort, so neither
+                    // takes a partial upload or reply for a complete one.
+                    socket::reset(client);
+                    socket::reset(&backend);
+                    return CloseReason::Shutdown;
+                }
+            };
+            match outcome {
+                copy::Outcome::Completed => CloseReason::Completed,
+                copy::Outcome::IdleTimeout => CloseReason::IdleTimeout,
+                copy::Outcome::HalfCloseTimeout => CloseReason::HalfCloseTimeout,
+                copy::Outcome::Failed(failure) => {
+                    tracing::debug!(side = failure.side.as_str(), error = %failure.error, clean = failure.clean_reset,
+                        delivered = failure.delivered, "connection ended by a failure of one side");
+                    // The other side has received (and acknowledged) everything the failed side sent
+                    // before it failed, or the drain gave up: now pass the abort on, as a reset, so
+                    // that it sees what it would have seen talking to the failed side directly.
+                    let other = match failure.side {
+                        Side::Client => &backend,
+                        Side::Backend => client,
+                    };
+                    socket::reset(other);
+                    match (failure.side, failure.clean_reset) {
+                        (Side::Client, true) => CloseReason::ClientReset,
+                        (Side::Backend, true) => CloseReason::BackendReset,
+                        (side, false) => {
+                            self.metrics.tcp_error(side, &failure.error);
+                            match side {
+                                Side::Client => CloseReason::ClientError,
+                                Side::Backend => CloseReason::BackendError,
+                            }
                         }
                     }
                 }
@@ -503,6 +544,13 @@ impl Proxy {
         }
         Err(Unconnected::AllFailed)
     }
+}
+
+/// Ends a connection the drain's end cut before it reached the copy: reset, so the client
+/// retries rather than taking the close for an answer.
+fn cut_off(client: &TcpStream) -> CloseReason {
+    socket::reset(client);
+    CloseReason::Shutdown
 }
 
 /// How much the ClientHello buffer grows by at a time.
