@@ -34,6 +34,8 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error(transparent)]
     Dns(#[from] dns::hickory::SetupError),
+    #[error("cannot start the proxy's worker threads")]
+    Workers(#[source] std::io::Error),
 }
 
 /// How `run` ended.
@@ -49,7 +51,10 @@ pub enum Exit {
 pub struct Server {
     config: Arc<Config>,
     /// Each bound listener with its address as `proxy.listen` writes it; `run` starts them.
-    proxy_listeners: Vec<(TcpListener, SocketAddr)>,
+    proxy_listeners: Vec<(Vec<std::net::TcpListener>, SocketAddr)>,
+    /// The data path's threads: each accepts on one listener of every group and runs what it
+    /// accepted.
+    workers: proxy::workers::Workers,
     /// The listeners accepting now (`run` fills it; a reload adds and removes).
     listening: std::sync::Mutex<Vec<Listening>>,
     /// Taken by `run`.
@@ -75,7 +80,8 @@ struct Listening {
     local: SocketAddr,
     /// Stops this listener alone (a reload removed it); a child of the drain's.
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// One accept loop per worker.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 /// One backend's address source, health checks and retirement, ready to start.
@@ -148,6 +154,7 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
             keys.push(key);
         }
     };
+    differs("proxy.workers", running.proxy.workers != new.proxy.workers);
     differs("[admin]", running.admin != new.admin);
     differs("[lifecycle]", running.lifecycle != new.lifecycle);
     differs("[eip]", running.eip != new.eip);
@@ -197,11 +204,13 @@ impl Server {
     /// address cannot be bound, naming it.
     pub fn bind(config: Config) -> Result<Server, StartError> {
         let config = Arc::new(config);
+        let workers = config.proxy.workers;
+        let workers = if workers == 0 { proxy::workers::default_count() } else { workers };
         let mut proxy_listeners = Vec::new();
         let mut proxy_addrs = Vec::new();
         for &addr in &config.proxy.listen {
-            let l = proxy::socket::bind_proxy(addr, config.proxy.tcp_keepalive)?;
-            proxy_addrs.push(l.local_addr().unwrap_or(addr));
+            let l = proxy::socket::bind_proxy(addr, config.proxy.tcp_keepalive, workers)?;
+            proxy_addrs.push(l[0].local_addr().unwrap_or(addr));
             // With its address as configured: routes name listeners that way.
             proxy_listeners.push((l, addr));
         }
@@ -222,6 +231,7 @@ impl Server {
         // Everything that can fail comes before anything is spawned: a failed start leaves no
         // task behind claiming the Elastic IP or checking backends.
         let sources = router.upstreams.iter().map(sources).collect::<Result<Vec<_>, _>>()?;
+        let workers = proxy::workers::Workers::start(workers).map_err(StartError::Workers)?;
         let stop_accepting = CancellationToken::new();
         let retire = CancellationToken::new();
         if config.eip.enabled {
@@ -239,6 +249,7 @@ impl Server {
         Ok(Server {
             config,
             proxy_listeners,
+            workers,
             listening: std::sync::Mutex::new(Vec::new()),
             admin_listener: Some(admin_listener),
             proxy_addrs,
@@ -264,6 +275,7 @@ impl Server {
         // What only a restart applies keeps its running value, so that nothing computed from
         // it (the routes' health policy) describes what is not running.
         new.health.unhealthy_when = self.config.health.unhealthy_when;
+        new.proxy.workers = self.config.proxy.workers;
         for r in &mut new.routes {
             r.health.unhealthy_when = self.config.health.unhealthy_when;
         }
@@ -273,7 +285,7 @@ impl Server {
         let removed: Vec<SocketAddr> = running.iter().copied().filter(|a| !new.proxy.listen.contains(a)).collect();
         let mut added = Vec::new();
         for &addr in new.proxy.listen.iter().filter(|a| !running.contains(a)) {
-            match proxy::socket::bind_proxy(addr, new.proxy.tcp_keepalive) {
+            match proxy::socket::bind_proxy(addr, new.proxy.tcp_keepalive, self.workers.count()) {
                 Ok(l) => added.push((l, addr)),
                 Err(e) => {
                     // Linux lets no two listeners share a port when one is a wildcard: this
@@ -329,8 +341,10 @@ impl Server {
         };
         for l in stopped {
             l.stop.cancel();
-            if let Err(e) = l.task.await {
-                tracing::error!(error = %e, "accept loop task failed");
+            for task in l.tasks {
+                if let Err(e) = task.await {
+                    tracing::error!(error = %e, "accept loop task failed");
+                }
             }
             tracing::info!(listen = %l.configured, "reload: listener removed; its open connections go on");
         }
@@ -358,12 +372,26 @@ impl Server {
         self.listening.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Starts accepting on `listener` until the drain, or until a reload removes it.
-    fn start_listener(&self, listener: TcpListener, configured: SocketAddr) {
+    /// Starts accepting on `group` (one listener per worker, each accepted on by its own)
+    /// until the drain, or until a reload removes it.
+    fn start_listener(&self, group: Vec<std::net::TcpListener>, configured: SocketAddr) {
         let stop = self.stop_accepting.child_token();
-        let local = listener.local_addr().unwrap_or(configured);
-        let task = tokio::spawn(Arc::clone(&self.proxy).accept_loop(listener, configured, stop.clone()));
-        self.listening().push(Listening { configured, local, stop, task });
+        let local = group.first().and_then(|l| l.local_addr().ok()).unwrap_or(configured);
+        let tasks = group
+            .into_iter()
+            .enumerate()
+            .map(|(i, listener)| {
+                let (proxy, stop) = (Arc::clone(&self.proxy), stop.clone());
+                self.workers.spawn(i, async move {
+                    // Registered with the worker's own runtime, which then serves its connections.
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => proxy.accept_loop(listener, configured, stop).await,
+                        Err(e) => tracing::error!(listen = %configured, error = %e, "cannot accept on a listener"),
+                    }
+                })
+            })
+            .collect();
+        self.listening().push(Listening { configured, local, stop, tasks });
     }
 
     /// How SIGHUP re-reads the configuration (the config file and, through it, everything
@@ -549,7 +577,7 @@ impl Server {
             // 2. Stop accepting.
             stop_accepting.cancel();
             let loops: Vec<Listening> = std::mem::take(&mut *self.listening());
-            for handle in loops.into_iter().map(|l| l.task) {
+            for handle in loops.into_iter().flat_map(|l| l.tasks) {
                 if let Err(e) = handle.await {
                     tracing::error!(error = %e, "accept loop task failed");
                 }

@@ -1,10 +1,11 @@
-//! The data-path cases of tests/proxy.rs with every byte through splice(2) (`proxy.splice =
+//! The data-path cases of tests/proxy.rs on three workers, with every byte through splice(2) (`proxy.splice =
 //! "always"`), and what `auto` does: small exchanges through a buffer, bulk through pipes,
 //! and no pipe held by a connection that has gone quiet.
 
 mod common;
 
 const SPLICE: &str = "always";
+const WORKERS: &str = "3";
 
 include!("cases/proxy.rs");
 

@@ -169,6 +169,19 @@ const KEY_LIST: &[Key] = &[
               another address of the static name. Each connection holds two file descriptors (and, while a direction splices, a pipe's two, from a pool sized to fit: see proxy.splice).",
     },
     Key {
+        name: "proxy.workers",
+        kind: Kind::Count { min: 0, max: 1024 },
+        default: Some("0"),
+        doc: "Threads that accept and forward connections, each with its own listener on every \
+              proxy.listen address (SO_REUSEPORT: the kernel spreads new connections among them) \
+              and each running the connections it accepted to their end, so none waits on \
+              another thread. 0, one per two CPUs the process may use (at least one): most of \
+              a TCP proxy's work is the kernel's network processing, which needs CPUs of its own, \
+              and on two CPUs one worker used a fifth less CPU per new connection than two \
+              (docs/benchmarks.md). The admin server, DNS, health checks and the Elastic IP run \
+              apart from them. Applied at start only.",
+    },
+    Key {
         name: "proxy.tcp_keepalive",
         kind: Kind::Duration { max: "32767s" },
         default: Some("60s"),
@@ -659,6 +672,7 @@ pub const PROXY_CONNECT_TIMEOUT: Typed<Duration> = Typed::new("proxy.connect_tim
 pub const PROXY_IDLE_TIMEOUT: Typed<Duration> = Typed::new("proxy.idle_timeout");
 pub const PROXY_HALF_CLOSE_TIMEOUT: Typed<Duration> = Typed::new("proxy.half_close_timeout");
 pub const PROXY_MAX_CONNECTIONS: Typed<usize> = Typed::new("proxy.max_connections");
+pub const PROXY_WORKERS: Typed<usize> = Typed::new("proxy.workers");
 pub const PROXY_TCP_KEEPALIVE: Typed<Duration> = Typed::new("proxy.tcp_keepalive");
 pub const PROXY_SPLICE: Typed<Splice> = Typed::new("proxy.splice");
 pub const PROXY_SNI_TIMEOUT: Typed<Duration> = Typed::new("proxy.sni_timeout");

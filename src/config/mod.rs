@@ -47,6 +47,8 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     pub half_close_timeout: Duration,
     pub max_connections: usize,
+    /// Data-path threads; 0 for one per CPU (`proxy::workers`).
+    pub workers: usize,
     pub tcp_keepalive: Duration,
     pub splice: Splice,
     pub sni_timeout: Duration,
@@ -260,6 +262,7 @@ impl Config {
         let idle_timeout = r.get(keys::PROXY_IDLE_TIMEOUT);
         let half_close_timeout = r.get(keys::PROXY_HALF_CLOSE_TIMEOUT);
         let max_connections = r.get(keys::PROXY_MAX_CONNECTIONS);
+        let workers = r.get(keys::PROXY_WORKERS);
         let tcp_keepalive = r.get(keys::PROXY_TCP_KEEPALIVE);
         let splice = r.get(keys::PROXY_SPLICE);
         let sni_timeout = r.get(keys::PROXY_SNI_TIMEOUT);
@@ -303,6 +306,7 @@ impl Config {
                     idle_timeout: idle_timeout?,
                     half_close_timeout: half_close_timeout?,
                     max_connections: max_connections?,
+                    workers: workers?,
                     tcp_keepalive: tcp_keepalive?,
                     splice: splice?,
                     sni_timeout: sni_timeout?,

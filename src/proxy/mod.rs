@@ -5,6 +5,7 @@ pub mod proxy_protocol;
 pub mod sni;
 pub mod socket;
 pub mod splice;
+pub mod workers;
 
 use std::io;
 use std::net::SocketAddr;
@@ -218,9 +219,11 @@ impl Proxy {
                     self.tracker.spawn(proxy.serve(stream, on, slot).instrument(span));
                 }
                 Err(_) => {
+                    // Counted before the reset goes out (at the drop): a client that sees it
+                    // finds it counted, even when its worker is another thread.
                     socket::reset(&stream);
-                    drop(stream);
                     self.metrics.closed(CloseReason::OverLimit);
+                    drop(stream);
                     if let Some(suppressed) = self.limit_log.allow() {
                         tracing::warn!(
                             limit = self.max_connections(),

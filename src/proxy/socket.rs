@@ -32,18 +32,57 @@ pub fn bind(addr: SocketAddr, role: &'static str) -> Result<TcpListener, BindErr
     open(addr, None).map_err(|source| BindError { role, addr, hint: hint(addr, &source), source })
 }
 
-/// [`bind`] for a proxy listener, with TCP_NODELAY and keepalive set before it listens: Linux
-/// copies them to each connection when its handshake completes (not at accept), so every
-/// connection, those queued before the first accept included, has them without a system call
-/// of its own.
-pub fn bind_proxy(addr: SocketAddr, keepalive: Duration) -> Result<TcpListener, BindError> {
-    open(addr, Some(keepalive)).map_err(|source| BindError { role: "proxy", addr, hint: hint(addr, &source), source })
+/// [`bind`] for a proxy listener, `count` times on one address (one listener per worker,
+/// with SO_REUSEPORT when more than one), with TCP_NODELAY and keepalive set before they
+/// listen: Linux copies them to each connection when its handshake completes (not at accept),
+/// so every connection, those queued before the first accept included, has them without a
+/// system call of its own. The listeners are not yet registered with a runtime: each worker
+/// does that with its own.
+pub fn bind_proxy(
+    addr: SocketAddr,
+    keepalive: Duration,
+    count: usize,
+) -> Result<Vec<std::net::TcpListener>, BindError> {
+    open_group(addr, keepalive, count.max(1)).map_err(|source| BindError {
+        role: "proxy",
+        addr,
+        hint: hint(addr, &source),
+        source,
+    })
+}
+
+fn open_group(addr: SocketAddr, keepalive: Duration, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    if count == 1 {
+        return Ok(vec![open_socket(addr, Some(keepalive), false)?.into()]);
+    }
+    // Another process's SO_REUSEPORT listener of the same user would take a share of the
+    // connections without a word; a probe bound without the option fails on it (or on any
+    // listener) with EADDRINUSE, as a single listener would. It also settles port 0 to one
+    // port for the whole group. Closed without listening, it leaves nothing behind.
+    let port = {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            probe.set_only_v6(true)?;
+        }
+        probe.bind(&addr.into())?;
+        probe.local_addr()?.as_socket().map_or(addr.port(), |a| a.port())
+    };
+    let addr = SocketAddr::new(addr.ip(), port);
+    (0..count).map(|_| open_socket(addr, Some(keepalive), true).map(Into::into)).collect()
 }
 
 fn open(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<TcpListener> {
+    TcpListener::from_std(open_socket(addr, keepalive, false)?.into())
+}
+
+fn open_socket(addr: SocketAddr, keepalive: Option<Duration>, reuse_port: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // Lets a restarted proxy bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         // `[::]:443` and `0.0.0.0:443` may both be listed; without this they would collide.
         socket.set_only_v6(true)?;
@@ -54,7 +93,7 @@ fn open(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<TcpListener
     }
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket)
 }
 
 fn hint(addr: SocketAddr, e: &io::Error) -> &'static str {
@@ -116,7 +155,10 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_sockets_inherit_the_listeners_options() {
-        let listener = bind_proxy("127.0.0.1:0".parse().unwrap(), Duration::from_secs(77)).unwrap();
+        let [listener] =
+            <[_; 1]>::try_from(bind_proxy("127.0.0.1:0".parse().unwrap(), Duration::from_secs(77), 1).unwrap())
+                .unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
         // Connected before anything accepts: the kernel made the socket at the handshake.
         let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
@@ -126,6 +168,31 @@ mod tests {
         assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(77));
         assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
         assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_RETRIES);
+    }
+
+    #[tokio::test]
+    async fn a_group_shares_one_port_spreads_connections_and_refuses_a_second_group() {
+        let group = bind_proxy("127.0.0.1:0".parse().unwrap(), Duration::from_secs(60), 2).unwrap();
+        let addrs: Vec<SocketAddr> = group.iter().map(|l| l.local_addr().unwrap()).collect();
+        assert_eq!(addrs[0], addrs[1], "port 0 is settled once for the whole group");
+        // Another proxy (or this one twice) on the same port is refused, not let in to share it.
+        let err = bind_proxy(addrs[0], Duration::from_secs(60), 2).unwrap_err();
+        assert_eq!(err.source.raw_os_error(), Some(libc::EADDRINUSE), "{err}");
+        assert!(err.to_string().contains("another process is already listening there"), "{err}");
+        assert!(bind_proxy(addrs[0], Duration::from_secs(60), 1).is_err());
+        let listeners: Vec<TcpListener> = group.into_iter().map(|l| TcpListener::from_std(l).unwrap()).collect();
+        let mut clients = Vec::new();
+        for _ in 0..64 {
+            clients.push(TcpStream::connect(addrs[0]).await.unwrap());
+        }
+        let mut accepted = [0usize; 2];
+        for (i, l) in listeners.iter().enumerate() {
+            while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(50), l.accept()).await {
+                accepted[i] += 1;
+            }
+        }
+        assert_eq!(accepted[0] + accepted[1], 64, "every connection is accepted by one of them: {accepted:?}");
+        assert!(accepted.iter().all(|&n| n > 0), "the kernel spreads connections over the group: {accepted:?}");
     }
 
     #[tokio::test]

@@ -1,12 +1,13 @@
 // The data-path cases, included by tests/proxy.rs (the copy path, `proxy.splice = "off"`) and
 // tests/proxy_splice.rs (every byte through splice(2), `proxy.splice = "always"`), so that
 // half-close, the timeouts, the byte counters and the end-of-stream rules are tested on both
-// paths. Each includer defines `SPLICE`.
+// paths. Each includer defines `SPLICE`, and `WORKERS` (one includer runs one worker, the
+// other several, each accepting on its own SO_REUSEPORT listener).
 
-/// `extra` on top of this binary's `proxy.splice`, with a connection limit that leaves the
-/// pipe pool room under the test process's open-file limit.
+/// `extra` on top of this binary's `proxy.splice` and `proxy.workers`, with a connection limit
+/// that leaves the pipe pool room under the test process's open-file limit.
 fn with_splice<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    let mut all = vec![("proxy.splice", SPLICE), ("proxy.max_connections", "100")];
+    let mut all = vec![("proxy.splice", SPLICE), ("proxy.workers", WORKERS), ("proxy.max_connections", "100")];
     all.extend_from_slice(extra);
     all
 }
