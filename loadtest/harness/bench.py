@@ -25,6 +25,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import flip
 import measure
 import peers
 import report
@@ -51,14 +52,15 @@ class Mode:
     api_connections: int  # the API-like load: keep-alive connections, requests a second, seconds
     api_rate: int
     api_seconds: float
+    flips: int  # blue/green flips through each proxy that follows DNS
     profile: str  # cargo profile of the static-ingress binary
 
 
 MODES = {
     # About 2.4 minutes a round for the five paths on 2 cores: three rounds fit the 10 minutes.
-    "full": Mode(3, 3, 300, 6, 500, 16000, 10, 2, 5000, 2000, 2000, 8, "release"),
+    "full": Mode(3, 3, 300, 6, 500, 16000, 10, 2, 5000, 2000, 2000, 8, 8, "release"),
     # Enough of each measurement to prove it still yields a number, in well under a minute.
-    "smoke": Mode(1, 1, 50, 1, 100, 200, 2, 1, 200, 50, 50, 2, "debug"),
+    "smoke": Mode(1, 1, 50, 1, 100, 200, 2, 1, 200, 50, 50, 2, 2, "debug"),
 }
 
 
@@ -99,6 +101,14 @@ def main() -> int:
         machine = report.describe_machine(REPO, binary, oha)
         load_before = Path("/proc/loadavg").read_text().strip()
         rounds, commands = run_rounds(procs, workdir, binary, oha, mode, paths)
+        flip_paths = [p for p in paths if p in flip.PATHS]
+        log(f"blue/green flips: {mode.flips} through each of {', '.join(flip_paths)}")
+        flips = flip.measure(procs, workdir, binary, flip_paths, mode.flips)
+        for path, figures in flips.items():
+            log(
+                f"  {path}: first on the new address after {figures['flip_first_s']:.3f} s, all after "
+                f"{figures['flip_settled_s']:.3f} s (median), {figures['dns_queries_per_s']:.2f} DNS queries/s"
+            )
         results = {
             "mode": args.mode,
             "settings": {**mode.__dict__, "search_resolution": measure.SEARCH_RESOLUTION},
@@ -111,10 +121,12 @@ def main() -> int:
             "workdir": str(workdir),
             "commands": commands,
             "rounds": rounds,
+            "flip": flips,
             "paths": paths,
             "medians": medians(rounds, paths),
         }
         missing = report.problems(results["medians"], paths, strict=args.mode == "smoke")
+        missing += report.flip_problems(flips, flip_paths)
         if missing:
             # Keep the numbers for a look, but never let an incomplete run replace the report.
             (workdir / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")

@@ -16,8 +16,8 @@ BACKEND_NAME = "backend.test"
 # Every proxy may hold this many client connections: above the 5,000 idle ones, and low enough
 # that two descriptors per connection stay under the 20,000 open files a process may have here.
 MAX_CONNECTIONS = 9000
-# The DNS answer's TTL. HAProxy and nginx keep an answer this long; static-ingress re-resolves
-# every second whatever the TTL (dns.refresh_interval).
+# The DNS answer's TTL. nginx keeps an answer this long (valid=), HAProxy asks every second
+# (timeout resolve), static-ingress every half second (dns.refresh_interval).
 DNS_TTL_S = 10
 READY_TIMEOUT_S = 20.0
 HARNESS_DIR = Path(__file__).resolve().parent

@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import flip
 import measure
 from procs import HarnessError
 
@@ -97,6 +98,52 @@ def sni_section(results: dict) -> list[str]:
         "`proxy.unmatched = \"refuse\"`: every request that succeeds was routed by the server name in its "
         "ClientHello, which the proxy reads before it connects to the backend (oha sends the name with "
         "`--connect-to`; see its command below). Medians over the rounds:",
+        "",
+        *rows,
+        "",
+    ]
+
+
+def flip_problems(flips: dict[str, dict], paths: list[str]) -> list[str]:
+    """A path that follows DNS without flip figures, or static-ingress failing a connection in
+    a flip, which it must never do (the peers' failures are shown, not judged)."""
+    found = [f"{path}: no blue/green flip figures" for path in paths if path not in flips]
+    failed = flips.get("static-ingress", {}).get("flip_failed_connections")
+    if failed:
+        found.append(f"static-ingress: {failed} connection(s) failed during the flips")
+    return found
+
+
+def flip_section(results: dict) -> list[str]:
+    """How soon each proxy that follows DNS sends new connections to a flipped name's new
+    address, and what it asks of the DNS server for that."""
+    flips = results.get("flip")
+    if not flips:
+        return []
+    rows = [
+        "| path | first new connection there, median | all new connections there, median | all there, slowest | "
+        "each flip, all there (s) | DNS queries a second | failed connections |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path, f in flips.items():
+        rows.append(
+            f"| {path} | {f['flip_first_s']:.3f} s | {f['flip_settled_s']:.3f} s | {f['flip_settled_max_s']:.3f} s | "
+            f"{', '.join(f'{d:.2f}' for d in f['flip_settled_all_s'])} | {f['dns_queries_per_s']:.2f} | "
+            f"{f['flip_failed_connections']} |"
+        )
+    count = len(next(iter(flips.values()))["flip_settled_all_s"])
+    return [
+        "### The blue/green flip",
+        "",
+        f"{count} flips of the backend's name through each proxy, alternating between two addresses (a server on "
+        f"127.0.0.1 and one on 127.0.0.2, each writing its colour), each after a random wait of 0.5 to 2.5 s, so "
+        "that the flips land at every phase of each proxy's re-resolve schedule. The harness's own DNS server "
+        f"answers (TTL {flip.FLIP_TTL_S} s) and counts the queries; a new connection every "
+        f"{flip.PROBE_INTERVAL_S * 1000:.0f} ms reads which server it reached. *All there* is the first of "
+        f"{flip.SETTLED_PROBES} connections in a row on the new address: a proxy whose processes keep answers of "
+        "their own (nginx's workers) sends some to the old one for longer. Schedules as configured: "
+        "static-ingress `dns.refresh_interval` (default), HAProxy `timeout resolve 1s`, nginx "
+        "`resolver ... valid=` as in its command below.",
         "",
         *rows,
         "",
@@ -307,6 +354,7 @@ def markdown(results: dict, paths: list[str], results_file: Path | None) -> str:
             out += behind_section(results, "haproxy-splice")
         out.append("")
     out += sni_section(results)
+    out += flip_section(results)
     if ANALYSIS.exists():
         out += [ANALYSIS.read_text().strip(), ""]
     out += ["### Spread over the rounds (lowest to highest)", "", spread_table(results["rounds"], paths), ""]

@@ -274,9 +274,12 @@ const KEY_LIST: &[Key] = &[
     Key {
         name: "dns.refresh_interval",
         kind: Kind::Duration { max: "1d" },
-        default: Some("1s"),
+        default: Some("500ms"),
         doc: "Re-resolve at the earlier of the answer's TTL and this interval, so a blue/green \
-              flip is seen within a second even when the record's TTL is long. \
+              flip is seen within half a second even when the record's TTL is long (0.25s at \
+              the median, HAProxy's 1s schedule about twice that: docs/benchmarks.md). Two \
+              queries a second per name (per family with dns.family = both), far below the \
+              1,024 packets a second the VPC resolver allows each network interface. \
               At most 1d: re-resolving less than daily would miss blue/green flips for a day.",
     },
     Key {
