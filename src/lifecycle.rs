@@ -45,9 +45,10 @@ pub fn notify(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// Feeds the systemd watchdog from the runtime, at half its interval, so a wedged runtime gets
-/// the service restarted. Does nothing when `WatchdogSec=` is not set.
-pub fn spawn_watchdog() {
+/// Feeds the systemd watchdog from the runtime, at half its interval, once every data-path
+/// worker has answered too, so a wedged runtime or worker gets the service restarted. Does
+/// nothing when `WatchdogSec=` is not set.
+pub fn spawn_watchdog(workers: crate::proxy::workers::Heartbeat) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;
     };
@@ -57,7 +58,13 @@ pub fn spawn_watchdog() {
         let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
-            notify(&[sd_notify::NotifyState::Watchdog]);
+            if workers.all_answer(period).await {
+                notify(&[sd_notify::NotifyState::Watchdog]);
+            } else {
+                tracing::error!(
+                    "a proxy worker thread did not answer within {period:?}; the systemd watchdog is not fed"
+                );
+            }
         }
     });
 }
@@ -69,8 +76,8 @@ const FD_LIMIT_CAP: u64 = 1 << 20;
 const FD_RESERVE: u64 = 256;
 
 /// Raises the soft open-file limit to the hard one, and warns when it is still too low for
-/// `max_connections` (each proxied connection holds two descriptors).
-pub fn raise_fd_limit(max_connections: usize) {
+/// `max_connections` (each proxied connection holds two descriptors) and `workers` more.
+pub fn raise_fd_limit(max_connections: usize, workers: u64) {
     let Ok((soft, hard)) = rlimit::Resource::NOFILE.get() else {
         return;
     };
@@ -79,13 +86,13 @@ pub fn raise_fd_limit(max_connections: usize) {
     if soft < target && rlimit::Resource::NOFILE.set(target, hard).is_ok() {
         current = target;
     }
-    let needed = 2 * max_connections as u64 + FD_RESERVE;
+    let needed = 2 * max_connections as u64 + FD_RESERVE + workers;
     if current < needed {
         tracing::warn!(
             limit = current,
             needed,
-            "the open-file limit is too low for proxy.max_connections (2 per connection): accepts will back off \
-             when it runs out; raise LimitNOFILE or lower proxy.max_connections"
+            "the open-file limit is too low for proxy.max_connections (2 per connection) and proxy.workers: \
+             accepts will back off when it runs out; raise LimitNOFILE or lower proxy.max_connections"
         );
     }
 }

@@ -24,6 +24,9 @@ use crate::route::Router;
 /// How long a reload waits for a new backend name's first DNS answer before it applies anyway.
 const FIRST_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a reload waits for a removed listener's accept loops to stop.
+const LISTENER_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long the proxy waits for connections it has just cut to finish closing.
 const CUT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -204,8 +207,7 @@ impl Server {
     /// address cannot be bound, naming it.
     pub fn bind(config: Config) -> Result<Server, StartError> {
         let config = Arc::new(config);
-        let workers = config.proxy.workers;
-        let workers = if workers == 0 { proxy::workers::default_count() } else { workers };
+        let workers = proxy::workers::resolve(config.proxy.workers);
         let mut proxy_listeners = Vec::new();
         let mut proxy_addrs = Vec::new();
         for &addr in &config.proxy.listen {
@@ -326,7 +328,10 @@ impl Server {
                 "the reloaded route's backend has no address yet: its connections fail until it resolves");
         }
         if new.proxy.max_connections > self.proxy.max_connections() {
-            lifecycle::raise_fd_limit(new.proxy.max_connections);
+            lifecycle::raise_fd_limit(
+                new.proxy.max_connections,
+                proxy::workers::descriptors(self.workers.count(), new.proxy.listen.len()),
+            );
         }
         self.proxy.set_max_connections(new.proxy.max_connections);
         // Removed listeners stop before the routes change (nothing is accepted there under
@@ -342,8 +347,11 @@ impl Server {
         for l in stopped {
             l.stop.cancel();
             for task in l.tasks {
-                if let Err(e) = task.await {
-                    tracing::error!(error = %e, "accept loop task failed");
+                match tokio::time::timeout(LISTENER_STOP_WAIT, task).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "accept loop task failed"),
+                    Err(_) => tracing::error!(listen = %l.configured,
+                        "a worker did not stop its accept loop in time (stuck?); the reload goes on"),
                 }
             }
             tracing::info!(listen = %l.configured, "reload: listener removed; its open connections go on");
@@ -524,7 +532,7 @@ impl Server {
             "serving"
         );
         lifecycle::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
-        lifecycle::spawn_watchdog();
+        lifecycle::spawn_watchdog(self.workers.heartbeat());
 
         // Wait for the first terminate, or for Auto Scaling to retire the instance. A closed
         // channel means nobody can ask us to stop.
@@ -577,10 +585,17 @@ impl Server {
             // 2. Stop accepting.
             stop_accepting.cancel();
             let loops: Vec<Listening> = std::mem::take(&mut *self.listening());
-            for handle in loops.into_iter().flat_map(|l| l.tasks) {
-                if let Err(e) = handle.await {
-                    tracing::error!(error = %e, "accept loop task failed");
+            let stopped = async {
+                for handle in loops.into_iter().flat_map(|l| l.tasks) {
+                    if let Err(e) = handle.await {
+                        tracing::error!(error = %e, "accept loop task failed");
+                    }
                 }
+            };
+            // A worker stuck in a connection cannot end its accept loop; a second signal still ends the drain.
+            tokio::select! {
+                () = stopped => {}
+                () = &mut forced => break 'drain Exit::Forced,
             }
             self.proxy.tracker.close();
             tracing::info!(open = self.proxy.active(), "listeners closed; waiting for open connections");

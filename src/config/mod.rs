@@ -47,7 +47,7 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     pub half_close_timeout: Duration,
     pub max_connections: usize,
-    /// Data-path threads; 0 for one per CPU (`proxy::workers`).
+    /// Data-path threads; 0 for one per two CPUs (`proxy::workers`).
     pub workers: usize,
     pub tcp_keepalive: Duration,
     pub splice: Splice,

@@ -94,7 +94,10 @@ impl Proxy {
         Proxy {
             limit: Arc::new(Semaphore::new(config.max_connections)),
             pipes: splice::PipePool::new(
-                splice::PipePool::size_for(config.max_connections),
+                splice::PipePool::size_for(
+                    config.max_connections,
+                    workers::descriptors(workers::resolve(config.workers), config.listen.len()),
+                ),
                 metrics.splice_pipes.clone(),
                 metrics.splice_pipes_limit.clone(),
             ),
@@ -126,7 +129,9 @@ impl Proxy {
         let old = self.max_connections.swap(max, Ordering::AcqRel);
         if old != max {
             // The pipe pool shares the descriptor budget with the connections.
-            self.pipes.resize(splice::PipePool::size_for(max));
+            let config = self.config.load();
+            let workers = workers::descriptors(workers::resolve(config.workers), config.listen.len());
+            self.pipes.resize(splice::PipePool::size_for(max, workers));
         }
         if max > old {
             // Slots still owed to an earlier lowering are the first to come back.

@@ -58,18 +58,21 @@ fn open_group(addr: SocketAddr, keepalive: Duration, count: usize) -> io::Result
     // Another process's SO_REUSEPORT listener of the same user would take a share of the
     // connections without a word; a probe bound without the option fails on it (or on any
     // listener) with EADDRINUSE, as a single listener would. It also settles port 0 to one
-    // port for the whole group. Closed without listening, it leaves nothing behind.
-    let port = {
-        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        probe.set_reuse_address(true)?;
-        if addr.is_ipv6() {
-            probe.set_only_v6(true)?;
-        }
-        probe.bind(&addr.into())?;
-        probe.local_addr()?.as_socket().map_or(addr.port(), |a| a.port())
-    };
+    // port for the whole group, and holds the port (bound, not listening: SO_REUSEADDR lets
+    // the group bind beside it) until the group listens. A process that binds with
+    // SO_REUSEPORT later, as the same user, can still join: the unit's DynamicUser= keeps
+    // other services out.
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    probe.bind(&addr.into())?;
+    let port = probe.local_addr()?.as_socket().map_or(addr.port(), |a| a.port());
     let addr = SocketAddr::new(addr.ip(), port);
-    (0..count).map(|_| open_socket(addr, Some(keepalive), true).map(Into::into)).collect()
+    let group = (0..count).map(|_| open_socket(addr, Some(keepalive), true).map(Into::into)).collect();
+    drop(probe);
+    group
 }
 
 fn open(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<TcpListener> {

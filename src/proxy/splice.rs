@@ -103,10 +103,11 @@ impl PipePool {
     }
 
     /// How many pipes a proxy with `max_connections` may hold: half of what the descriptor
-    /// limit leaves after the connections' two each and a reserve, what
-    /// `fs.pipe-user-pages-soft` allows at full size, and never more than two per connection.
-    pub fn size_for(max_connections: usize) -> usize {
-        let nofile = rlimit::Resource::NOFILE.get().map_or(1024, |(soft, _)| soft);
+    /// limit leaves after the connections' two each, the workers' `worker_descriptors` and a
+    /// reserve, what `fs.pipe-user-pages-soft` allows at full size, and never more than two
+    /// per connection.
+    pub fn size_for(max_connections: usize, worker_descriptors: u64) -> usize {
+        let nofile = rlimit::Resource::NOFILE.get().map_or(1024, |(soft, _)| soft).saturating_sub(worker_descriptors);
         let pages = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())

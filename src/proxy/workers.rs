@@ -15,6 +15,7 @@
 use std::future::Future;
 use std::io;
 use std::num::NonZeroUsize;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
@@ -27,25 +28,32 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `count` workers; 0 means [`default_count`].
+    /// Starts `count` workers; 0 means [`default_count`]. Each builds its runtime on its own
+    /// thread, so a failure here leaves no runtime to drop inside the caller's.
     pub fn start(count: usize) -> io::Result<Workers> {
-        let count = if count == 0 { default_count() } else { count };
         let stop = CancellationToken::new();
-        let mut handles = Vec::with_capacity(count);
-        for i in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            handles.push(runtime.handle().clone());
+        let mut workers = Workers { handles: Vec::new(), stop: stop.clone() };
+        for i in 0..resolve(count) {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let until = stop.clone();
-            // A worker runs its tasks only inside block_on: until the workers are dropped.
-            let started = std::thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .spawn(move || runtime.block_on(until.cancelled()));
-            if let Err(e) = started {
-                stop.cancel();
-                return Err(e);
-            }
+            std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => {
+                        let _ = tx.send(Ok(runtime.handle().clone()));
+                        // A worker runs its tasks only inside block_on: until the workers are dropped.
+                        runtime.block_on(until.cancelled());
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })?;
+            // `?` drops `workers`, which stops those already started.
+            let handle =
+                rx.recv().map_err(|_| io::Error::other("a worker thread ended before its runtime started"))??;
+            workers.handles.push(handle);
         }
-        Ok(Workers { handles, stop })
+        Ok(workers)
     }
 
     pub fn count(&self) -> usize {
@@ -60,12 +68,52 @@ impl Workers {
     {
         self.handles[i % self.handles.len()].spawn(task)
     }
+
+    /// What the systemd watchdog asks before it is fed: a worker whose thread is stuck would
+    /// otherwise go unnoticed, the watchdog's task running on the main runtime.
+    pub fn heartbeat(&self) -> Heartbeat {
+        Heartbeat { handles: self.handles.clone() }
+    }
 }
 
 impl Drop for Workers {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Asks every worker to run a task at once.
+#[derive(Clone)]
+pub struct Heartbeat {
+    handles: Vec<Handle>,
+}
+
+impl Heartbeat {
+    /// True when every worker ran a task within `limit`.
+    pub async fn all_answer(&self, limit: Duration) -> bool {
+        let answers = self.handles.iter().map(|h| h.spawn(async {})).collect::<Vec<_>>();
+        tokio::time::timeout(limit, async {
+            for answer in answers {
+                if answer.await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or(false)
+    }
+}
+
+/// The worker count `proxy.workers` asks for: itself, or [`default_count`] for 0.
+pub fn resolve(count: usize) -> usize {
+    if count == 0 { default_count() } else { count }
+}
+
+/// Descriptors the workers hold besides connections: each runtime's epoll, its wakeup
+/// eventfd and signal-driver socket, and one listener per proxy address.
+pub fn descriptors(count: usize, listen_addresses: usize) -> u64 {
+    (count * (3 + listen_addresses)) as u64
 }
 
 /// One per two CPUs the process may run on (its affinity mask and cgroup quota), at least one.
@@ -91,6 +139,10 @@ mod tests {
         };
         assert_eq!(names(0).await.unwrap(), (Some("worker-0".into()), Some("worker-0".into())));
         assert_eq!(names(3).await.unwrap(), (Some("worker-1".into()), Some("worker-1".into())));
+        assert!(workers.heartbeat().all_answer(Duration::from_secs(5)).await);
+        let stuck = workers.spawn(1, async { std::thread::sleep(Duration::from_millis(600)) });
+        assert!(!workers.heartbeat().all_answer(Duration::from_millis(200)).await, "a stuck worker does not answer");
+        stuck.await.unwrap();
         let pending = workers.spawn(0, std::future::pending::<()>());
         drop(workers);
         assert!(pending.await.unwrap_err().is_cancelled(), "a stopped worker drops its tasks");

@@ -51,9 +51,11 @@ pub struct Proxy {
     pub run: JoinHandle<Exit>,
 }
 
-/// Settings every test proxy gets: loopback, port 0, no drain delay.
+/// Settings every test proxy gets: loopback, port 0, no drain delay, and two workers (each
+/// with its own listener), whatever this machine's CPUs would give by default.
 const BASE: &[(&str, &str)] = &[
     ("proxy.listen", "127.0.0.1:0"),
+    ("proxy.workers", "2"),
     ("admin.listen", "127.0.0.1:0"),
     ("lifecycle.drain_delay", "0s"),
     ("lifecycle.grace_period", "5s"),
