@@ -457,8 +457,10 @@ def method(s: dict) -> list[str]:
         "`haproxy`.",
         "",
         "Every proxy may hold 9,000 connections (two descriptors each keeps every process under "
-        "the 20,000 open files a process may have here) and uses as many threads or workers as its "
-        "default for the machine's cores.",
+        "the 20,000 open files a process may have here) and runs as many threads or workers as its "
+        "default gives on the machine's cores: HAProxy and nginx one per CPU, static-ingress one data-path "
+        "worker per two CPUs (`proxy.workers = 0`; its admin server, DNS and health checks run on a separate "
+        "runtime).",
         "",
         f"- **Bulk throughput**: iperf3, client to server through the path, {s['bulk_seconds']} s with one stream, "
         f"then {s['bulk_seconds']} s with eight.",

@@ -177,8 +177,8 @@ const KEY_LIST: &[Key] = &[
               and each running the connections it accepted to their end, so none waits on \
               another thread. 0, one per two CPUs the process may use (at least one): most of \
               a TCP proxy's work is the kernel's network processing, which needs CPUs of its own, \
-              and on two CPUs one worker used a fifth less CPU per new connection than two \
-              (docs/benchmarks.md). The admin server, DNS, health checks and the Elastic IP run \
+              and on two CPUs one worker used about a sixth less CPU per new connection than two \
+              (loadtest/analysis.md). The admin server, DNS, health checks and the Elastic IP run \
               apart from them. Applied at start only.",
     },
     Key {
@@ -276,8 +276,8 @@ const KEY_LIST: &[Key] = &[
         kind: Kind::Duration { max: "1d" },
         default: Some("500ms"),
         doc: "Re-resolve at the earlier of the answer's TTL and this interval, so a blue/green \
-              flip is seen within half a second even when the record's TTL is long (0.25s at \
-              the median, HAProxy's 1s schedule about twice that: docs/benchmarks.md). Two \
+              flip is seen within half a second even when the record's TTL is long (0.16s at \
+              the median in docs/benchmarks.md, HAProxy's 1s schedule 0.29s). Two \
               queries a second per name (per family with dns.family = both), far below the \
               1,024 packets a second the VPC resolver allows each network interface. \
               At most 1d: re-resolving less than daily would miss blue/green flips for a day.",
