@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the .deb with cargo-deb and prints its path on the last line.
+# Builds the .deb (stripped) and its -dbgsym .ddeb beside it with cargo-deb, and prints the
+# .deb's path on the last line.
 #   scripts/build-deb.sh [PROFILE]   release (default: what ships) or dev (what `make test`
 #                                    already built: the package tests' default, see Makefile)
 set -euo pipefail
@@ -17,9 +18,12 @@ if [[ "$profile" == dev ]]; then
 else
   out="$(PATH="$tools:$PATH" cargo deb --profile "$profile" --quiet)"
 fi
-deb="$(printf '%s\n' "$out" | tail -n 1)"
-if [[ ! -f "$deb" ]]; then
-  echo "cargo deb did not report a .deb: $out" >&2
+# cargo-deb reports the debug-symbol package (.ddeb) and the .deb, one path a line.
+deb="$(printf '%s\n' "$out" | grep '\.deb$' | tail -n 1 || true)"
+dbgsym="$(printf '%s\n' "$out" | grep '\.ddeb$' | tail -n 1 || true)"
+if [[ ! -f "$deb" || ! -f "$dbgsym" ]]; then
+  echo "cargo deb did not report a .deb and its -dbgsym .ddeb: $out" >&2
   exit 1
 fi
+echo "debug symbols: $dbgsym" >&2
 echo "$deb"

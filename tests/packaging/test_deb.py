@@ -62,6 +62,28 @@ def test_package_holds_binary_unit_and_config(deb_path):
     assert any(p.endswith(f"/systemd/system/{UNIT}") for p in paths), paths
 
 
+def test_binary_ships_stripped_and_its_symbols_in_the_dbgsym_package(deb_path, extracted, tmp_path):
+    binary = extracted / "usr/bin/static-ingress"
+    sections = run("readelf", "-S", "-W", str(binary))
+    assert sections.returncode == 0, sections.stderr
+    assert ".debug_line" not in sections.stdout and ".debug_info" not in sections.stdout, "not stripped"
+    build_id = re.search(r"Build ID: ([0-9a-f]{8,})", run("readelf", "-n", str(binary)).stdout)
+    assert build_id, "the binary has no build ID for debuggers to find its symbols by"
+    build_id = build_id.group(1)
+    version = run("dpkg-deb", "-f", str(deb_path), "Version").stdout.strip().removeprefix("Version: ")
+    ddeb = deb_path.parent / f"static-ingress-dbgsym_{version}_amd64.ddeb"
+    assert ddeb.is_file(), f"no {ddeb.name} beside the .deb"
+    fields = run("dpkg-deb", "-f", str(ddeb), "Package", "Version", "Recommends").stdout
+    assert "Package: static-ingress-dbgsym" in fields and f"Version: {version}" in fields, fields
+    assert f"static-ingress (= {version})" in fields, fields
+    r = run("dpkg-deb", "-x", str(ddeb), str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    debug = tmp_path / f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+    assert debug.is_file(), f"no symbols under the binary's build ID {build_id}"
+    assert ".debug_line" in run("readelf", "-S", "-W", str(debug)).stdout, "the symbol file has no line tables"
+    assert build_id in run("readelf", "-n", str(debug)).stdout, "the symbol file is another build's"
+
+
 def test_drop_in_directory_ships_with_a_readme_that_is_never_read(deb_path, extracted):
     readme = extracted / "etc/static-ingress/static-ingress.toml.d/README"
     assert readme.is_file()
