@@ -56,6 +56,29 @@ pub enum Cmd {
     /// print what was found and done, and exit: 0 when the address is this instance's, or
     /// 10-17 naming what to fix (see the README).
     ClaimEip(ClaimArgs),
+    /// Show what a running proxy thinks, from its admin server's /status: health and why,
+    /// each backend with its DNS answer and addresses, the Elastic IP, draining, connections.
+    /// Exit 0 if healthy, 3 if it answers unhealthy (draining included), 4 if no static-ingress
+    /// answers at the admin address.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The admin server to ask, IP:PORT. Without it, admin.listen of the config file (on
+    /// loopback when it is a wildcard), or 127.0.0.1:9001.
+    #[arg(long, value_name = "IP:PORT")]
+    pub admin: Option<std::net::SocketAddr>,
+    /// Config file whose admin.listen to use. Without it, /etc/static-ingress/static-ingress.toml
+    /// is read if it exists.
+    #[arg(short, long, env = "STATIC_INGRESS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Colour: auto (only on a terminal, and not with NO_COLOR set), always or never.
+    #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = ["auto", "always", "never"])]
+    pub color: String,
+    /// Print the /status JSON as it came instead of the table (same exit codes).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -166,7 +189,46 @@ pub fn main() -> ExitCode {
         Cmd::Run(args) => run(args),
         Cmd::ClaimEip(args) => claim_eip(args),
         Cmd::Reload(args) => reload(&args),
+        Cmd::Status(args) => status(&args),
     }
+}
+
+fn status(args: &StatusArgs) -> ExitCode {
+    use crate::admin::terminal;
+    use std::io::IsTerminal;
+    let admin = args.admin.unwrap_or_else(|| {
+        // A config that does not load (no backend yet, say) still names no other port: the default.
+        let listen = load(config_path(args.config.clone()).as_ref(), &Overrides::default())
+            .map_or_else(|_| "127.0.0.1:9001".parse().expect("a valid address"), |l| l.config.admin.listen);
+        client::local(listen)
+    });
+    let answer = client::get(admin, "/status").and_then(|(code, body)| match code {
+        200 => serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .filter(|v| v.get("health").is_some() && v.get("backends").is_some())
+            .map(|v| (v, body))
+            .ok_or_else(|| format!("{admin}/status is not a static-ingress status")),
+        code => Err(format!("{admin}/status answered {code}")),
+    });
+    let (status, body) = match answer {
+        Ok(a) => a,
+        Err(why) => {
+            eprintln!("error: {why}");
+            return ExitCode::from(terminal::exit::UNREACHABLE);
+        }
+    };
+    if args.json {
+        println!("{}", body.trim_end());
+    } else {
+        let colour = match args.color.as_str() {
+            "always" => true,
+            "never" => false,
+            _ => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        print!("{}", terminal::render(&status, colour, now));
+    }
+    ExitCode::from(if terminal::healthy(&status) { terminal::exit::HEALTHY } else { terminal::exit::UNHEALTHY })
 }
 
 /// The config file to read and whether it may be missing: the one named (which must exist),

@@ -627,3 +627,61 @@ async fn running_out_of_file_descriptors_does_not_kill_the_proxy_and_it_recovers
         assert_eq!(accept_backoffs, 0.0, "accept back-offs counted but never logged:\n{logs}");
     }
 }
+
+/// `status` against a running proxy, as an operator or a script runs it.
+fn status_of(admin: SocketAddr) -> Output {
+    run(cmd().args(["status", "--admin", &admin.to_string(), "--color", "never"]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_a_healthy_proxy_its_backend_and_exits_0_then_3_when_it_has_no_address() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, &[]).await;
+    let admin = proxy.admin;
+    let out = tokio::task::spawn_blocking(move || status_of(admin)).await.unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(text.contains("HEALTHY"), "{text}");
+    assert!(text.contains(&format!("backend default -> {}", backend.addr)), "{text}");
+    assert!(text.contains(&backend.addr.to_string()) && text.contains("healthy"), "{text}");
+    assert!(text.contains("elastic ip disabled"), "{text}");
+    assert!(!text.contains('\x1b'), "--color never: {text:?}");
+
+    proxy.set_backends(&[]);
+    let out = tokio::task::spawn_blocking(move || status_of(admin)).await.unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}{}", stderr(&out));
+    assert!(text.contains("UNHEALTHY: no backend address"), "{text}");
+    assert!(text.contains("no addresses"), "{text}");
+
+    let json =
+        tokio::task::spawn_blocking(move || run(cmd().args(["status", "--admin", &admin.to_string(), "--json"])))
+            .await
+            .unwrap();
+    assert_eq!(json.status.code(), Some(3));
+    let parsed: serde_json::Value = serde_json::from_str(&stdout(&json)).expect("--json prints /status");
+    assert_eq!(parsed["health"]["healthy"], false);
+}
+
+#[test]
+fn status_exits_4_when_no_static_ingress_answers() {
+    let nobody: SocketAddr = free_port().parse().unwrap();
+    let out = status_of(nobody);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(stderr(&out).contains(&format!("cannot reach {nobody}")), "{}", stderr(&out));
+
+    // Something answers HTTP there, but it is not a static-ingress.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
+    });
+    let out = status_of(other);
+    server.join().unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(stderr(&out).contains("is not a static-ingress status"), "{}", stderr(&out));
+}

@@ -8,6 +8,7 @@
 pub mod client;
 mod slots;
 mod status;
+pub mod terminal;
 
 use std::convert::Infallible;
 use std::sync::Arc;
