@@ -299,11 +299,7 @@ fn run(args: RunArgs) -> ExitCode {
         Some(files) => tracing::info!(files = %files, "configuration loaded"),
         None => tracing::info!("no config file; using defaults and overrides"),
     }
-    let workers = crate::proxy::workers::resolve(config.proxy.workers);
-    lifecycle::raise_fd_limit(
-        config.proxy.max_connections,
-        crate::proxy::workers::descriptors(workers, config.proxy.listen.len()),
-    );
+    lifecycle::raise_fd_limit(config.proxy.max_connections, crate::proxy::workers::descriptors_for(&config.proxy));
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -42,6 +42,14 @@ fn number(v: &Value, key: &str) -> Option<f64> {
     v.get(key).and_then(Value::as_f64)
 }
 
+fn count(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn strings<'a>(v: &'a Value, key: &str) -> Vec<&'a str> {
+    v.get(key).and_then(Value::as_array).map_or(vec![], |a| a.iter().filter_map(Value::as_str).collect())
+}
+
 /// "3.2s", "4m10s", "2h5m", "3d4h": an age or a time left, short.
 pub fn short(seconds: f64) -> String {
     let s = seconds.max(0.0);
@@ -62,7 +70,8 @@ fn ago(now: f64, at: Option<f64>) -> String {
     at.map_or_else(|| "never".to_string(), |t| format!("{} ago", short(now - t)))
 }
 
-/// Whether the proxy says it is healthy (what `/health` answers).
+/// Whether the proxy says it is healthy (what `/health` answers); for one of its `backends`,
+/// that backend's own verdict.
 pub fn healthy(status: &Value) -> bool {
     status.pointer("/health/healthy").and_then(Value::as_bool).unwrap_or(false)
 }
@@ -81,7 +90,7 @@ pub fn render(status: &Value, colour: bool, now: f64) -> String {
         out,
         "static-ingress {} (pid {}, up {})  {health}{}",
         text(status, "version"),
-        status.get("pid").and_then(Value::as_u64).unwrap_or(0),
+        count(status, "pid"),
         short(number(status, "uptime_seconds").unwrap_or(0.0)),
         if status.get("draining").and_then(Value::as_bool).unwrap_or(false) {
             format!("  {}", p.warn("DRAINING"))
@@ -89,16 +98,15 @@ pub fn render(status: &Value, colour: bool, now: f64) -> String {
             String::new()
         },
     );
-    let listen: Vec<&str> =
-        status.get("listen").and_then(Value::as_array).map_or(vec![], |a| a.iter().filter_map(Value::as_str).collect());
+    let listen = strings(status, "listen");
     let c = status.get("connections").unwrap_or(&Value::Null);
     let _ = writeln!(
         out,
         "listening {}  connections {} of {} (accepted {})",
         listen.join(", "),
-        c.get("active").and_then(Value::as_u64).unwrap_or(0),
-        c.get("limit").and_then(Value::as_u64).unwrap_or(0),
-        c.get("accepted_total").and_then(Value::as_u64).unwrap_or(0),
+        count(c, "active"),
+        count(c, "limit"),
+        count(c, "accepted_total"),
     );
     let eip = status.get("eip").unwrap_or(&Value::Null);
     let state = text(eip, "state");
@@ -130,15 +138,12 @@ pub fn render(status: &Value, colour: bool, now: f64) -> String {
 }
 
 fn backend(out: &mut String, b: &Value, p: &Paint, now: f64) {
-    let verdict = if b.pointer("/health/healthy").and_then(Value::as_bool).unwrap_or(false) {
+    let verdict = if healthy(b) {
         p.good("healthy")
     } else {
         format!("{}: {}", p.bad("unhealthy"), b.pointer("/health/reason").and_then(Value::as_str).unwrap_or(""))
     };
-    let names: Vec<&str> = b
-        .get("server_names")
-        .and_then(Value::as_array)
-        .map_or(vec![], |a| a.iter().filter_map(Value::as_str).collect());
+    let names = strings(b, "server_names");
     let names = if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) };
     let _ = writeln!(out, "\nbackend {}{names} -> {}  {verdict}", text(b, "route"), text(b, "name"));
     let r = b.get("resolution").unwrap_or(&Value::Null);
@@ -178,7 +183,7 @@ fn backend(out: &mut String, b: &Value, p: &Paint, now: f64) {
                 out,
                 "  {:<42} {painted}{pad} {:>5}  {:<12} {}",
                 text(a, "address"),
-                a.get("active_connections").and_then(Value::as_u64).unwrap_or(0),
+                count(a, "active_connections"),
                 ago(now, number(a, "last_check")),
                 ago(now, number(a, "first_seen")),
             );
@@ -190,7 +195,7 @@ fn backend(out: &mut String, b: &Value, p: &Paint, now: f64) {
             "  {} {} ({} connections, closed in {})",
             p.warn("retiring"),
             text(r, "address"),
-            r.get("active_connections").and_then(Value::as_u64).unwrap_or(0),
+            count(r, "active_connections"),
             short(number(r, "closes_in_seconds").unwrap_or(0.0)),
         );
     }

@@ -94,10 +94,7 @@ impl Proxy {
         Proxy {
             limit: Arc::new(Semaphore::new(config.max_connections)),
             pipes: splice::PipePool::new(
-                splice::PipePool::size_for(
-                    config.max_connections,
-                    workers::descriptors(workers::resolve(config.workers), config.listen.len()),
-                ),
+                splice::PipePool::size_for(config.max_connections, workers::descriptors_for(&config)),
                 metrics.splice_pipes.clone(),
                 metrics.splice_pipes_limit.clone(),
             ),
@@ -129,9 +126,7 @@ impl Proxy {
         let old = self.max_connections.swap(max, Ordering::AcqRel);
         if old != max {
             // The pipe pool shares the descriptor budget with the connections.
-            let config = self.config.load();
-            let workers = workers::descriptors(workers::resolve(config.workers), config.listen.len());
-            self.pipes.resize(splice::PipePool::size_for(max, workers));
+            self.pipes.resize(splice::PipePool::size_for(max, workers::descriptors_for(&self.config.load())));
         }
         if max > old {
             // Slots still owed to an earlier lowering are the first to come back.

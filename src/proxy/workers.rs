@@ -110,6 +110,11 @@ pub fn resolve(count: usize) -> usize {
     if count == 0 { default_count() } else { count }
 }
 
+/// [`descriptors`] of the workers `config` asks for.
+pub fn descriptors_for(config: &crate::config::ProxyConfig) -> u64 {
+    descriptors(resolve(config.workers), config.listen.len())
+}
+
 /// Descriptors the workers hold besides connections: each runtime's epoll, its wakeup
 /// eventfd and signal-driver socket, and one listener per proxy address.
 pub fn descriptors(count: usize, listen_addresses: usize) -> u64 {
