@@ -65,11 +65,11 @@ pub enum Cmd {
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// The admin server to ask, IP:PORT. Without it, admin.listen of the config file (on
-    /// loopback when it is a wildcard), or 127.0.0.1:9001.
+    /// The admin server to ask, IP:PORT. Without it, the first admin.operator_listen of the
+    /// config file, else its admin.listen (on loopback when it is a wildcard), or 127.0.0.1:9001.
     #[arg(long, value_name = "IP:PORT")]
     pub admin: Option<std::net::SocketAddr>,
-    /// Config file whose admin.listen to use. Without it, /etc/static-ingress/static-ingress.toml
+    /// Config file whose admin addresses to use. Without it, /etc/static-ingress/static-ingress.toml
     /// is read if it exists.
     #[arg(short, long, env = "STATIC_INGRESS_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -199,7 +199,7 @@ fn status(args: &StatusArgs) -> ExitCode {
     let admin = args.admin.unwrap_or_else(|| {
         // A config that does not load (no backend yet, say) still names no other port: the default.
         let listen = load(config_path(args.config.clone()).as_ref(), &Overrides::default())
-            .map_or_else(|_| "127.0.0.1:9001".parse().expect("a valid address"), |l| l.config.admin.listen);
+            .map_or_else(|_| "127.0.0.1:9001".parse().expect("a valid address"), |l| l.config.admin.status_listen());
         client::local(listen)
     });
     let answer = client::get(admin, "/status").and_then(|(code, body)| match code {
@@ -377,7 +377,7 @@ fn reload(args: &ReloadArgs) -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    let admin = client::local(loaded.config.admin.listen);
+    let admin = client::local(loaded.config.admin.status_listen());
     let before = client::reload_status(admin, pid);
     if let Ok((_, true)) = before {
         eprintln!("error: process {pid} is draining (stopping): a reload does nothing now");
@@ -392,8 +392,8 @@ fn reload(args: &ReloadArgs) -> ExitCode {
         Ok((b, _)) => b,
         Err(why) => {
             eprintln!(
-                "error: asked process {pid} to reload, but cannot follow it: {why} (admin.listen applies only at \
-                 a restart: if the files change it, restart); its log says how the reload went"
+                "error: asked process {pid} to reload, but cannot follow it: {why} (the admin addresses apply only at \
+                 a restart: if the files change them, restart); its log says how the reload went"
             );
             return ExitCode::from(exit::FAILURE);
         }

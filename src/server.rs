@@ -60,10 +60,11 @@ pub struct Server {
     workers: proxy::workers::Workers,
     /// The listeners accepting now (`run` fills it; a reload adds and removes).
     listening: std::sync::Mutex<Vec<Listening>>,
-    /// Taken by `run`.
-    admin_listener: Option<TcpListener>,
+    /// Taken by `run`: the admin port, then the operator's listeners.
+    admin_listeners: Vec<(TcpListener, admin::Exposure)>,
     proxy_addrs: Vec<SocketAddr>,
     admin_addr: SocketAddr,
+    operator_addrs: Vec<SocketAddr>,
     metrics: Arc<Metrics>,
     proxy: Arc<Proxy>,
     state: Arc<admin::State>,
@@ -218,6 +219,16 @@ impl Server {
         }
         let admin_listener = proxy::socket::bind(config.admin.listen, "admin server")?;
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
+        let mut operator_addrs = Vec::new();
+        let mut admin_listeners = vec![(
+            admin_listener,
+            if config.admin.operator_listen.is_empty() { admin::Exposure::All } else { admin::Exposure::HealthOnly },
+        )];
+        for &addr in &config.admin.operator_listen {
+            let l = proxy::socket::bind(addr, "operator's listener")?;
+            operator_addrs.push(l.local_addr().unwrap_or(addr));
+            admin_listeners.push((l, admin::Exposure::All));
+        }
 
         let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")));
         let stop_sources = CancellationToken::new();
@@ -229,6 +240,7 @@ impl Server {
             Arc::clone(&proxy),
             Arc::new(Eip::new(config.eip.enabled, metrics.eip_associated.clone())),
             proxy_addrs.clone(),
+            operator_addrs.clone(),
         ));
         // Everything that can fail comes before anything is spawned: a failed start leaves no
         // task behind claiming the Elastic IP or checking backends.
@@ -253,9 +265,10 @@ impl Server {
             proxy_listeners,
             workers,
             listening: std::sync::Mutex::new(Vec::new()),
-            admin_listener: Some(admin_listener),
+            admin_listeners,
             proxy_addrs,
             admin_addr,
+            operator_addrs,
             metrics,
             proxy,
             state,
@@ -488,6 +501,11 @@ impl Server {
         self.admin_addr
     }
 
+    /// The operator's listeners as bound (port 0 resolved).
+    pub fn operator_addrs(&self) -> &[SocketAddr] {
+        &self.operator_addrs
+    }
+
     /// The first backend's address set (the only one without routes): the seam where
     /// address sources plug in.
     pub fn backends(&self) -> Arc<Backends> {
@@ -518,16 +536,20 @@ impl Server {
             self.start_listener(l, configured);
         }
         let stop_admin = CancellationToken::new();
-        let Some(admin_listener) = self.admin_listener.take() else {
+        if self.admin_listeners.is_empty() {
             tracing::error!("run called twice");
             return Exit::Forced;
-        };
-        let admin = tokio::spawn(admin::serve(admin_listener, Arc::clone(&self.state), stop_admin.clone()));
+        }
+        let admin: Vec<_> = std::mem::take(&mut self.admin_listeners)
+            .into_iter()
+            .map(|(l, exposure)| tokio::spawn(admin::serve(l, exposure, Arc::clone(&self.state), stop_admin.clone())))
+            .collect();
 
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             proxy = ?self.proxy_addrs,
             admin = %self.admin_addr,
+            operator = ?self.operator_addrs,
             backend = %backends_line(&self.proxy.router()),
             "serving"
         );
@@ -652,8 +674,10 @@ impl Server {
             }
         }
         stop_admin.cancel();
-        if let Err(e) = admin.await {
-            tracing::error!(error = %e, "admin server task failed");
+        for task in admin {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "admin server task failed");
+            }
         }
         tracing::info!(?exit, "stopped");
         exit

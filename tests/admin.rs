@@ -267,3 +267,49 @@ async fn at_the_cap_the_host_holding_the_most_connections_loses_one_first() {
     assert_eq!(metric_on(&mut kept, EVICTED_NONE).await, 1.0);
     assert_eq!(metric_on(&mut kept, EVICTED_SERVED).await, 0.0);
 }
+
+/// With `admin.operator_listen` set, the port Route 53 reaches answers `/health` and `/live`
+/// and nothing else; the operator's listener serves the page, `/status` and `/metrics` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_operators_listener_the_route53_port_shows_only_health_and_live() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, &[("admin.operator_listen", "127.0.0.1:0")]).await;
+    let operator = proxy.operator[0];
+    eventually("the backend address is healthy", async || get(operator, "/health").await.status == 200).await;
+
+    assert_eq!(get(proxy.admin, "/health").await.status, 200);
+    assert_eq!(get(proxy.admin, "/live").await.status, 200);
+    for path in ["/", "/status", "/metrics"] {
+        let r = get(proxy.admin, path).await;
+        assert_eq!(r.status, 404, "{path} on the Route 53 port: {r:?}");
+        assert!(r.body.contains(&format!("admin.operator_listen: {operator}")), "{path} says where to look: {r:?}");
+    }
+    let r = get(proxy.admin, "/anything").await;
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("this port serves /health and /live"), "{r:?}");
+
+    let status = get(operator, "/status").await;
+    assert_eq!(status.status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&status.body).expect("/status is JSON");
+    assert_eq!(doc["backend"]["addresses"][0]["address"], backend.addr.to_string());
+    assert!(get(operator, "/metrics").await.body.contains("static_ingress_tcp_open_total"));
+    assert_eq!(get(operator, "/live").await.status, 200);
+    let page = get(operator, "/").await;
+    assert_eq!(page.status, 200);
+    assert!(page.head.to_ascii_lowercase().contains("content-type: text/html"), "{}", page.head);
+    assert!(page.body.contains("static-ingress: healthy"), "{}", page.body);
+    assert!(page.body.contains(&backend.addr.to_string()), "the page lists the backend address");
+}
+
+/// Without an operator's listener the admin port serves everything, the page included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_operators_listener_the_admin_port_serves_the_page_too() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, &[]).await;
+    assert!(proxy.operator.is_empty());
+    eventually("the backend address is healthy", async || get(proxy.admin, "/health").await.status == 200).await;
+    let page = get(proxy.admin, "/").await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("static-ingress: healthy"), "{}", page.body);
+    assert_eq!(get(proxy.admin, "/status").await.status, 200);
+}

@@ -1,4 +1,6 @@
-//! The admin HTTP server: `/health` for Route 53, `/live`, `/metrics` and `/status`.
+//! The admin HTTP server: `/health` for Route 53, `/live`, `/metrics`, `/status` and the
+//! status page at `/`. With `admin.operator_listen` set, the admin port serves only `/health`
+//! and `/live` ([`Exposure::HealthOnly`]) and the operator's listeners serve everything.
 //!
 //! It answers from in-memory state only (never waits on DNS or a health check), and is
 //! hardened against clients that are slow or many: a header-read timeout, GET and HEAD only,
@@ -6,6 +8,7 @@
 //! (see [`slots`]), so slow clients cannot lock Route 53 out of `/health`.
 
 pub mod client;
+mod page;
 mod slots;
 mod status;
 pub mod terminal;
@@ -44,6 +47,8 @@ pub struct State {
     pub eip: Arc<crate::eip::Eip>,
     /// The proxy listeners, as `proxy.listen` writes them (a reload changes them).
     listen: std::sync::Mutex<Vec<std::net::SocketAddr>>,
+    /// The operator's listeners as bound (fixed until a restart).
+    operator: Vec<std::net::SocketAddr>,
     pub version: &'static str,
     started: Instant,
     started_at: SystemTime,
@@ -111,6 +116,7 @@ impl State {
         proxy: Arc<Proxy>,
         eip: Arc<crate::eip::Eip>,
         listen: Vec<std::net::SocketAddr>,
+        operator: Vec<std::net::SocketAddr>,
     ) -> State {
         State {
             config,
@@ -118,6 +124,7 @@ impl State {
             proxy,
             eip,
             listen: std::sync::Mutex::new(listen),
+            operator,
             version: env!("CARGO_PKG_VERSION"),
             started: Instant::now(),
             started_at: SystemTime::now(),
@@ -256,8 +263,19 @@ pub(crate) fn upstream_health(u: &Upstream) -> Health {
     Health::Ok
 }
 
+/// What one admin listener answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposure {
+    /// Every endpoint: the admin port while no operator's listener is set, and each
+    /// operator's listener (`admin.operator_listen`).
+    All,
+    /// `/health` and `/live` only: the port Route 53's checkers reach, while the rest is on
+    /// the operator's listener.
+    HealthOnly,
+}
+
 /// Serves until `stop` fires, then gives open admin connections a moment to finish.
-pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+pub async fn serve(listener: TcpListener, exposure: Exposure, state: Arc<State>, stop: CancellationToken) {
     let graceful = GracefulShutdown::new();
     let slots = slots::Slots::new(state.config.admin.max_connections);
     let evict_log = Throttle::new();
@@ -296,7 +314,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationT
                 // A complete request head is progress: this connection is the last to evict.
                 service_slot.progressed();
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(&req, &state)) }
+                async move { Ok::<_, Infallible>(route(&req, exposure, &state)) }
             }),
         );
         let conn = graceful.watch(conn);
@@ -316,14 +334,23 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationT
     }
 }
 
-fn route(req: &Request<hyper::body::Incoming>, state: &State) -> Response<Full<Bytes>> {
+fn route(req: &Request<hyper::body::Incoming>, exposure: Exposure, state: &State) -> Response<Full<Bytes>> {
     let head = req.method() == Method::HEAD;
     if !head && req.method() != Method::GET {
         let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use GET or HEAD\n".into());
         resp.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return resp;
     }
-    let mut resp = match req.uri().path() {
+    let path = req.uri().path();
+    let mut resp = match path {
+        "/" | "/status" | "/metrics" if exposure == Exposure::HealthOnly => text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "not found: this port serves /health and /live; the status page, /status and /metrics \
+                 are on the operator's listener (admin.operator_listen: {})\n",
+                join_addrs(&state.operator)
+            ),
+        ),
         "/live" => text(StatusCode::OK, "live\n".into()),
         "/health" => match state.health() {
             Health::Ok => text(StatusCode::OK, "ok\n".into()),
@@ -337,19 +364,37 @@ fn route(req: &Request<hyper::body::Incoming>, state: &State) -> Response<Full<B
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
             r
         }
+        "/" => {
+            let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            let mut r = Response::new(Full::new(Bytes::from(page::render(&status::document(state), now))));
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            // The page loads nothing and runs nothing; say so, so a browser enforces it.
+            r.headers_mut().insert(
+                hyper::header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"),
+            );
+            r
+        }
         "/status" => {
             let body = status::render(state);
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             r
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /health, /live, /metrics or /status\n".into()),
+        _ if exposure == Exposure::HealthOnly => {
+            text(StatusCode::NOT_FOUND, "not found: this port serves /health and /live\n".into())
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /, /health, /live, /metrics or /status\n".into()),
     };
     resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if head {
         *resp.body_mut() = Full::new(Bytes::new());
     }
     resp
+}
+
+fn join_addrs(addrs: &[std::net::SocketAddr]) -> String {
+    addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

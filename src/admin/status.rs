@@ -1,10 +1,12 @@
 //! The `/status` JSON document: what an operator wants to see at a glance.
 
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 use super::{Health, State};
+use crate::metrics::CloseReason;
 
 #[derive(Serialize)]
 struct Status<'a> {
@@ -104,6 +106,8 @@ struct Connections {
     active: usize,
     limit: usize,
     accepted_total: u64,
+    /// Client connections closed since start, by reason (`static_ingress_tcp_close_total`).
+    closed: BTreeMap<&'static str, u64>,
 }
 
 fn unix(t: SystemTime) -> f64 {
@@ -167,9 +171,20 @@ fn backend_view(u: &crate::route::Upstream) -> BackendView {
     }
 }
 
+/// The `/status` document, as the page renders it.
+pub fn document(state: &State) -> serde_json::Value {
+    // Serializing plain structs of strings and numbers cannot fail.
+    serde_json::to_value(status(state)).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+}
+
+/// The `/status` body.
 pub fn render(state: &State) -> String {
+    serde_json::to_string_pretty(&status(state)).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
+}
+
+fn status(state: &State) -> Status<'_> {
     let backends: Vec<BackendView> = state.proxy.router().upstreams.iter().map(|u| backend_view(u)).collect();
-    let status = Status {
+    Status {
         version: state.version,
         pid: std::process::id(),
         started_at: unix(state.started_at),
@@ -183,6 +198,7 @@ pub fn render(state: &State) -> String {
             active: state.proxy.active(),
             limit: state.proxy.max_connections(),
             accepted_total: state.metrics.tcp_open_total.get(),
+            closed: CloseReason::ALL.iter().map(|&r| (r.as_str(), state.metrics.close_count(r))).collect(),
         },
         eip: {
             let e = state.eip.status();
@@ -198,7 +214,5 @@ pub fn render(state: &State) -> String {
             }
         },
         reload: state.reload_status(),
-    };
-    // Serializing plain structs of strings and numbers cannot fail.
-    serde_json::to_string_pretty(&status).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
+    }
 }

@@ -34,19 +34,19 @@ impl Paint {
     }
 }
 
-fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+pub(super) fn text<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or("")
 }
 
-fn number(v: &Value, key: &str) -> Option<f64> {
+pub(super) fn number(v: &Value, key: &str) -> Option<f64> {
     v.get(key).and_then(Value::as_f64)
 }
 
-fn count(v: &Value, key: &str) -> u64 {
+pub(super) fn count(v: &Value, key: &str) -> u64 {
     v.get(key).and_then(Value::as_u64).unwrap_or(0)
 }
 
-fn strings<'a>(v: &'a Value, key: &str) -> Vec<&'a str> {
+pub(super) fn strings<'a>(v: &'a Value, key: &str) -> Vec<&'a str> {
     v.get(key).and_then(Value::as_array).map_or(vec![], |a| a.iter().filter_map(Value::as_str).collect())
 }
 
@@ -66,7 +66,7 @@ pub fn short(seconds: f64) -> String {
     }
 }
 
-fn ago(now: f64, at: Option<f64>) -> String {
+pub(super) fn ago(now: f64, at: Option<f64>) -> String {
     at.map_or_else(|| "never".to_string(), |t| format!("{} ago", short(now - t)))
 }
 

@@ -363,8 +363,18 @@ const KEY_LIST: &[Key] = &[
         name: "admin.listen",
         kind: Kind::SocketAddr,
         default: Some("0.0.0.0:9001"),
-        doc: "Address of the admin HTTP server (/health, /live, /metrics, /status). Route 53 \
+        doc: "Address of the admin HTTP server: /health and /live for Route 53's health checks; \
+              also /, /status and /metrics while admin.operator_listen is empty. Route 53 \
               health checks must reach it; keep it closed to everyone else.",
+    },
+    Key {
+        name: "admin.operator_listen",
+        kind: Kind::OptionalSocketAddrs,
+        default: Some(""),
+        doc: "Addresses of the operator's listener: the status page at /, /status, /metrics, \
+              /health and /live, for Prometheus and people on the operator's network. When set, \
+              admin.listen serves only /health and /live, so the port Route 53 reaches shows \
+              nothing else. Empty: admin.listen serves everything.",
     },
     Key {
         name: "admin.header_timeout",
@@ -698,6 +708,7 @@ pub const HEALTH_RISE: Typed<u32> = Typed::new("health.rise");
 pub const HEALTH_MIN_HEALTHY: Typed<usize> = Typed::new("health.min_healthy");
 pub const HEALTH_UNHEALTHY_WHEN: Typed<HealthPolicy> = Typed::new("health.unhealthy_when");
 pub const ADMIN_LISTEN: Typed<SocketAddr> = Typed::new("admin.listen");
+pub const ADMIN_OPERATOR_LISTEN: Typed<Vec<SocketAddr>> = Typed::new("admin.operator_listen");
 pub const ADMIN_HEADER_TIMEOUT: Typed<Duration> = Typed::new("admin.header_timeout");
 pub const ADMIN_MAX_CONNECTIONS: Typed<usize> = Typed::new("admin.max_connections");
 pub const LIFECYCLE_DRAIN_DELAY: Typed<Duration> = Typed::new("lifecycle.drain_delay");

@@ -133,8 +133,18 @@ pub struct HealthConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// The operator's listeners (everything the admin server serves); when any, `listen`
+    /// serves only `/health` and `/live`.
+    pub operator_listen: Vec<SocketAddr>,
     pub header_timeout: Duration,
     pub max_connections: usize,
+}
+
+impl AdminConfig {
+    /// Where `/status` is served: the first operator's listener, else the admin port.
+    pub fn status_listen(&self) -> SocketAddr {
+        self.operator_listen.first().copied().unwrap_or(self.listen)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +301,7 @@ impl Config {
         let min_healthy = r.get(keys::HEALTH_MIN_HEALTHY);
         let unhealthy_when = r.get(keys::HEALTH_UNHEALTHY_WHEN);
         let admin_listen = r.get(keys::ADMIN_LISTEN);
+        let operator_listen = r.get(keys::ADMIN_OPERATOR_LISTEN);
         let admin_header_timeout = r.get(keys::ADMIN_HEADER_TIMEOUT);
         let admin_max_connections = r.get(keys::ADMIN_MAX_CONNECTIONS);
         let drain_delay = r.get(keys::LIFECYCLE_DRAIN_DELAY);
@@ -333,6 +344,7 @@ impl Config {
                 },
                 admin: AdminConfig {
                     listen: admin_listen?,
+                    operator_listen: operator_listen?,
                     header_timeout: admin_header_timeout?,
                     max_connections: admin_max_connections?,
                 },
@@ -526,6 +538,22 @@ impl Resolver<'_> {
                 "admin.listen",
                 format!("{} is also in proxy.listen; the admin server needs its own port", c.admin.listen),
             );
+        }
+        // (A list naming one address twice is refused where it is parsed.)
+        for &addr in &c.admin.operator_listen {
+            if addr.port() == 0 {
+                continue;
+            }
+            let clash = if c.proxy.listen.contains(&addr) {
+                Some(format!("{addr} is also in proxy.listen; the operator's listener needs its own port"))
+            } else if addr == c.admin.listen {
+                Some(format!("{addr} is also admin.listen; the operator's listener needs its own port"))
+            } else {
+                None
+            };
+            if let Some(why) = clash {
+                self.reject("admin.operator_listen", why);
+            }
         }
     }
 
@@ -761,6 +789,32 @@ mod tests {
         assert_eq!(routes_errors(ok), Vec::<String>::new());
         // Without routes it is still required.
         assert!(routes_errors("[proxy]\nunmatched = \"refuse\"\n")[0].contains("backend.address: is required"));
+    }
+
+    #[test]
+    fn the_operators_listener_needs_a_port_of_its_own() {
+        let with = |operator: &str| {
+            Config::from_pairs([
+                ("backend.address", "b:1"),
+                ("proxy.listen", "127.0.0.1:443"),
+                ("admin.listen", "0.0.0.0:9001"),
+                ("admin.operator_listen", operator),
+            ])
+        };
+        let c = with("10.0.0.5:9002,127.0.0.1:9002").unwrap();
+        assert_eq!(c.admin.operator_listen.len(), 2);
+        assert_eq!(c.admin.status_listen(), "10.0.0.5:9002".parse::<SocketAddr>().unwrap());
+        let none = with("").unwrap();
+        assert!(none.admin.operator_listen.is_empty());
+        assert_eq!(none.admin.status_listen(), "0.0.0.0:9001".parse::<SocketAddr>().unwrap());
+        for (value, why) in [
+            ("127.0.0.1:443", "127.0.0.1:443 is also in proxy.listen; the operator's listener needs its own port"),
+            ("0.0.0.0:9001", "0.0.0.0:9001 is also admin.listen; the operator's listener needs its own port"),
+            ("127.0.0.1:9002,127.0.0.1:9002", "lists 127.0.0.1:9002 twice"),
+        ] {
+            let err = with(value).unwrap_err().to_string();
+            assert!(err.ends_with(&format!("admin.operator_listen: {why}")), "{value}: {err}");
+        }
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct Proxy {
     /// Every proxy listener, in `proxy.listen` order (`addr` is the first).
     pub addrs: Vec<SocketAddr>,
     pub admin: SocketAddr,
+    /// The operator's listeners (`admin.operator_listen`), as bound.
+    pub operator: Vec<SocketAddr>,
     pub backends: Arc<Backends>,
     pub metrics: Arc<Metrics>,
     pub signals: mpsc::Sender<Signal>,
@@ -118,6 +120,7 @@ impl Proxy {
             addr: server.proxy_addrs()[0],
             addrs: server.proxy_addrs().to_vec(),
             admin: server.admin_addr(),
+            operator: server.operator_addrs().to_vec(),
             backends: server.backends(),
             metrics: server.metrics(),
             signals,

@@ -168,8 +168,43 @@ def test_launch_template_requires_imdsv2_and_passes_the_backend(aws):
                  if f["path"] == "/etc/static-ingress/static-ingress.toml.d/50-launch-template.toml"]
     # The drop-in is TOML the proxy reads, with the stack's values in place.
     settings = tomllib.loads(drop_in["content"])
-    assert settings == {"backend": {"address": "blue-green.example.net:8443"}, "admin": {"listen": "0.0.0.0:9001"},
+    assert settings == {"backend": {"address": "blue-green.example.net:8443"},
+                        "admin": {"listen": "0.0.0.0:9001", "operator_listen": ["0.0.0.0:9002"]},
                         "eip": {"handoffs_at_once": 2}}, settings
+
+
+def _proxy_group(aws, stack):
+    groups = aws["ec2"].describe_security_groups(Filters=[{"Name": "tag:Name", "Values": [stack]}])["SecurityGroups"]
+    [group] = [g for g in groups if g["GroupName"] != "default"]
+    return group
+
+
+def _sources(group, port):
+    """Who may reach `port`: CIDRs, prefix lists and security groups."""
+    found = []
+    for perm in group["IpPermissions"]:
+        if perm.get("FromPort") == port:
+            found += [r["CidrIp"] for r in perm.get("IpRanges", [])]
+            found += [r["PrefixListId"] for r in perm.get("PrefixListIds", [])]
+            found += [r["GroupId"] for r in perm.get("UserIdGroupPairs", [])]
+    return sorted(found)
+
+
+def test_the_operator_port_admits_the_monitoring_source_only(aws):
+    fleet.deploy_addresses(aws, ADDRESSES)
+    # None given: nothing reaches the operator port from outside the instance.
+    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES)
+    assert _sources(_proxy_group(aws, "static-fleet-1"), 9002) == []
+    # A security group (Prometheus's, say), on a port of the operator's choosing.
+    ec2 = aws["ec2"]
+    vpc = ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
+    prometheus = ec2.create_security_group(GroupName="prometheus", Description="scrapers", VpcId=vpc)["GroupId"]
+    fleet.deploy_fleet(aws, "static-fleet-2", ADDRESSES, MonitoringSource=prometheus, OperatorPort=9102)
+    group = _proxy_group(aws, "static-fleet-2")
+    assert _sources(group, 9102) == [prometheus]
+    # (moto leaves out an inline rule whose only source is a prefix list, so the health port's
+    # source, Route 53's prefix list alone, is checked by cfn-guard in test_templates.py.)
+    assert _sources(group, 443) == ["0.0.0.0/0"]
 
 
 def test_one_handoff_at_a_time_by_default(aws):

@@ -94,6 +94,24 @@ def test_handoffs_at_once_reaches_the_proxy_and_leaves_an_address_announced():
     assert not re.fullmatch(fleet["Parameters"]["BackendAddress"]["AllowedPattern"], 'a"b:1')
 
 
+def test_the_operator_port_reaches_the_proxy_and_only_the_monitoring_source_reaches_it():
+    fleet = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")
+    user_data = fleet["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
+    doc = yaml.safe_load(user_data["Fn::Base64"]["Fn::Sub"])
+    [drop_in] = [f for f in doc["write_files"]
+                 if f["path"] == "/etc/static-ingress/static-ingress.toml.d/50-launch-template.toml"]
+    assert 'operator_listen = ["0.0.0.0:${OperatorPort}"]\n' in drop_in["content"]
+    ingress = fleet["Resources"]["MonitoringIngress"]
+    assert ingress["Condition"] == "HasMonitoringSource"
+    props = ingress["Properties"]
+    assert props["FromPort"] == props["ToPort"] == {"Ref": "OperatorPort"}
+    pattern = fleet["Parameters"]["MonitoringSource"]["AllowedPattern"]
+    for good in ["", "sg-0123abcd", "pl-0123abcd"]:
+        assert re.fullmatch(pattern, good), good
+    for bad in ["0.0.0.0/0", "10.0.0.0/8", "sg-", "i-0123"]:
+        assert not re.fullmatch(pattern, bad), bad
+
+
 def guard(tmp_path, template_data, name="template.json"):
     """Runs cfn-guard on the template; returns (exit code, rule name -> status)."""
     path = tmp_path / name
@@ -324,6 +342,21 @@ def health_port_from_a_cidr(t):
     rule["CidrIp"] = "10.0.0.0/8"
 
 
+def health_port_from_the_monitoring_source(t):
+    _ingress(t)[1]["SourcePrefixListId"] = {"Ref": "MonitoringSource"}
+
+
+def operator_port_from_a_cidr(t):
+    rule = t["Resources"]["MonitoringIngress"]["Properties"]
+    del rule["SourcePrefixListId"], rule["SourceSecurityGroupId"]
+    rule["CidrIp"] = "10.0.0.0/8"
+
+
+def operator_port_from_nowhere_named(t):
+    rule = t["Resources"]["MonitoringIngress"]["Properties"]
+    del rule["SourcePrefixListId"], rule["SourceSecurityGroupId"]
+
+
 def extra_ingress_resource_open_to_world(t):
     t["Resources"]["OpenHealth"] = {
         "Type": "AWS::EC2::SecurityGroupIngress",
@@ -430,6 +463,9 @@ BROKEN = [
     ("fleet.yaml", health_port_open_to_world, "only_443_open_to_world"),
     ("fleet.yaml", extra_ingress_resource_open_to_world, "only_443_open_to_world"),
     ("fleet.yaml", health_port_from_a_cidr, "health_port_from_prefix_list_only"),
+    ("fleet.yaml", health_port_from_the_monitoring_source, "health_port_from_prefix_list_only"),
+    ("fleet.yaml", operator_port_from_a_cidr, "health_port_from_prefix_list_only"),
+    ("fleet.yaml", operator_port_from_nowhere_named, "health_port_from_prefix_list_only"),
     ("fleet.yaml", group_of_two, "groups_hold_one_instance"),
     ("fleet.yaml", group_of_none, "groups_hold_one_instance"),
     ("fleet.yaml", two_groups_one_address, "groups_tag_distinct_eips"),
