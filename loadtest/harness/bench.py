@@ -58,7 +58,7 @@ class Mode:
 
 MODES = {
     # About 2.4 minutes a round for the five paths on 2 cores: three rounds fit the 10 minutes.
-    "full": Mode(3, 3, 300, 6, 500, 16000, 10, 2, 5000, 2000, 2000, 8, 8, "release"),
+    "full": Mode(3, 3, 300, 6, 500, 16000, 10, 2, 5000, 2000, 2000, 10, 8, "release"),
     # Enough of each measurement to prove it still yields a number, in well under a minute.
     "smoke": Mode(1, 1, 50, 1, 100, 200, 2, 1, 200, 50, 50, 2, 2, "debug"),
 }

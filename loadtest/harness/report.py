@@ -503,8 +503,10 @@ def method(s: dict) -> list[str]:
                 f"{s['api_connections']:,} HTTPS connections and keeps them (no `--disable-keepalive`), sending "
                 f"{s['api_rate']:,} GETs a second among them for {s['api_seconds']} s, so each connection asks about "
                 f"once every {s['api_connections'] / max(s['api_rate'], 1):.1f} s, to a port of the HTTPS backend that "
-                "keeps connections open. Success ratio, p99 after the warm-up, and the proxy's CPU time over the "
-                "run divided by the requests (the connections' TLS handshakes included)."
+                "keeps connections open. Success ratio; p50 and p99 of the requests due after the first "
+                f"{measure.API_WARMUP_S:g} s, once oha has opened its connections (it opens them all at the start: "
+                "that many TLS handshakes at once hold up the first requests on every path); and the proxy's CPU "
+                "time over the run divided by the requests (the connections' TLS handshakes included)."
             ]
             if "api_connections" in s
             else []
