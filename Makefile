@@ -8,6 +8,7 @@
 #   make deb                     build the .deb (release) and print its path
 #   make package-test            the unit, .deb, AMI recipe and CloudFormation templates
 #   make container-test          the .deb booted in a Debian container (root, systemd-nspawn)
+#   make screenshot              refresh docs/status-page.png from the status page's browser test
 #   make lab [SCENARIO=flip]     the whole fleet rehearsed in network namespaces (root); writes
 #                                docs/rehearsal.md and its plots (one scenario: beside its records)
 #   make lab-test                the lab's own unit tests, then its short version (CI)
@@ -25,7 +26,7 @@ ADMIN ?= 127.0.0.1:9001
 PACKAGE_TEST_PROFILE ?= dev
 PYTEST := -m pytest -p no:cacheprovider -o console_output_style=classic
 
-.PHONY: run test lint install-test ci build release docs deb package-test container-test
+.PHONY: run test lint install-test ci build release docs deb package-test container-test screenshot
 
 build:
 	cargo build --all-targets
@@ -60,6 +61,15 @@ package-test:
 	deb="$$(scripts/build-deb.sh $(PACKAGE_TEST_PROFILE) | tail -n 1)"; \
 	STATIC_INGRESS_TOOLS_BIN="$$tools" STATIC_INGRESS_DEB="$$deb" "$$venv/python" $(PYTEST) \
 		tests/packaging --ignore=tests/packaging/test_container.py
+
+# Refreshes docs/status-page.png, the README's picture of the status page, from the browser test
+# (tests never rewrite tracked files themselves).
+screenshot:
+	scripts/install-system-packages.sh
+	venv="$$(scripts/python-tools.sh | tail -n 1)"; \
+	deb="$$(scripts/build-deb.sh $(PACKAGE_TEST_PROFILE) | tail -n 1)"; \
+	STATIC_INGRESS_DEB="$$deb" STATIC_INGRESS_SCREENSHOT="$(CURDIR)/docs/status-page.png" "$$venv/python" $(PYTEST) \
+		tests/packaging/test_status_page.py
 
 container-test:
 	scripts/install-system-packages.sh

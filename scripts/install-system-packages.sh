@@ -8,9 +8,12 @@
 #   - systemd-container: systemd-nspawn, which boots it
 #   - shellcheck: lint of the shell scripts the AMI recipe and the tests run
 #   - curl: asks the proxy's /health in the container
+#   - chromium, chromium-driver: the headless browser that reads the status page
+#   - prometheus (with promtool), dnsmasq-base: the monitoring kit's checks, against a proxy
+#     that resolves its backend through a real DNS server
 set -euo pipefail
 
-packages=(packer debootstrap systemd-container shellcheck curl)
+packages=(packer debootstrap systemd-container shellcheck curl chromium chromium-driver prometheus dnsmasq-base)
 if (($#)); then
   packages=("$@")
 fi

@@ -234,6 +234,8 @@ pub struct Metrics {
     pub accept_errors_total: IntCounterVec,
     pub draining: IntGauge,
     pub eip_associated: IntGauge,
+    /// 1 for the Elastic IP claim's state now, 0 for the others ([`crate::eip::State`]).
+    pub eip_state: IntGaugeVec,
     config_reloads_total: [IntCounter; 2],
     /// The families labelled by backend (the route's name); [`Metrics::route`] makes a
     /// route's children.
@@ -385,6 +387,16 @@ impl Metrics {
         )?;
         registry.register(Box::new(dns_stale.clone()))?;
 
+        let eip_state = IntGaugeVec::new(
+            Opts::new(
+                "eip_state",
+                "1 for the Elastic IP claim's state now, 0 for the others: disabled, claiming, associated, lost \
+                 (a newer instance took it), failed (the claim fails), requesting, handing_off, handed_off.",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(eip_state.clone()))?;
+
         let reloads = counter_vec(
             "config_reloads_total",
             "Configuration reloads (SIGHUP), by result: ok, or failed (the running configuration is kept).",
@@ -447,6 +459,7 @@ impl Metrics {
                 "1 while this instance's Elastic IP was associated with it at the last check, else 0 (also with \
                  eip.enabled = false).",
             )?,
+            eip_state,
             config_reloads_total: [reloads.with_label_values(&["ok"]), reloads.with_label_values(&["failed"])],
             by_backend: ByBackend {
                 routed,

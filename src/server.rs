@@ -238,7 +238,7 @@ impl Server {
             Arc::clone(&config),
             Arc::clone(&metrics),
             Arc::clone(&proxy),
-            Arc::new(Eip::new(config.eip.enabled, metrics.eip_associated.clone())),
+            Arc::new(Eip::new(config.eip.enabled, metrics.eip_associated.clone(), &metrics.eip_state)),
             proxy_addrs.clone(),
             operator_addrs.clone(),
         ));

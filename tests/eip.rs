@@ -650,9 +650,17 @@ async fn eip_status(admin: SocketAddr) -> serde_json::Value {
     status["eip"].clone()
 }
 
-async fn eip_metric(admin: SocketAddr) -> Option<f64> {
+/// `static_ingress_eip_associated`, and the states `static_ingress_eip_state` sets to 1.
+async fn eip_metric(admin: SocketAddr) -> (Option<f64>, Vec<String>) {
     let body = get(admin, "/metrics").await.body;
-    body.lines().find_map(|l| l.strip_prefix("static_ingress_eip_associated ")).and_then(|v| v.parse().ok())
+    let associated =
+        body.lines().find_map(|l| l.strip_prefix("static_ingress_eip_associated ")).and_then(|v| v.parse().ok());
+    let states = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("static_ingress_eip_state{state=\"")?.strip_suffix("\"} 1"))
+        .map(str::to_string)
+        .collect();
+    (associated, states)
 }
 
 async fn wait_for_state(admin: SocketAddr, want: &str) -> serde_json::Value {
@@ -686,7 +694,7 @@ async fn run_keeps_the_address_from_older_instances_and_leaves_it_to_newer_ones(
     assert_eq!(eip["allocation_id"], alloc.as_str());
     assert_eq!(eip["public_ip"], ip.as_str());
     assert_eq!(eip["instance_id"], me.as_str());
-    assert_eq!(eip_metric(p.admin).await, Some(1.0));
+    assert_eq!(eip_metric(p.admin).await, (Some(1.0), vec!["associated".to_string()]));
     assert_eq!(moto.holder(&alloc).await.0.as_deref(), Some(me.as_str()));
 
     // An old fleet's replacement takes it: this instance takes it back, and says why.
@@ -706,7 +714,7 @@ async fn run_keeps_the_address_from_older_instances_and_leaves_it_to_newer_ones(
     moto.associate(&alloc, &newer).await;
     let eip = wait_for_state(p.admin, "lost").await;
     assert_eq!(eip["owner"], newer.as_str());
-    assert_eq!(eip_metric(p.admin).await, Some(0.0));
+    assert_eq!(eip_metric(p.admin).await, (Some(0.0), vec!["lost".to_string()]));
     let line = wait_for_log(&p.logs, "Elastic IP is now associated with a newer instance", |_| true).await;
     assert_eq!(line["owner"], newer.as_str());
     assert_eq!(line["reason"], format!("a newer fleet: {GENERATION} 3 against 2").as_str());
@@ -752,7 +760,7 @@ async fn run_serves_at_once_while_the_claim_is_stuck() {
     // The claim has started (it asked instance metadata for a token) and is still on.
     within(BOUND, "the claim to ask instance metadata", asked.notified()).await;
     assert_eq!(eip_status(p.admin).await["state"], "claiming");
-    assert_eq!(eip_metric(p.admin).await, Some(0.0));
+    assert_eq!(eip_metric(p.admin).await, (Some(0.0), vec!["claiming".to_string()]));
     assert_eq!(get(p.admin, "/health").await.status, 200);
     held.abort();
 }
@@ -767,7 +775,7 @@ async fn run_serves_while_the_claim_fails_and_shows_why() {
     let eip = wait_for_state(p.admin, "failed").await;
     let error = eip["error"].as_str().unwrap_or_default();
     assert!(error.starts_with(&format!("instance {me} has no tag {TAG_KEY}")), "{eip}");
-    assert_eq!(eip_metric(p.admin).await, Some(0.0));
+    assert_eq!(eip_metric(p.admin).await, (Some(0.0), vec!["failed".to_string()]));
     assert_eq!(get(p.admin, "/health").await.status, 200);
 
     // The operator fixes the tag: the next try claims, without a restart.

@@ -48,7 +48,7 @@ fn utc(t: f64) -> String {
 const STYLE: &str = "
 body{font:15px/1.4 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;background:#f4f5f7;color:#1d2430}
 header{padding:12px 16px;color:#fff}
-header.good{background:#1f7a3d}header.bad{background:#b3261e}
+header.up{background:#1f7a3d}header.down{background:#b3261e}
 header h1{font-size:20px;margin:0}header p{margin:4px 0 0}
 main{padding:8px 12px;max-width:1100px}
 section{background:#fff;border-radius:6px;padding:10px 14px;margin:10px 0;box-shadow:0 1px 2px #0002}
@@ -83,12 +83,12 @@ pub fn render(status: &Value, now: f64) -> String {
     let _ = write!(
         out,
         "<header class=\"{}\"><h1>static-ingress: {}</h1><p>{}{}</p></header><main>",
-        if ok { "good" } else { "bad" },
+        if ok { "up" } else { "down" },
         if ok { "healthy" } else { "UNHEALTHY" },
         if ok { "/health answers 200".to_string() } else { format!("/health answers 503: {}", esc(reason)) },
         if draining { format!(" &middot; {}", badge("warn", "DRAINING")) } else { String::new() },
     );
-    overview(&mut out, status, now);
+    overview(&mut out, status);
     for b in status.get("backends").and_then(Value::as_array).into_iter().flatten() {
         backend(&mut out, b, now);
     }
@@ -105,7 +105,7 @@ pub fn render(status: &Value, now: f64) -> String {
     out
 }
 
-fn overview(out: &mut String, status: &Value, now: f64) {
+fn overview(out: &mut String, status: &Value) {
     let c = status.get("connections").unwrap_or(&Value::Null);
     let started = number(status, "started_at");
     let _ = write!(
@@ -119,7 +119,7 @@ fn overview(out: &mut String, status: &Value, now: f64) {
         esc(text(status, "version")),
         count(status, "pid"),
         esc(&short(number(status, "uptime_seconds").unwrap_or(0.0))),
-        when(now, started),
+        started.map_or_else(|| "unknown".to_string(), utc),
         esc(&strings(status, "listen").join(", ")),
         count(c, "active"),
         count(c, "limit"),
@@ -157,10 +157,10 @@ fn backend(out: &mut String, b: &Value, now: f64) {
     let r = b.get("resolution").unwrap_or(&Value::Null);
     let answer = match number(r, "age_seconds") {
         Some(age) => format!(
-            "{} old (at {}), TTL {}",
+            "<span title=\"{}\">{} old</span>{}",
+            number(r, "last_good").map_or_else(String::new, utc),
             esc(&short(age)),
-            when(now, number(r, "last_good")),
-            number(r, "ttl_seconds").map_or_else(|| "unknown".to_string(), short)
+            number(r, "ttl_seconds").map_or_else(String::new, |ttl| format!(", TTL {}", short(ttl)))
         ),
         None => badge("bad", "no answer yet"),
     };
@@ -356,7 +356,7 @@ mod tests {
         s["health"] = serde_json::json!({"healthy": true, "reason": null});
         s["draining"] = Value::Bool(false);
         let page = render(&s, 1000.0);
-        assert!(page.contains("<header class=\"good\"><h1>static-ingress: healthy</h1><p>/health answers 200</p>"));
+        assert!(page.contains("<header class=\"up\"><h1>static-ingress: healthy</h1><p>/health answers 200</p>"));
         assert!(!page.contains("DRAINING"));
     }
 }

@@ -19,7 +19,7 @@ pub mod unhealthy;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use prometheus::IntGauge;
+use prometheus::{IntGauge, IntGaugeVec};
 use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -70,10 +70,39 @@ pub struct Status {
 pub struct Eip {
     status: Mutex<Status>,
     associated: IntGauge,
+    /// `static_ingress_eip_state`, one child per state.
+    states: [IntGauge; State::ALL.len()],
+}
+
+impl State {
+    pub const ALL: [State; 8] = [
+        State::Disabled,
+        State::Claiming,
+        State::Associated,
+        State::Lost,
+        State::Failed,
+        State::Requesting,
+        State::HandingOff,
+        State::HandedOff,
+    ];
+
+    /// As `/status` and the metric's label write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Disabled => "disabled",
+            State::Claiming => "claiming",
+            State::Associated => "associated",
+            State::Lost => "lost",
+            State::Failed => "failed",
+            State::Requesting => "requesting",
+            State::HandingOff => "handing_off",
+            State::HandedOff => "handed_off",
+        }
+    }
 }
 
 impl Eip {
-    pub fn new(enabled: bool, associated: IntGauge) -> Eip {
+    pub fn new(enabled: bool, associated: IntGauge, states: &IntGaugeVec) -> Eip {
         let state = if enabled { State::Claiming } else { State::Disabled };
         let status = Status {
             state,
@@ -86,7 +115,18 @@ impl Eip {
             error: None,
         };
         associated.set(0);
-        Eip { status: Mutex::new(status), associated }
+        let states = State::ALL.map(|s| states.with_label_values(&[s.as_str()]));
+        let eip = Eip { status: Mutex::new(status), associated, states };
+        eip.show(state);
+        eip
+    }
+
+    /// Sets the gauges to `state`.
+    fn show(&self, state: State) {
+        self.associated.set(i64::from(matches!(state, State::Associated | State::HandingOff)));
+        for (s, g) in State::ALL.iter().zip(&self.states) {
+            g.set(i64::from(*s == state));
+        }
     }
 
     pub fn status(&self) -> Status {
@@ -105,7 +145,7 @@ impl Eip {
         if s.state != before {
             s.since = SystemTime::now();
         }
-        self.associated.set(i64::from(matches!(s.state, State::Associated | State::HandingOff)));
+        self.show(s.state);
         before
     }
 }

@@ -8,6 +8,8 @@ Python tools (cfn-lint, moto_server) sit beside the interpreter running pytest."
 import os
 import pathlib
 import shutil
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -38,3 +40,30 @@ def deb_path():
     if not path or not pathlib.Path(path).is_file():
         pytest.fail("STATIC_INGRESS_DEB must name the .deb built by `make deb`")
     return pathlib.Path(path)
+
+
+@pytest.fixture(scope="session")
+def binary(deb_path, tmp_path_factory):
+    """The static-ingress binary the .deb ships, unpacked."""
+    root = tmp_path_factory.mktemp("deb-binary")
+    r = subprocess.run(["dpkg-deb", "-x", str(deb_path), str(root)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return root / "usr/bin/static-ingress"
+
+
+def free_port():
+    """A loopback TCP port nobody holds now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc, timeout=10):
+    """Ends a process this test started: SIGTERM, then SIGKILL if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
