@@ -196,26 +196,31 @@ pub fn main() -> ExitCode {
 fn status(args: &StatusArgs) -> ExitCode {
     use crate::admin::terminal;
     use std::io::IsTerminal;
-    let admin = args.admin.unwrap_or_else(|| {
-        // A config that does not load (no backend yet, say) still names no other port: the default.
-        let listen = load(config_path(args.config.clone()).as_ref(), &Overrides::default())
-            .map_or_else(|_| "127.0.0.1:9001".parse().expect("a valid address"), |l| l.config.admin.status_listen());
-        client::local(listen)
-    });
-    let answer = client::get(admin, "/status").and_then(|(code, body)| match code {
-        200 => serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .filter(|v| v.get("health").is_some() && v.get("backends").is_some())
-            .map(|v| (v, body))
-            .ok_or_else(|| format!("{admin}/status is not a static-ingress status")),
-        code => Err(format!("{admin}/status answered {code}")),
-    });
-    let (status, body) = match answer {
-        Ok(a) => a,
-        Err(why) => {
-            eprintln!("error: {why}");
-            return ExitCode::from(terminal::exit::UNREACHABLE);
-        }
+    let candidates = match args.admin {
+        Some(admin) => vec![admin],
+        // A config that does not load (no backend yet, say) still names no other port: the
+        // defaults, the operator's port the fleet template uses first.
+        None => load(config_path(args.config.clone()).as_ref(), &Overrides::default()).map_or_else(
+            |_| vec!["127.0.0.1:9002".parse().expect("a valid address"), "127.0.0.1:9001".parse().expect("valid")],
+            |l| l.config.admin.status_candidates(),
+        ),
+    };
+    let ask = |admin: std::net::SocketAddr| {
+        let admin = client::local(admin);
+        client::get(admin, "/status").and_then(|(code, body)| match code {
+            200 => serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .filter(|v| v.get("health").is_some() && v.get("backends").is_some())
+                .map(|v| (v, body))
+                .ok_or_else(|| format!("{admin}/status is not a static-ingress status")),
+            code => Err(format!("{admin}/status answered {code}: {}", body.trim_end())),
+        })
+    };
+    let mut errors = Vec::new();
+    let answer = candidates.iter().find_map(|&admin| ask(admin).map_err(|why| errors.push(why)).ok());
+    let Some((status, body)) = answer else {
+        eprintln!("error: {}", errors.join("; "));
+        return ExitCode::from(terminal::exit::UNREACHABLE);
     };
     if args.json {
         println!("{}", body.trim_end());
@@ -377,8 +382,14 @@ fn reload(args: &ReloadArgs) -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    let admin = client::local(loaded.config.admin.status_listen());
-    let before = client::reload_status(admin, pid);
+    // The first address that answers for this process: the files may have gained or lost the
+    // operator's listener since it started.
+    let candidates: Vec<_> = loaded.config.admin.status_candidates().into_iter().map(client::local).collect();
+    let mut errors = Vec::new();
+    let found =
+        candidates.iter().find_map(|&a| client::reload_status(a, pid).map(|r| (a, r)).map_err(|e| errors.push(e)).ok());
+    let admin = found.as_ref().map_or(candidates[0], |(a, _)| *a);
+    let before = found.map(|(_, r)| r).ok_or_else(|| errors.join("; "));
     if let Ok((_, true)) = before {
         eprintln!("error: process {pid} is draining (stopping): a reload does nothing now");
         return ExitCode::from(exit::FAILURE);

@@ -225,7 +225,7 @@ impl Server {
             if config.admin.operator_listen.is_empty() { admin::Exposure::All } else { admin::Exposure::HealthOnly },
         )];
         for &addr in &config.admin.operator_listen {
-            let l = proxy::socket::bind(addr, "operator's listener")?;
+            let l = proxy::socket::bind(addr, "operator's listener (admin.operator_listen)")?;
             operator_addrs.push(l.local_addr().unwrap_or(addr));
             admin_listeners.push((l, admin::Exposure::All));
         }
@@ -240,7 +240,6 @@ impl Server {
             Arc::clone(&proxy),
             Arc::new(Eip::new(config.eip.enabled, metrics.eip_associated.clone(), &metrics.eip_state)),
             proxy_addrs.clone(),
-            operator_addrs.clone(),
         ));
         // Everything that can fail comes before anything is spawned: a failed start leaves no
         // task behind claiming the Elastic IP or checking backends.

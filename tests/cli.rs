@@ -663,6 +663,50 @@ async fn status_shows_a_healthy_proxy_its_backend_and_exits_0_then_3_when_it_has
     assert_eq!(parsed["health"]["healthy"], false);
 }
 
+/// With a config file: the operator's listener first, then the admin port, so a proxy started
+/// before the files gained `operator_listen` is still found; the health-only port's 404 is not
+/// taken for an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_finds_the_proxy_on_the_operators_listener_or_else_the_admin_port() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, &[("admin.operator_listen", "127.0.0.1:0")]).await;
+    let dir = std::env::temp_dir().join(format!("static-ingress-cli-status-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("static-ingress.toml");
+    let write = |operator: &str, admin: SocketAddr| {
+        std::fs::write(
+            &config,
+            format!(
+                "[backend]\naddress = \"{}\"\n[admin]\nlisten = \"{admin}\"\noperator_listen = [\"{operator}\"]\n",
+                backend.addr
+            ),
+        )
+        .unwrap();
+    };
+    let status = |config: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            run(cmd().args(["status", "--config", config.to_str().unwrap(), "--color", "never"]))
+        })
+    };
+    // The operator's listener answers.
+    write(&proxy.operator[0].to_string(), proxy.admin);
+    let out = status(config.clone()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    // The file names an operator's port nobody serves: the admin port is asked next, and its
+    // health-only 404 is an error, not a status.
+    write(&free_port(), proxy.admin);
+    let out = status(config.clone()).await.unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("cannot reach") && err.contains("/status answered 404"), "{err}");
+    // A proxy without an operator's listener, found on its admin port.
+    let plain = Proxy::start(backend.addr, &[]).await;
+    write(&free_port(), plain.admin);
+    let out = status(config.clone()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn status_exits_4_when_no_static_ingress_answers() {
     let nobody: SocketAddr = free_port().parse().unwrap();

@@ -49,7 +49,8 @@ R53_DNS = "198.18.2.2"
 VPC_RESOLVER = "198.18.3.2"
 ELBS = {"blue": ["198.18.4.2", "198.18.4.3", "198.18.4.4"], "green": ["198.18.5.2", "198.18.5.3", "198.18.5.4"]}
 SUBNETS = {"us-east-1a": ("198.18.64.0/24", "198.18.64.1", "az-a"), "us-east-1b": ("198.18.65.0/24", "198.18.65.1", "az-b")}
-ADMIN_PORT = 9001
+ADMIN_PORT = 9001  # the template's HealthPort: /health and /live only
+OPERATOR_PORT = 9002  # its OperatorPort (admin.operator_listen): /status and /metrics
 # The config drop-in the launch template's user data writes (cloudformation/fleet.yaml).
 DROP_IN = pathlib.PurePosixPath("/etc/static-ingress/static-ingress.toml.d/50-launch-template.toml")
 
@@ -295,7 +296,8 @@ class Instance:
         raise LabError(f"{self.id}: the launch template's user data writes no {DROP_IN}")
 
     def admin(self, path, timeout_s=2.0):
-        return http_get(self.private_ip, ADMIN_PORT, path, timeout_s)
+        """A GET on the operator's listener (everything); /health is also on the health port."""
+        return http_get(self.private_ip, OPERATOR_PORT, path, timeout_s)
 
     def metrics(self):
         status, body = self.admin("/metrics")
@@ -309,7 +311,8 @@ class Instance:
             return None
 
     def healthy(self):
-        return self.admin("/health", 1.0)[0] == 200
+        """What Route 53 asks: /health on the health port."""
+        return http_get(self.private_ip, ADMIN_PORT, "/health", 1.0)[0] == 200
 
     def kill(self):
         """The instance dies: every process in it killed at once (SIGKILL: nothing drains),

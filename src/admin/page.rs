@@ -66,8 +66,9 @@ footer{padding:4px 16px 16px;color:#5a6472;font-size:13px}
 a{color:inherit}
 ";
 
-/// The page for the `/status` document `status`, `now` being Unix time in seconds.
-pub fn render(status: &Value, now: f64) -> String {
+/// The page for the `/status` document `status`, `now` being Unix time in seconds; it reloads
+/// itself every [`REFRESH_SECONDS`] when `refresh`.
+pub fn render(status: &Value, now: f64, refresh: bool) -> String {
     let mut out = String::new();
     let ok = healthy(status);
     let reason = status.pointer("/health/reason").and_then(Value::as_str).unwrap_or("no reason given");
@@ -76,8 +77,8 @@ pub fn render(status: &Value, now: f64) -> String {
         out,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-         <meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">\
-         <title>{} static-ingress</title><style>{STYLE}</style></head><body>",
+         {}<title>{} static-ingress</title><style>{STYLE}</style></head><body>",
+        if refresh { format!("<meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">") } else { String::new() },
         if ok { "OK" } else { "UNHEALTHY" },
     );
     let _ = write!(
@@ -97,10 +98,11 @@ pub fn render(status: &Value, now: f64) -> String {
     reload(&mut out, status);
     let _ = writeln!(
         out,
-        "</main><footer>Rendered at <span id=\"rendered\">{}</span>; reloads every {REFRESH_SECONDS} s. \
+        "</main><footer>Rendered at <span id=\"rendered\">{}</span>{}. \
          The same as JSON: <a href=\"/status\">/status</a>; metrics: <a href=\"/metrics\">/metrics</a>.</footer>\
          </body></html>",
         utc(now),
+        if refresh { format!("; reloads every {REFRESH_SECONDS} s") } else { String::new() },
     );
     out
 }
@@ -331,7 +333,7 @@ mod tests {
 
     #[test]
     fn the_page_says_what_an_operator_looks_for_and_escapes_what_it_shows() {
-        let page = render(&sample(), 1000.0);
+        let page = render(&sample(), 1000.0, true);
         assert!(page.starts_with("<!DOCTYPE html>"));
         assert!(page.contains("http-equiv=\"refresh\" content=\"5\""), "it refreshes itself");
         assert!(page.contains("/health answers 503: draining &lt;now&gt;"), "{page}");
@@ -355,7 +357,8 @@ mod tests {
         let mut s = sample();
         s["health"] = serde_json::json!({"healthy": true, "reason": null});
         s["draining"] = Value::Bool(false);
-        let page = render(&s, 1000.0);
+        let page = render(&s, 1000.0, true);
+        assert!(!render(&s, 1000.0, false).contains("http-equiv"), "?refresh=0: no reload");
         assert!(page.contains("<header class=\"up\"><h1>static-ingress: healthy</h1><p>/health answers 200</p>"));
         assert!(!page.contains("DRAINING"));
     }

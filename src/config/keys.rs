@@ -388,7 +388,8 @@ const KEY_LIST: &[Key] = &[
         name: "admin.max_connections",
         kind: Kind::Count { min: 1, max: 10_000 },
         default: Some("64"),
-        doc: "Admin connections held at once. A new connection is always served: at the cap, \
+        doc: "Admin connections held at once, on each admin listener (admin.listen and every \
+              admin.operator_listen address). A new connection is always served: at the cap, \
               the one that has waited longest for a request, from the client holding the most, \
               is closed to make room. Route 53 uses about one per health-checker region.",
     },

@@ -140,10 +140,28 @@ pub struct AdminConfig {
     pub max_connections: usize,
 }
 
+/// Whether listening on `a` and on `b` would take the same port: the same address, or one of
+/// them a wildcard that covers the other (an IPv6 wildcard covers IPv4 too, as Linux binds it
+/// by default). Port 0 (any free port) never clashes.
+fn takes_port_of(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
 impl AdminConfig {
     /// Where `/status` is served: the first operator's listener, else the admin port.
     pub fn status_listen(&self) -> SocketAddr {
         self.operator_listen.first().copied().unwrap_or(self.listen)
+    }
+
+    /// Where to look for `/status`, best first: the operator's listeners, then the admin port
+    /// (a proxy started before the files gained or lost `operator_listen` still answers there).
+    pub fn status_candidates(&self) -> Vec<SocketAddr> {
+        let mut out = self.operator_listen.clone();
+        if !out.contains(&self.listen) {
+            out.push(self.listen);
+        }
+        out
     }
 }
 
@@ -541,13 +559,13 @@ impl Resolver<'_> {
         }
         // (A list naming one address twice is refused where it is parsed.)
         for &addr in &c.admin.operator_listen {
-            if addr.port() == 0 {
-                continue;
-            }
-            let clash = if c.proxy.listen.contains(&addr) {
-                Some(format!("{addr} is also in proxy.listen; the operator's listener needs its own port"))
-            } else if addr == c.admin.listen {
-                Some(format!("{addr} is also admin.listen; the operator's listener needs its own port"))
+            let clash = if let Some(&p) = c.proxy.listen.iter().find(|&&p| takes_port_of(addr, p)) {
+                Some(format!("{addr} takes the port of proxy.listen {p}; the operator's listener needs its own port"))
+            } else if takes_port_of(addr, c.admin.listen) {
+                Some(format!(
+                    "{addr} takes the port of admin.listen {}; the operator's listener needs its own port",
+                    c.admin.listen
+                ))
             } else {
                 None
             };
@@ -801,6 +819,8 @@ mod tests {
                 ("admin.operator_listen", operator),
             ])
         };
+        // The same port on an address the other does not cover is fine: 0.0.0.0 is IPv4 only.
+        assert!(with("[::1]:9001").is_ok());
         let c = with("10.0.0.5:9002,127.0.0.1:9002").unwrap();
         assert_eq!(c.admin.operator_listen.len(), 2);
         assert_eq!(c.admin.status_listen(), "10.0.0.5:9002".parse::<SocketAddr>().unwrap());
@@ -808,8 +828,26 @@ mod tests {
         assert!(none.admin.operator_listen.is_empty());
         assert_eq!(none.admin.status_listen(), "0.0.0.0:9001".parse::<SocketAddr>().unwrap());
         for (value, why) in [
-            ("127.0.0.1:443", "127.0.0.1:443 is also in proxy.listen; the operator's listener needs its own port"),
-            ("0.0.0.0:9001", "0.0.0.0:9001 is also admin.listen; the operator's listener needs its own port"),
+            (
+                "127.0.0.1:443",
+                "127.0.0.1:443 takes the port of proxy.listen 127.0.0.1:443; the operator's listener needs its own port",
+            ),
+            (
+                "0.0.0.0:443",
+                "0.0.0.0:443 takes the port of proxy.listen 127.0.0.1:443; the operator's listener needs its own port",
+            ),
+            (
+                "0.0.0.0:9001",
+                "0.0.0.0:9001 takes the port of admin.listen 0.0.0.0:9001; the operator's listener needs its own port",
+            ),
+            (
+                "127.0.0.1:9001",
+                "127.0.0.1:9001 takes the port of admin.listen 0.0.0.0:9001; the operator's listener needs its own port",
+            ),
+            (
+                "[::]:9001",
+                "[::]:9001 takes the port of admin.listen 0.0.0.0:9001; the operator's listener needs its own port",
+            ),
             ("127.0.0.1:9002,127.0.0.1:9002", "lists 127.0.0.1:9002 twice"),
         ] {
             let err = with(value).unwrap_err().to_string();

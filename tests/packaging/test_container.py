@@ -25,6 +25,8 @@ DROP_IN = "etc/static-ingress/static-ingress.toml.d/50-launch-template.toml"
 SETTINGS = """\
 [backend]
 address = "127.0.0.1:9001"
+[admin]
+operator_listen = ["0.0.0.0:9002"]
 [lifecycle]
 drain_delay = "4s"
 grace_period = "2s"
@@ -167,7 +169,7 @@ def test_proxy_serves_443_as_an_unprivileged_sandboxed_user(container):
 
 
 def test_process_metrics_see_the_limits_and_start_time(container):
-    metrics = container.net("curl", "-s", "-m", "5", "http://127.0.0.1:9001/metrics").stdout
+    metrics = container.net("curl", "-s", "-m", "5", "http://127.0.0.1:9002/metrics").stdout
     values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("process_"))
     # The unit's LimitNOFILE (32768), unless the machine running the container caps every
     # process lower (systemd cannot give more than its own hard limit).
@@ -194,8 +196,14 @@ def test_systemd_analyze_verify_in_the_container(container):
 
 
 def status(c):
-    r = c.net("curl", "-s", "-m", "3", "http://127.0.0.1:9001/status")
+    r = c.net("curl", "-s", "-m", "3", "http://127.0.0.1:9002/status")
     return json.loads(r.stdout)
+
+
+def test_the_health_port_serves_health_only_and_the_operator_port_the_rest(container):
+    r = container.net("curl", "-s", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:9001/status")
+    assert r.stdout == "404", r.stdout + r.stderr
+    assert status(container)["health"]["healthy"] is True
 
 
 def test_systemctl_reload_applies_the_drop_in_and_fails_on_an_invalid_one(container):
@@ -218,7 +226,7 @@ def test_systemctl_reload_applies_the_drop_in_and_fails_on_an_invalid_one(contai
     r = container.sh("systemctl", "reload", UNIT)
     assert r.returncode != 0, r.stdout + r.stderr
     journal = container.journal()
-    assert f"/{DROP_IN}:7: proxy.connect_timeout:" in journal, journal
+    assert f"/{DROP_IN}:9: proxy.connect_timeout:" in journal, journal
     assert "not reloading: process" in journal, journal
     assert container.show("ActiveState", "MainPID", "NRestarts") == {"ActiveState": "active", **before}
     assert status(container)["reload"]["count"] == 1
@@ -247,7 +255,7 @@ def test_bad_config_never_serves_and_heals_once_fixed(container):
     assert r.returncode != 0
     assert container.show("Result")["Result"] == "exit-code"
     # The config check names the bad value in the journal, and nothing listens.
-    assert f"/{DROP_IN}:7: proxy.connect_timeout:" in container.journal()
+    assert f"/{DROP_IN}:9: proxy.connect_timeout:" in container.journal()
     assert container.net("curl", "-s", "-m", "3", "http://127.0.0.1:9001/health").returncode != 0
     # Restart=always: the check is retried every RestartSec (5s)...
     wait_for("a retry of the config check",

@@ -168,7 +168,7 @@ def test_packaged_config_needs_only_the_backend(extracted, tmp_path):
     [drop_in] = [f for f in doc["write_files"] if f["path"].endswith("static-ingress.toml.d/50-launch-template.toml")]
     text = drop_in["content"]
     for name, value in {"AWS::StackName": "fleet-1", "BackendAddress": "api.example.com:443", "HealthPort": "9001",
-                        "HandoffsAtOnce": "2"}.items():
+                        "OperatorPort": "9002", "HandoffsAtOnce": "2"}.items():
         text = text.replace("${" + name + "}", value)
     assert "${" not in text, text
     (etc / "static-ingress.toml.d/50-launch-template.toml").write_text(text)
@@ -176,6 +176,7 @@ def test_packaged_config_needs_only_the_backend(extracted, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == f"# effective configuration: {conf}, {etc}/static-ingress.toml.d/50-launch-template.toml (valid)"
-    for setting in ('address = "api.example.com:443"', 'listen = "0.0.0.0:9001"', "handoffs_at_once = 2"):
+    for setting in ('address = "api.example.com:443"', 'listen = "0.0.0.0:9001"', 'operator_listen = ["0.0.0.0:9002"]',
+                    "handoffs_at_once = 2"):
         [line] = [x for x in lines if x.startswith(setting)]
         assert "static-ingress.toml.d/50-launch-template.toml:" in line, line

@@ -98,7 +98,8 @@ def proxy(binary, live_backend, tmp_path):
 
 def test_the_status_page_reads_right_in_a_real_browser(proxy, tmp_path):
     with Browser(tmp_path) as browser:
-        browser.open(proxy["operator"] + "/")
+        # ?refresh=0: the page must not reload itself between the reads below.
+        browser.open(proxy["operator"] + "/?refresh=0")
         text = browser.text()
         title = browser.title()
         shot = browser.screenshot(tmp_path / "status-page.png")

@@ -105,6 +105,14 @@ def test_the_operator_port_reaches_the_proxy_and_only_the_monitoring_source_reac
     assert ingress["Condition"] == "HasMonitoringSource"
     props = ingress["Properties"]
     assert props["FromPort"] == props["ToPort"] == {"Ref": "OperatorPort"}
+    # The stack refuses an operator port on the health port, and the page open to Route 53.
+    [asserts] = [r["Assertions"] for r in fleet["Rules"].values()]
+    refs = [a["Assert"]["Fn::Not"][0]["Fn::Equals"] for a in asserts]
+    assert [{"Ref": "OperatorPort"}, {"Ref": "HealthPort"}] in refs
+    assert [{"Ref": "MonitoringSource"}, {"Ref": "HealthCheckerPrefixListId"}] in refs
+    addresses = cfn_yaml.load(ROOT / "cloudformation/addresses.yaml")
+    health_path = addresses["Parameters"]["HealthPath"]["AllowedPattern"]
+    assert re.fullmatch(health_path, "/health") and not re.fullmatch(health_path, "/status")
     pattern = fleet["Parameters"]["MonitoringSource"]["AllowedPattern"]
     for good in ["", "sg-0123abcd", "pl-0123abcd"]:
         assert re.fullmatch(pattern, good), good
@@ -357,6 +365,29 @@ def operator_port_from_nowhere_named(t):
     del rule["SourcePrefixListId"], rule["SourceSecurityGroupId"]
 
 
+def portless_rule_from_a_cidr(t):
+    _ingress(t).append({"IpProtocol": "-1", "CidrIp": "10.0.0.0/8"})
+
+
+def range_from_443_from_a_group(t):
+    _ingress(t).append({"IpProtocol": "tcp", "FromPort": 443, "ToPort": 9001, "SourceSecurityGroupId": "sg-0123abcd"})
+
+
+def health_port_from_a_group(t):
+    rule = _ingress(t)[1]
+    rule["SourceSecurityGroupId"] = "sg-0123abcd"
+
+
+def health_port_range_up_to_the_operator_port(t):
+    _ingress(t)[1]["ToPort"] = {"Ref": "OperatorPort"}
+
+
+def operator_port_from_the_health_checkers(t):
+    rule = t["Resources"]["MonitoringIngress"]["Properties"]
+    del rule["SourceSecurityGroupId"]
+    rule["SourcePrefixListId"] = {"Ref": "HealthCheckerPrefixListId"}
+
+
 def extra_ingress_resource_open_to_world(t):
     t["Resources"]["OpenHealth"] = {
         "Type": "AWS::EC2::SecurityGroupIngress",
@@ -466,6 +497,11 @@ BROKEN = [
     ("fleet.yaml", health_port_from_the_monitoring_source, "health_port_from_prefix_list_only"),
     ("fleet.yaml", operator_port_from_a_cidr, "health_port_from_prefix_list_only"),
     ("fleet.yaml", operator_port_from_nowhere_named, "health_port_from_prefix_list_only"),
+    ("fleet.yaml", portless_rule_from_a_cidr, "health_port_from_prefix_list_only"),
+    ("fleet.yaml", range_from_443_from_a_group, "health_port_from_prefix_list_only"),
+    ("fleet.yaml", health_port_from_a_group, "health_port_from_prefix_list_only"),
+    ("fleet.yaml", health_port_range_up_to_the_operator_port, "health_port_from_prefix_list_only"),
+    ("fleet.yaml", operator_port_from_the_health_checkers, "health_port_from_prefix_list_only"),
     ("fleet.yaml", group_of_two, "groups_hold_one_instance"),
     ("fleet.yaml", group_of_none, "groups_hold_one_instance"),
     ("fleet.yaml", two_groups_one_address, "groups_tag_distinct_eips"),

@@ -68,7 +68,11 @@ class Browser:
                      f"--window-size={width},{height}", f"--user-data-dir={workdir / 'profile'}"],
         }  # fmt: skip
         caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": options}}}
-        self.session = self._call("POST", "/session", caps)["sessionId"]
+        try:
+            self.session = self._call("POST", "/session", caps)["sessionId"]
+        except BaseException:
+            self.close()
+            raise
 
     def _call(self, method: str, path: str, body: dict | None = None):
         data = json.dumps(body).encode() if body is not None else None
@@ -108,17 +112,18 @@ class Browser:
             except (OSError, WebDriverError):
                 pass
             self.session = None
-        # The group of the chromedriver started above (its pid), browsers left behind included.
+        # The group of the chromedriver started above (its pid), browsers left behind included:
+        # SIGTERM, a moment to exit, then SIGKILL to whatever of the group is still there.
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(self.driver.pid, sig)
             except ProcessLookupError:
                 break
             try:
-                self.driver.wait(10)
-                break
+                self.driver.wait(5)
             except subprocess.TimeoutExpired:
-                continue
+                pass
+            time.sleep(0.2)
 
     def __enter__(self) -> Browser:
         return self
