@@ -65,8 +65,9 @@ pub enum Cmd {
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// The admin server to ask, IP:PORT. Without it, the first admin.operator_listen of the
-    /// config file, else its admin.listen (on loopback when it is a wildcard), or 127.0.0.1:9001.
+    /// The admin server to ask, IP:PORT. Without it, the config file's admin.operator_listen
+    /// addresses, then its admin.listen (on loopback for a wildcard): the first that answers;
+    /// without a config that loads, 127.0.0.1:9002 then 127.0.0.1:9001.
     #[arg(long, value_name = "IP:PORT")]
     pub admin: Option<std::net::SocketAddr>,
     /// Config file whose admin addresses to use. Without it, /etc/static-ingress/static-ingress.toml
