@@ -233,6 +233,8 @@ pub struct Metrics {
     tcp_errors_total: [[IntCounter; Errno::ALL.len()]; 2],
     pub accept_errors_total: IntCounterVec,
     pub draining: IntGauge,
+    /// 1 while `/health` would answer 200, else 0; set when `/metrics` is rendered.
+    pub healthy: IntGauge,
     pub eip_associated: IntGauge,
     /// 1 for the Elastic IP claim's state now, 0 for the others ([`crate::eip::State`]).
     pub eip_state: IntGaugeVec,
@@ -453,6 +455,10 @@ impl Metrics {
             draining: gauge(
                 "draining",
                 "1 while the proxy is draining (after SIGTERM, or handing its Elastic IP over), else 0.",
+            )?,
+            healthy: gauge(
+                "healthy",
+                "1 while /health answers 200 (what Route 53 sees), else 0: draining, or no healthy backend address.",
             )?,
             eip_associated: gauge(
                 "eip_associated",

@@ -293,7 +293,9 @@ async fn with_an_operators_listener_the_route53_port_shows_only_health_and_live(
     assert_eq!(status.status, 200);
     let doc: serde_json::Value = serde_json::from_str(&status.body).expect("/status is JSON");
     assert_eq!(doc["backend"]["addresses"][0]["address"], backend.addr.to_string());
-    assert!(get(operator, "/metrics").await.body.contains("static_ingress_tcp_open_total"));
+    let metrics = get(operator, "/metrics").await.body;
+    assert!(metrics.contains("static_ingress_tcp_open_total"), "{metrics}");
+    assert_eq!(sample_value(&metrics, "static_ingress_healthy"), 1.0, "what /health answers");
     assert_eq!(get(operator, "/live").await.status, 200);
     let page = get(operator, "/").await;
     assert_eq!(page.status, 200);
@@ -313,4 +315,8 @@ async fn without_an_operators_listener_the_admin_port_serves_the_page_too() {
     assert_eq!(page.status, 200);
     assert!(page.body.contains("static-ingress: healthy"), "{}", page.body);
     assert_eq!(get(proxy.admin, "/status").await.status, 200);
+    assert_eq!(proxy.metric("static_ingress_healthy").await, 1.0);
+    proxy.set_backends(&[]);
+    assert_eq!(get(proxy.admin, "/health").await.status, 503);
+    assert_eq!(proxy.metric("static_ingress_healthy").await, 0.0, "the gauge follows /health");
 }

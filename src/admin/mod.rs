@@ -353,6 +353,7 @@ fn route(req: &Request<hyper::body::Incoming>, exposure: Exposure, state: &State
             Health::Unhealthy(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },
         "/metrics" => {
+            state.metrics.healthy.set(i64::from(matches!(state.health(), Health::Ok)));
             for u in &state.proxy.router().upstreams {
                 u.metrics.observe_backends(&u.backends.current());
             }
