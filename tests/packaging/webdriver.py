@@ -9,12 +9,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from conftest import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -26,12 +27,6 @@ class WebDriverError(Exception):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Browser:
     """One chromedriver process and one headless chromium session, `width` x `height` CSS
     pixels (a phone by default). Use as a context manager: both stop at the end."""
@@ -40,7 +35,7 @@ class Browser:
         for path in (CHROMIUM, CHROMEDRIVER):
             if not shutil.which(path):
                 raise WebDriverError(f"{path} not found: scripts/install-system-packages.sh chromium chromium-driver")
-        self.port = _free_port()
+        self.port = free_port()
         self.log = workdir / "chromedriver.log"
         self.driver = subprocess.Popen(
             [CHROMEDRIVER, f"--port={self.port}", f"--log-path={self.log}"],
