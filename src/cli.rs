@@ -350,6 +350,10 @@ fn run(args: RunArgs) -> ExitCode {
         }
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // The last connections' access-log lines, still on their way to stdout.
+    if !logging::flush_access(std::time::Duration::from_secs(2)) {
+        eprintln!("static-ingress: access-log lines still unwritten at exit were dropped");
+    }
     ExitCode::from(code)
 }
 

@@ -407,6 +407,8 @@ impl Metrics {
         let build_info =
             IntGaugeVec::new(Opts::new("build_info", "Always 1; labels describe this build."), &["version"])?;
         registry.register(Box::new(build_info.clone()))?;
+        // One counter for the process, whose access log has one writer (crate::logging).
+        registry.register(Box::new(crate::logging::ACCESS_DROPPED.clone()))?;
         build_info.with_label_values(&[version]).set(1);
 
         let process = Registry::new();

@@ -162,7 +162,8 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     differs("[admin]", running.admin != new.admin);
     differs("[lifecycle]", running.lifecycle != new.lifecycle);
     differs("[eip]", running.eip != new.eip);
-    differs("[log]", running.log != new.log);
+    differs("log.format", running.log.format != new.log.format);
+    differs("log.level", running.log.filter != new.log.filter);
     differs("health.unhealthy_when", running.health.unhealthy_when != new.health.unhealthy_when);
     keys
 }
@@ -233,7 +234,8 @@ impl Server {
         let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")));
         let stop_sources = CancellationToken::new();
         let router = Arc::new(Router::new(&config, &metrics, &stop_sources));
-        let proxy = Arc::new(Proxy::new(config.proxy.clone(), Arc::clone(&router), Arc::clone(&metrics)));
+        let proxy =
+            Arc::new(Proxy::new(config.proxy.clone(), config.log.access, Arc::clone(&router), Arc::clone(&metrics)));
         let state = Arc::new(admin::State::new(
             Arc::clone(&config),
             Arc::clone(&metrics),
@@ -368,7 +370,7 @@ impl Server {
             }
             tracing::info!(listen = %l.configured, "reload: listener removed; its open connections go on");
         }
-        self.proxy.reconfigure(new.proxy.clone(), Arc::new(router));
+        self.proxy.reconfigure(new.proxy.clone(), new.log.access, Arc::new(router));
         let router = self.proxy.router();
         // New listeners accept once the routes that name them are in place.
         for (l, addr) in added {

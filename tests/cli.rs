@@ -729,3 +729,205 @@ fn status_exits_4_when_no_static_ingress_answers() {
     assert_eq!(out.status.code(), Some(4));
     assert!(stderr(&out).contains("is not a static-ingress status"), "{}", stderr(&out));
 }
+
+/// The fields of an access-log line, in either log format; None for any other line.
+fn access_fields(line: &str) -> Option<std::collections::BTreeMap<String, String>> {
+    if line.starts_with('{') {
+        let json: serde_json::Value = serde_json::from_str(line).ok()?;
+        (json["target"] == "static_ingress::access").then_some(())?;
+        let fields = json.as_object()?.iter().map(|(k, v)| {
+            // Numbers are numbers, not strings, for a log pipeline to sum.
+            let text = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => format!("json:{other}"),
+            };
+            (k.clone(), text)
+        });
+        Some(fields.collect())
+    } else {
+        let (_, rest) = line.split_once(" static_ingress::access: connection ")?;
+        Some(rest.split_whitespace().filter_map(|w| w.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect())
+    }
+}
+
+/// One connection through `proxy` that sends `n` bytes, reads them back and ends cleanly;
+/// returns the client's address.
+async fn echoed(proxy: SocketAddr, n: usize) -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let mut c = within(BOUND, "connect", tokio::net::TcpStream::connect(proxy)).await.expect("connect");
+    let me = c.local_addr().expect("local address");
+    let sent = pattern(n, n as u64);
+    c.write_all(&sent).await.expect("send");
+    c.shutdown().await.expect("half-close");
+    let back = within(BOUND, "the echo", read_until_closed(&mut c)).await.expect("read");
+    assert_eq!(back.len(), n, "the echo came back whole");
+    me
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_connection_whatever_the_log_level() {
+    let backend = Backend::echo().await;
+    // Only warnings, and the server's "serving" line that the test waits for: the access log
+    // is not filtered by the level.
+    let p = Process::start(
+        backend.addr,
+        &["--log-level", "warn,static_ingress::server=info", "--proxy-max-connections", "1"],
+    )
+    .await;
+    let client = echoed(p.proxy, 10_000).await;
+    let line = p.log_line("the completed connection's access-log line", |l| {
+        access_fields(l).filter(|f| f.get("client") == Some(&client.to_string()))
+    });
+    assert_eq!(line["listener"], "127.0.0.1:0", "the proxy.listen entry: {line:?}");
+    assert_eq!(line["route"], "default", "{line:?}");
+    assert_eq!(line["backend"], backend.addr.to_string(), "{line:?}");
+    assert_eq!(line["to_backend"], "10000", "{line:?}");
+    assert_eq!(line["to_client"], "10000", "{line:?}");
+    assert_eq!(line["reason"], "completed", "{line:?}");
+    let ms: f64 = line["duration_ms"].parse().expect("a number of milliseconds");
+    assert!(ms > 0.0 && ms < BOUND.as_secs_f64() * 1000.0, "{line:?}");
+
+    // Over the limit of one: reset at once, and logged too, with no route or backend.
+    let held = within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy)).await.expect("connect");
+    eventually("the first connection to hold the one slot", async || {
+        get(p.admin, "/metrics").await.body.contains("static_ingress_tcp_open_connections 1")
+    })
+    .await;
+    // Bound first: the reset may come before connect() returns, and fail it.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let refused_from = socket.local_addr().unwrap().to_string();
+    if let Ok(mut refused) = within(BOUND, "connect", socket.connect(p.proxy)).await {
+        assert!(within(BOUND, "the reset", read_until_closed(&mut refused)).await.is_err(), "reset over the limit");
+    }
+    let line = p.log_line("the refused connection's line", |l| {
+        access_fields(l).filter(|f| f.get("client") == Some(&refused_from))
+    });
+    assert_eq!(line["reason"], "over_limit", "{line:?}");
+    assert!(!line.contains_key("route") && !line.contains_key("backend"), "{line:?}");
+    assert_eq!((line["to_backend"].as_str(), line["to_client"].as_str()), ("0", "0"), "{line:?}");
+    drop(held);
+}
+
+/// `log.access` is applied by a reload, and the lines of the last connections reach stdout
+/// even when the proxy exits right after them. JSON lines carry numbers as numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_turns_the_access_log_on_and_the_last_lines_are_written_at_exit() {
+    let backend = Backend::echo().await;
+    let dir = std::env::temp_dir().join(format!("static-ingress-cli-access-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("static-ingress.toml");
+    std::fs::write(&file, "[log]\naccess = false\n").unwrap();
+    let p = Process::start_args(
+        cmd(),
+        &[
+            "--config",
+            &file.display().to_string(),
+            "--backend-address",
+            &backend.addr.to_string(),
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--lifecycle-drain-delay",
+            "0s",
+            "--log-format",
+            "json",
+        ]
+        .map(String::from),
+    )
+    .await;
+    let quiet = echoed(p.proxy, 100).await;
+    std::fs::write(&file, "[log]\naccess = true\n").unwrap();
+    p.signal(libc::SIGHUP);
+    p.log_line("the reload to finish", |l| l.contains("configuration reloaded").then_some(()));
+    let logged = echoed(p.proxy, 2_000).await;
+    p.signal(libc::SIGTERM);
+    let (code, logs) = p.wait().await;
+    assert_eq!(code, Some(0), "{logs}");
+    let lines: Vec<_> = logs.lines().filter_map(access_fields).collect();
+    assert_eq!(lines.len(), 1, "one line, for the connection after the reload:\n{logs}");
+    let line = &lines[0];
+    assert_eq!(line["client"], logged.to_string(), "{line:?}");
+    assert_ne!(line["client"], quiet.to_string());
+    assert_eq!(line["message"], "connection", "{line:?}");
+    assert_eq!(line["level"], "INFO", "{line:?}");
+    assert_eq!((line["to_backend"].as_str(), line["to_client"].as_str()), ("json:2000", "json:2000"), "{line:?}");
+    assert!(line["duration_ms"].strip_prefix("json:").and_then(|n| n.parse::<f64>().ok()).is_some(), "{line:?}");
+    assert!(!line.contains_key("span"), "the connection's span would repeat the fields: {line:?}");
+    // Applied, not merely accepted: no word of a restart.
+    assert!(!logs.contains("restart"), "{logs}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A proxy started by hand on free ports with `stdout` as its standard output, its admin
+/// address returned once /health answers.
+async fn spawn_with_stdout(backend: SocketAddr, stdout: Stdio) -> (Child, SocketAddr, SocketAddr) {
+    let (proxy, admin) = (free_port(), free_port());
+    let child = cmd()
+        .args(["run", "--config", &fixture("empty.toml"), "--backend-address", &backend.to_string()])
+        .args(["--proxy-listen", &proxy, "--admin-listen", &admin])
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the proxy");
+    let (proxy, admin) = (proxy.parse().unwrap(), admin.parse().unwrap());
+    eventually("the proxy to answer /health", async || {
+        tokio::net::TcpStream::connect(admin).await.is_ok() && get(admin, "/health").await.status == 200
+    })
+    .await;
+    (child, proxy, admin)
+}
+
+/// Nobody reads the proxy's stdout for a while (a stuck journald): the pipe fills, and the
+/// connections go on as fast as ever; their lines wait in memory and all arrive once it is
+/// read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_never_wait_for_a_stdout_nobody_reads_and_no_line_is_lost() {
+    const CONNECTIONS: usize = 1_000;
+    let backend = Backend::echo().await;
+    let (mut child, proxy, admin) = spawn_with_stdout(backend.addr, Stdio::piped()).await;
+    let stdout = child.stdout.take().expect("piped");
+    // About 200 bytes a line: several times what the pipe holds.
+    for _ in 0..CONNECTIONS {
+        echoed(proxy, 10).await;
+    }
+    let metrics = get(admin, "/metrics").await.body;
+    assert!(metrics.contains("static_ingress_access_log_dropped_lines_total 0"), "{metrics}");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + BOUND;
+    let mut logged = 0;
+    while logged < CONNECTIONS {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).unwrap_or_else(|_| panic!("only {logged} of {CONNECTIONS} lines arrived"));
+        if let Some(f) = access_fields(&line) {
+            assert_eq!(f["reason"], "completed", "a whole line: {line}");
+            logged += 1;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// stdout fails (a full disk): every line is counted as dropped, and the proxy serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_stdout_cannot_take_are_counted_as_dropped() {
+    let backend = Backend::echo().await;
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+    let (mut child, proxy, admin) = spawn_with_stdout(backend.addr, Stdio::from(full)).await;
+    for _ in 0..20 {
+        echoed(proxy, 10).await;
+    }
+    eventually("the 20 lines to be counted as dropped", async || {
+        get(admin, "/metrics").await.body.contains("static_ingress_access_log_dropped_lines_total 20")
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+}

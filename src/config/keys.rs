@@ -529,7 +529,18 @@ const KEY_LIST: &[Key] = &[
         kind: Kind::LogFilter,
         default: Some("info"),
         doc: "A tracing filter: a level (error, warn, info, debug, trace) or directives such \
-              as info,static_ingress::proxy=debug.",
+              as info,static_ingress::proxy=debug. It does not apply to the access log \
+              (log.access).",
+    },
+    Key {
+        name: "log.access",
+        kind: Kind::Bool,
+        default: Some("true"),
+        doc: "The access log: one line per client connection as it closes (client address, \
+              listener, route, backend address, bytes each way, duration, close reason), in \
+              log.format, on stdout like the rest (target static_ingress::access). Applied by a \
+              reload. Lines stdout cannot take in time are dropped and counted, never waited \
+              for (docs/configuration.md#access-log).",
     },
 ];
 
@@ -728,6 +739,7 @@ pub const EIP_AUTOSCALING_ENDPOINT: Typed<String> = Typed::new("eip.autoscaling_
 pub const EIP_REPORT_UNHEALTHY_AFTER: Typed<Duration> = Typed::new("eip.report_unhealthy_after");
 pub const LOG_FORMAT: Typed<LogFormat> = Typed::new("log.format");
 pub const LOG_LEVEL: Typed<String> = Typed::new("log.level");
+pub const LOG_ACCESS: Typed<bool> = Typed::new("log.access");
 
 #[cfg(test)]
 mod tests {

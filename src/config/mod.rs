@@ -206,6 +206,8 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A checked tracing filter directive.
     pub filter: String,
+    /// One line per connection (`log.access`).
+    pub access: bool,
 }
 
 /// One key's effective value and where it came from, for `check-config`.
@@ -546,7 +548,8 @@ impl Resolver<'_> {
     fn log(&mut self) -> Option<LogConfig> {
         let format = self.get(keys::LOG_FORMAT);
         let filter = self.get(keys::LOG_LEVEL);
-        Some(LogConfig { format: format?, filter: filter? })
+        let access = self.get(keys::LOG_ACCESS);
+        Some(LogConfig { format: format?, filter: filter?, access: access? })
     }
 
     /// Rules that involve more than one key.

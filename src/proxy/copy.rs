@@ -23,6 +23,7 @@ use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -90,6 +91,21 @@ pub struct Splicing {
     pub after: u64,
     /// Bytes moved through pipes, both directions.
     pub bytes: IntCounter,
+}
+
+/// Where one direction counts the bytes it reads: the proxy-wide metric and the connection's own
+/// total, for its access-log line.
+#[derive(Clone, Copy)]
+pub struct Counter<'a> {
+    pub metric: &'a IntCounter,
+    pub conn: &'a AtomicU64,
+}
+
+impl Counter<'_> {
+    fn inc_by(self, n: u64) {
+        self.metric.inc_by(n);
+        self.conn.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// What one splice into an empty pipe did.
@@ -173,7 +189,7 @@ impl Pipe {
         cx: &mut Context<'_>,
         from: &TcpStream,
         to: &TcpStream,
-        bytes: &IntCounter,
+        bytes: Counter<'_>,
         splicing: Option<&Splicing>,
         moved: &mut bool,
     ) -> Poll<Result<(), (Side, io::Error)>> {
@@ -326,7 +342,7 @@ impl Pipe {
         cx: &mut Context<'_>,
         from: &TcpStream,
         to: &TcpStream,
-        bytes: &IntCounter,
+        bytes: Counter<'_>,
         moved: &mut bool,
     ) -> Result<(), (Side, io::Error)> {
         let n = match from.try_read(scratch) {
@@ -431,8 +447,8 @@ pub fn bidirectional<'a>(
     client: &'a TcpStream,
     backend: &'a TcpStream,
     timeouts: Timeouts,
-    to_backend: &'a IntCounter,
-    to_client: &'a IntCounter,
+    to_backend: Counter<'a>,
+    to_client: Counter<'a>,
     splicing: Option<&'a Splicing>,
 ) -> impl Future<Output = Outcome> + Send + 'a {
     async move {
@@ -534,7 +550,7 @@ async fn salvage(
     pipe: &mut Pipe,
     from: &TcpStream,
     to: &TcpStream,
-    bytes: &IntCounter,
+    bytes: Counter<'_>,
     splicing: Option<&Splicing>,
     limit: Duration,
 ) -> bool {

@@ -1,5 +1,6 @@
 //! The TCP data path: the accept loop, the connection limit, and one task per connection.
 
+pub mod access;
 pub mod copy;
 pub mod proxy_protocol;
 pub mod sni;
@@ -10,7 +11,7 @@ pub mod workers;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -25,6 +26,8 @@ use crate::config::{ProxyConfig, ProxyProtocol, Splice};
 use crate::logging::Throttle;
 use crate::metrics::{CloseReason, ConnectError, Direction, Metrics, Side};
 use crate::route::{Pick, Router, Upstream};
+
+use access::Record;
 
 /// How many backend addresses one client connection tries before giving up. Refused connects
 /// cost nothing, but each timeout costs `connect_timeout`; four keeps the worst case well
@@ -62,6 +65,8 @@ impl Drop for Slot {
 pub struct Proxy {
     /// Swapped by a reload; each connection reads it as it goes.
     config: ArcSwap<ProxyConfig>,
+    /// `log.access`: each connection logs a line as it closes.
+    access_log: AtomicBool,
     /// `proxy.max_connections` now: `limit` holds this many permits, plus `owed`.
     max_connections: AtomicUsize,
     /// Permits a lowered limit still has to take back: held by connections opened under the
@@ -89,7 +94,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: ProxyConfig, router: Arc<Router>, metrics: Arc<Metrics>) -> Proxy {
+    pub fn new(config: ProxyConfig, access_log: bool, router: Arc<Router>, metrics: Arc<Metrics>) -> Proxy {
         let cut = CancellationToken::new();
         Proxy {
             limit: Arc::new(Semaphore::new(config.max_connections)),
@@ -102,6 +107,7 @@ impl Proxy {
             owed: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
             config: ArcSwap::from_pointee(config),
+            access_log: AtomicBool::new(access_log),
             router: ArcSwap::new(router),
             metrics,
             tracker: TaskTracker::new(),
@@ -169,10 +175,19 @@ impl Proxy {
     }
 
     /// Applies a reloaded configuration to new connections: its routes and backends, and its
-    /// `[proxy]` timeouts and bounds. Connections already open keep what they started with.
-    pub fn reconfigure(&self, config: ProxyConfig, router: Arc<Router>) {
+    /// `[proxy]` timeouts and bounds. Connections already open keep what they started with,
+    /// but `log.access` applies to every connection that closes from now on.
+    pub fn reconfigure(&self, config: ProxyConfig, access_log: bool, router: Arc<Router>) {
         self.config.store(Arc::new(config));
+        self.access_log.store(access_log, Ordering::Release);
         self.router.store(router);
+    }
+
+    /// Logs a closed connection's access-log line, if `log.access` is on.
+    fn log_access(&self, record: &Record, reason: CloseReason) {
+        if self.access_log.load(Ordering::Acquire) {
+            record.log(reason);
+        }
     }
 
     /// The backends and the routing between them, as connections see them now.
@@ -210,13 +225,14 @@ impl Proxy {
             }
             self.metrics.tcp_open_total.inc();
             self.metrics.tcp_open_connections.inc();
+            let record = Record::new(std::time::Instant::now(), peer, on);
             match Arc::clone(&self.limit).try_acquire_owned() {
                 Ok(permit) => {
                     let slot = Slot::new(Arc::clone(&self), permit);
                     let span = tracing::debug_span!("conn", client.addr = %peer, backend = tracing::field::Empty,
                         backend.addr = tracing::field::Empty);
                     let proxy = Arc::clone(&self);
-                    self.tracker.spawn(proxy.serve(stream, on, slot).instrument(span));
+                    self.tracker.spawn(proxy.serve(stream, record, slot).instrument(span));
                 }
                 Err(_) => {
                     // Counted before the reset goes out (at the drop): a client that sees it
@@ -224,6 +240,7 @@ impl Proxy {
                     socket::reset(&stream);
                     self.metrics.closed(CloseReason::OverLimit);
                     drop(stream);
+                    self.log_access(&record, CloseReason::OverLimit);
                     if let Some(suppressed) = self.limit_log.allow() {
                         tracing::warn!(
                             limit = self.max_connections(),
@@ -260,16 +277,16 @@ impl Proxy {
     // layout.
 
     #[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice in every connection's task")]
-    fn serve(self: Arc<Self>, client: TcpStream, listener: SocketAddr, slot: Slot) -> impl Future<Output = ()> + Send {
+    fn serve(self: Arc<Self>, client: TcpStream, record: Record, slot: Slot) -> impl Future<Output = ()> + Send {
         async move {
             let cut = self.cut_token();
-            let reason = self.route(&client, listener, &cut).await;
+            let reason = self.route(&client, &record, &cut).await;
             // Free the socket and the slot before counting the close, so that whoever sees the
             // close counted can rely on the slot being free.
             drop(client);
             drop(slot);
             self.metrics.closed(reason);
-            tracing::debug!(reason = reason.as_str(), "connection closed");
+            self.log_access(&record, reason);
         }
     }
 
@@ -280,10 +297,11 @@ impl Proxy {
     fn route<'a>(
         &'a self,
         client: &'a TcpStream,
-        listener: SocketAddr,
+        record: &'a Record,
         cut: &'a CancellationToken,
     ) -> impl Future<Output = CloseReason> + Send + 'a {
         async move {
+            let listener = record.listener;
             let (pick, hello) = if self.router().reads_hello(listener) {
                 let read = tokio::select! {
                     biased;
@@ -299,8 +317,9 @@ impl Proxy {
             } else {
                 (self.router().direct(), Vec::new())
             };
+            // Held by the record from here on, for the access log.
             let upstream = match pick {
-                Pick::To(u) => u,
+                Pick::To(u) => record.route.get_or_init(|| u),
                 Pick::Refuse => {
                     socket::reset(client);
                     return CloseReason::NoRoute;
@@ -308,7 +327,7 @@ impl Proxy {
             };
             upstream.metrics.routed.inc();
             tracing::Span::current().record("backend", upstream.name());
-            self.proxy(client, &upstream, hello, cut).await
+            self.proxy(client, upstream, record, hello, cut).await
         }
     }
 
@@ -364,6 +383,7 @@ impl Proxy {
         &'a self,
         client: &'a TcpStream,
         upstream: &'a Upstream,
+        record: &'a Record,
         first: Vec<u8>,
         cut: &'a CancellationToken,
     ) -> impl Future<Output = CloseReason> + Send + 'a {
@@ -405,6 +425,7 @@ impl Proxy {
                 }
             };
             tracing::Span::current().record("backend.addr", tracing::field::display(addr.addr));
+            let addr = record.backend.get_or_init(|| addr);
             let _active = addr.track();
             let config = self.config.load_full();
             socket::tune(&backend, config.tcp_keepalive);
@@ -445,6 +466,7 @@ impl Proxy {
                 }
             }
             self.metrics.bytes(Direction::ToBackend).inc_by(read_ahead);
+            record.to_backend.fetch_add(read_ahead, Ordering::Relaxed);
 
             let timeouts = copy::Timeouts { idle: config.idle_timeout, half_close: config.half_close_timeout };
             let after = match config.splice {
@@ -463,8 +485,8 @@ impl Proxy {
                     client,
                     &backend,
                     timeouts,
-                    self.metrics.bytes(Direction::ToBackend),
-                    self.metrics.bytes(Direction::ToClient),
+                    copy::Counter { metric: self.metrics.bytes(Direction::ToBackend), conn: &record.to_backend },
+                    copy::Counter { metric: self.metrics.bytes(Direction::ToClient), conn: &record.to_client },
                     splicing.as_ref(),
                 ) => outcome,
                 () = addr.retired() => {
