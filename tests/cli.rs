@@ -831,6 +831,8 @@ async fn a_reload_turns_the_access_log_on_and_the_last_lines_are_written_at_exit
             "127.0.0.1:0",
             "--lifecycle-drain-delay",
             "0s",
+            "--lifecycle-grace-period",
+            "200ms",
             "--log-format",
             "json",
         ]
@@ -842,11 +844,20 @@ async fn a_reload_turns_the_access_log_on_and_the_last_lines_are_written_at_exit
     p.signal(libc::SIGHUP);
     p.log_line("the reload to finish", |l| l.contains("configuration reloaded").then_some(()));
     let logged = echoed(p.proxy, 2_000).await;
+    // Open until the grace period cuts it, a moment before the process exits: its line comes
+    // last, and is written out all the same.
+    let mut held = within(BOUND, "connect", tokio::net::TcpStream::connect(p.proxy)).await.expect("connect");
+    let held_from = held.local_addr().unwrap().to_string();
+    assert_eq!(round_trip(&mut held, b"still here").await, b"still here");
     p.signal(libc::SIGTERM);
     let (code, logs) = p.wait().await;
     assert_eq!(code, Some(0), "{logs}");
+    assert!(logs.contains("grace period over"), "the connection was cut at the end of the grace period: {logs}");
     let lines: Vec<_> = logs.lines().filter_map(access_fields).collect();
-    assert_eq!(lines.len(), 1, "one line, for the connection after the reload:\n{logs}");
+    assert_eq!(lines.len(), 2, "two lines, for the connections after the reload:\n{logs}");
+    let cut = &lines[1];
+    assert_eq!((cut["client"].as_str(), cut["reason"].as_str()), (held_from.as_str(), "shutdown"), "{logs}");
+    assert_eq!(cut["to_client"], "json:10", "{cut:?}");
     let line = &lines[0];
     assert_eq!(line["client"], logged.to_string(), "{line:?}");
     assert_ne!(line["client"], quiet.to_string());

@@ -279,14 +279,16 @@ impl Proxy {
     #[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice in every connection's task")]
     fn serve(self: Arc<Self>, client: TcpStream, record: Record, slot: Slot) -> impl Future<Output = ()> + Send {
         async move {
+            // Logs the line however the task ends: a task dropped before its end (still open
+            // when the process exits) logs it as cut by the shutdown.
+            let mut line = Line { proxy: &self, record: &record, reason: CloseReason::Shutdown };
             let cut = self.cut_token();
-            let reason = self.route(&client, &record, &cut).await;
+            line.reason = self.route(&client, &record, &cut).await;
             // Free the socket and the slot before counting the close, so that whoever sees the
             // close counted can rely on the slot being free.
             drop(client);
             drop(slot);
-            self.metrics.closed(reason);
-            self.log_access(&record, reason);
+            self.metrics.closed(line.reason);
         }
     }
 
@@ -301,8 +303,7 @@ impl Proxy {
         cut: &'a CancellationToken,
     ) -> impl Future<Output = CloseReason> + Send + 'a {
         async move {
-            let listener = record.listener;
-            let (pick, hello) = if self.router().reads_hello(listener) {
+            let (pick, hello) = if self.router().reads_hello(record.listener) {
                 let read = tokio::select! {
                     biased;
                     () = cut.cancelled() => None,
@@ -310,7 +311,7 @@ impl Proxy {
                 };
                 match read {
                     // The routes as they are once the hello is in (a reload may have come since).
-                    Some(Ok((hello, bytes))) => (self.router().pick(listener, &hello), bytes),
+                    Some(Ok((hello, bytes))) => (self.router().pick(record.listener, &hello), bytes),
                     Some(Err(reason)) => return reason,
                     None => return cut_off(client),
                 }
@@ -568,6 +569,19 @@ impl Proxy {
             upstream.backends.request_refresh();
         }
         Err(Unconnected::AllFailed)
+    }
+}
+
+/// A connection's access-log line, logged when dropped: at the end of its task, or with the task.
+struct Line<'a> {
+    proxy: &'a Proxy,
+    record: &'a Record,
+    reason: CloseReason,
+}
+
+impl Drop for Line<'_> {
+    fn drop(&mut self) {
+        self.proxy.log_access(self.record, self.reason);
     }
 }
 
