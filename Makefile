@@ -73,9 +73,9 @@ screenshot:
 
 container-test:
 	scripts/install-system-packages.sh
-	venv="$$(scripts/python-tools.sh | tail -n 1)"; \
+	tools="$$(scripts/install-tools.sh | tail -n 1)"; venv="$$(scripts/python-tools.sh | tail -n 1)"; \
 	deb="$$(scripts/build-deb.sh $(PACKAGE_TEST_PROFILE) | tail -n 1)"; \
-	STATIC_INGRESS_DEB="$$deb" "$$venv/python" $(PYTEST) tests/packaging/test_container.py
+	STATIC_INGRESS_TOOLS_BIN="$$tools" STATIC_INGRESS_DEB="$$deb" "$$venv/python" $(PYTEST) tests/packaging/test_container.py
 
 docs:
 	scripts/config-table.py

@@ -4,7 +4,8 @@
 //! The access log (one line per connection, target [`ACCESS`]) goes through the same formatter
 //! as every other line, but not through the same writer: a connection's task never waits on
 //! stdout. Its lines are appended to a buffer in memory, and a thread of their own writes the
-//! buffer out in one `write` per batch. When stdout does not keep up (journald busy, a pipe
+//! buffer out, many lines per write, in pieces cut at line ends so that other log lines wait
+//! for stdout at most one piece. When stdout does not keep up (journald busy, a pipe
 //! nobody reads) the buffer fills to [`ACCESS_BUFFER_MAX`]; lines past that are dropped and
 //! counted (`static_ingress_access_log_dropped_lines_total`), as HAProxy drops log lines its
 //! sink cannot take, rather than stalling the data path.
@@ -48,20 +49,24 @@ pub static ACCESS_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("a valid metric definition")
 });
 
-/// Installs the global subscriber, writing to stdout. The filter was checked when the config
-/// was loaded.
+/// Installs the global subscriber, writing to stdout, and starts the access log's writer.
+/// The filter was checked when the config was loaded.
 pub fn init(config: &LogConfig) {
-    init_to(config, std::io::stdout, std::io::stdout().is_terminal());
+    init_to(config, std::io::stdout, std::io::stdout().is_terminal(), true);
+    if let Err(e) = SINK.start() {
+        tracing::warn!(error = %e, "cannot start the access log's writer thread; its lines are dropped and counted");
+    }
 }
 
-/// Like [`init`], but to stderr: for one-shot commands whose stdout is their report.
+/// Like [`init`], but to stderr and without the access log: for one-shot commands whose
+/// stdout is their report.
 pub fn init_stderr(config: &LogConfig) {
-    init_to(config, std::io::stderr, std::io::stderr().is_terminal());
+    init_to(config, std::io::stderr, std::io::stderr().is_terminal(), false);
 }
 
 type Boxed = Box<dyn Layer<Registry> + Send + Sync>;
 
-fn init_to<W>(config: &LogConfig, writer: W, terminal: bool)
+fn init_to<W>(config: &LogConfig, writer: W, terminal: bool, access_log: bool)
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
@@ -72,7 +77,7 @@ where
         .add_directive(format!("{ACCESS}=off").parse().expect("a valid directive"));
     let access = Targets::new().with_target(ACCESS, tracing::Level::INFO);
     let sink = AccessWriter(&SINK);
-    let layers: Vec<Boxed> = match config.format {
+    let mut layers: Vec<Boxed> = match config.format {
         LogFormat::Json => vec![
             tracing_subscriber::fmt::layer()
                 .json()
@@ -96,8 +101,15 @@ where
             tracing_subscriber::fmt::layer().with_ansi(terminal).with_writer(sink).with_filter(access).boxed(),
         ],
     };
+    if !access_log {
+        layers.truncate(1);
+    }
     tracing_subscriber::registry().with(layers).init();
 }
+
+/// The most the writer hands stdout in one write, cut at a line's end: other log lines wait
+/// for stdout's lock at most one piece, however large the batch.
+const ACCESS_PIECE: usize = 64 << 10;
 
 /// The access log's lines waiting for stdout, and the writer thread's state.
 struct Sink {
@@ -110,7 +122,8 @@ struct Sink {
 
 struct Pending {
     lines: Vec<u8>,
-    /// The writer thread is running (started with the first line).
+    /// The writer thread is running (started by [`init`]); until then, or if it could not
+    /// start, lines are dropped and counted.
     started: bool,
     /// The writer waits on `arrived`: the next line must wake it.
     asleep: bool,
@@ -131,27 +144,27 @@ impl Sink {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Starts the writer thread, once.
+    fn start(&'static self) -> std::io::Result<()> {
+        if self.lock().started {
+            return Ok(());
+        }
+        std::thread::Builder::new().name("access-log".into()).spawn(move || self.write_out())?;
+        self.lock().started = true;
+        Ok(())
+    }
+
     /// Takes one line (the formatter writes each whole, with its newline), or drops and counts
-    /// it when the buffer is full.
-    fn push(&'static self, line: &[u8]) {
+    /// it when the buffer is full or nothing will write it.
+    fn push(&self, line: &[u8]) {
         let mut pending = self.lock();
-        if pending.lines.len() + line.len() > ACCESS_BUFFER_MAX {
+        if !pending.started || pending.lines.len() + line.len() > ACCESS_BUFFER_MAX {
             drop(pending);
             ACCESS_DROPPED.inc();
             return;
         }
         pending.lines.extend_from_slice(line);
-        if !pending.started {
-            pending.started = true;
-            if let Err(e) = std::thread::Builder::new().name("access-log".into()).spawn(move || self.write_out()) {
-                // Nothing will write these lines: take them back and count them.
-                pending.started = false;
-                pending.lines.clear();
-                drop(pending);
-                ACCESS_DROPPED.inc();
-                tracing::warn!(error = %e, "cannot start the access log's writer thread; its lines are dropped");
-            }
-        } else if pending.asleep {
+        if pending.asleep {
             pending.asleep = false;
             drop(pending);
             self.arrived.notify_one();
@@ -161,6 +174,7 @@ impl Sink {
     /// The writer thread: batches out to stdout, for the life of the process.
     fn write_out(&self) {
         let mut batch = Vec::new();
+        let mut torn = false;
         loop {
             {
                 let mut pending = self.lock();
@@ -177,12 +191,8 @@ impl Sink {
                 std::mem::swap(&mut pending.lines, &mut batch);
                 pending.writing = true;
             }
-            let mut out = std::io::stdout().lock();
-            if out.write_all(&batch).and_then(|()| out.flush()).is_err() {
-                let lines = batch.iter().filter(|&&b| b == b'\n').count();
-                ACCESS_DROPPED.inc_by(lines as u64);
-            }
-            drop(out);
+            let lost = write_batch(|| std::io::stdout().lock(), &batch, &mut torn);
+            ACCESS_DROPPED.inc_by(lost);
             batch.clear();
             if batch.capacity() > ACCESS_KEEP_CAPACITY {
                 batch = Vec::new();
@@ -207,6 +217,54 @@ impl Sink {
             pending = self.written.wait_timeout(pending, left).unwrap_or_else(PoisonError::into_inner).0;
         }
         true
+    }
+}
+
+/// Writes `batch` (whole lines) in pieces of at most [`ACCESS_PIECE`] bytes, each cut at a
+/// line's end and written under its own `out()` (stdout's lock). Returns how many lines were
+/// lost: at the first failed write, the lines not wholly written. A line cut partway by the
+/// failure is lost too, and `torn` is set so that the next write first ends it with a newline,
+/// and the line after it starts a line of its own.
+fn write_batch<W: Write>(mut out: impl FnMut() -> W, batch: &[u8], torn: &mut bool) -> u64 {
+    let lines = |bytes: &[u8]| bytes.iter().filter(|&&b| b == b'\n').count() as u64;
+    let mut rest = batch;
+    while !rest.is_empty() {
+        let piece = piece_len(rest);
+        let mut w = out();
+        if *torn {
+            if w.write_all(b"\n").is_err() {
+                return lines(rest);
+            }
+            *torn = false;
+        }
+        let mut written = 0;
+        while written < piece {
+            match w.write(&rest[written..piece]) {
+                Ok(0) => break,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let flushed = written == piece && w.flush().is_ok();
+        if !flushed {
+            *torn = written > 0 && rest[written - 1] != b'\n';
+            return lines(&rest[written..]);
+        }
+        rest = &rest[piece..];
+    }
+    0
+}
+
+/// The length of the next piece of `bytes` to write: whole lines, at most [`ACCESS_PIECE`]
+/// bytes unless the first line alone is longer.
+fn piece_len(bytes: &[u8]) -> usize {
+    if bytes.len() <= ACCESS_PIECE {
+        return bytes.len();
+    }
+    match bytes[..ACCESS_PIECE].iter().rposition(|&b| b == b'\n') {
+        Some(end) => end + 1,
+        None => bytes.iter().position(|&b| b == b'\n').map_or(bytes.len(), |end| end + 1),
     }
 }
 
@@ -292,6 +350,50 @@ impl Throttle {
     }
 }
 
+/// Lets up to a number of events through in each second (of its own clock) and counts the
+/// rest: a cap on lines that a flood could otherwise multiply, without hiding that it happened.
+#[derive(Debug)]
+pub struct Budget {
+    origin: Instant,
+    per_second: u64,
+    /// The second (since `origin`) that `used` counts in.
+    second: AtomicU64,
+    used: AtomicU64,
+    held_back: AtomicU64,
+}
+
+impl Budget {
+    pub fn new(per_second: u64) -> Budget {
+        Budget {
+            origin: Instant::now(),
+            per_second,
+            second: AtomicU64::new(0),
+            used: AtomicU64::new(0),
+            held_back: AtomicU64::new(0),
+        }
+    }
+
+    /// True when this event may be logged; false (and counted) when this second's budget is
+    /// spent.
+    pub fn allow(&self) -> bool {
+        let now = self.origin.elapsed().as_secs();
+        let second = self.second.load(Ordering::Relaxed);
+        if now != second && self.second.compare_exchange(second, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) < self.per_second {
+            return true;
+        }
+        self.held_back.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// How many events were held back since the last call.
+    pub fn take_held_back(&self) -> u64 {
+        self.held_back.swap(0, Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,5 +411,110 @@ mod tests {
         };
         assert_eq!(t.allow(), Some(2));
         assert_eq!(t.allow(), None);
+    }
+
+    /// What a [`Limited`] writer took.
+    #[derive(Default)]
+    struct Taken {
+        got: Vec<u8>,
+        /// How many times `out()` was called: one per piece.
+        pieces: usize,
+        /// Bytes it still takes before failing every write.
+        room: usize,
+    }
+
+    /// Takes `room` bytes, at most 1,000 a write, then fails every write.
+    struct Limited(std::rc::Rc<std::cell::RefCell<Taken>>);
+
+    impl Write for Limited {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut t = self.0.borrow_mut();
+            if t.room == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+            }
+            let n = buf.len().min(t.room).min(1000);
+            t.room -= n;
+            t.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Writes `batch` into `taken` as [`Sink::write_out`] writes into stdout.
+    fn write_into(taken: &std::rc::Rc<std::cell::RefCell<Taken>>, batch: &[u8], torn: &mut bool) -> u64 {
+        write_batch(
+            || {
+                taken.borrow_mut().pieces += 1;
+                Limited(std::rc::Rc::clone(taken))
+            },
+            batch,
+            torn,
+        )
+    }
+
+    fn taking(room: usize) -> std::rc::Rc<std::cell::RefCell<Taken>> {
+        std::rc::Rc::new(std::cell::RefCell::new(Taken { room, ..Taken::default() }))
+    }
+
+    fn lines_of(n: usize, len: usize) -> Vec<u8> {
+        (0..n).flat_map(|i| format!("{i:0>w$}\n", w = len - 1).into_bytes()).collect()
+    }
+
+    #[test]
+    fn budget_lets_so_many_through_a_second_and_counts_the_rest() {
+        let b = Budget::new(3);
+        assert_eq!((0..5).map(|_| b.allow()).collect::<Vec<_>>(), [true, true, true, false, false]);
+        assert_eq!(b.take_held_back(), 2);
+        assert_eq!(b.take_held_back(), 0);
+        // A second later the budget is new.
+        let b = Budget { origin: b.origin.checked_sub(Duration::from_secs(1)).unwrap(), ..b };
+        assert_eq!((0..4).map(|_| b.allow()).collect::<Vec<_>>(), [true, true, true, false]);
+        assert_eq!(b.take_held_back(), 1);
+    }
+
+    #[test]
+    fn a_batch_goes_out_in_pieces_of_whole_lines() {
+        let batch = lines_of(1000, 200);
+        let (taken, mut torn) = (taking(usize::MAX), false);
+        assert_eq!(write_into(&taken, &batch, &mut torn), 0);
+        assert!(!torn);
+        assert_eq!(taken.borrow().got, batch);
+        // 200,000 bytes in pieces of 327 lines (65,400 bytes).
+        assert_eq!(piece_len(&batch), 65_400);
+        assert_eq!(taken.borrow().pieces, 4);
+    }
+
+    #[test]
+    fn a_line_longer_than_a_piece_goes_whole() {
+        let mut long = vec![b'x'; ACCESS_PIECE + 10];
+        long.push(b'\n');
+        long.extend_from_slice(b"next\n");
+        assert_eq!(piece_len(&long), ACCESS_PIECE + 11);
+    }
+
+    #[test]
+    fn a_failed_write_counts_the_lines_not_wholly_written_and_ends_the_torn_one() {
+        let batch = lines_of(10, 100);
+        let (taken, mut torn) = (taking(350), false);
+        // Three lines out whole, the fourth cut at 50 bytes: seven lost, the fourth among them.
+        assert_eq!(write_into(&taken, &batch, &mut torn), 7);
+        assert!(torn);
+        assert_eq!(taken.borrow().got, batch[..350]);
+        // The next batch ends the torn line first.
+        taken.borrow_mut().room = usize::MAX;
+        let next = lines_of(2, 100);
+        assert_eq!(write_into(&taken, &next, &mut torn), 0);
+        assert!(!torn);
+        let got = &taken.borrow().got;
+        assert_eq!(got.len(), 350 + 1 + 200);
+        assert_eq!(got[350], b'\n');
+        assert_eq!(got[351..], next[..]);
+        // A failure at a line's end tears nothing.
+        let (taken, mut torn) = (taking(300), false);
+        assert_eq!(write_into(&taken, &batch, &mut torn), 7);
+        assert!(!torn);
     }
 }

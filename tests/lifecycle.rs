@@ -119,9 +119,11 @@ async fn drain_fails_health_keeps_serving_then_closes_and_lets_open_connections_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_still_open_after_the_grace_period_are_closed() {
+    access::capture();
     let backend = Backend::echo().await;
     let proxy = Proxy::start(backend.addr, &[("lifecycle.grace_period", "300ms")]).await;
     let mut straggler = proxy.connect().await;
+    let from = straggler.local_addr().unwrap();
     assert_eq!(round_trip(&mut straggler, b"x").await, b"x");
 
     let signalled = Instant::now();
@@ -131,6 +133,9 @@ async fn connections_still_open_after_the_grace_period_are_closed() {
     assert!(signalled.elapsed() >= Duration::from_millis(300), "exited before the grace period");
     assert!(read_until_closed(&mut straggler).await.is_err(), "the cut connection is reset");
     assert_eq!(metrics.close_count(static_ingress::metrics::CloseReason::Shutdown), 1);
+    // Logged by the time the proxy has exited, with what moved before the cut.
+    let line = access::find(from).expect("the cut connection's access-log line");
+    assert_eq!((line["reason"].as_str(), access::bytes(&line)), ("shutdown", (1, 1)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,10 +18,12 @@ async fn receiver(bind: &str) -> Haproxy {
     Haproxy::start(bind, "accept-proxy", "%[src]:%[src_port] %[dst]:%[dst_port]").await
 }
 
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: receiver\r\nConnection: close\r\n\r\n";
+
 /// One HTTP request on `client`, a connection through the proxy: the body of the answer, or
 /// `None` if the connection closed without one.
 async fn request_through(client: &mut TcpStream) -> Option<String> {
-    client.write_all(b"GET / HTTP/1.1\r\nHost: receiver\r\nConnection: close\r\n\r\n").await.ok()?;
+    client.write_all(REQUEST).await.ok()?;
     let mut raw = Vec::new();
     within(BOUND, "the receiver's answer", client.read_to_end(&mut raw)).await.ok()?;
     let raw = String::from_utf8(raw).ok()?;
@@ -32,6 +34,7 @@ async fn request_through(client: &mut TcpStream) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backend_reads_the_clients_address_from_the_v2_header() {
     let receiver = receiver("127.0.0.1:0").await;
+    access::capture();
     let proxy = Proxy::start(receiver.addr, &[("backend.proxy_protocol", "v2")]).await;
     // Several connections, each with its own source port.
     for _ in 0..3 {
@@ -39,6 +42,12 @@ async fn the_backend_reads_the_clients_address_from_the_v2_header() {
         let me = client.local_addr().unwrap();
         let seen = request_through(&mut client).await.expect("HAProxy accepted the header and answered");
         assert_eq!(seen, format!("{}:{} {}:{}", me.ip(), me.port(), proxy.addr.ip(), proxy.addr.port()));
+        // The access log counts the client's bytes, not the header the proxy wrote before them.
+        drop(client);
+        let line = access::line_of(me).await;
+        let (to_backend, to_client) = access::bytes(&line);
+        assert_eq!(to_backend, REQUEST.len() as u64, "{line:?}");
+        assert!(to_client > seen.len() as u64, "{line:?}");
     }
 }
 

@@ -163,8 +163,10 @@ async fn connections_to_a_backend_a_reload_removed_close_when_its_grace_ends() {
     let grace = "[backend]\nremoved_grace = \"1s\"\n";
     let text = |api| routes(default, api, None, "").replacen("[backend]\n", grace, 1);
     std::fs::write(&path, text(one)).unwrap();
+    access::capture();
     let proxy = Proxy::start_reloadable(&path, &[]).await;
     let (who, mut open) = ask(proxy.addr, "api.example.com").await.unwrap();
+    let from = open.local_addr().unwrap();
     assert_eq!(who, "one..");
 
     // A reload that only changes the route's settings, not its backend: nothing is closed.
@@ -186,6 +188,12 @@ async fn connections_to_a_backend_a_reload_removed_close_when_its_grace_ends() {
     let end = within(BOUND, "the cut", open.read(&mut buf)).await;
     assert!(matches!(end, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{end:?}");
     eventually("counted as backend_retired", async || proxy.closed("backend_retired").await == 1.0).await;
+    // The ClientHello read for routing counts toward the backend once it was sent there.
+    let line = access::line_of(from).await;
+    let hello = client_hello("api.example.com").len() as u64;
+    assert_eq!(access::bytes(&line), (hello + 10, 15), "{line:?}");
+    assert_eq!((line["reason"].as_str(), line["route"].as_str()), ("backend_retired", "api"));
+    assert_eq!(line["backend"], one.to_string());
     let _ = std::fs::remove_file(&path);
 }
 

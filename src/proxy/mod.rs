@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 
 use crate::backend::BackendAddr;
 use crate::config::{ProxyConfig, ProxyProtocol, Splice};
-use crate::logging::Throttle;
+use crate::logging::{Budget, Throttle};
 use crate::metrics::{CloseReason, ConnectError, Direction, Metrics, Side};
 use crate::route::{Pick, Router, Upstream};
 
@@ -33,6 +33,10 @@ use access::Record;
 /// cost nothing, but each timeout costs `connect_timeout`; four keeps the worst case well
 /// inside the ~30 s a TLS client waits for its handshake at the default 3 s.
 const MAX_CONNECT_ATTEMPTS: usize = 4;
+
+/// Access-log lines a second for connections refused at `proxy.max_connections`; the
+/// throttled "connection limit reached" warning counts those past it (`unlogged`).
+const OVER_LIMIT_LINES: u64 = 100;
 
 /// After a reload changes `proxy.tcp_keepalive`, how long accepted sockets are tuned one by
 /// one: the backlog that completed under the old setting drains within it.
@@ -89,6 +93,8 @@ pub struct Proxy {
     /// it (cutting the connections open now) and puts a fresh one in its place.
     round: std::sync::Mutex<CancellationToken>,
     limit_log: Throttle,
+    /// Access-log lines for refusals at the limit: at most [`OVER_LIMIT_LINES`] a second.
+    limit_lines: Budget,
     connect_log: Throttle,
     accept_log: Throttle,
 }
@@ -114,6 +120,7 @@ impl Proxy {
             round: std::sync::Mutex::new(cut.child_token()),
             cut,
             limit_log: Throttle::new(),
+            limit_lines: Budget::new(OVER_LIMIT_LINES),
             connect_log: Throttle::new(),
             accept_log: Throttle::new(),
         }
@@ -240,11 +247,16 @@ impl Proxy {
                     socket::reset(&stream);
                     self.metrics.closed(CloseReason::OverLimit);
                     drop(stream);
-                    self.log_access(&record, CloseReason::OverLimit);
+                    // A flood of refusals must not crowd the others' lines out of the access
+                    // log's buffer: so many a second get one, the warning counts the rest.
+                    if self.limit_lines.allow() {
+                        self.log_access(&record, CloseReason::OverLimit);
+                    }
                     if let Some(suppressed) = self.limit_log.allow() {
                         tracing::warn!(
                             limit = self.max_connections(),
                             suppressed,
+                            unlogged = self.limit_lines.take_held_back(),
                             "connection limit reached; resetting new connections"
                         );
                     }

@@ -19,11 +19,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_megabytes_each_way_arrive_byte_for_byte() {
+    access::capture();
     let backend = Backend::echo().await;
     let proxy = Proxy::start(backend.addr, &with_splice(&[])).await;
     let data = pattern(10 * 1024 * 1024 + 7, 42);
 
     let client = proxy.connect().await;
+    let from = client.local_addr().expect("the client's address");
     let (mut r, mut w) = client.into_split();
     let sent = data.clone();
     let writer = tokio::spawn(async move {
@@ -43,6 +45,12 @@ async fn ten_megabytes_each_way_arrive_byte_for_byte() {
     // Every byte went the way this binary tests: through pipes, or through the user buffer.
     let spliced = proxy.metric("static_ingress_splice_bytes_total").await;
     assert_eq!(spliced, if SPLICE == "always" { 2.0 * data.len() as f64 } else { 0.0 });
+    // The access log counts the same bytes, spliced or copied.
+    let line = access::line_of(from).await;
+    assert_eq!(access::bytes(&line), (data.len() as u64, data.len() as u64), "{line:?}");
+    assert_eq!(line["reason"], "completed");
+    assert_eq!(line["backend"], backend.addr.to_string());
+    assert_eq!((line["route"].as_str(), line["listener"].as_str()), ("default", "127.0.0.1:0"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,6 +209,7 @@ async fn a_half_closed_connection_is_closed_after_the_half_close_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_connection_limit_new_connections_are_reset_and_served_again_once_below() {
+    access::capture();
     let backend = Backend::echo().await;
     let proxy = Proxy::start(backend.addr, &with_splice(&[("proxy.max_connections", "2")])).await;
 
@@ -211,8 +220,11 @@ async fn at_the_connection_limit_new_connections_are_reset_and_served_again_once
 
     // The reset can arrive before connect() returns or on the first read: either way the
     // client sees a reset at once, not a hang.
+    let over = tokio::net::TcpSocket::new_v4().expect("a socket");
+    over.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+    let refused = over.local_addr().expect("its address");
     let result = within(BOUND, "the reset", async {
-        let mut over = tokio::net::TcpStream::connect(proxy.addr).await?;
+        let mut over = over.connect(proxy.addr).await?;
         let mut buf = Vec::new();
         over.read_to_end(&mut buf).await
     })
@@ -223,6 +235,9 @@ async fn at_the_connection_limit_new_connections_are_reset_and_served_again_once
         "a connection over the limit is reset"
     );
     assert_eq!(proxy.closed("over_limit").await, 1.0);
+    let line = access::line_of(refused).await;
+    assert_eq!((line["reason"].as_str(), access::bytes(&line)), ("over_limit", (0, 0)));
+    assert!(!line.contains_key("backend") && !line.contains_key("route"), "{line:?}");
     assert_eq!(round_trip(&mut a, b"a2").await, b"a2", "connections under the limit are untouched");
 
     drop(a);
@@ -320,10 +335,12 @@ async fn a_slow_client_gets_every_byte_a_backend_sent_before_its_reset() {
         }
     })
     .await;
+    access::capture();
     let proxy = Proxy::start(backend.addr, &with_splice(&[])).await;
 
     for run in 0..RUNS {
         let mut client = connect_slow_reader(proxy.addr).await;
+        let from = client.local_addr().expect("the client's address");
         client.write_all(b"hello").await.expect("write the request");
         // A client busy elsewhere: the reply piles up in the proxy meanwhile, and the backend's
         // reset arrives while most of it is still on its way to the client.
@@ -333,6 +350,9 @@ async fn a_slow_client_gets_every_byte_a_backend_sent_before_its_reset() {
         assert!(got == reply, "run {run}: the reply arrived corrupted");
         // As talking to the backend directly: the data, then the reset passed on.
         assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "run {run}: how the stream ended");
+        let line = access::line_of(from).await;
+        assert_eq!(access::bytes(&line), (5, reply.len() as u64), "run {run}: {line:?}");
+        assert_eq!(line["reason"], "backend_reset", "run {run}");
     }
     let runs = RUNS as f64;
     eventually("the closes to be counted", async || proxy.closed("backend_reset").await == runs).await;
@@ -366,9 +386,11 @@ async fn a_slow_backend_gets_every_byte_a_client_sent_before_its_reset() {
             });
         }
     });
+    access::capture();
     let proxy = Proxy::start(backend_addr, &with_splice(&[])).await;
 
     let mut client = proxy.connect().await;
+    let from = client.local_addr().expect("the client's address");
     client.write_all(&upload).await.expect("write the upload");
     reset_once_acknowledged(client).await;
 
@@ -378,6 +400,8 @@ async fn a_slow_backend_gets_every_byte_a_client_sent_before_its_reset() {
     assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "the client's reset is passed on after the data");
     eventually("client_reset", async || proxy.closed("client_reset").await == 1.0).await;
     assert_eq!(proxy.closed("client_error").await, 0.0);
+    let line = access::line_of(from).await;
+    assert_eq!((line["reason"].as_str(), access::bytes(&line)), ("client_reset", (upload.len() as u64, 0)));
     assert_eq!(proxy.metric("static_ingress_splice_bytes_total").await > 0.0, SPLICE == "always", "the path taken");
     backend.abort();
 }
@@ -393,9 +417,11 @@ async fn a_backend_reset_with_bytes_still_pending_toward_it_counts_as_an_error_b
         socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
     })
     .await;
+    access::capture();
     let proxy = Proxy::start(backend.addr, &with_splice(&[])).await;
 
     let client = proxy.connect().await;
+    let from = client.local_addr().expect("the client's address");
     let (mut r, mut w) = client.into_split();
     // More than the kernel buffers on the way can hold, so some is pending when the reset comes.
     let writer = tokio::spawn(async move { w.write_all(&pattern(32 * 1024 * 1024, 5)).await });
@@ -416,6 +442,13 @@ async fn a_backend_reset_with_bytes_still_pending_toward_it_counts_as_an_error_b
     let pipe = proxy.metric("static_ingress_tcp_errors_total{errno=\"EPIPE\",side=\"backend\"}").await;
     assert_eq!(reset + pipe, 1.0, "the error is counted by its errno");
     assert_eq!(proxy.closed("backend_reset").await, 0.0);
+    // The bytes read from the client, as far as the cut: some, not all, and none back.
+    let line = access::line_of(from).await;
+    let (to_backend, to_client) = access::bytes(&line);
+    assert_eq!((line["reason"].as_str(), to_client), ("backend_error", 0));
+    assert!((1..32 * 1024 * 1024).contains(&to_backend), "{line:?}");
+    let counted = proxy.metric("static_ingress_proxied_bytes_total{direction=\"to_backend\"}").await;
+    assert_eq!(to_backend as f64, counted, "the line and the metric count the same bytes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 //! admin port, and waits that are always bounded.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod access;
 pub mod dns;
 
 use std::future::Future;
