@@ -215,6 +215,8 @@ def run_rounds(procs: Processes, workdir: Path, binary: Path, oha: Path, mode: M
                 this_round["results"][path]["loadavg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
             finally:
                 peers.stop_path(ctx, instances)
+            # Counted once the processes have exited, so every line is out.
+            this_round["results"][path]["access_log_lines"] = peers.access_log_lines(path, instances["tls"])
         rounds.append(this_round)
     return rounds, commands
 
@@ -262,6 +264,7 @@ def measure_path(instances: dict[str, peers.Instance], oha: Path, mode: Mode) ->
     # granularity of /proc's CPU times does not matter.
     if tls.proc:
         connections = steady["requests"] + sum(step["requests"] for step in search["max_rate_steps"])
+        result["tls_connections"] = connections
         result["cpu_us_per_conn"] = (cpu_seconds(tls.pids()) - cpu_before) / connections * 1e6
     log(f"  highest clean rate: {search['max_clean_rate']}/s; {fmt(result, 'cpu_us_per_conn')} CPU us/conn")
     api = instances["api"]

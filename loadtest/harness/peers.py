@@ -1,6 +1,10 @@
 """The servers under test and around them: a local DNS server, the backends (nginx over HTTPS,
-iperf3, an echo server) and the four paths to them (direct, static-ingress, HAProxy, nginx
-stream), each started from a configuration written into the work directory."""
+iperf3, an echo server) and the paths to them (direct, static-ingress with and without its
+access log, HAProxy, HAProxy with splicing forced, nginx stream), each started from a
+configuration written into the work directory. Every proxy logs a line per connection, as each
+is run in the field (static-ingress's `log.access`, HAProxy's `option tcplog`, nginx's stream
+`access_log`), each into a file in the work directory; `static-ingress-nolog` measures what the
+line costs."""
 
 from __future__ import annotations
 
@@ -138,7 +142,11 @@ def start_nginx(procs: Processes, workdir: Path, name: str, body: str) -> Proc:
     prefix = workdir / name
     prefix.mkdir(exist_ok=True)
     conf = prefix / "nginx.conf"
-    conf.write_text(f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n{body}")
+    conf.write_text(f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n{body.replace('PREFIX', str(prefix))}")
+    checked = run(["nginx", "-t", "-q", "-p", f"{prefix}/", "-c", str(conf), "-e", str(prefix / "error.log")], 30,
+                  "checking the nginx configuration")
+    if checked.returncode != 0:
+        raise HarnessError(f"nginx -t refused {conf}: {(checked.stdout + checked.stderr).strip()}")
     return procs.start(
         name, ["nginx", "-p", f"{prefix}/", "-c", str(conf), "-e", str(prefix / "error.log"), "-g", "daemon off;"]
     )
@@ -156,7 +164,9 @@ def start_direct(ctx: Context, role: str) -> tuple[int, Proc | None]:
 SNI_NAME = "api.example.com"
 
 
-def start_static_ingress(ctx: Context, role: str) -> tuple[int, Proc | None]:
+def start_static_ingress(ctx: Context, role: str, log_access: bool = True) -> tuple[int, Proc | None]:
+    """static-ingress at its defaults, its access log on (stdout, into the process's log file),
+    but for the DNS server, the connection cap, a quick exit, and warnings only for the rest."""
     port = free_port()
     if role == SNI_ROLE:
         # SNI routing on: one [[route]] by server name to the HTTPS backend and every other
@@ -184,8 +194,15 @@ def start_static_ingress(ctx: Context, role: str) -> tuple[int, Proc | None]:
         "--lifecycle-drain-delay", "0s",
         "--lifecycle-grace-period", "1s",
         "--log-level", "warn",
+        "--log-access", "true" if log_access else "false",
     ]  # fmt: skip
-    return port, ctx.procs.start(f"static-ingress-{role}", argv)
+    name = "static-ingress" if log_access else "static-ingress-nolog"
+    return port, ctx.procs.start(f"{name}-{role}", argv)
+
+
+def start_static_ingress_nolog(ctx: Context, role: str) -> tuple[int, Proc | None]:
+    """static-ingress with `log.access = false`: the access log's cost, against the path above."""
+    return start_static_ingress(ctx, role, log_access=False)
 
 
 HAPROXY_SERVER_OPTIONS = "check inter 1s fall 3 rise 2 resolvers localdns resolve-prefer ipv4 init-addr none"
@@ -204,11 +221,12 @@ def start_haproxy(
 global
     maxconn {MAX_CONNECTIONS}
     maxpipes 500
-    log stderr format short local0 warning
+    log stdout format raw local0 info
 
 defaults
     mode tcp
     log global
+    option tcplog
     maxconn {MAX_CONNECTIONS}
     timeout connect 3s
     timeout client 360s
@@ -230,6 +248,9 @@ frontend static
 backend backend_elb
     server elb {BACKEND_NAME}:{ctx.backends.port(role)} {HAPROXY_SERVER_OPTIONS}
 """)
+    checked = run(["haproxy", "-c", "-q", "-f", str(conf)], 30, "checking the HAProxy configuration")
+    if checked.returncode != 0:
+        raise HarnessError(f"haproxy -c refused {conf}: {(checked.stdout + checked.stderr).strip()}")
     return port, ctx.procs.start(f"{name}-{role}", ["haproxy", "-db", "-f", str(conf)])
 
 
@@ -250,6 +271,9 @@ worker_rlimit_nofile 20000;
 events {{ worker_connections 10240; }}
 stream {{
     resolver {LOOPBACK}:{ctx.backends.dns} valid={DNS_TTL_S}s ipv6=off;
+    log_format tcplog '$remote_addr:$remote_port [$time_local] $server_addr:$server_port '
+                      '$upstream_addr $bytes_received $bytes_sent $session_time $status';
+    access_log PREFIX/access.log tcplog;
     server {{
         listen {LOOPBACK}:{port};
         set $backend {BACKEND_NAME}:{ctx.backends.port(role)};
@@ -265,6 +289,7 @@ stream {{
 PATHS = {
     "direct": start_direct,
     "static-ingress": start_static_ingress,
+    "static-ingress-nolog": start_static_ingress_nolog,
     "haproxy": start_haproxy,
     "nginx": start_nginx_stream,
     "haproxy-splice": start_haproxy_spliced,
@@ -373,6 +398,24 @@ def dns_probe(port: int) -> str | None:
     except OSError as err:
         return f"DNS query to {LOOPBACK}:{port}: {err}"
     return None if answer.endswith(socket.inet_aton(LOOPBACK)) else "DNS answer without 127.0.0.1"
+
+
+def access_log_lines(path: str, instance: Instance) -> int | None:
+    """How many access-log lines the instance has written so far; None for the direct path."""
+    if not instance.proc:
+        return None
+    if path.startswith("nginx"):
+        log = instance.proc.log.parent / instance.proc.name / "access.log"
+        marker = None
+    else:
+        log = instance.proc.log
+        # static-ingress's target, or HAProxy's tcplog "frontend backend/server" fields.
+        marker = "static_ingress::access" if path.startswith("static-ingress") else " static backend_elb/"
+    try:
+        text = log.read_text(errors="replace")
+    except FileNotFoundError:
+        return 0
+    return sum(1 for line in text.splitlines() if marker is None or marker in line)
 
 
 def describe(proc: Proc) -> dict:

@@ -66,6 +66,14 @@ def problems(medians: dict[str, dict], paths: list[str], strict: bool) -> list[s
             found.append(f"{path}: success ratio {numbers.get('success_ratio')} at the constant rate")
         if strict and not numbers.get("max_clean_rate"):
             found.append(f"{path}: no rate passed the clean-rate search")
+        if strict and path != "direct":
+            # Like with like: each proxy wrote a line per connection, but the one run without.
+            lines, connections = numbers.get("access_log_lines"), numbers.get("tls_connections") or 0
+            if path == "static-ingress-nolog":
+                if lines:
+                    found.append(f"{path}: {lines} access-log lines with the access log off")
+            elif lines is None or lines < connections:
+                found.append(f"{path}: {lines} access-log lines for {connections} connections")
     return found
 
 
@@ -193,7 +201,8 @@ def times(value) -> str:
 
 def table(medians: dict[str, dict], paths: list[str]) -> str:
     head = ["metric", "unit", "better", *paths]
-    compare = [("static-ingress", "haproxy"), ("static-ingress", "direct"), ("haproxy", "direct")]
+    compare = [("static-ingress", "haproxy"), ("static-ingress", "direct"), ("haproxy", "direct"),
+               ("static-ingress", "static-ingress-nolog")]
     compare = [(a, b) for a, b in compare if a in paths and b in paths]
     head += [f"{a} / {b}" for a, b in compare]
     rows = [head, ["---"] * len(head)]
@@ -444,12 +453,16 @@ def method(s: dict) -> list[str]:
         "",
         "- **direct**: clients connect straight to the backend; the limit of what this machine can do.",
         "- **static-ingress**: the release build (`make bench`) with `--dns-nameservers` pointing at the "
-        "local DNS server and everything else at its defaults except the connection cap (9,000).",
+        "local DNS server and everything else at its defaults except the connection cap (9,000): its "
+        "access log on (`log.access`, the default), a line per connection to stdout, which goes to a file.",
+        "- **static-ingress-nolog**: the same with `--log-access false`: what the access log costs.",
         "- **haproxy**: HAProxy 2.6 configured as in the 2016 design (TCP mode, a `resolvers` section, "
         "one server by hostname with health checks every second, fall 3, rise 2), plus "
-        "`option splice-auto`.",
+        "`option splice-auto`, and `option tcplog` with `log stdout format raw`: a line per connection, "
+        "as static-ingress's, to a file.",
         "- **nginx**: nginx's stream module with `proxy_pass` through a variable, so the name is "
-        "resolved at run time by its `resolver` (open-source nginx has no active health checks).",
+        "resolved at run time by its `resolver` (open-source nginx has no active health checks), and "
+        "a stream `access_log` with a tcplog-like `log_format`, a line per connection to a file.",
         "- **haproxy-splice**: the same HAProxy with `option splice-request` and `option splice-response` "
         "instead of `splice-auto`. `splice-auto` splices only when its heuristic expects a gain, which "
         "on loopback is seldom; forcing it shows what zero-copy forwarding is worth, against "
