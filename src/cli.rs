@@ -1,5 +1,6 @@
 //! The command line: `run`, `check-config`, and one override flag per configuration key.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -80,7 +81,15 @@ pub struct StatusArgs {
     /// Print the /status JSON as it came instead of the table (same exit codes).
     #[arg(long)]
     pub json: bool,
+    /// The environment file the systemd unit gives the proxy (its EnvironmentFile=): the
+    /// STATIC_INGRESS_* settings there apply as they do to the proxy, over this shell's (which
+    /// the unit's proxy never sees). A missing file is read as empty.
+    #[arg(long, value_name = "FILE", default_value = UNIT_ENV_FILE)]
+    pub env_file: PathBuf,
 }
+
+/// The environment file of the packaged systemd unit.
+pub const UNIT_ENV_FILE: &str = "/etc/static-ingress/static-ingress.env";
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -199,10 +208,26 @@ fn status(args: &StatusArgs) -> ExitCode {
     use std::io::IsTerminal;
     let candidates = match args.admin {
         Some(admin) => vec![admin],
-        // A config that does not load (no backend yet, say) still names no other port: the
-        // defaults, the operator's port the fleet template uses first.
-        None => load(config_path(args.config.clone()).as_ref(), &Overrides::default()).map_or_else(
-            |_| vec!["127.0.0.1:9002".parse().expect("a valid address"), "127.0.0.1:9001".parse().expect("valid")],
+        // The admin addresses the proxy of the unit would bind: its files, with the flags'
+        // variables from this environment and the unit's environment file. A config that does
+        // not load (no backend yet, say) still names no other port: the defaults, the
+        // operator's port the fleet template uses first.
+        None => match unit_run_args(args) {
+            Ok(run) => load(config_path(run.config).as_ref(), &run.overrides)
+                .map_err(|errors| match errors.0.first() {
+                    Some(first) => {
+                        eprintln!("note: the configuration does not load ({first}); asking the default addresses")
+                    }
+                    None => eprintln!("note: the configuration does not load; asking the default addresses"),
+                })
+                .ok(),
+            Err(why) => {
+                eprintln!("note: {why}; asking the default addresses");
+                None
+            }
+        }
+        .map_or_else(
+            || vec!["127.0.0.1:9002".parse().expect("a valid address"), "127.0.0.1:9001".parse().expect("valid")],
             |l| l.config.admin.status_candidates(),
         ),
     };
@@ -235,6 +260,57 @@ fn status(args: &StatusArgs) -> ExitCode {
         print!("{}", terminal::render(&status, colour, now));
     }
     ExitCode::from(if terminal::healthy(&status) { terminal::exit::HEALTHY } else { terminal::exit::UNHEALTHY })
+}
+
+/// How the unit runs the proxy, as far as `status` can tell: `run` with the environment file's
+/// STATIC_INGRESS_* settings over this environment's (a shell's variables never reach the
+/// unit's proxy; a proxy run by hand from this shell has no file to read), and the `--config`
+/// given to `status` if any.
+fn unit_run_args(args: &StatusArgs) -> Result<RunArgs, String> {
+    let file = match std::fs::read_to_string(&args.env_file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            eprintln!("note: cannot read {} ({e}); its settings are not applied", args.env_file.display());
+            String::new()
+        }
+    };
+    // SAFETY: `status` runs this before it starts any thread (no runtime, no logging), so
+    // nothing reads the environment concurrently.
+    unsafe {
+        for (k, v) in env_file_settings(&file) {
+            std::env::set_var(k, v);
+        }
+    }
+    let mut argv = vec![OsString::from("static-ingress"), OsString::from("run")];
+    if let Some(config) = &args.config {
+        argv.extend([OsString::from("--config"), config.clone().into_os_string()]);
+    }
+    match Cli::try_parse_from(argv).map(|c| c.command) {
+        Ok(Cmd::Run(run)) => Ok(run),
+        Ok(_) => Err("`run` parsed as another command".into()),
+        Err(e) => Err(format!(
+            "the environment ({} included) is not what `run` takes: {}",
+            args.env_file.display(),
+            e.to_string().lines().next().unwrap_or_default()
+        )),
+    }
+}
+
+/// The STATIC_INGRESS_* settings of a systemd environment file (`KEY=VALUE` lines, `#` and
+/// `;` comments, values optionally in matching quotes), in order.
+fn env_file_settings(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| {
+            let v = v.trim();
+            let unquoted = ['"', '\''].iter().find_map(|&q| v.strip_prefix(q).and_then(|v| v.strip_suffix(q)));
+            (k.trim().to_string(), unquoted.unwrap_or(v).to_string())
+        })
+        .filter(|(k, _)| k.starts_with("STATIC_INGRESS_"))
+        .collect()
 }
 
 /// The config file to read and whether it may be missing: the one named (which must exist),
@@ -547,6 +623,20 @@ fn claim_eip(args: ClaimArgs) -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn the_environment_file_is_read_as_systemd_reads_it() {
+        let text = "# comment\n; also a comment\n\nSTATIC_INGRESS_ADMIN_LISTEN=127.0.0.1:9001\n  \
+                    STATIC_INGRESS_LOG_LEVEL = \"debug\" \nSTATIC_INGRESS_LOG_FORMAT='json'\nPATH=/bin\nno equals sign\n";
+        assert_eq!(
+            env_file_settings(text),
+            [
+                ("STATIC_INGRESS_ADMIN_LISTEN".to_string(), "127.0.0.1:9001".to_string()),
+                ("STATIC_INGRESS_LOG_LEVEL".to_string(), "debug".to_string()),
+                ("STATIC_INGRESS_LOG_FORMAT".to_string(), "json".to_string()),
+            ]
+        );
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

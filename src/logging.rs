@@ -223,8 +223,9 @@ impl Sink {
 /// Writes `batch` (whole lines) in pieces of at most [`ACCESS_PIECE`] bytes, each cut at a
 /// line's end and written under its own `out()` (stdout's lock). Returns how many lines were
 /// lost: at the first failed write, the lines not wholly written. A line cut partway by the
-/// failure is lost too, and `torn` is set so that the next write first ends it with a newline,
-/// and the line after it starts a line of its own.
+/// failure is lost too, and is ended with a newline at once, under the same lock, so that the
+/// next line (this log's or another's) starts a line of its own; if that fails too, `torn` is
+/// set and the next write begins with it.
 fn write_batch<W: Write>(mut out: impl FnMut() -> W, batch: &[u8], torn: &mut bool) -> u64 {
     let lines = |bytes: &[u8]| bytes.iter().filter(|&&b| b == b'\n').count() as u64;
     let mut rest = batch;
@@ -248,7 +249,7 @@ fn write_batch<W: Write>(mut out: impl FnMut() -> W, batch: &[u8], torn: &mut bo
         }
         let flushed = written == piece && w.flush().is_ok();
         if !flushed {
-            *torn = written > 0 && rest[written - 1] != b'\n';
+            *torn = written > 0 && rest[written - 1] != b'\n' && w.write_all(b"\n").and_then(|()| w.flush()).is_err();
             return lines(&rest[written..]);
         }
         rest = &rest[piece..];
@@ -356,19 +357,22 @@ impl Throttle {
 pub struct Budget {
     origin: Instant,
     per_second: u64,
-    /// The second (since `origin`) that `used` counts in.
-    second: AtomicU64,
-    used: AtomicU64,
+    /// The second (since `origin`) counted in, above [`BUDGET_USED_BITS`], and the events let
+    /// through in it below: one word, so a new second and its first event are one change.
+    state: AtomicU64,
     held_back: AtomicU64,
 }
+
+/// The bits of [`Budget::state`] that count a second's events (a budget is at most about a
+/// million a second).
+const BUDGET_USED_BITS: u32 = 20;
 
 impl Budget {
     pub fn new(per_second: u64) -> Budget {
         Budget {
             origin: Instant::now(),
-            per_second,
-            second: AtomicU64::new(0),
-            used: AtomicU64::new(0),
+            per_second: per_second.min((1 << BUDGET_USED_BITS) - 1),
+            state: AtomicU64::new(0),
             held_back: AtomicU64::new(0),
         }
     }
@@ -377,15 +381,22 @@ impl Budget {
     /// spent.
     pub fn allow(&self) -> bool {
         let now = self.origin.elapsed().as_secs();
-        let second = self.second.load(Ordering::Relaxed);
-        if now != second && self.second.compare_exchange(second, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-            self.used.store(0, Ordering::Relaxed);
+        let mut state = self.state.load(Ordering::Relaxed);
+        loop {
+            let (second, used) = (state >> BUDGET_USED_BITS, state & ((1 << BUDGET_USED_BITS) - 1));
+            // A thread that read the clock a moment before another counts in the other's second.
+            let now = now.max(second);
+            let used = if second == now { used } else { 0 };
+            if used >= self.per_second {
+                self.held_back.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            let next = (now << BUDGET_USED_BITS) | (used + 1);
+            match self.state.compare_exchange_weak(state, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(seen) => state = seen,
+            }
         }
-        if self.used.fetch_add(1, Ordering::Relaxed) < self.per_second {
-            return true;
-        }
-        self.held_back.fetch_add(1, Ordering::Relaxed);
-        false
     }
 
     /// How many events were held back since the last call.
@@ -421,6 +432,8 @@ mod tests {
         pieces: usize,
         /// Bytes it still takes before failing every write.
         room: usize,
+        /// Takes everything again after its first failure (a stdout that was full for a moment).
+        recovers: bool,
     }
 
     /// Takes `room` bytes, at most 1,000 a write, then fails every write.
@@ -430,6 +443,9 @@ mod tests {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             let mut t = self.0.borrow_mut();
             if t.room == 0 {
+                if t.recovers {
+                    t.room = usize::MAX;
+                }
                 return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
             }
             let n = buf.len().min(t.room).min(1000);
@@ -516,5 +532,13 @@ mod tests {
         let (taken, mut torn) = (taking(300), false);
         assert_eq!(write_into(&taken, &batch, &mut torn), 7);
         assert!(!torn);
+        // A stdout that takes bytes again right after the failure: the torn line is ended at
+        // once, before any other line can follow it.
+        let (taken, mut torn) = (taking(350), false);
+        taken.borrow_mut().recovers = true;
+        assert_eq!(write_into(&taken, &batch, &mut torn), 7);
+        assert!(!torn);
+        let got = &taken.borrow().got;
+        assert_eq!((got.len(), got[350]), (351, b'\n'));
     }
 }

@@ -150,15 +150,18 @@ fn retire_upstream(u: &Arc<crate::route::Upstream>, close: bool) {
     });
 }
 
-/// The keys that differ between `running` and `new` but only apply at start.
-fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
+/// The keys that differ between `running` (with `workers` data-path threads) and `new` but
+/// only apply at start.
+fn needs_restart(running: &Config, workers: usize, new: &Config) -> Vec<&'static str> {
     let mut keys = Vec::new();
     let mut differs = |key: &'static str, changed: bool| {
         if changed {
             keys.push(key);
         }
     };
-    differs("proxy.workers", running.proxy.workers != new.proxy.workers);
+    // The count running against the one the new value asks for: 0 (one per two CPUs) and the
+    // count it gives are the same workers.
+    differs("proxy.workers", workers != crate::proxy::workers::resolve(new.proxy.workers));
     differs("[admin]", running.admin != new.admin);
     differs("[lifecycle]", running.lifecycle != new.lifecycle);
     differs("[eip]", running.eip != new.eip);
@@ -287,7 +290,7 @@ impl Server {
         mut new: Config,
     ) -> Result<(Vec<Arc<crate::route::Upstream>>, Vec<Arc<crate::route::Upstream>>, Vec<&'static str>), Vec<String>>
     {
-        let restart = needs_restart(&self.config, &new);
+        let restart = needs_restart(&self.config, self.workers.count(), &new);
         // What only a restart applies keeps its running value, so that nothing computed from
         // it (the routes' health policy) describes what is not running.
         new.health.unhealthy_when = self.config.health.unhealthy_when;

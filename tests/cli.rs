@@ -630,7 +630,7 @@ async fn running_out_of_file_descriptors_does_not_kill_the_proxy_and_it_recovers
 
 /// `status` against a running proxy, as an operator or a script runs it.
 fn status_of(admin: SocketAddr) -> Output {
-    run(cmd().args(["status", "--admin", &admin.to_string(), "--color", "never"]))
+    run(cmd().args(["status", "--admin", &admin.to_string(), "--color", "never", "--env-file", "/dev/null"]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -685,7 +685,15 @@ async fn status_finds_the_proxy_on_the_operators_listener_or_else_the_admin_port
     };
     let status = |config: std::path::PathBuf| {
         tokio::task::spawn_blocking(move || {
-            run(cmd().args(["status", "--config", config.to_str().unwrap(), "--color", "never"]))
+            run(cmd().args([
+                "status",
+                "--config",
+                config.to_str().unwrap(),
+                "--color",
+                "never",
+                "--env-file",
+                "/dev/null",
+            ]))
         })
     };
     // The operator's listener answers.
@@ -704,6 +712,55 @@ async fn status_finds_the_proxy_on_the_operators_listener_or_else_the_admin_port
     write(&free_port(), plain.admin);
     let out = status(config.clone()).await.unwrap();
     assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The unit's environment file counts: a proxy whose admin addresses come from
+/// `STATIC_INGRESS_*` there (as `EnvironmentFile=` gives them to it) is found by a `status`
+/// run in a shell that has none of them, or other values of them (which never reach the
+/// unit's proxy); without the file, the shell's variables count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_the_units_environment_file_for_the_admin_addresses() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, &[("admin.operator_listen", "127.0.0.1:0")]).await;
+    let dir = std::env::temp_dir().join(format!("static-ingress-cli-envfile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let env_file = dir.join("static-ingress.env");
+    let config = dir.join("static-ingress.toml");
+    std::fs::write(&config, format!("[backend]\naddress = \"{}\"\n", backend.addr)).unwrap();
+    std::fs::write(
+        &env_file,
+        format!(
+            "# as an operator writes it\nSTATIC_INGRESS_ADMIN_LISTEN={}\nSTATIC_INGRESS_ADMIN_OPERATOR_LISTEN=\"{}\"\n\nOTHER=1\n",
+            proxy.admin, proxy.operator[0]
+        ),
+    )
+    .unwrap();
+    let (config_arg, env_arg) = (config.to_str().unwrap().to_owned(), env_file.to_str().unwrap().to_owned());
+    let status = move |shell: Vec<(&'static str, String)>| {
+        let (config_arg, env_arg) = (config_arg.clone(), env_arg.clone());
+        tokio::task::spawn_blocking(move || {
+            run(cmd().args(["status", "--config", &config_arg, "--env-file", &env_arg, "--color", "never"]).envs(shell))
+        })
+    };
+    let out = status(vec![]).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    // The file beats a stale variable of the shell, naming an operator's port nobody serves.
+    let stale_port = free_port();
+    let stale = vec![("STATIC_INGRESS_ADMIN_OPERATOR_LISTEN", stale_port.clone())];
+    let out = status(stale.clone()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    // Without the file, the shell's variables are all there is: that port is asked, then the
+    // admin port (the file's setting of which is gone too) answers nobody.
+    std::fs::remove_file(&env_file).unwrap();
+    let out = status(stale).await.unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stdout(&out));
+    assert!(stderr(&out).contains(&format!("cannot reach {stale_port}")), "{}", stderr(&out));
+    // A bad value in the file is named, and the defaults are asked.
+    std::fs::write(&env_file, "STATIC_INGRESS_ADMIN_LISTEN=nine\n").unwrap();
+    let out = status(vec![]).await.unwrap();
+    let err = stderr(&out);
+    assert!(err.contains("admin.listen") && err.contains("asking the default addresses"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -308,6 +308,9 @@ class Context:
 class Instance:
     port: int
     proc: Proc | None
+    # Where this instance's access-log lines begin in their file: a path's files are appended
+    # to by every round's instance.
+    access_log_from: int = 0
 
     def pids(self) -> list[int]:
         """The proxy's processes (nginx: master and workers); none for the direct path."""
@@ -320,6 +323,8 @@ def start_path(ctx: Context, path: str) -> dict[str, Instance]:
     for role in ROLES + ((SNI_ROLE,) if path == "static-ingress" else ()):
         port, proc = PATHS[path](ctx, role)
         instances[role] = Instance(port, proc)
+        log = access_log_file(path, instances[role])
+        instances[role].access_log_from = log.stat().st_size if log and log.exists() else 0
     procs = [i.proc for i in instances.values() if i.proc]
     wait_until(f"{path} to the HTTPS backend", lambda: https_probe(instances["tls"].port), READY_TIMEOUT_S, procs)
     if SNI_ROLE in instances:
@@ -400,19 +405,32 @@ def dns_probe(port: int) -> str | None:
     return None if answer.endswith(socket.inet_aton(LOOPBACK)) else "DNS answer without 127.0.0.1"
 
 
-def access_log_lines(path: str, instance: Instance) -> int | None:
-    """How many access-log lines the instance has written so far; None for the direct path."""
+def access_log_file(path: str, instance: Instance) -> Path | None:
+    """Where the instance writes its access log: nginx's access.log, the others' output."""
     if not instance.proc:
         return None
     if path.startswith("nginx"):
-        log = instance.proc.log.parent / instance.proc.name / "access.log"
-        marker = None
+        return instance.proc.log.parent / instance.proc.name / "access.log"
+    return instance.proc.log
+
+
+def access_log_lines(path: str, instance: Instance) -> int | None:
+    """How many access-log lines the instance has written so far; None for the direct path."""
+    log = access_log_file(path, instance)
+    if log is None:
+        return None
+    # static-ingress's target, or HAProxy's tcplog "frontend backend/server" fields; nginx's
+    # file has nothing else.
+    if path.startswith("static-ingress"):
+        marker = "static_ingress::access"
+    elif path.startswith("haproxy"):
+        marker = " static backend_elb/"
     else:
-        log = instance.proc.log
-        # static-ingress's target, or HAProxy's tcplog "frontend backend/server" fields.
-        marker = "static_ingress::access" if path.startswith("static-ingress") else " static backend_elb/"
+        marker = None
     try:
-        text = log.read_text(errors="replace")
+        with open(log, "rb") as f:
+            f.seek(instance.access_log_from)
+            text = f.read().decode(errors="replace")
     except FileNotFoundError:
         return 0
     return sum(1 for line in text.splitlines() if marker is None or marker in line)

@@ -21,22 +21,28 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// The running workers. Dropped, each stops and drops the tasks it still holds.
+/// The running workers. Dropped, each stops and drops the tasks it still holds, and the drop
+/// waits (up to [`JOIN_LIMIT`]) for their threads to end: a task dropped there logs its
+/// access-log line, which must be in the log's buffer before the exit writes the buffer out.
 pub struct Workers {
     handles: Vec<Handle>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     stop: CancellationToken,
 }
+
+/// How long dropping [`Workers`] waits for their threads to drop their tasks and end.
+const JOIN_LIMIT: Duration = Duration::from_secs(2);
 
 impl Workers {
     /// Starts `count` workers; 0 means [`default_count`]. Each builds its runtime on its own
     /// thread, so a failure here leaves no runtime to drop inside the caller's.
     pub fn start(count: usize) -> io::Result<Workers> {
         let stop = CancellationToken::new();
-        let mut workers = Workers { handles: Vec::new(), stop: stop.clone() };
+        let mut workers = Workers { handles: Vec::new(), threads: Vec::new(), stop: stop.clone() };
         for i in 0..resolve(count) {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let until = stop.clone();
-            std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
+            let thread = std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
                 match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(runtime) => {
                         let _ = tx.send(Ok(runtime.handle().clone()));
@@ -48,6 +54,7 @@ impl Workers {
                     }
                 }
             })?;
+            workers.threads.push(thread);
             // `?` drops `workers`, which stops those already started.
             let handle =
                 rx.recv().map_err(|_| io::Error::other("a worker thread ended before its runtime started"))??;
@@ -79,6 +86,16 @@ impl Workers {
 impl Drop for Workers {
     fn drop(&mut self) {
         self.stop.cancel();
+        // Bounded: a thread stuck in a task's drop must not hold the exit.
+        let deadline = std::time::Instant::now() + JOIN_LIMIT;
+        while self.threads.iter().any(|t| !t.is_finished()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for thread in std::mem::take(&mut self.threads) {
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
+        }
     }
 }
 
@@ -151,5 +168,31 @@ mod tests {
         let pending = workers.spawn(0, std::future::pending::<()>());
         drop(workers);
         assert!(pending.await.unwrap_err().is_cancelled(), "a stopped worker drops its tasks");
+    }
+
+    #[test]
+    fn dropping_the_workers_returns_once_their_tasks_are_dropped() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        /// Set as it is dropped, a little after the drop began.
+        struct Flag(Arc<AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                std::thread::sleep(Duration::from_millis(50));
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let workers = Workers::start(2).unwrap();
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = Flag(Arc::clone(&dropped));
+        let (running, started) = std::sync::mpsc::channel();
+        let _task = workers.spawn(1, async move {
+            let _flag = flag;
+            running.send(()).unwrap();
+            std::future::pending::<()>().await
+        });
+        started.recv().unwrap();
+        drop(workers);
+        assert!(dropped.load(Ordering::SeqCst), "the task was still being dropped after the workers were");
     }
 }

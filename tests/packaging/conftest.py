@@ -8,11 +8,12 @@ Python tools (cfn-lint, moto_server) sit beside the interpreter running pytest."
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from ports import free_port  # noqa: F401  (for the tests: from conftest import free_port)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 VENV_BIN = pathlib.Path(sys.executable).parent
@@ -51,11 +52,6 @@ def binary(deb_path, tmp_path_factory):
     return root / "usr/bin/static-ingress"
 
 
-def free_port():
-    """A loopback TCP port nobody holds now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(proc, timeout=10):

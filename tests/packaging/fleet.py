@@ -1,5 +1,7 @@
 """Deploys the CloudFormation templates into moto (an AWS emulator on loopback) and reads back
-what they made. The steps are functions so that a test can put its own between them, e.g. run
+what they made. moto knows no transforms, so each template goes in expanded for its slots
+(cfn_expand: one resource per slot, as CloudFormation's AWS::LanguageExtensions makes them).
+The steps are functions so that a test can put its own between them, e.g. run
 `static-ingress claim-eip` for each instance after deploy_fleet().
 
     with MotoServer() as moto:
@@ -11,14 +13,14 @@ what they made. The steps are functions so that a test can put its own between t
 
 import json
 import pathlib
-import socket
 import subprocess
 import time
 import urllib.request
 
 import boto3
 
-import cfn_yaml
+import cfn_expand
+from ports import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "cloudformation"
@@ -32,12 +34,6 @@ SLOT_TAG = "static-ingress:slot"
 RECORD_NAME = "static.example.com"
 # Where moto's server writes its log; read when a test fails.
 START_TIMEOUT_S = 30
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MotoServer:
@@ -57,7 +53,7 @@ class MotoServer:
 
     def __enter__(self):
         if self.port is None:
-            self.port = _free_port()
+            self.port = free_port()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [self.moto_server, "-H", self.host, "-p", str(self.port)],
@@ -95,11 +91,12 @@ class MotoServer:
         return {n: session.client(n, endpoint_url=self.url) for n in names}
 
 
-def _deploy(aws, stack, template, params):
+def _deploy(aws, stack, template, params, slots):
     cfn = aws["cloudformation"]
+    params = {**params, "Slots": ",".join(slots)}
     cfn.create_stack(
         StackName=stack,
-        TemplateBody=(TEMPLATES / template).read_text(),
+        TemplateBody=json.dumps(cfn_expand.expand(template, slots)),
         Parameters=[{"ParameterKey": k, "ParameterValue": str(v)} for k, v in params.items()],
         Capabilities=["CAPABILITY_IAM"],
     )
@@ -125,12 +122,12 @@ def hosted_zone(aws, name="example.com."):
     return zone["Id"].split("/")[-1]
 
 
-def deploy_addresses(aws, stack, **params):
-    """Creates the addresses stack and tags its Elastic IPs as the template says (see
-    tag_addresses_as_the_template_says); returns its outputs."""
+def deploy_addresses(aws, stack, slots=cfn_expand.DEFAULT_SLOTS, **params):
+    """Creates the addresses stack with an address per slot and tags its Elastic IPs as the
+    template says (see tag_addresses_as_the_template_says); returns its outputs."""
     params = {"HostedZoneId": hosted_zone(aws), "RecordName": RECORD_NAME, **params}
-    out = _deploy(aws, stack, "addresses.yaml", params)
-    tag_addresses_as_the_template_says(aws, stack)
+    out = _deploy(aws, stack, "addresses.yaml", params, slots)
+    tag_addresses_as_the_template_says(aws, stack, slots)
     return out
 
 
@@ -152,14 +149,15 @@ def _resolve(value, stack):
     raise ValueError(f"cannot resolve the tag value {value!r} of the addresses template")
 
 
-def tag_addresses_as_the_template_says(aws, stack):
+def tag_addresses_as_the_template_says(aws, stack, slots=cfn_expand.DEFAULT_SLOTS):
     """moto's CloudFormation makes an AWS::EC2::EIP without its Tags (moto 5: "TODO: support
     tags from cloudformation template"), and the proxies need them: static-ingress:managed for
     the IAM policy, static-ingress:address-set and static-ingress:slot for the handoff. So this
-    reads each EIP's Tags from cloudformation/addresses.yaml, resolves the stack's name in them,
+    reads each EIP's Tags from cloudformation/addresses.yaml (expanded for `slots`), resolves the
+    stack's name in them,
     and sets them with CreateTags on the address the stack made for that resource, as
     CloudFormation would. Returns allocation id -> the tags set."""
-    template = cfn_yaml.load(TEMPLATES / "addresses.yaml")
+    template = cfn_expand.expand("addresses.yaml", slots)
     made = aws["cloudformation"].describe_stack_resources(StackName=stack)["StackResources"]
     # The physical id of an EIP is its public IP (what its Ref gives). (moto also lists the
     # alarms it skipped, without a logical id.)
@@ -200,9 +198,10 @@ def image_id(aws):
     return next(i["ImageId"] for i in images if i.get("Architecture") == "x86_64")
 
 
-def deploy_fleet(aws, stack, addresses_stack, backend="api.example.com:443", generation=1, **params):
-    """Creates a fleet stack claiming the addresses of `addresses_stack`, of fleet generation
-    `generation`; returns its outputs."""
+def deploy_fleet(aws, stack, addresses_stack, backend="api.example.com:443", generation=1,
+                 slots=cfn_expand.DEFAULT_SLOTS, **params):
+    """Creates a fleet stack claiming the addresses of `addresses_stack` (a group per slot), of
+    fleet generation `generation`; returns its outputs."""
     params = {
         "AddressesStackName": addresses_stack,
         "FleetGeneration": generation,
@@ -211,7 +210,7 @@ def deploy_fleet(aws, stack, addresses_stack, backend="api.example.com:443", gen
         "HealthCheckerPrefixListId": health_checker_prefix_list(aws),
         **params,
     }
-    return _deploy(aws, stack, "fleet.yaml", params)
+    return _deploy(aws, stack, "fleet.yaml", params, slots)
 
 
 def delete_stack(aws, stack):
@@ -223,9 +222,12 @@ def delete_stack(aws, stack):
 
 
 def groups(aws, stack):
-    """The Auto Scaling groups of a fleet stack, in address order (its AutoScalingGroups
-    output)."""
-    names = outputs(aws, stack)["AutoScalingGroups"].split(",")
+    """The Auto Scaling groups of a fleet stack, in slot order (its AutoScalingGroup<slot>
+    outputs)."""
+    out = outputs(aws, stack)
+    prefix = "AutoScalingGroup"
+    slots = sorted(int(k.removeprefix(prefix)) for k in out if k.startswith(prefix))
+    names = [out[f"{prefix}{n}"] for n in slots]
     found = aws["autoscaling"].describe_auto_scaling_groups(AutoScalingGroupNames=names)
     by_name = {g["AutoScalingGroupName"]: g for g in found["AutoScalingGroups"]}
     return [by_name[n] for n in names]

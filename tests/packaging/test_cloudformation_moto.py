@@ -1,6 +1,7 @@
-"""Both templates deployed into moto's CloudFormation (moto_server on loopback): the addresses
-stack's EIPs, health checks and records; a fleet of four instances each tagged with a distinct
-allocation id; and a second fleet taking over from the first.
+"""Both templates deployed into moto's CloudFormation (moto_server on loopback), expanded for
+their slots: the addresses stack's EIPs, health checks and records (for 1, 4 and 8 slots); a
+fleet of an instance per slot, each tagged with a distinct allocation id; and a second fleet
+taking over from the first.
 
 moto does not apply everything a template says; what it drops is checked statically instead
 (test_templates.py and the cfn-guard rules): security group rules with SourcePrefixListId,
@@ -21,6 +22,7 @@ import urllib.request
 import pytest
 import yaml
 
+import cfn_expand
 import fleet
 from conftest import tool
 from imds import Imds
@@ -68,28 +70,31 @@ def claim_eip(static_ingress, moto, instance, expect=0):
     return r.stdout
 
 
-def allocation_ids(out):
-    return [out[f"AllocationId{n}"] for n in range(1, 5)]
+def allocation_ids(out, n=4):
+    return [out[f"AllocationId{k}"] for k in range(1, n + 1)]
 
 
-def test_addresses_stack_makes_four_checked_weighted_addresses(aws):
-    out = fleet.deploy_addresses(aws, ADDRESSES)
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_addresses_stack_makes_a_checked_weighted_address_per_slot(aws, n):
+    out = fleet.deploy_addresses(aws, ADDRESSES, slots=cfn_expand.slots(n))
 
-    ids = allocation_ids(out)
-    assert len(set(ids)) == 4
+    assert out["Slots"] == ",".join(cfn_expand.slots(n))
+    ids = allocation_ids(out, n)
+    assert len(set(ids)) == n
     eips = fleet.addresses(aws, ids)
     assert sorted(eips) == sorted(ids)
     ips = [eips[i]["PublicIp"] for i in ids]
-    assert [out[f"PublicIp{n}"] for n in range(1, 5)] == ips
-    assert out["AllowList"].split(",") == ips
+    assert [out[f"PublicIp{k}"] for k in range(1, n + 1)] == ips
 
     r53 = aws["route53"]
     checks = {c["Id"]: c["HealthCheckConfig"] for c in r53.list_health_checks()["HealthChecks"]}
-    assert len(checks) == 4
+    assert len(checks) == n
+    assert {out[f"HealthCheckId{k}"]: out[f"PublicIp{k}"] for k in range(1, n + 1)} == {
+        i: c["IPAddress"] for i, c in checks.items()}, "each slot's check is its own address's"
     zone = fleet.hosted_zone(aws)
     records = [r for r in r53.list_resource_record_sets(HostedZoneId=zone)["ResourceRecordSets"]
                if r["Type"] == "A"]
-    assert len(records) == 4
+    assert len(records) == n
     seen_ips = set()
     for rec in records:
         assert rec["Name"].rstrip(".") == fleet.RECORD_NAME
@@ -101,7 +106,6 @@ def test_addresses_stack_makes_four_checked_weighted_addresses(aws):
         assert (check["Type"], check["Port"], check["ResourcePath"]) == ("HTTP", 9001, "/health")
         seen_ips.add(value)
     assert seen_ips == set(ips)
-    assert out["HealthCheckIds"].split(",") and set(out["HealthCheckIds"].split(",")) == set(checks)
 
 
 def test_each_address_carries_its_address_set_and_the_slot_of_its_export(aws):
@@ -120,18 +124,21 @@ def test_each_address_carries_its_address_set_and_the_slot_of_its_export(aws):
         assert tags["Tags"][fleet.ADDRESS_SET_TAG] == ADDRESSES
 
 
-def test_fleet_gives_four_instances_each_tagged_with_a_distinct_allocation(aws):
-    addresses = fleet.deploy_addresses(aws, ADDRESSES)
-    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES)
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_fleet_gives_an_instance_per_slot_each_tagged_with_a_distinct_allocation(aws, n):
+    slots = cfn_expand.slots(n)
+    addresses = fleet.deploy_addresses(aws, ADDRESSES, slots=slots)
+    fleet.deploy_fleet(aws, "static-fleet-1", ADDRESSES, slots=slots)
 
     insts = fleet.instances(aws, "static-fleet-1")
-    assert len(insts) == 4
+    assert len(insts) == n
     assert all(i["state"] == "running" for i in insts)
-    # In address order: group N's instance carries allocation N.
-    assert [i["allocation_id"] for i in insts] == allocation_ids(addresses)
-    # Two groups per AZ, in two AZs.
+    # In slot order: group N's instance carries allocation N.
+    assert [i["allocation_id"] for i in insts] == allocation_ids(addresses, n)
+    # Odd slots in one AZ, even slots in another.
     azs = [i["az"] for i in insts]
-    assert azs[0] == azs[1] and azs[2] == azs[3] and azs[0] != azs[2]
+    odd, even = set(azs[0::2]), set(azs[1::2])
+    assert len(odd) == 1 and len(even) == min(1, n - 1) and not odd & even, azs
 
     for g in fleet.groups(aws, "static-fleet-1"):
         assert (g["MinSize"], g["MaxSize"], g["DesiredCapacity"]) == (1, 1, 1)
@@ -288,7 +295,7 @@ def test_a_second_fleet_takes_over_and_the_first_is_deleted(aws, moto, static_in
     assert out["VpcId"] == vpc
     first = fleet.instances(aws, "static-fleet-1")
     assert [i["allocation_id"] for i in first] == ids
-    assert [i["subnet"] for i in first] == [subnet_a, subnet_a, subnet_b, subnet_b]
+    assert [i["subnet"] for i in first] == [subnet_a, subnet_b, subnet_a, subnet_b]
     # Each instance claims the address its group tagged it with, as it does at boot.
     for inst in first:
         report = claim_eip(static_ingress, moto, inst)

@@ -1,9 +1,12 @@
 """The CloudFormation templates, checked without deploying them: cfn-lint, the cfn-guard rules
-(passing on the templates and failing on broken copies), and the instance role's policy being
-exactly docs/iam-policy.json."""
+(passing on the templates and failing on broken copies), every per-address resource present and
+linked to its own slot for 1, 4 and 8 addresses, and the instance role's policy being exactly
+docs/iam-policy.json. cfn-lint expands the templates' Fn::ForEach loops itself; cfn-guard and
+the structural checks read them expanded by cfn_expand, as CloudFormation runs them."""
 
 import copy
 import json
+import pathlib
 import re
 import subprocess
 import tomllib
@@ -11,6 +14,7 @@ import tomllib
 import pytest
 import yaml
 
+import cfn_expand
 import cfn_yaml
 from conftest import ROOT, tool
 
@@ -18,14 +22,98 @@ TEMPLATES = ["cloudformation/addresses.yaml", "cloudformation/fleet.yaml"]
 # The templates deploy in any region; lint them against a spread of regions' resource specs.
 LINT_REGIONS = ["us-east-1", "us-west-2", "eu-west-1", "eu-central-1", "ap-southeast-2"]
 RULES = ROOT / "cloudformation" / "rules.guard"
+# How many addresses the templates are checked for: one, the default four, and eight.
+COUNTS = [1, 4, 8]
+DEFAULT_SLOTS = '    Default: "1,2,3,4"\n'
+
+
+@pytest.mark.parametrize("n", COUNTS)
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_cfn_lint_reports_nothing(template, n, tmp_path):
+    # cfn-lint expands Fn::ForEach over the Slots parameter's default: a copy defaults to n slots.
+    text = (ROOT / template).read_text()
+    assert text.count(DEFAULT_SLOTS) == 1, "the Slots parameter's default is not where the test expects"
+    copy_path = tmp_path / pathlib.PurePath(template).name
+    copy_path.write_text(text.replace(DEFAULT_SLOTS, f'    Default: "{",".join(cfn_expand.slots(n))}"\n'))
+    # Any error, warning or informational finding is printed and fails the test.
+    r = subprocess.run([tool("cfn-lint"), "--format", "parseable", "--regions", *LINT_REGIONS, "--", str(copy_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.stdout == "" and r.returncode == 0, r.stdout + r.stderr
+
+
+def _per_slot(resources, prefix):
+    """The slots of the resources named prefix<slot>, as numbers, in order."""
+    return sorted(int(k.removeprefix(prefix)) for k in resources if re.fullmatch(rf"{prefix}\d+", k))
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
-def test_cfn_lint_reports_nothing(template):
-    # Any error, warning or informational finding is printed and fails the test.
-    r = subprocess.run([tool("cfn-lint"), "--format", "parseable", "--regions", *LINT_REGIONS, "--", template],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.stdout == "" and r.returncode == 0, r.stdout + r.stderr
+def test_slots_are_checked_before_anything_is_made(template):
+    # A slot outside the fleet's SlotZones mapping, or written "01", would make an address the
+    # stack keeps (retained) and a fleet that fails later: the stack refuses it first.
+    t = cfn_yaml.load(ROOT / template)
+    [assertion] = t["Rules"]["SlotsAreKnown"]["Assertions"]
+    checked, allowed = assertion["Assert"]["Fn::EachMemberIn"]
+    assert checked == {"Ref": "Slots"}
+    assert allowed == [str(k) for k in range(1, 17)]
+    fleet = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")
+    assert sorted(fleet["Mappings"]["SlotZones"], key=int) == allowed
+
+
+@pytest.mark.parametrize("n", COUNTS)
+def test_every_address_has_its_resources_each_linked_to_its_own_slot(n):
+    t = cfn_expand.expand("addresses.yaml", cfn_expand.slots(n))
+    res, out = t["Resources"], t["Outputs"]
+    every = list(range(1, n + 1))
+    for prefix in ("Eip", "HealthCheck", "Record", "HealthAlarm"):
+        assert _per_slot(res, prefix) == every, prefix
+    for prefix in ("PublicIp", "HealthCheckId", "AllocationId"):
+        assert _per_slot(out, prefix) == every, prefix
+    assert len(res) == 4 * n, sorted(res)
+    for k in every:
+        eip, check = f"Eip{k}", f"HealthCheck{k}"
+        assert res[eip]["DeletionPolicy"] == res[eip]["UpdateReplacePolicy"] == "Retain"
+        tags = {tag["Key"]: tag["Value"] for tag in res[eip]["Properties"]["Tags"]}
+        assert tags["static-ingress:slot"] == str(k)
+        assert res[check]["Properties"]["HealthCheckConfig"]["IPAddress"] == {"Ref": eip}
+        record = res[f"Record{k}"]["Properties"]
+        assert record["ResourceRecords"] == [{"Ref": eip}]
+        assert record["HealthCheckId"] == {"Ref": check}
+        assert record["SetIdentifier"] == {"Fn::Sub": f"${{AWS::StackName}}-{k}"}
+        alarm = res[f"HealthAlarm{k}"]["Properties"]
+        assert alarm["Dimensions"] == [{"Name": "HealthCheckId", "Value": {"Ref": check}}]
+        assert {"Ref": eip} in alarm["AlarmDescription"]["Fn::Join"][1]
+        assert out[f"PublicIp{k}"]["Value"] == {"Ref": eip}
+        assert out[f"HealthCheckId{k}"]["Value"] == {"Ref": check}
+        assert out[f"AllocationId{k}"]["Export"]["Name"] == {"Fn::Sub": f"${{AWS::StackName}}-AllocationId{k}"}
+
+
+@pytest.mark.parametrize("n", COUNTS)
+def test_every_slot_has_a_group_claiming_its_address_in_alternating_zones(n):
+    t = cfn_expand.expand("fleet.yaml", cfn_expand.slots(n))
+    res, out = t["Resources"], t["Outputs"]
+    every = list(range(1, n + 1))
+    for prefix in ("ProxyGroup", "NetworkOutHighAlarm", "NetworkOutLowAlarm", "StatusCheckAlarm"):
+        assert _per_slot(res, prefix) == every, prefix
+    assert _per_slot(out, "AutoScalingGroup") == every
+    subnets = [{"Fn::If": ["CreateNetwork", {"Ref": "PublicSubnetA"}, {"Ref": "SubnetIdA"}]},
+               {"Fn::If": ["CreateNetwork", {"Ref": "PublicSubnetB"}, {"Ref": "SubnetIdB"}]}]
+    for k in every:
+        group = f"ProxyGroup{k}"
+        props = res[group]["Properties"]
+        tags = {tag["Key"]: tag["Value"] for tag in props["Tags"]}
+        assert tags["static-ingress:eip-allocation-id"] == {"Fn::ImportValue": {"Fn::Sub": [
+            f"${{Addresses}}-AllocationId{k}", {"Addresses": {"Ref": "AddressesStackName"}}]}}
+        assert tags["Name"] == {"Fn::Sub": f"${{AWS::StackName}}-{k}"}
+        # Odd slots in the first subnet, even in the second.
+        assert props["VPCZoneIdentifier"] == [{"Fn::Select": [(k + 1) % 2, subnets]}]
+        for alarm in ("NetworkOutHighAlarm", "NetworkOutLowAlarm", "StatusCheckAlarm"):
+            dims = res[f"{alarm}{k}"]["Properties"]["Dimensions"]
+            assert dims == [{"Name": "AutoScalingGroupName", "Value": {"Ref": group}}], alarm
+            assert {"Ref": group} in res[f"{alarm}{k}"]["Properties"]["AlarmDescription"]["Fn::Join"][1]
+        assert out[f"AutoScalingGroup{k}"]["Value"] == {"Ref": group}
+    # The mapping covers every slot the Slots parameter documents.
+    zones = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")["Mappings"]["SlotZones"]
+    assert zones == {str(k): {"Subnet": (k + 1) % 2} for k in range(1, 17)}
 
 
 def test_role_policy_is_the_documented_policy():
@@ -39,7 +127,7 @@ def test_role_policy_is_the_documented_policy():
 def test_each_address_is_tagged_with_its_set_and_the_slot_it_is_exported_as():
     # The fleet's group N claims the export AllocationIdN; the proxy orders handoffs by the
     # address's slot tag. Both must name the same address, or "slot 2" would be group 3's.
-    addresses = cfn_yaml.load(ROOT / "cloudformation/addresses.yaml")
+    addresses = cfn_expand.expand("addresses.yaml")
     for n in range(1, 5):
         assert addresses["Outputs"][f"AllocationId{n}"]["Value"] == {"Fn::GetAtt": [f"Eip{n}", "AllocationId"]}
         tags = {t["Key"]: t["Value"] for t in addresses["Resources"][f"Eip{n}"]["Properties"]["Tags"]}
@@ -54,7 +142,7 @@ def _seconds(duration):
 
 
 def test_every_group_holds_a_terminating_instance_for_the_whole_drain():
-    fleet = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")
+    fleet = cfn_expand.expand("fleet.yaml")
     # The proxy's defaults, as the documented example config has them.
     lifecycle = tomllib.loads((ROOT / "docs/static-ingress.example.toml").read_text())["lifecycle"]
     drain = _seconds(lifecycle["drain_delay"]) + _seconds(lifecycle["grace_period"])
@@ -73,7 +161,7 @@ def test_every_group_holds_a_terminating_instance_for_the_whole_drain():
 
 
 def test_every_group_launches_a_replacement_before_terminating():
-    fleet = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")
+    fleet = cfn_expand.expand("fleet.yaml")
     for n in range(1, 5):
         assert _group(fleet, n)["InstanceMaintenancePolicy"] == {
             "MinHealthyPercentage": 100, "MaxHealthyPercentage": 200}
@@ -82,7 +170,7 @@ def test_every_group_launches_a_replacement_before_terminating():
 def test_handoffs_at_once_reaches_the_proxy_and_leaves_an_address_announced():
     fleet = cfn_yaml.load(ROOT / "cloudformation/fleet.yaml")
     param = fleet["Parameters"]["HandoffsAtOnce"]
-    # Of the four addresses, at least one stays announced throughout a release.
+    # Of the default four addresses, at least one stays announced throughout a release.
     assert (param["Type"], param["Default"], param["MinValue"], param["MaxValue"]) == ("Number", 1, 1, 3)
     user_data = fleet["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
     doc = yaml.safe_load(user_data["Fn::Base64"]["Fn::Sub"])
@@ -106,7 +194,7 @@ def test_the_operator_port_reaches_the_proxy_and_only_the_monitoring_source_reac
     props = ingress["Properties"]
     assert props["FromPort"] == props["ToPort"] == {"Ref": "OperatorPort"}
     # The stack refuses an operator port on the health port, and the page open to Route 53.
-    [asserts] = [r["Assertions"] for r in fleet["Rules"].values()]
+    asserts = fleet["Rules"]["OperatorPortApartFromTheHealthPort"]["Assertions"]
     refs = [a["Assert"]["Fn::Not"][0]["Fn::Equals"] for a in asserts]
     assert [{"Ref": "OperatorPort"}, {"Ref": "HealthPort"}] in refs
     assert [{"Ref": "MonitoringSource"}, {"Ref": "HealthCheckerPrefixListId"}] in refs
@@ -149,10 +237,18 @@ def _json_documents(text):
     return out
 
 
-@pytest.mark.parametrize("template", TEMPLATES)
-def test_guard_passes_on_the_template(tmp_path, template):
-    r, failed = guard(tmp_path, cfn_yaml.load(ROOT / template))
+@pytest.mark.parametrize("n", COUNTS)
+@pytest.mark.parametrize("template", ["addresses.yaml", "fleet.yaml"])
+def test_guard_passes_on_the_template(tmp_path, template, n):
+    r, failed = guard(tmp_path, cfn_expand.expand(template, cfn_expand.slots(n)))
     assert r.returncode == 0 and not failed, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("template", ["addresses.yaml", "fleet.yaml"])
+def test_guard_refuses_the_template_with_its_loops_unexpanded(tmp_path, template):
+    # Unexpanded, the per-slot rules would find no resource to check and pass: this one fails.
+    r, failed = guard(tmp_path, cfn_yaml.load(ROOT / "cloudformation" / template))
+    assert r.returncode != 0 and failed.get("templates_expanded") == "FAIL", r.stdout
 
 
 # Broken copies: each change breaks one rule, which cfn-guard must then report as failing.
@@ -421,6 +517,20 @@ def group_without_tags(t):
     del _group(t, 3)["Tags"]
 
 
+def import_from_a_fixed_stack(t):
+    _eip_tag(t, 2)["Value"]["Fn::ImportValue"]["Fn::Sub"][1]["Addresses"] = "static-addresses"
+
+
+def fleet_without_groups(t):
+    for name in [k for k in t["Resources"] if k.startswith("ProxyGroup")]:
+        del t["Resources"][name]
+
+
+def addresses_without_eips(t):
+    for name in [k for k in t["Resources"] if k.startswith("Eip")]:
+        del t["Resources"][name]
+
+
 def fifth_group(t):
     t["Resources"]["ProxyGroup5"] = copy.deepcopy(t["Resources"]["ProxyGroup4"])
 
@@ -468,8 +578,8 @@ def two_eips_one_slot(t):
     _eip_tag_named(t, 3, "static-ingress:slot")["Value"] = "2"
 
 
-def eip_slot_out_of_range(t):
-    _eip_tag_named(t, 1, "static-ingress:slot")["Value"] = "5"
+def eip_slot_not_a_number(t):
+    _eip_tag_named(t, 1, "static-ingress:slot")["Value"] = "first"
 
 
 def eip_without_address_set(t):
@@ -509,6 +619,9 @@ BROKEN = [
     ("fleet.yaml", group_without_address, "groups_tag_distinct_eips"),
     ("fleet.yaml", group_without_tags, "groups_tag_distinct_eips"),
     ("fleet.yaml", fifth_group, "groups_tag_distinct_eips"),
+    ("fleet.yaml", import_from_a_fixed_stack, "groups_tag_distinct_eips"),
+    ("fleet.yaml", fleet_without_groups, "loops_made_their_resources"),
+    ("addresses.yaml", addresses_without_eips, "loops_made_their_resources"),
     ("fleet.yaml", generation_not_propagated, "groups_tag_fleet_generation"),
     ("fleet.yaml", group_without_generation, "groups_tag_fleet_generation"),
     ("fleet.yaml", generation_fixed, "groups_tag_fleet_generation"),
@@ -545,7 +658,7 @@ BROKEN = [
     ("addresses.yaml", eip_tagged_false, "eips_tagged_managed"),
     ("addresses.yaml", eip_without_slot, "eips_tagged_for_handoff"),
     ("addresses.yaml", two_eips_one_slot, "eips_tagged_for_handoff"),
-    ("addresses.yaml", eip_slot_out_of_range, "eips_tagged_for_handoff"),
+    ("addresses.yaml", eip_slot_not_a_number, "eips_tagged_for_handoff"),
     ("addresses.yaml", eip_without_address_set, "eips_tagged_for_handoff"),
     ("addresses.yaml", address_set_fixed, "eips_tagged_for_handoff"),
     ("addresses.yaml", fifth_eip, "eips_tagged_for_handoff"),
@@ -554,7 +667,7 @@ BROKEN = [
 
 @pytest.mark.parametrize("template,breakage,rule", BROKEN, ids=[b[1].__name__ for b in BROKEN])
 def test_guard_fails_on_a_broken_copy(tmp_path, template, breakage, rule):
-    data = cfn_yaml.load(ROOT / "cloudformation" / template)
+    data = cfn_expand.expand(template)
     breakage(data)
     r, failed = guard(tmp_path, data)
     assert r.returncode != 0, f"cfn-guard passed a copy broken by {breakage.__name__}"
