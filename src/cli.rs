@@ -212,24 +212,21 @@ fn status(args: &StatusArgs) -> ExitCode {
         // variables from this environment and the unit's environment file. A config that does
         // not load (no backend yet, say) still names no other port: the defaults, the
         // operator's port the fleet template uses first.
-        None => match unit_run_args(args) {
-            Ok(run) => load(config_path(run.config).as_ref(), &run.overrides)
-                .map_err(|errors| match errors.0.first() {
-                    Some(first) => {
-                        eprintln!("note: the configuration does not load ({first}); asking the default addresses")
-                    }
-                    None => eprintln!("note: the configuration does not load; asking the default addresses"),
+        None => {
+            let loaded = unit_run_args(args).and_then(|run| {
+                load(config_path(run.config).as_ref(), &run.overrides).map_err(|errors| match errors.0.first() {
+                    Some(first) => format!("the configuration does not load ({first})"),
+                    None => "the configuration does not load".into(),
                 })
-                .ok(),
-            Err(why) => {
-                eprintln!("note: {why}; asking the default addresses");
-                None
+            });
+            match loaded {
+                Ok(l) => l.config.admin.status_candidates(),
+                Err(why) => {
+                    eprintln!("note: {why}; asking the default addresses");
+                    vec!["127.0.0.1:9002".parse().expect("a valid address"), "127.0.0.1:9001".parse().expect("valid")]
+                }
             }
         }
-        .map_or_else(
-            || vec!["127.0.0.1:9002".parse().expect("a valid address"), "127.0.0.1:9001".parse().expect("valid")],
-            |l| l.config.admin.status_candidates(),
-        ),
     };
     let ask = |admin: std::net::SocketAddr| {
         let admin = client::local(admin);

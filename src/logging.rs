@@ -75,19 +75,24 @@ where
     let filter = EnvFilter::builder()
         .parse_lossy(&config.filter)
         .add_directive(format!("{ACCESS}=off").parse().expect("a valid directive"));
-    let access = Targets::new().with_target(ACCESS, tracing::Level::INFO);
-    let sink = AccessWriter(&SINK);
-    let mut layers: Vec<Boxed> = match config.format {
-        LogFormat::Json => vec![
-            tracing_subscriber::fmt::layer()
-                .json()
-                .flatten_event(true)
-                .with_current_span(true)
-                .with_writer(writer)
-                .with_filter(filter)
-                .boxed(),
+    let main: Boxed = match config.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Text => {
+            tracing_subscriber::fmt::layer().with_ansi(terminal).with_writer(writer).with_filter(filter).boxed()
+        }
+    };
+    let mut layers = vec![main];
+    if access_log {
+        let (access, sink) = (Targets::new().with_target(ACCESS, tracing::Level::INFO), AccessWriter(&SINK));
+        layers.push(match config.format {
             // The connection's span would repeat the line's own fields.
-            tracing_subscriber::fmt::layer()
+            LogFormat::Json => tracing_subscriber::fmt::layer()
                 .json()
                 .flatten_event(true)
                 .with_current_span(false)
@@ -95,14 +100,10 @@ where
                 .with_writer(sink)
                 .with_filter(access)
                 .boxed(),
-        ],
-        LogFormat::Text => vec![
-            tracing_subscriber::fmt::layer().with_ansi(terminal).with_writer(writer).with_filter(filter).boxed(),
-            tracing_subscriber::fmt::layer().with_ansi(terminal).with_writer(sink).with_filter(access).boxed(),
-        ],
-    };
-    if !access_log {
-        layers.truncate(1);
+            LogFormat::Text => {
+                tracing_subscriber::fmt::layer().with_ansi(terminal).with_writer(sink).with_filter(access).boxed()
+            }
+        });
     }
     tracing_subscriber::registry().with(layers).init();
 }

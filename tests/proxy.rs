@@ -25,9 +25,8 @@ async fn a_flood_over_the_limit_is_counted_whole_but_logged_a_hundred_a_second()
     let started = Instant::now();
     let mut refused = Vec::with_capacity(FLOOD);
     for _ in 0..FLOOD {
-        let s = tokio::net::TcpSocket::new_v4().expect("a socket");
-        s.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
-        refused.push(s.local_addr().expect("its address"));
+        let (s, from) = bound_client();
+        refused.push(from);
         let _ = within(BOUND, "a refused connect", s.connect(proxy.addr)).await;
     }
     eventually("every refusal counted", async || proxy.closed("over_limit").await == FLOOD as f64).await;

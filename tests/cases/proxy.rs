@@ -220,9 +220,7 @@ async fn at_the_connection_limit_new_connections_are_reset_and_served_again_once
 
     // The reset can arrive before connect() returns or on the first read: either way the
     // client sees a reset at once, not a hang.
-    let over = tokio::net::TcpSocket::new_v4().expect("a socket");
-    over.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
-    let refused = over.local_addr().expect("its address");
+    let (over, refused) = bound_client();
     let result = within(BOUND, "the reset", async {
         let mut over = over.connect(proxy.addr).await?;
         let mut buf = Vec::new();

@@ -298,6 +298,15 @@ impl Backend {
     }
 }
 
+/// A client socket bound to a loopback port before it connects, and that port: the address
+/// the proxy will log a connection from, known even when the connect itself is reset.
+pub fn bound_client() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+    let addr = socket.local_addr().expect("its address");
+    (socket, addr)
+}
+
 /// An address where nothing listens: connects are refused. The port stays bound (without
 /// listening) for the rest of the test binary's life, so no other test can start listening on
 /// it; a port closed and handed on could be taken by a parallel test's listener at once.
